@@ -1,0 +1,96 @@
+"""Frozen values shared by every layer: what a job asks for and where each image stands."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Phase(enum.StrEnum):
+    """Where one image's migration stands. The same words appear in the database, logs and CLI."""
+
+    PENDING = "pending"  # queued in the results table, not claimed yet
+    CREATING = "creating"  # creating the Glance image record
+    STAGING = "staging"  # streaming the bytes to PUT /v2/images/{id}/stage
+    IMPORTING = "importing"  # glance-direct import requested; polling
+    VERIFYING = "verifying"  # active; comparing sizes and hashes
+    DONE = "done"  # terminal: image active (verified or transformed)
+    FAILED = "failed"  # terminal: see error_code / error_message
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.DONE, Phase.FAILED)
+
+
+class Verification(enum.StrEnum):
+    """What the comparison of our hash with Glance's found."""
+
+    VERIFIED = "verified"  # equal
+    TRANSFORMED = "transformed"  # different, but the cloud was asked to rewrite the data
+    MISMATCH = "mismatch"  # different and nothing explains it: the image failed
+    NOT_CHECKED = "not_checked"  # Glance reported no hash in our algorithm
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One disk of a job: the source file and the Glance image it becomes."""
+
+    index: int
+    name: str
+    source: str
+    size_bytes: int
+    disk_format: str = "vmdk"
+    container_format: str = "bare"
+    visibility: str = "private"
+    min_disk: int = 0
+    min_ram: int = 0
+    protected: bool = False
+    tags: tuple[str, ...] = ()
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def asks_for_rewrite(self) -> bool:
+        """True when the cloud is asked to change the bytes (virtio driver injection)."""
+        return self.properties.get("es_virtio_enabled", "").lower() in ("yes", "true", "1")
+
+    def create_body(self, image_id: uuid.UUID) -> dict[str, object]:
+        """The JSON body of POST /v2/images for this disk."""
+        body: dict[str, object] = {
+            "id": str(image_id),
+            "name": self.name,
+            "disk_format": self.disk_format,
+            "container_format": self.container_format,
+            "visibility": self.visibility,
+            "min_disk": self.min_disk,
+            "min_ram": self.min_ram,
+            "protected": self.protected,
+            "tags": list(self.tags),
+        }
+        body.update(self.properties)
+        return body
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated manifest: the job's name, options and disks."""
+
+    name: str
+    disks: tuple[ImageSpec, ...]
+    on_failure: str = "delete"  # delete | keep: what to do with a half-made image
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.size_bytes for d in self.disks)
+
+
+IMAGE_ID_NAMESPACE = uuid.UUID("6c1f3c1e-5b1a-4f7e-9a55-2d0f5d3c9e11")
+
+
+def image_id_for(job_id: uuid.UUID, index: int, attempt_generation: int = 0) -> uuid.UUID:
+    """The Glance image id we choose for a disk: stable across crashes and retries.
+
+    `attempt_generation` moves on only when an image had to be deleted and made again.
+    """
+    return uuid.uuid5(IMAGE_ID_NAMESPACE, f"{job_id}/{index}/{attempt_generation}")
