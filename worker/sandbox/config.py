@@ -1,0 +1,39 @@
+"""Settings and fault rules of the sandbox cloud, as frozen values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """How the sandbox cloud behaves; the defaults match a healthy single-store Glance."""
+
+    token_ttl_s: float = 3600.0
+    import_latency_s: float = 0.05
+    virtio_fail_names: tuple[str, ...] = ()
+    import_fail_names: tuple[str, ...] = ()
+    revert_names: tuple[str, ...] = ()
+    rewrite_virtio: bool = True
+    quota: dict[str, int] | None = None
+    import_methods: tuple[str, ...] = ("glance-direct", "web-download", "copy-image")
+    stores: tuple[dict[str, Any], ...] = field(
+        default_factory=lambda: ({"id": "fs", "default": True},)
+    )
+    data_dir: str | None = None
+
+
+@dataclass
+class Fault:
+    """One injected misbehaviour for requests whose method and path (below the prefix) match."""
+
+    method: str
+    path_regex: str
+    status: int | None = None
+    times: int = 1
+    retry_after_s: float | None = None
+    reset_after_bytes: int | None = None
+    stall_s: float | None = None
+    drop_response: bool = False
+    body: str | None = None
