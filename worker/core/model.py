@@ -88,9 +88,11 @@ class JobSpec:
 IMAGE_ID_NAMESPACE = uuid.UUID("6c1f3c1e-5b1a-4f7e-9a55-2d0f5d3c9e11")
 
 
-def image_id_for(job_id: uuid.UUID, index: int, attempt_generation: int = 0) -> uuid.UUID:
-    """The Glance image id we choose for a disk: stable across crashes and retries.
+def image_id_for(job_id: uuid.UUID, index: int) -> uuid.UUID:
+    """The Glance image id we choose for a disk: stable across crashes and retries."""
+    return uuid.uuid5(IMAGE_ID_NAMESPACE, f"{job_id}/{index}")
 
-    `attempt_generation` moves on only when an image had to be deleted and made again.
-    """
-    return uuid.uuid5(IMAGE_ID_NAMESPACE, f"{job_id}/{index}/{attempt_generation}")
+
+def next_image_id(image_id: uuid.UUID) -> uuid.UUID:
+    """The id to use when an image had to be deleted and made again (Glance never reuses ids)."""
+    return uuid.uuid5(IMAGE_ID_NAMESPACE, f"{image_id}/next")

@@ -1,0 +1,571 @@
+"""One image's migration as a pure transition function: (state, outcome, now) -> step.
+
+The executor performs the `Command` of each `Step`, turns what happened into an `Outcome`,
+and feeds it back. Every decision the worker takes about an image is made here, so the
+whole lifecycle can be tested table-style without a cloud, a database or a clock.
+
+    create -> stage -> check the staged size -> import -> poll ... -> verify -> done
+       |         |              |                  |        |           |
+       +---------+--------------+------------------+--------+-----------+--> failed
+                                (after deleting the half-made image, unless kept)
+
+After a crash the worker starts with `inspect`: it reads the image's real status and
+resumes from there, so every phase can be entered again safely.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from worker.core.model import Phase, Verification, next_image_id
+from worker.core.policy import (
+    PollPolicy,
+    RetryPolicy,
+    decide_retry,
+    import_deadline_s,
+    poll_delay_s,
+)
+from worker.errors import (
+    ChecksumMismatch,
+    Conflict,
+    ImageGone,
+    ImportFailed,
+    ImportReverted,
+    ImportStalled,
+    ImportTimeout,
+    MigrationError,
+    NotFound,
+    StageSizeMismatch,
+    VirtioInjectionFailed,
+)
+
+# --- what the machine knows -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What Glance said about an image, reduced to what decisions need."""
+
+    status: str
+    size: int | None = None
+    virtual_size: int | None = None
+    checksum: str | None = None
+    os_hash_algo: str | None = None
+    os_hash_value: str | None = None
+    disk_format: str | None = None
+    es_failed_reason: str | None = None  # vendor: os_glance_es_failed_reason
+    failed_import: str | None = None  # upstream: os_glance_failed_import
+    import_locked: bool = False  # os_glance_import_task present
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """One import task of an image, as GET /v2/images/{id}/tasks reports it."""
+
+    status: str
+    request_id: str | None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """Everything the machine needs to decide one image's next step."""
+
+    job_id: uuid.UUID
+    index: int
+    phase: Phase
+    image_id: uuid.UUID
+    size_bytes: int
+    disk_format: str
+    asks_for_rewrite: bool
+    keep_on_failure: bool = False
+    hash_algo: str = "sha512"
+    source_hash: str | None = None
+    restarts: int = 0  # times the image was staged again or made again
+    image_exists: bool = False  # an image of ours may exist in Glance (cleanup needed)
+    import_request_id: str | None = None
+    import_accepted_at: float | None = None
+    polls: int = 0
+    failures: int = 0  # failures in a row of the current command
+    first_failure_at: float | None = None
+    last_status: str | None = None
+    pending_error: MigrationError | None = None  # why we are cleaning up before failing
+
+
+# --- what the machine asks for ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """An action for the executor, performed after `delay_s`."""
+
+    delay_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True)
+class CreateImage(Command):
+    """POST /v2/images with our chosen id."""
+
+
+@dataclass(frozen=True)
+class InspectImage(Command):
+    """GET the image to learn its real status (resume, or after an ambiguous answer)."""
+
+
+@dataclass(frozen=True)
+class StageData(Command):
+    """PUT the source file to the stage endpoint, hashing it on the way."""
+
+
+@dataclass(frozen=True)
+class CheckStaged(Command):
+    """GET the image after the stage and compare its size with ours."""
+
+
+@dataclass(frozen=True)
+class RequestImport(Command):
+    """POST the glance-direct import with our request id."""
+
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class PollImport(Command):
+    """GET the image (and its tasks, when asked) while the import runs."""
+
+    with_tasks: bool = False
+
+
+@dataclass(frozen=True)
+class HashSource(Command):
+    """Hash the source file locally (the hash from an earlier run was lost)."""
+
+
+@dataclass(frozen=True)
+class DeleteImage(Command):
+    """DELETE the image: cleanup after a failure, or before making it again."""
+
+    then_recreate: bool = False
+
+
+# --- what happened ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What performing a command produced."""
+
+
+@dataclass(frozen=True)
+class Created(Outcome):
+    facts: ImageFacts
+
+
+@dataclass(frozen=True)
+class Staged(Outcome):
+    size_bytes: int
+    source_hash: str
+
+
+@dataclass(frozen=True)
+class Hashed(Outcome):
+    source_hash: str
+
+
+@dataclass(frozen=True)
+class ImportAccepted(Outcome):
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Observed(Outcome):
+    facts: ImageFacts
+    tasks: tuple[TaskFacts, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Deleted(Outcome):
+    """The image is gone (deleted now, or it was already)."""
+
+
+@dataclass(frozen=True)
+class Errored(Outcome):
+    error: MigrationError
+
+
+# --- the answer -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """The next command (None when the image is finished) and what to record about it."""
+
+    state: ImageState
+    command: Command | None
+    event: str | None = None  # name of the event to record, e.g. "image.staged"
+    columns: Mapping[str, object] = field(default_factory=dict)
+    error: MigrationError | None = None  # the error that ended or delayed the image
+
+    @property
+    def finished(self) -> bool:
+        return self.command is None
+
+
+@dataclass(frozen=True)
+class Policies:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    poll: PollPolicy = field(default_factory=PollPolicy)
+
+
+def begin(state: ImageState) -> Step:
+    """The first step for a freshly claimed image: create it, or find out where it stands."""
+    if state.phase is Phase.PENDING and not state.image_exists:
+        return Step(replace(state, phase=Phase.CREATING), CreateImage(), "image.creating")
+    return Step(state, InspectImage(), "image.resumed")
+
+
+def decide(
+    state: ImageState,
+    command: Command,
+    outcome: Outcome,
+    *,
+    now: float,
+    jitter: float,
+    policies: Policies | None = None,
+) -> Step:
+    """Given the command just performed and its outcome, choose the next step."""
+    policies = policies or Policies()
+    if isinstance(outcome, Errored):
+        return _on_error(state, command, outcome.error, now=now, jitter=jitter, policies=policies)
+    state = replace(state, failures=0, first_failure_at=None)
+    if isinstance(outcome, Created):
+        state = replace(state, image_exists=True, phase=Phase.STAGING)
+        return Step(state, StageData(), "image.created", {"image_created_at": now})
+    if isinstance(outcome, Staged):
+        return _on_staged(state, outcome, now)
+    if isinstance(outcome, Hashed):
+        state = replace(state, source_hash=outcome.source_hash)
+        return Step(state, InspectImage(), "image.hashed", _hash_columns(state))
+    if isinstance(outcome, ImportAccepted):
+        return _on_import_accepted(state, outcome, now, jitter, policies.poll)
+    if isinstance(outcome, Observed):
+        return _on_observed(state, command, outcome, now=now, jitter=jitter, policies=policies)
+    if isinstance(outcome, Deleted):
+        return _on_deleted(state, command, now)
+    raise TypeError(f"unknown outcome {outcome!r}")
+
+
+# --- transitions ------------------------------------------------------------------------------
+
+
+def _on_staged(state: ImageState, outcome: Staged, now: float) -> Step:
+    state = replace(state, source_hash=outcome.source_hash)
+    columns = {"bytes_staged": outcome.size_bytes, "staged_at": now, **_hash_columns(state)}
+    return Step(state, CheckStaged(), "image.staged", columns)
+
+
+def _hash_columns(state: ImageState) -> dict[str, object]:
+    return {"source_hash_algo": state.hash_algo, "source_hash_value": state.source_hash}
+
+
+def _request_id(state: ImageState) -> str:
+    return f"req-{uuid.uuid5(state.image_id, 'import')}"
+
+
+def _import(state: ImageState) -> Step:
+    request_id = _request_id(state)
+    state = replace(state, phase=Phase.IMPORTING, import_request_id=request_id)
+    return Step(
+        state,
+        RequestImport(request_id=request_id),
+        "image.import_requesting",
+        {"import_request_id": request_id},
+    )
+
+
+def _on_import_accepted(
+    state: ImageState, outcome: ImportAccepted, now: float, jitter: float, poll: PollPolicy
+) -> Step:
+    state = replace(state, import_accepted_at=now, polls=0)
+    delay_s = poll_delay_s(0, policy=poll, jitter=jitter)
+    columns = {"import_requested_at": now, "import_request_id": outcome.request_id}
+    return Step(state, PollImport(delay_s=delay_s), "image.import_requested", columns)
+
+
+def _on_observed(
+    state: ImageState,
+    command: Command,
+    outcome: Observed,
+    *,
+    now: float,
+    jitter: float,
+    policies: Policies,
+) -> Step:
+    facts = outcome.facts
+    state = replace(state, image_exists=True, last_status=facts.status)
+    if isinstance(command, CheckStaged):
+        return _check_staged(state, facts, now)
+    if isinstance(command, PollImport):
+        return _poll(state, outcome, now=now, jitter=jitter, policy=policies.poll)
+    return _resume(state, facts, now=now, jitter=jitter, policy=policies.poll)
+
+
+def _check_staged(state: ImageState, facts: ImageFacts, now: float) -> Step:
+    if facts.status == "queued":
+        # The stage did not stick (Glance restores `queued` on a broken upload): send it again.
+        return _restart(state, StageData(), "image.stage_lost", "staged data was not kept", now)
+    if facts.status == "uploading" and facts.size != state.size_bytes:
+        error = StageSizeMismatch(
+            f"Glance staged {facts.size} bytes, the source has {state.size_bytes}"
+        )
+        return _fail(state, error, now)
+    if facts.status == "uploading":
+        return _import(state)
+    return _resume(state, facts, now=now, jitter=0.0, policy=PollPolicy())
+
+
+def _resume(
+    state: ImageState, facts: ImageFacts, *, now: float, jitter: float, policy: PollPolicy
+) -> Step:
+    """Act on the real status of an image found after a crash or an ambiguous answer."""
+    status = facts.status
+    if status == "queued":
+        return Step(replace(state, phase=Phase.STAGING), StageData(), "image.resumed_queued")
+    if status == "uploading":
+        if facts.size == state.size_bytes:
+            return _import(state)
+        reason = f"staged {facts.size} bytes, expected {state.size_bytes}"
+        return _recreate(state, reason, now)
+    if status == "importing":
+        failure = _import_failure(facts, None, state)
+        if failure is not None and state.phase in (Phase.IMPORTING, Phase.VERIFYING):
+            return _fail(state, failure, now, glance_status=status)  # our import's outcome
+        if failure is not None:
+            return _recreate(state, failure.message, now)
+        state = replace(
+            state, phase=Phase.IMPORTING, import_accepted_at=state.import_accepted_at or now
+        )
+        return Step(
+            state,
+            PollImport(delay_s=poll_delay_s(0, policy=policy, jitter=jitter)),
+            "image.resumed_importing",
+        )
+    if status == "active":
+        return _verify(state, facts, now)
+    return _recreate(state, f"image is {status}", now)
+
+
+def _poll(
+    state: ImageState, outcome: Observed, *, now: float, jitter: float, policy: PollPolicy
+) -> Step:
+    facts = outcome.facts
+    if facts.status == "active":
+        return _verify(state, facts, now)
+    failure = _import_failure(facts, outcome.tasks, state)
+    if failure is None:
+        failure = _import_overdue(state, facts, now, policy)
+    if failure is not None:
+        return _fail(state, failure, now, glance_status=facts.status)
+    polls = state.polls + 1
+    state = replace(state, polls=polls)
+    with_tasks = facts.status == "importing" and (
+        polls % policy.tasks_every == 0 or not facts.import_locked
+    )
+    delay_s = poll_delay_s(polls, policy=policy, jitter=jitter)
+    return Step(state, PollImport(delay_s=delay_s, with_tasks=with_tasks))
+
+
+def _import_failure(
+    facts: ImageFacts, tasks: tuple[TaskFacts, ...] | None, state: ImageState
+) -> MigrationError | None:
+    """Recognise every terminal failure of an import, not just success (semantics 1.9)."""
+    if facts.status in ("killed", "deleted", "pending_delete"):
+        return ImageGone(f"image became {facts.status} during the import")
+    if facts.status == "queued" and state.import_accepted_at is not None:
+        return ImportReverted("image dropped back to queued after the import was accepted")
+    if facts.status != "importing":
+        return None
+    if facts.es_failed_reason:
+        return VirtioInjectionFailed(f"os_glance_es_failed_reason: {facts.es_failed_reason}")
+    if facts.failed_import:
+        return ImportFailed(f"import failed for store(s): {facts.failed_import}")
+    for task in tasks or ():
+        if task.status == "failure" and task.request_id == state.import_request_id:
+            return ImportFailed(f"import task failed: {task.message or 'no message'}")
+    return None
+
+
+def _import_overdue(
+    state: ImageState, facts: ImageFacts, now: float, policy: PollPolicy
+) -> MigrationError | None:
+    started = state.import_accepted_at if state.import_accepted_at is not None else now
+    waited_s = now - started
+    if facts.status == "uploading" and waited_s > policy.stall_s:
+        return ImportStalled(f"still uploading {waited_s:.0f} s after the import was accepted")
+    deadline_s = import_deadline_s(state.size_bytes, policy=policy)
+    if waited_s > deadline_s:
+        return ImportTimeout(
+            f"import not finished after {waited_s:.0f} s "
+            f"(deadline {deadline_s:.0f} s, status {facts.status})"
+        )
+    return None
+
+
+def _verify(state: ImageState, facts: ImageFacts, now: float) -> Step:
+    state = replace(state, phase=Phase.VERIFYING)
+    if state.source_hash is None:
+        return Step(state, HashSource(), "image.verifying")
+    columns = _glance_columns(facts)
+    if facts.os_hash_algo != state.hash_algo or not facts.os_hash_value:
+        verification = Verification.NOT_CHECKED
+    elif facts.os_hash_value == state.source_hash:
+        verification = Verification.VERIFIED
+    elif state.asks_for_rewrite or facts.disk_format != state.disk_format:
+        verification = Verification.TRANSFORMED
+    else:
+        error = ChecksumMismatch(
+            f"Glance {facts.os_hash_algo} {facts.os_hash_value} differs from the source's "
+            f"{state.source_hash}"
+        )
+        return _fail(state, error, now, verification=Verification.MISMATCH, **columns)
+    done = replace(state, phase=Phase.DONE)
+    return Step(
+        done, None, "image.finished", {**columns, "verification": verification, "finished_at": now}
+    )
+
+
+def _glance_columns(facts: ImageFacts) -> dict[str, object]:
+    return {
+        "glance_status": facts.status,
+        "glance_size": facts.size,
+        "glance_virtual_size": facts.virtual_size,
+        "glance_checksum": facts.checksum,
+        "glance_os_hash_algo": facts.os_hash_algo,
+        "glance_os_hash_value": facts.os_hash_value,
+    }
+
+
+def _restart(state: ImageState, command: Command, event: str, reason: str, now: float) -> Step:
+    """Go back to an earlier step, a bounded number of times."""
+    restarts = state.restarts + 1
+    if restarts > _MAX_RESTARTS:
+        error = ImportFailed(f"gave up after {_MAX_RESTARTS} restarts; last: {reason}")
+        return _fail(state, error, now)
+    state = replace(
+        state,
+        restarts=restarts,
+        phase=Phase.STAGING if isinstance(command, StageData) else state.phase,
+    )
+    return Step(state, command, event, {"reason": reason})
+
+
+_MAX_RESTARTS = 3
+
+
+def _recreate(state: ImageState, reason: str, now: float) -> Step:
+    """The image cannot be continued (Glance never accepts a second import): replace it."""
+    return _restart(state, DeleteImage(then_recreate=True), "image.recreating", reason, now)
+
+
+def _on_deleted(state: ImageState, command: Command, now: float) -> Step:
+    if isinstance(command, DeleteImage) and command.then_recreate:
+        fresh = replace(
+            state,
+            phase=Phase.CREATING,
+            image_id=next_image_id(state.image_id),
+            image_exists=False,
+            import_request_id=None,
+            import_accepted_at=None,
+            polls=0,
+        )
+        return Step(fresh, CreateImage(), "image.creating", {"glance_image_id": fresh.image_id})
+    if isinstance(command, DeleteImage):
+        state = replace(state, image_exists=False)
+        return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
+    # The image vanished under us (404 on a GET): make it again.
+    return _on_deleted(state, DeleteImage(then_recreate=True), now)
+
+
+def _on_error(
+    state: ImageState,
+    command: Command,
+    error: MigrationError,
+    *,
+    now: float,
+    jitter: float,
+    policies: Policies,
+) -> Step:
+    ambiguous = _ambiguous_answer(state, command, error, now)
+    if ambiguous is not None:
+        return ambiguous
+    failures = state.failures + 1
+    first = state.first_failure_at if state.first_failure_at is not None else now
+    decision = decide_retry(
+        error, failures=failures, elapsed_s=now - first, policy=policies.retry, jitter=jitter
+    )
+    if not decision.retry:
+        if isinstance(command, DeleteImage):
+            # Cleanup itself failed: record the failure, keep the image for the operator.
+            return _finish_failed(state, now, cleanup="kept", error=state.pending_error or error)
+        return _fail(state, error, now)
+    state = replace(state, failures=failures, first_failure_at=first)
+    retry = replace(command, delay_s=decision.delay_s)
+    return Step(
+        state,
+        retry,
+        "image.retry_scheduled",
+        {"reason": decision.reason, "delay_s": round(decision.delay_s, 3)},
+        error,
+    )
+
+
+def _ambiguous_answer(
+    state: ImageState, command: Command, error: MigrationError, now: float
+) -> Step | None:
+    """Answers that mean 'look before you go on' rather than 'failed'."""
+    if isinstance(command, CreateImage) and isinstance(error, Conflict):
+        # Our id already exists: an earlier attempt made it. Adopt it.
+        return Step(replace(state, image_exists=True), InspectImage(), "image.adopting")
+    if isinstance(command, StageData | RequestImport) and isinstance(error, Conflict):
+        # Stage or import already happened (response lost) or the image moved on.
+        return Step(state, InspectImage(), "image.conflict_inspecting", {"reason": error.message})
+    if isinstance(command, DeleteImage) and isinstance(error, NotFound):
+        return _on_deleted(state, command, now)
+    if isinstance(command, InspectImage | CheckStaged | PollImport) and isinstance(error, NotFound):
+        if state.import_accepted_at is not None:
+            return _fail(state, ImageGone("image disappeared during the import"), now)
+        return _on_deleted(state, InspectImage(), now)
+    return None
+
+
+def _fail(state: ImageState, error: MigrationError, now: float, **columns: object) -> Step:
+    """A permanent failure: delete the half-made image first, unless asked to keep it."""
+    columns = {"error_code": error.code, "error_message": error.message, **columns}
+    if state.image_exists and not state.keep_on_failure:
+        state = replace(state, pending_error=error)
+        return Step(state, DeleteImage(), "image.failing", columns, error)
+    cleanup = "kept" if state.image_exists else None
+    return _finish_failed(state, now, cleanup=cleanup, error=error, extra=columns)
+
+
+def _finish_failed(
+    state: ImageState,
+    now: float,
+    *,
+    cleanup: str | None,
+    error: MigrationError | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> Step:
+    columns: dict[str, object] = {"finished_at": now, **(extra or {})}
+    if cleanup is not None:
+        columns["cleanup"] = cleanup
+    if error is not None:
+        columns.setdefault("error_code", error.code)
+        columns.setdefault("error_message", error.message)
+    return Step(replace(state, phase=Phase.FAILED), None, "image.finished", columns, error)

@@ -1,0 +1,83 @@
+"""Retry and backoff decisions as pure functions: jitter and time are passed in, never drawn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.errors import MigrationError, QuotaExceeded, RateLimited, RetryableError
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try one step of one image before calling it failed."""
+
+    max_attempts: int = 6  # tries of one step, the first included
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    quota_delay_s: float = 30.0  # back-pressure (413 quota) waits at least this long
+    budget_s: float = 6 * 3600.0  # total time one image may spend retrying
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """How often to look at an importing image, and how long to wait for it."""
+
+    first_delay_s: float = 0.5
+    factor: float = 1.6
+    max_delay_s: float = 15.0
+    deadline_base_s: float = 600.0  # every import gets this long at least ...
+    deadline_rate_bytes_per_s: float = 10 * MIB  # ... plus its size at this copy rate
+    stall_s: float = 300.0  # still `uploading` this long after a 202: the task never started
+    tasks_every: int = 4  # look at the image's tasks every Nth poll while importing
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    retry: bool
+    delay_s: float
+    reason: str
+
+
+def backoff_delay_s(failures: int, *, base_s: float, cap_s: float, jitter: float) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half scaled by `jitter` in [0, 1)."""
+    ceiling: float = min(cap_s, base_s * float(2 ** max(0, failures - 1)))
+    return ceiling / 2 + ceiling / 2 * jitter
+
+
+def decide_retry(
+    error: MigrationError,
+    *,
+    failures: int,
+    elapsed_s: float,
+    policy: RetryPolicy,
+    jitter: float,
+) -> RetryDecision:
+    """Whether to try a step again after `error`, the `failures`-th failure in a row."""
+    if not isinstance(error, RetryableError):
+        return RetryDecision(False, 0.0, f"{error.code} is permanent")
+    if failures >= policy.max_attempts:
+        return RetryDecision(False, 0.0, f"{failures} attempts used")
+    delay_s = backoff_delay_s(
+        failures, base_s=policy.base_delay_s, cap_s=policy.max_delay_s, jitter=jitter
+    )
+    if isinstance(error, QuotaExceeded):
+        delay_s = max(delay_s, policy.quota_delay_s)
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if isinstance(error, RateLimited | RetryableError) and retry_after_s is not None:
+        delay_s = max(delay_s, float(retry_after_s))
+    if elapsed_s + delay_s > policy.budget_s:
+        return RetryDecision(False, 0.0, f"retry budget of {policy.budget_s:.0f} s used")
+    return RetryDecision(True, delay_s, f"{error.code}, attempt {failures + 1}")
+
+
+def poll_delay_s(polls: int, *, policy: PollPolicy, jitter: float) -> float:
+    """Delay before the next look at an importing image; grows with each poll, capped."""
+    delay_s = min(policy.max_delay_s, policy.first_delay_s * float(policy.factor**polls))
+    return delay_s * (0.75 + 0.5 * jitter)
+
+
+def import_deadline_s(size_bytes: int, *, policy: PollPolicy) -> float:
+    """How long an import may take: a floor plus the time to copy the data again."""
+    return policy.deadline_base_s + size_bytes / policy.deadline_rate_bytes_per_s
