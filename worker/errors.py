@@ -69,6 +69,8 @@ class RetryableError(MigrationError):
     """A transient failure; the same step may succeed later."""
 
     code = "retryable"
+    # Seconds the cloud asked us to wait (Retry-After), when it said so.
+    retry_after_s: float | None = None
 
 
 class ConnectionFailed(RetryableError):
