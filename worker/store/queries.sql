@@ -1,0 +1,230 @@
+-- Every runtime query of worker/store/store.py, one named block per Store method.
+-- A block starts at a `-- name: <name>` line and runs to the next one; the comment lines
+-- right under the name document its parameters.
+
+-- name: upgrade_lock
+-- Serializes schema upgrades across processes until the transaction ends.
+SELECT pg_advisory_xact_lock(7146226081391004417);
+
+-- name: upgrade_applied_versions
+-- The versions already applied; empty before the first migration creates the table.
+SELECT version FROM schema_migrations ORDER BY version;
+
+-- name: upgrade_schema_exists
+SELECT to_regclass('schema_migrations') IS NOT NULL;
+
+-- name: upgrade_record_version
+-- $1 version, $2 name
+INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: submit_job
+-- $1 job id, $2 name, $3 submitted_by, $4 manifest, $5 manifest_sha256, $6 disk_count,
+-- $7 total_bytes, $8 on_failure, $9 not_before,
+-- $10 disks: JSON array of objects with the results columns below.
+WITH job AS (
+    INSERT INTO jobs (id, name, submitted_by, manifest, manifest_sha256, disk_count, total_bytes,
+                      on_failure, not_before)
+    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)
+    RETURNING id, submitted_at
+), disks AS (
+    INSERT INTO results (job_id, disk_index, image_name, source_path, source_size_bytes, spec,
+                         glance_image_id, submitted_at, next_attempt_at)
+    SELECT job.id, d.disk_index, d.image_name, d.source_path, d.source_size_bytes, d.spec,
+           d.glance_image_id, job.submitted_at, job.submitted_at
+    FROM job, jsonb_to_recordset($10::jsonb) AS d(
+        disk_index integer, image_name text, source_path text, source_size_bytes bigint,
+        spec jsonb, glance_image_id uuid)
+)
+INSERT INTO events (job_id, event, worker_id, detail)
+SELECT job.id, 'job.submitted', $3,
+       jsonb_build_object('name', $2::text, 'disk_count', $6::integer, 'total_bytes', $7::bigint,
+                          'manifest_sha256', $5::text)
+FROM job
+RETURNING job_id;
+
+-- name: claim
+-- $1 worker_id, $2 limit, $3 lease in seconds.
+-- Oldest job first, then manifest order; rows locked by a concurrent claimer are skipped.
+WITH picked AS (
+    SELECT r.id
+    FROM results AS r
+    JOIN jobs AS j ON j.id = r.job_id
+    WHERE r.phase NOT IN ('done', 'failed')
+      AND (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
+      AND r.next_attempt_at <= now()
+      AND j.cancelled_at IS NULL
+      AND (j.not_before IS NULL OR j.not_before <= now())
+    ORDER BY j.submitted_at, r.job_id, r.disk_index
+    LIMIT $2
+    FOR UPDATE OF r SKIP LOCKED
+), claimed AS (
+    UPDATE results AS r
+    SET worker_id = $1,
+        lease_expires_at = now() + make_interval(secs => $3),
+        claimed_at = coalesce(r.claimed_at, now()),
+        attempts = r.attempts + 1,
+        updated_at = now()
+    FROM picked
+    WHERE r.id = picked.id
+    RETURNING r.*
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, detail)
+    SELECT job_id, id, 'image.claimed', phase, phase, worker_id,
+           jsonb_build_object('attempts', attempts, 'lease_expires_at', lease_expires_at)
+    FROM claimed
+)
+SELECT claimed.*, j.on_failure AS job_on_failure
+FROM claimed
+JOIN jobs AS j ON j.id = claimed.job_id
+ORDER BY j.submitted_at, claimed.job_id, claimed.disk_index;
+
+-- name: record
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 error_code,
+-- $6 error_message, $7 request_id to append, $8 event detail,
+-- $9 JSON object of the columns to set (names checked by Store.record; a key present with
+--    null sets NULL).
+-- The row must still belong to the worker: a lease it was not released from, or a row it
+-- finished itself. A reclaimed row has another worker_id, so nothing matches.
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        error_code = coalesce($5::text, r.error_code),
+        error_message = coalesce($6::text, r.error_message),
+        request_ids = CASE WHEN $7::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $7::text) END,
+        bytes_staged = CASE WHEN $9::jsonb ? 'bytes_staged'
+                            THEN ($9::jsonb ->> 'bytes_staged')::bigint ELSE r.bytes_staged END,
+        image_created_at = CASE WHEN $9::jsonb ? 'image_created_at'
+                                THEN ($9::jsonb ->> 'image_created_at')::timestamptz
+                                ELSE r.image_created_at END,
+        staged_at = CASE WHEN $9::jsonb ? 'staged_at'
+                         THEN ($9::jsonb ->> 'staged_at')::timestamptz ELSE r.staged_at END,
+        import_requested_at = CASE WHEN $9::jsonb ? 'import_requested_at'
+                                   THEN ($9::jsonb ->> 'import_requested_at')::timestamptz
+                                   ELSE r.import_requested_at END,
+        finished_at = CASE WHEN $9::jsonb ? 'finished_at'
+                           THEN ($9::jsonb ->> 'finished_at')::timestamptz
+                           WHEN $4::text IN ('done', 'failed') THEN now()
+                           ELSE r.finished_at END,
+        glance_status = CASE WHEN $9::jsonb ? 'glance_status'
+                             THEN $9::jsonb ->> 'glance_status' ELSE r.glance_status END,
+        glance_size = CASE WHEN $9::jsonb ? 'glance_size'
+                           THEN ($9::jsonb ->> 'glance_size')::bigint ELSE r.glance_size END,
+        glance_virtual_size = CASE WHEN $9::jsonb ? 'glance_virtual_size'
+                                   THEN ($9::jsonb ->> 'glance_virtual_size')::bigint
+                                   ELSE r.glance_virtual_size END,
+        glance_checksum = CASE WHEN $9::jsonb ? 'glance_checksum'
+                               THEN $9::jsonb ->> 'glance_checksum' ELSE r.glance_checksum END,
+        glance_os_hash_algo = CASE WHEN $9::jsonb ? 'glance_os_hash_algo'
+                                   THEN $9::jsonb ->> 'glance_os_hash_algo'
+                                   ELSE r.glance_os_hash_algo END,
+        glance_os_hash_value = CASE WHEN $9::jsonb ? 'glance_os_hash_value'
+                                    THEN $9::jsonb ->> 'glance_os_hash_value'
+                                    ELSE r.glance_os_hash_value END,
+        source_hash_algo = CASE WHEN $9::jsonb ? 'source_hash_algo'
+                                THEN $9::jsonb ->> 'source_hash_algo' ELSE r.source_hash_algo END,
+        source_hash_value = CASE WHEN $9::jsonb ? 'source_hash_value'
+                                 THEN $9::jsonb ->> 'source_hash_value'
+                                 ELSE r.source_hash_value END,
+        verification = CASE WHEN $9::jsonb ? 'verification'
+                            THEN $9::jsonb ->> 'verification' ELSE r.verification END,
+        import_request_id = CASE WHEN $9::jsonb ? 'import_request_id'
+                                 THEN $9::jsonb ->> 'import_request_id'
+                                 ELSE r.import_request_id END,
+        next_attempt_at = CASE WHEN $9::jsonb ? 'next_attempt_at'
+                               THEN ($9::jsonb ->> 'next_attempt_at')::timestamptz
+                               ELSE r.next_attempt_at END,
+        cleanup = CASE WHEN $9::jsonb ? 'cleanup'
+                       THEN $9::jsonb ->> 'cleanup' ELSE r.cleanup END,
+        lease_expires_at = CASE WHEN $4::text IN ('done', 'failed') THEN NULL
+                                ELSE r.lease_expires_at END,
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail)
+    SELECT job_id, id, $3, phase_from, phase, $2, $5, $6, $8::jsonb
+    FROM updated
+)
+SELECT * FROM updated;
+
+-- name: set_progress
+-- $1 result id, $2 worker_id, $3 bytes_staged
+UPDATE results
+SET bytes_staged = $3, updated_at = now()
+WHERE id = $1 AND worker_id = $2 AND lease_expires_at IS NOT NULL;
+
+-- name: heartbeat
+-- $1 worker_id, $2 result ids, $3 lease in seconds. Returns the ids still held.
+UPDATE results
+SET lease_expires_at = now() + make_interval(secs => $3)
+WHERE id = ANY($2::bigint[])
+  AND worker_id = $1
+  AND lease_expires_at IS NOT NULL
+  AND phase NOT IN ('done', 'failed')
+RETURNING id;
+
+-- name: release
+-- $1 worker_id, $2 result ids. Unfinished rows become claimable again at once.
+WITH released AS (
+    UPDATE results
+    SET lease_expires_at = NULL, updated_at = now()
+    WHERE id = ANY($2::bigint[])
+      AND worker_id = $1
+      AND lease_expires_at IS NOT NULL
+      AND phase NOT IN ('done', 'failed')
+    RETURNING id, job_id, phase
+)
+INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id)
+SELECT job_id, id, 'image.released', phase, phase, $1
+FROM released;
+
+-- name: job_summaries
+-- $1 job name or NULL for every job, $2 job id (when the reference parses as one) or NULL.
+SELECT j.id AS job_id, j.name, j.submitted_at, j.disk_count, j.total_bytes,
+       j.cancelled_at IS NOT NULL AS cancelled,
+       coalesce(s.bytes_staged, 0)::bigint AS bytes_staged,
+       coalesce(s.counts, '{}'::jsonb) AS counts
+FROM jobs AS j
+LEFT JOIN LATERAL (
+    SELECT jsonb_object_agg(per_phase.phase, per_phase.n) AS counts,
+           sum(per_phase.staged) AS bytes_staged
+    FROM (
+        SELECT phase, count(*) AS n, sum(bytes_staged) AS staged
+        FROM results
+        WHERE job_id = j.id
+        GROUP BY phase
+    ) AS per_phase
+) AS s ON true
+WHERE $1::text IS NULL OR j.name = $1::text OR j.id = $2::uuid
+ORDER BY j.submitted_at DESC, j.id;
+
+-- name: result_rows
+-- $1 job id
+SELECT * FROM results WHERE job_id = $1 ORDER BY disk_index;
+
+-- name: find_job_ids
+-- $1 job name, $2 job id (when the reference parses as one) or NULL. Newest first.
+SELECT id FROM jobs WHERE name = $1 OR id = $2::uuid ORDER BY submitted_at DESC, id;
+
+-- name: events
+-- $1 job id or NULL, $2 result id or NULL. Oldest first.
+SELECT id, job_id, result_id, at, event, phase_from, phase_to, worker_id, error_code, message,
+       detail
+FROM events
+WHERE ($1::uuid IS NULL OR job_id = $1::uuid)
+  AND ($2::bigint IS NULL OR result_id = $2::bigint)
+ORDER BY id;
+
+-- name: outstanding
+-- Unfinished rows of jobs that are not cancelled, including jobs waiting for not_before.
+SELECT count(*)
+FROM results AS r
+JOIN jobs AS j ON j.id = r.job_id
+WHERE r.phase NOT IN ('done', 'failed') AND j.cancelled_at IS NULL;

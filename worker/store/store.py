@@ -1,0 +1,389 @@
+"""The PostgreSQL store: jobs, the results table that is also the work queue, and the event log."""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime
+from typing import Any, cast
+from uuid import UUID
+
+import asyncpg
+
+from worker.core.model import ImageSpec, JobSpec, Phase, Verification, image_id_for
+from worker.store.sql import QUERIES, load_migrations
+
+# The columns record() may set besides phase, error and request ids; the rest are owned by
+# submit, claim and the lease methods.
+RECORDABLE_COLUMNS = frozenset(
+    {
+        "bytes_staged",
+        "image_created_at",
+        "staged_at",
+        "import_requested_at",
+        "finished_at",
+        "glance_status",
+        "glance_size",
+        "glance_virtual_size",
+        "glance_checksum",
+        "glance_os_hash_algo",
+        "glance_os_hash_value",
+        "source_hash_algo",
+        "source_hash_value",
+        "verification",
+        "import_request_id",
+        "next_attempt_at",
+        "cleanup",
+    }
+)
+
+# The ImageSpec attributes kept in results.spec (the rest have columns of their own).
+SPEC_FIELDS = (
+    "disk_format",
+    "container_format",
+    "visibility",
+    "min_disk",
+    "min_ram",
+    "protected",
+    "tags",
+    "properties",
+)
+
+
+class LeaseLost(Exception):
+    """The row is no longer leased by this worker: released, reclaimed by another, or never held."""
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One row of the results table, one attribute per column."""
+
+    id: int
+    job_id: UUID
+    disk_index: int
+    image_name: str
+    source_path: str
+    source_size_bytes: int
+    spec: Mapping[str, Any]
+    phase: Phase
+    glance_image_id: UUID
+    attempts: int
+    bytes_staged: int
+    submitted_at: datetime
+    claimed_at: datetime | None
+    image_created_at: datetime | None
+    staged_at: datetime | None
+    import_requested_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    glance_status: str | None
+    glance_size: int | None
+    glance_virtual_size: int | None
+    glance_checksum: str | None
+    glance_os_hash_algo: str | None
+    glance_os_hash_value: str | None
+    source_hash_algo: str | None
+    source_hash_value: str | None
+    verification: Verification | None
+    error_code: str | None
+    error_message: str | None
+    worker_id: str | None
+    lease_expires_at: datetime | None
+    next_attempt_at: datetime
+    import_request_id: str | None
+    request_ids: tuple[str, ...]
+    cleanup: str | None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
+        """Build from a query row that holds every results column (extra columns are ignored)."""
+        values = {name: record[name] for name in RESULT_COLUMNS}
+        values["phase"] = Phase(values["phase"])
+        if values["verification"] is not None:
+            values["verification"] = Verification(values["verification"])
+        values["request_ids"] = tuple(values["request_ids"])
+        return cls(**values)
+
+    def image_spec(self) -> ImageSpec:
+        """The disk as the manifest described it."""
+        extra = {name: self.spec[name] for name in SPEC_FIELDS if name in self.spec}
+        if "tags" in extra:
+            extra["tags"] = tuple(extra["tags"])
+        return ImageSpec(
+            index=self.disk_index,
+            name=self.image_name,
+            source=self.source_path,
+            size_bytes=self.source_size_bytes,
+            **extra,
+        )
+
+
+RESULT_COLUMNS = tuple(f.name for f in fields(ResultRow))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A row this worker now holds a lease on, with what it needs to migrate the disk."""
+
+    row: ResultRow
+    spec: ImageSpec
+    on_failure: str
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """Progress of one job: row counts by phase and bytes staged so far."""
+
+    job_id: UUID
+    name: str
+    submitted_at: datetime
+    disk_count: int
+    total_bytes: int
+    bytes_staged: int
+    counts: Mapping[str, int]
+    cancelled: bool
+
+
+class Store:
+    """Every database access of the worker; one method per query of queries.sql."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Store:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def upgrade(self) -> list[int]:
+        """Apply the pending migrations in order; concurrent callers wait, then find none left."""
+        applied: list[int] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(QUERIES["upgrade_lock"])
+            done: set[int] = set()
+            if await conn.fetchval(QUERIES["upgrade_schema_exists"]):
+                records = await conn.fetch(QUERIES["upgrade_applied_versions"])
+                done = {record["version"] for record in records}
+            for migration in load_migrations():
+                if migration.version in done:
+                    continue
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    QUERIES["upgrade_record_version"], migration.version, migration.name
+                )
+                applied.append(migration.version)
+        return applied
+
+    async def submit_job(
+        self,
+        job: JobSpec,
+        *,
+        manifest: Mapping[str, object],
+        manifest_sha256: str,
+        submitted_by: str | None = None,
+        not_before: datetime | None = None,
+    ) -> UUID:
+        """Write the job, a pending row per disk and a job.submitted event in one statement."""
+        job_id = uuid.uuid4()
+        disks = [_disk_row(job_id, disk) for disk in job.disks]
+        await self._pool.fetchval(
+            QUERIES["submit_job"],
+            job_id,
+            job.name,
+            submitted_by,
+            dict(manifest),
+            manifest_sha256,
+            len(job.disks),
+            job.total_bytes,
+            job.on_failure,
+            not_before,
+            disks,
+        )
+        return job_id
+
+    async def claim(self, *, worker_id: str, limit: int, lease_s: float) -> list[Claim]:
+        """Lease up to `limit` claimable rows, oldest job first; concurrent claimers never share."""
+        if limit <= 0:
+            return []
+        records = await self._pool.fetch(QUERIES["claim"], worker_id, limit, float(lease_s))
+        claims = []
+        for record in records:
+            row = ResultRow.from_record(record)
+            claims.append(
+                Claim(row=row, spec=row.image_spec(), on_failure=record["job_on_failure"])
+            )
+        return claims
+
+    async def record(
+        self,
+        result_id: int,
+        *,
+        worker_id: str,
+        event: str,
+        phase: Phase | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        request_id: str | None = None,
+        detail: Mapping[str, object] | None = None,
+        **columns: object,
+    ) -> ResultRow:
+        """Update a held row and append an event, in one statement; return the new row.
+
+        The row is held while this worker's lease on it was neither released nor taken over by
+        another worker's claim (an expired lease nobody claimed yet still counts). A row this
+        worker took to done or failed stays recordable by it, for a later cleanup note.
+        A terminal phase clears the lease and sets finished_at (to `finished_at` when given).
+        Raises LeaseLost when the row is not held, ValueError for a column not in
+        RECORDABLE_COLUMNS.
+        """
+        values = _column_values(columns)
+        record = await self._pool.fetchrow(
+            QUERIES["record"],
+            result_id,
+            worker_id,
+            event,
+            phase.value if phase is not None else None,
+            error_code,
+            error_message,
+            request_id,
+            dict(detail) if detail is not None else None,
+            values,
+        )
+        if record is None:
+            raise LeaseLost(f"result {result_id} is not held by worker {worker_id}")
+        return ResultRow.from_record(record)
+
+    async def set_progress(self, result_id: int, *, worker_id: str, bytes_staged: int) -> None:
+        """Store upload progress without an event; raises LeaseLost when the row is not held."""
+        status = await self._pool.execute(
+            QUERIES["set_progress"], result_id, worker_id, bytes_staged
+        )
+        if status == "UPDATE 0":
+            raise LeaseLost(f"result {result_id} is not held by worker {worker_id}")
+
+    async def heartbeat(
+        self, *, worker_id: str, result_ids: Sequence[int], lease_s: float
+    ) -> set[int]:
+        """Extend the leases on these rows; return the ids this worker still holds."""
+        if not result_ids:
+            return set()
+        records = await self._pool.fetch(
+            QUERIES["heartbeat"], worker_id, list(result_ids), float(lease_s)
+        )
+        return {record["id"] for record in records}
+
+    async def release(self, *, worker_id: str, result_ids: Sequence[int]) -> None:
+        """Give unfinished rows back so any worker may claim them at once (shutdown)."""
+        if result_ids:
+            await self._pool.execute(QUERIES["release"], worker_id, list(result_ids))
+
+    async def job_summaries(self, job_ref: str | None = None) -> list[JobSummary]:
+        """Summaries of the jobs with this id or name (every job when None), newest first."""
+        name, job_id = _job_ref_params(job_ref)
+        records = await self._pool.fetch(QUERIES["job_summaries"], name, job_id)
+        return [_summary(record) for record in records]
+
+    async def result_rows(self, job_id: UUID) -> list[ResultRow]:
+        """Every row of a job in manifest order."""
+        records = await self._pool.fetch(QUERIES["result_rows"], job_id)
+        return [ResultRow.from_record(record) for record in records]
+
+    async def find_job_ids(self, job_ref: str) -> list[UUID]:
+        """Ids of the jobs with this id or name, newest first."""
+        name, job_id = _job_ref_params(job_ref)
+        records = await self._pool.fetch(QUERIES["find_job_ids"], name, job_id)
+        return [record["id"] for record in records]
+
+    async def events(
+        self, *, job_id: UUID | None = None, result_id: int | None = None
+    ) -> list[dict[str, object]]:
+        """Events of a job and/or one image (every event when neither is given), oldest first."""
+        records = await self._pool.fetch(QUERIES["events"], job_id, result_id)
+        return [dict(record) for record in records]
+
+    async def outstanding(self) -> int:
+        """How many unfinished rows remain in jobs that are not cancelled."""
+        return cast(int, await self._pool.fetchval(QUERIES["outstanding"]))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=_json_dumps, decoder=json.loads, schema="pg_catalog", format="text"
+    )
+
+
+def _json_dumps(value: object) -> str:
+    return json.dumps(value, default=_json_default)
+
+
+def _json_default(value: object) -> object:
+    """Encode the few non-JSON values our details carry; anything else is a bug to surface."""
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def _disk_row(job_id: UUID, disk: ImageSpec) -> dict[str, object]:
+    spec = {name: getattr(disk, name) for name in SPEC_FIELDS}
+    spec["tags"] = list(disk.tags)
+    spec["properties"] = dict(disk.properties)
+    return {
+        "disk_index": disk.index,
+        "image_name": disk.name,
+        "source_path": disk.source,
+        "source_size_bytes": disk.size_bytes,
+        "spec": spec,
+        "glance_image_id": str(image_id_for(job_id, disk.index)),
+    }
+
+
+def _column_values(columns: Mapping[str, object]) -> dict[str, object]:
+    unknown = sorted(set(columns) - RECORDABLE_COLUMNS)
+    if unknown:
+        raise ValueError(f"record() cannot set column(s): {', '.join(unknown)}")
+    return {name: _column_value(value) for name, value in columns.items()}
+
+
+def _column_value(value: object) -> object:
+    if isinstance(value, datetime):
+        # asyncpg takes a naive datetime as UTC; keep that meaning on this JSON path too.
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return aware.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _job_ref_params(job_ref: str | None) -> tuple[str | None, UUID | None]:
+    if job_ref is None:
+        return None, None
+    try:
+        return job_ref, UUID(job_ref)
+    except ValueError:
+        return job_ref, None
+
+
+def _summary(record: Mapping[str, Any]) -> JobSummary:
+    counts = record["counts"]
+    return JobSummary(
+        job_id=record["job_id"],
+        name=record["name"],
+        submitted_at=record["submitted_at"],
+        disk_count=record["disk_count"],
+        total_bytes=record["total_bytes"],
+        bytes_staged=record["bytes_staged"],
+        counts={phase.value: int(counts.get(phase.value, 0)) for phase in Phase},
+        cancelled=record["cancelled"],
+    )
