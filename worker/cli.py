@@ -1,0 +1,311 @@
+"""Command line: arguments, exit codes, settings and logging set-up; the work happens elsewhere.
+
+Exit codes (also in the README):
+    0  success (run: every image it finished is `done`)
+    1  run finished, but at least one image ended `failed`
+    2  bad input: invalid manifest, unknown job, bad option
+    3  configuration or environment problem: cloud settings, database unreachable
+  130  interrupted before the work finished
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from worker import logs
+from worker.app import WorkerSettings, environment, open_store, run_worker
+from worker.config import load_cloud_settings
+from worker.errors import ConfigError, InvalidManifest
+from worker.manifest import load_manifest
+from worker.report import print_job_status, print_problems, write_report
+
+EXIT_OK, EXIT_FAILED_IMAGES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+T = TypeVar("T")
+
+
+def _database_url(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    from worker.store.embedded import resolve_database_url
+
+    return resolve_database_url(environment())
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except OSError as exc:
+        click.echo(f"cannot reach a service: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+database_option = click.option(
+    "--database-url",
+    envvar="DATABASE_URL",
+    help="PostgreSQL DSN. Unset: an embedded PostgreSQL under .data/ (VMDK_MIGRATE_DATA_DIR).",
+)
+
+
+@click.group()
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="auto: readable on a terminal, JSON lines otherwise.",
+)
+def cli(log_level: str, log_format: str) -> None:
+    """Migrate VMware VMDK disks into OpenStack Glance images, in bulk."""
+    json_logs = None if log_format == "auto" else log_format == "json"
+    logs.configure(level=log_level, json=json_logs)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+def validate(manifest: Path) -> None:
+    """Check a job manifest without writing anything."""
+    try:
+        loaded = load_manifest(manifest)
+    except InvalidManifest as exc:
+        print_problems(exc)
+        sys.exit(EXIT_BAD_INPUT)
+    job = loaded.job
+    click.echo(
+        f"{manifest}: valid: job {job.name!r}, {len(job.disks)} disk(s), {job.total_bytes} bytes"
+    )
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@database_option
+def submit(manifest: Path, database_url: str | None) -> None:
+    """Validate a manifest and queue its disks; prints the job id."""
+    try:
+        loaded = load_manifest(manifest)
+    except InvalidManifest as exc:
+        print_problems(exc)
+        sys.exit(EXIT_BAD_INPUT)
+
+    async def go() -> str:
+        async with open_store(_database_url(database_url)) as store:
+            job_id = await store.submit_job(
+                loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
+            )
+            return str(job_id)
+
+    click.echo(_run(go()))
+
+
+@cli.command()
+@database_option
+@click.option("--once", is_flag=True, help="Exit when nothing is left to claim (cron, batch).")
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="Images in flight at once.",
+)
+@click.option(
+    "--stage-concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Of those, how many may be uploading bytes at once.",
+)
+@click.option(
+    "--chunk-mib",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Size of each read from the source and write to the socket.",
+)
+@click.option("--worker-id", default=None, help="Name in rows and logs (default host:pid).")
+@click.option(
+    "--grace",
+    "grace_s",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Seconds images in flight get to finish after SIGINT/SIGTERM.",
+)
+@click.option("--cloud", "cloud_name", default=None, help="Entry of clouds.yaml (or OS_CLOUD).")
+@click.option(
+    "--hash-algorithm",
+    default="sha512",
+    show_default=True,
+    help="Must match the cloud's os_hash_algo for verification.",
+)
+def run(
+    database_url: str | None,
+    once: bool,
+    concurrency: int,
+    stage_concurrency: int,
+    chunk_mib: int,
+    worker_id: str | None,
+    grace_s: float,
+    cloud_name: str | None,
+    hash_algorithm: str,
+) -> None:
+    """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
+    try:
+        cloud = load_cloud_settings(environment(), cloud=cloud_name)
+    except ConfigError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    settings = WorkerSettings(
+        concurrency=concurrency,
+        stage_concurrency=min(stage_concurrency, concurrency),
+        chunk_bytes=chunk_mib << 20,
+        hash_algorithm=hash_algorithm,
+        grace_s=grace_s,
+        once=once,
+        **({"worker_id": worker_id} if worker_id else {}),
+    )
+
+    async def go() -> int:
+        stop = _stop_on_signals()
+        summary = await run_worker(
+            database_url=_database_url(database_url), cloud=cloud, settings=settings, stop=stop
+        )
+        if stop.is_set() and once:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED_IMAGES if summary.by_phase.get("failed") else EXIT_OK
+
+    sys.exit(_run(go()))
+
+
+@cli.command()
+@click.argument("job", required=False)
+@database_option
+@click.option(
+    "--images/--no-images",
+    default=True,
+    show_default=True,
+    help="Show the per-image table under each job.",
+)
+def status(job: str | None, database_url: str | None, images: bool) -> None:
+    """Counts by phase per job, and a table of its images."""
+
+    async def go() -> int:
+        async with open_store(_database_url(database_url)) as store:
+            summaries = await store.job_summaries(job)
+            if job and not summaries:
+                click.echo(f"no job {job!r}", err=True)
+                return EXIT_BAD_INPUT
+            for summary in summaries:
+                rows = await store.result_rows(summary.job_id) if images else []
+                print_job_status(summary, rows)
+            return EXIT_OK
+
+    sys.exit(_run(go()))
+
+
+@cli.command()
+@click.argument("job")
+@database_option
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
+@click.option("--output", "-o", type=click.File("w"), default="-", help="Default: stdout.")
+def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
+    """Export every image row of a job (no cap) as CSV or JSON."""
+
+    async def go() -> int:
+        async with open_store(_database_url(database_url)) as store:
+            job_ids = await store.find_job_ids(job)
+            if not job_ids:
+                click.echo(f"no job {job!r}", err=True)
+                return EXIT_BAD_INPUT
+            rows = [row for job_id in job_ids for row in await store.result_rows(job_id)]
+            write_report(rows, fmt=fmt, stream=output)
+            return EXIT_OK
+
+    sys.exit(_run(go()))
+
+
+@cli.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command()
+@database_option
+def upgrade(database_url: str | None) -> None:
+    """Apply pending schema migrations (run also happens on every start)."""
+
+    async def go() -> None:
+        async with open_store(_database_url(database_url)):
+            pass
+
+    _run(go())
+    click.echo("schema is up to date")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8774, show_default=True, type=int)
+@click.option("--virtio-fail", multiple=True, help="Image name glob whose virtio injection fails.")
+@click.option("--import-latency", "import_latency_s", default=0.5, show_default=True, type=float)
+def sandbox(host: str, port: int, virtio_fail: tuple[str, ...], import_latency_s: float) -> None:
+    """Serve the sandbox cloud (Keystone + Glance) for trying the tool locally."""
+    from worker.sandbox import SandboxConfig, serve_forever
+
+    config = SandboxConfig(virtio_fail_names=virtio_fail, import_latency_s=import_latency_s)
+    click.echo(
+        f"sandbox: OS_AUTH_URL=http://{host}:{port}/identity/v3 "
+        "OS_USERNAME=admin OS_PASSWORD=secret OS_PROJECT_NAME=admin"
+    )
+    try:
+        asyncio.run(serve_forever(host, port, config))
+    except KeyboardInterrupt:
+        sys.exit(EXIT_OK)
+
+
+@cli.command()
+@click.option("--disks", default=6, show_default=True, type=click.IntRange(2, 1000))
+@click.option(
+    "--workdir", type=click.Path(path_type=Path), default=Path(".data/demo"), show_default=True
+)
+def demo(disks: int, workdir: Path) -> None:
+    """Migrate a generated batch into the sandbox cloud on the embedded database."""
+    from worker.demo import run_demo
+
+    sys.exit(_run(run_demo(disks=disks, workdir=workdir)))
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """SIGINT/SIGTERM: stop claiming and let images in flight finish; a second one: exit now."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            raise SystemExit(EXIT_INTERRUPTED)
+        logs.get_logger(__name__).info("worker.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stop
+
+
+def main() -> None:
+    """Entry point of `vmdk-migrate` and `python -m worker`."""
+    cli(prog_name="vmdk-migrate")

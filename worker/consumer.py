@@ -1,0 +1,208 @@
+"""Claims images from PostgreSQL into an asyncio.Queue and runs them with bounded concurrency.
+
+One feeder claims rows (FOR UPDATE SKIP LOCKED, with a lease) only when a pipeline is free;
+N pipelines run one image each; a heartbeat keeps the leases of images in flight. On stop,
+nothing new is claimed, images in flight get a grace period, and what is left is released
+for another worker rather than left to expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from worker.core.model import Phase
+from worker.store.store import Claim, LeaseLost, ResultRow, Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """Concurrency, leases and shutdown behaviour of one worker process."""
+
+    worker_id: str
+    concurrency: int = 8  # images in flight at once (creating, staging or importing)
+    lease_s: float = 60.0  # a claimed row is ours this long without a heartbeat
+    heartbeat_s: float = 15.0
+    idle_poll_s: float = 2.0  # how often an idle worker looks for new rows
+    grace_s: float = 60.0  # after a stop request, images in flight get this long to finish
+    once: bool = False  # exit when there is nothing left to claim
+
+
+@dataclass
+class RunSummary:
+    """What one `run` did, by final phase."""
+
+    by_phase: Counter[str] = field(default_factory=Counter)
+    lost: int = 0  # leases lost to another worker (the image goes on there)
+    released: int = 0  # images given back unfinished at shutdown
+
+    @property
+    def finished(self) -> int:
+        return self.by_phase[Phase.DONE] + self.by_phase[Phase.FAILED]
+
+
+RunImage = Callable[[Claim], Awaitable[ResultRow]]
+
+
+class Consumer:
+    """Feeds claimed rows to a fixed number of image pipelines until stopped or drained."""
+
+    def __init__(self, store: Store, run_image: RunImage, settings: ConsumerSettings) -> None:
+        self._store = store
+        self._run_image = run_image
+        self._settings = settings
+        self._queue: asyncio.Queue[Claim | None] = asyncio.Queue(maxsize=settings.concurrency)
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._idle = asyncio.Semaphore(settings.concurrency)
+        self._summary = RunSummary()
+
+    async def run(self, stop: asyncio.Event) -> RunSummary:
+        """Work until `stop` is set (or, with `once`, until nothing is left to claim)."""
+        settings = self._settings
+        log.info("worker.started", worker_id=settings.worker_id, concurrency=settings.concurrency)
+        pipelines = [
+            asyncio.create_task(self._pipeline(), name=f"pipeline-{n}")
+            for n in range(settings.concurrency)
+        ]
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        try:
+            await self._feed(stop)
+            await self._drain(pipelines)
+        finally:
+            heartbeat.cancel()
+            for task in pipelines:
+                task.cancel()
+            await asyncio.gather(heartbeat, *pipelines, return_exceptions=True)
+            await self._release_unfinished()
+        log.info(
+            "worker.stopped",
+            worker_id=settings.worker_id,
+            **self._summary.by_phase,
+            released=self._summary.released,
+            lost=self._summary.lost,
+        )
+        return self._summary
+
+    async def _feed(self, stop: asyncio.Event) -> None:
+        settings = self._settings
+        while await _acquire_unless_stopped(self._idle, stop):  # a pipeline is free
+            claims = await self._store.claim(
+                worker_id=settings.worker_id, limit=1, lease_s=settings.lease_s
+            )
+            if not claims:
+                self._idle.release()
+                if settings.once and not self._in_flight and self._queue.empty():
+                    return
+                await _wait(stop, settings.idle_poll_s)
+                continue
+            await self._queue.put(claims[0])
+
+    async def _drain(self, pipelines: list[asyncio.Task[None]]) -> None:
+        """Let images in flight finish within the grace period, then stop the pipelines."""
+        for _ in pipelines:
+            await self._queue.put(None)
+        _, pending = await asyncio.wait(pipelines, timeout=self._settings.grace_s)
+        if pending:
+            log.warning("worker.grace_expired", unfinished=len(self._in_flight))
+
+    async def _pipeline(self) -> None:
+        while (claim := await self._queue.get()) is not None:
+            task = asyncio.create_task(self._run_one(claim))
+            self._in_flight[claim.row.id] = task
+            try:
+                await asyncio.shield(task)
+            finally:
+                self._in_flight.pop(claim.row.id, None)
+                self._idle.release()
+
+    async def _run_one(self, claim: Claim) -> None:
+        """Run one image; whatever goes wrong stays with this image and never stops the others."""
+        try:
+            row = await self._run_image(claim)
+            self._summary.by_phase[row.phase] += 1
+        except LeaseLost:
+            self._summary.lost += 1
+            log.warning("image.lease_lost", result_id=claim.row.id, image=claim.spec.name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("image.crashed", result_id=claim.row.id, image=claim.spec.name)
+            await self._record_crash(claim, exc)
+
+    async def _record_crash(self, claim: Claim, exc: Exception) -> None:
+        """An unexpected error is this image's failure, recorded, not the worker's."""
+        try:
+            await self._store.record(
+                claim.row.id,
+                worker_id=self._settings.worker_id,
+                event="image.finished",
+                phase=Phase.FAILED,
+                error_code="internal_error",
+                error_message=f"{type(exc).__name__}: {exc}",
+            )
+            self._summary.by_phase[Phase.FAILED] += 1
+        except Exception:
+            log.exception("image.crash_not_recorded", result_id=claim.row.id)
+
+    async def _heartbeat(self) -> None:
+        settings = self._settings
+        while True:
+            await asyncio.sleep(settings.heartbeat_s)
+            ids = list(self._in_flight)
+            if not ids:
+                continue
+            try:
+                held = await self._store.heartbeat(
+                    worker_id=settings.worker_id, result_ids=ids, lease_s=settings.lease_s
+                )
+            except Exception:
+                log.exception("worker.heartbeat_failed", images=len(ids))
+                continue
+            for result_id in set(ids) - held:
+                # Another worker reclaimed the row: stop, it is theirs now.
+                task = self._in_flight.get(result_id)
+                if task is not None:
+                    task.cancel()
+                    self._summary.lost += 1
+                    log.warning("image.lease_lost", result_id=result_id)
+
+    async def _release_unfinished(self) -> None:
+        unfinished = {rid: task for rid, task in self._in_flight.items() if not task.done()}
+        for task in unfinished.values():
+            task.cancel()
+        await asyncio.gather(*unfinished.values(), return_exceptions=True)
+        if unfinished:
+            with contextlib.suppress(Exception):
+                await self._store.release(
+                    worker_id=self._settings.worker_id, result_ids=list(unfinished)
+                )
+            self._summary.released += len(unfinished)
+            log.info("worker.released", images=len(unfinished))
+
+
+async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    """Take a slot, or give up as soon as a stop is requested."""
+    if stop.is_set():
+        return False
+    acquire = asyncio.ensure_future(slots.acquire())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if stop.is_set():
+        if acquire.done() and not acquire.cancelled():
+            slots.release()
+        acquire.cancel()
+        return False
+    return True
+
+
+async def _wait(stop: asyncio.Event, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=timeout_s)

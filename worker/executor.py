@@ -1,0 +1,321 @@
+"""Performs the commands of one image's state machine against Glance and records every step."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import structlog
+
+from worker.clients.glance import GlanceClient, Image, Task
+from worker.core.machine import (
+    CheckStaged,
+    Command,
+    Created,
+    CreateImage,
+    Deleted,
+    DeleteImage,
+    Errored,
+    Hashed,
+    HashSource,
+    ImageFacts,
+    ImageState,
+    ImportAccepted,
+    InspectImage,
+    Observed,
+    Outcome,
+    Policies,
+    PollImport,
+    RequestImport,
+    Staged,
+    StageData,
+    Step,
+    TaskFacts,
+    begin,
+    decide,
+)
+from worker.core.model import Phase
+from worker.errors import MigrationError, SourceError
+from worker.store.store import Claim, ResultRow, Store
+
+log = structlog.get_logger(__name__)
+
+# Columns of the results table a step may set; anything else a step reports is event detail.
+_ROW_COLUMNS = frozenset(
+    {
+        "bytes_staged",
+        "image_created_at",
+        "staged_at",
+        "import_requested_at",
+        "finished_at",
+        "glance_status",
+        "glance_size",
+        "glance_virtual_size",
+        "glance_checksum",
+        "glance_os_hash_algo",
+        "glance_os_hash_value",
+        "source_hash_algo",
+        "source_hash_value",
+        "verification",
+        "import_request_id",
+        "cleanup",
+        "glance_image_id",
+    }
+)
+_TIME_COLUMNS = frozenset({"image_created_at", "staged_at", "import_requested_at", "finished_at"})
+_PROGRESS_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """How one image is run: hashing, chunking and the decision policies."""
+
+    worker_id: str
+    hash_algorithm: str = "sha512"
+    policies: Policies = field(default_factory=Policies)
+
+
+@dataclass
+class ImageRunner:
+    """Runs one claimed image to a terminal phase; the only writer of that image's row."""
+
+    glance: GlanceClient
+    store: Store
+    settings: ExecutorSettings
+    stage_slots: asyncio.Semaphore
+    clock: Callable[[], float] = time.time
+    jitter: Callable[[], float] = random.random
+    on_progress: Callable[[int, int], None] | None = None  # (result_id, bytes so far)
+    _progress_writes: set[asyncio.Future[None]] = field(default_factory=set, init=False)
+
+    async def run(self, claim: Claim) -> ResultRow:
+        """Drive the image from wherever its row stands to `done` or `failed`."""
+        state = initial_state(claim, hash_algorithm=self.settings.hash_algorithm)
+        started = self.clock()
+        with structlog.contextvars.bound_contextvars(
+            job_id=str(claim.row.job_id), image=claim.spec.name, result_id=claim.row.id
+        ):
+            step = begin(state)
+            row = await self._record(claim, state.phase, step, request_id=None)
+            while step.command is not None:
+                command = step.command
+                if command.delay_s > 0:
+                    await asyncio.sleep(command.delay_s)
+                outcome, request_id = await self._perform(claim, step.state, command)
+                previous_phase = step.state.phase
+                step = decide(
+                    step.state,
+                    command,
+                    outcome,
+                    now=self.clock(),
+                    jitter=self.jitter(),
+                    policies=self.settings.policies,
+                )
+                row = await self._record(claim, previous_phase, step, request_id=request_id)
+            self._summarise(row, duration_s=self.clock() - started)
+            return row
+
+    # --- performing ---------------------------------------------------------------------------
+
+    async def _perform(
+        self, claim: Claim, state: ImageState, command: Command
+    ) -> tuple[Outcome, str | None]:
+        try:
+            return await self._dispatch(claim, state, command)
+        except MigrationError as error:
+            return Errored(error), error.request_id
+
+    async def _dispatch(
+        self, claim: Claim, state: ImageState, command: Command
+    ) -> tuple[Outcome, str | None]:
+        image_id = str(state.image_id)
+        if isinstance(command, CreateImage):
+            image = await self.glance.create_image(claim.spec.create_body(state.image_id))
+            return Created(image_facts(image)), image.request_id
+        if isinstance(command, StageData):
+            return await self._stage(claim, state)
+        if isinstance(command, RequestImport):
+            echoed = await self.glance.import_image(image_id, request_id=command.request_id)
+            return ImportAccepted(command.request_id), echoed
+        if isinstance(command, InspectImage | CheckStaged):
+            image = await self.glance.get_image(image_id)
+            return Observed(image_facts(image)), image.request_id
+        if isinstance(command, PollImport):
+            return await self._poll(image_id, with_tasks=command.with_tasks)
+        if isinstance(command, DeleteImage):
+            await self.glance.delete_image(image_id)
+            return Deleted(), None
+        if isinstance(command, HashSource):
+            digest = await hash_file(Path(claim.spec.source), state.hash_algo)
+            return Hashed(digest), None
+        raise TypeError(f"unknown command {command!r}")
+
+    async def _stage(self, claim: Claim, state: ImageState) -> tuple[Outcome, str | None]:
+        last_report = 0.0
+
+        def progress(done_bytes: int) -> None:
+            nonlocal last_report
+            if self.on_progress is not None:
+                self.on_progress(claim.row.id, done_bytes)
+            now = self.clock()
+            if now - last_report >= _PROGRESS_EVERY_S:
+                last_report = now
+                write = asyncio.ensure_future(self._save_progress(claim.row.id, done_bytes))
+                self._progress_writes.add(write)
+                write.add_done_callback(self._progress_writes.discard)
+
+        async with self.stage_slots:
+            log.info("image.staging", image_id=str(state.image_id), phase=Phase.STAGING)
+            result = await self.glance.stage(
+                str(state.image_id),
+                Path(claim.spec.source),
+                size_bytes=claim.spec.size_bytes,
+                hash_algorithms=(state.hash_algo,),
+                progress=progress,
+            )
+        return Staged(result.size_bytes, result.digests[state.hash_algo]), result.request_id
+
+    async def _save_progress(self, result_id: int, done_bytes: int) -> None:
+        try:
+            await self.store.set_progress(
+                result_id, worker_id=self.settings.worker_id, bytes_staged=done_bytes
+            )
+        except Exception as exc:  # progress is advisory; the stage must not fail for it
+            log.warning("image.progress_not_saved", error=str(exc))
+
+    async def _poll(self, image_id: str, *, with_tasks: bool) -> tuple[Outcome, str | None]:
+        image = await self.glance.get_image(image_id)
+        tasks: tuple[TaskFacts, ...] | None = None
+        if with_tasks and image.status == "importing":
+            tasks = tuple(task_facts(t) for t in await self.glance.image_tasks(image_id))
+        return Observed(image_facts(image), tasks), image.request_id
+
+    # --- recording ----------------------------------------------------------------------------
+
+    async def _record(
+        self, claim: Claim, previous_phase: Phase, step: Step, *, request_id: str | None
+    ) -> ResultRow:
+        """Persist the step (row columns + an event) and log it, before the next command runs."""
+        columns, detail = split_columns(step.columns)
+        error_code = columns.pop("error_code", None)
+        error_message = columns.pop("error_message", None)
+        if step.error is not None:
+            detail.update(error_code=step.error.code, error=step.error.message)
+        phase = step.state.phase if step.state.phase != previous_phase else None
+        if step.event is None and phase is None:
+            return claim.row  # a quiet poll: nothing changed worth a row update
+        row = await self.store.record(
+            claim.row.id,
+            worker_id=self.settings.worker_id,
+            event=step.event or f"image.{step.state.phase}",
+            phase=phase,
+            error_code=str(error_code) if error_code is not None else None,
+            error_message=str(error_message) if error_message is not None else None,
+            request_id=request_id,
+            detail=detail or None,
+            **columns,
+        )
+        if step.event is not None:
+            fields: dict[str, Any] = {"phase": str(step.state.phase), **detail}
+            log.info(step.event, image_id=str(step.state.image_id), **fields)
+        return row
+
+    def _summarise(self, row: ResultRow, *, duration_s: float) -> None:
+        log.info(
+            "image.summary",
+            phase=row.phase,
+            image_id=str(row.glance_image_id),
+            size_bytes=row.source_size_bytes,
+            duration_s=round(duration_s, 3),
+            attempts=row.attempts,
+            glance_status=row.glance_status,
+            verification=row.verification,
+            error_code=row.error_code,
+            error=row.error_message,
+        )
+
+
+def initial_state(claim: Claim, *, hash_algorithm: str) -> ImageState:
+    """The machine's view of a claimed row, whatever phase a previous run left it in."""
+    row = claim.row
+    phase = Phase(row.phase)
+    algo_matches = row.source_hash_algo == hash_algorithm
+    return ImageState(
+        job_id=row.job_id,
+        index=row.disk_index,
+        phase=phase,
+        image_id=row.glance_image_id,
+        size_bytes=claim.spec.size_bytes,
+        disk_format=claim.spec.disk_format,
+        asks_for_rewrite=claim.spec.asks_for_rewrite,
+        keep_on_failure=claim.on_failure == "keep",
+        hash_algo=hash_algorithm,
+        source_hash=row.source_hash_value if algo_matches else None,
+        image_exists=phase is not Phase.PENDING,
+        import_request_id=row.import_request_id,
+        import_accepted_at=row.import_requested_at.timestamp()
+        if row.import_requested_at is not None
+        else None,
+    )
+
+
+def split_columns(values: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+    """Separate what goes into results columns from what goes into the event's detail."""
+    columns: dict[str, object] = {}
+    detail: dict[str, object] = {}
+    for key, value in values.items():
+        if key not in _ROW_COLUMNS and key not in ("error_code", "error_message"):
+            detail[key] = value
+        elif key in _TIME_COLUMNS and isinstance(value, int | float):
+            columns[key] = datetime.fromtimestamp(value, tz=UTC)
+        elif key == "verification" and value is not None:
+            columns[key] = str(value)
+        else:
+            columns[key] = value
+    return columns, detail
+
+
+def image_facts(image: Image) -> ImageFacts:
+    """Reduce a Glance image to what decisions need."""
+    props = image.properties
+
+    def text(key: str) -> str | None:
+        value = props.get(key)
+        return str(value) if value not in (None, "") else None
+
+    return ImageFacts(
+        status=image.status,
+        size=image.size,
+        virtual_size=image.virtual_size,
+        checksum=image.checksum,
+        os_hash_algo=image.os_hash_algo,
+        os_hash_value=image.os_hash_value,
+        disk_format=image.disk_format,
+        es_failed_reason=text("os_glance_es_failed_reason"),
+        failed_import=text("os_glance_failed_import"),
+        import_locked=text("os_glance_import_task") is not None,
+    )
+
+
+def task_facts(task: Task) -> TaskFacts:
+    return TaskFacts(status=task.status, request_id=task.request_id, message=task.message)
+
+
+async def hash_file(path: Path, algorithm: str, *, chunk_bytes: int = 4 << 20) -> str:
+    """Hash a file without blocking the loop: reads are async, hashing runs in a thread."""
+    hasher = hashlib.new(algorithm)
+    try:
+        async with aiofiles.open(path, "rb") as source:
+            while chunk := await source.read(chunk_bytes):
+                await asyncio.to_thread(hasher.update, chunk)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
+    return hasher.hexdigest()

@@ -1,0 +1,73 @@
+"""structlog set-up: JSON lines off a TTY, readable on a TTY, and no secret in any line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+# Keys whose values are never logged, whatever their content.
+SECRET_KEYS = frozenset(
+    {
+        "password",
+        "token",
+        "auth_token",
+        "x-auth-token",
+        "x-subject-token",
+        "secret",
+        "application_credential_secret",
+        "dsn_password",
+    }
+)
+# Credentials inside URLs (postgresql://user:secret@host) are masked wherever they appear.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
+
+
+def redact_url(text: str) -> str:
+    """Mask the password in any URL inside `text`."""
+    return _URL_PASSWORD.sub(r"\g<scheme>***@", text)
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if key.lower() in SECRET_KEYS:
+            event[key] = "***"
+        elif isinstance(event[key], str):
+            event[key] = redact_url(event[key])
+    return event
+
+
+def configure(
+    *, level: str = "info", stream: TextIO | None = None, json: bool | None = None
+) -> None:
+    """Configure structlog once per process. `json=None` chooses by whether `stream` is a TTY."""
+    stream = stream or sys.stderr
+    if json is None:
+        json = not stream.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A logger named after its module."""
+    return structlog.get_logger(name)
