@@ -56,9 +56,8 @@ def write_demo_manifest(workdir: Path, *, disks: int) -> Path:
 
 async def run_demo(*, disks: int, workdir: Path) -> int:
     """Submit and migrate the demo batch; 0 when the outcome is the expected one."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    manifest_path = write_demo_manifest(workdir, disks=disks)
-    loaded = load_manifest(manifest_path)
+    manifest_path = await asyncio.to_thread(write_demo_manifest, workdir, disks=disks)
+    loaded = await asyncio.to_thread(load_manifest, manifest_path)
     database_url = await asyncio.to_thread(resolve_database_url, environment())
     config = SandboxConfig(
         virtio_fail_names=(f"*{FAILING_SUFFIX}",),
