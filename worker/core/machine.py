@@ -539,7 +539,8 @@ def _ambiguous_answer(
         return _on_deleted(state, command, now)
     if isinstance(command, InspectImage | CheckStaged | PollImport) and isinstance(error, NotFound):
         if state.import_accepted_at is not None:
-            return _fail(state, ImageGone("image disappeared during the import"), now)
+            gone = replace(state, image_exists=False)
+            return _fail(gone, ImageGone("image disappeared during the import"), now)
         return _on_deleted(state, InspectImage(), now)
     return None
 

@@ -1,0 +1,361 @@
+"""The per-image state machine, driven table-style with no cloud, database or clock."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from worker.core.machine import (
+    CheckStaged,
+    Command,
+    CreateImage,
+    Created,
+    DeleteImage,
+    Deleted,
+    Errored,
+    Hashed,
+    HashSource,
+    ImageFacts,
+    ImageState,
+    ImportAccepted,
+    InspectImage,
+    Observed,
+    Policies,
+    PollImport,
+    RequestImport,
+    Staged,
+    StageData,
+    Step,
+    TaskFacts,
+    begin,
+    decide,
+)
+from worker.core.model import Phase, Verification, image_id_for, next_image_id
+from worker.core.policy import PollPolicy, RetryPolicy
+from worker.errors import (
+    CloudUnavailable,
+    Conflict,
+    ConnectionFailed,
+    MigrationError,
+    NotFound,
+    QuotaExceeded,
+    SourceError,
+)
+
+JOB = uuid.UUID("00000000-0000-0000-0000-000000000001")
+SIZE = 10_000
+HASH = "a" * 128
+
+
+def fresh(**changes: object) -> ImageState:
+    state = ImageState(
+        job_id=JOB,
+        index=3,
+        phase=Phase.PENDING,
+        image_id=image_id_for(JOB, 3),
+        size_bytes=SIZE,
+        disk_format="vmdk",
+        asks_for_rewrite=False,
+    )
+    return replace(state, **changes)  # type: ignore[arg-type]
+
+
+def step(state: ImageState, command: Command, outcome: object, now: float = 100.0) -> Step:
+    return decide(state, command, outcome, now=now, jitter=0.5)  # type: ignore[arg-type]
+
+
+def facts(status: str, **changes: object) -> ImageFacts:
+    return replace(ImageFacts(status=status), **changes)  # type: ignore[arg-type]
+
+
+ACTIVE = facts("active", size=SIZE, os_hash_algo="sha512", os_hash_value=HASH, disk_format="vmdk")
+
+
+def run_happy_path() -> list[Step]:
+    """create -> stage -> check -> import -> poll (importing) -> poll (active) -> done."""
+    steps = [begin(fresh())]
+    script = [
+        Created(facts("queued")),
+        Staged(SIZE, HASH),
+        Observed(facts("uploading", size=SIZE)),
+        ImportAccepted("req-x"),
+        Observed(facts("importing", import_locked=True)),
+        Observed(ACTIVE),
+    ]
+    for outcome in script:
+        current = steps[-1]
+        assert current.command is not None
+        steps.append(step(current.state, current.command, outcome))
+    return steps
+
+
+def test_happy_path_goes_through_every_phase_and_ends_verified() -> None:
+    steps = run_happy_path()
+    assert [type(s.command).__name__ for s in steps] == [
+        "CreateImage",
+        "StageData",
+        "CheckStaged",
+        "RequestImport",
+        "PollImport",
+        "PollImport",
+        "NoneType",
+    ]
+    assert [s.state.phase for s in steps] == [
+        Phase.CREATING,
+        Phase.STAGING,
+        Phase.STAGING,
+        Phase.IMPORTING,
+        Phase.IMPORTING,
+        Phase.IMPORTING,
+        Phase.DONE,
+    ]
+    final = steps[-1]
+    assert final.finished
+    assert final.columns["verification"] == Verification.VERIFIED
+    assert final.columns["glance_os_hash_value"] == HASH
+    assert steps[2].columns["source_hash_value"] == HASH
+
+
+def test_import_request_id_is_ours_and_stable() -> None:
+    steps = run_happy_path()
+    request = steps[3].command
+    assert isinstance(request, RequestImport)
+    assert request.request_id.startswith("req-")
+    assert request.request_id == run_happy_path()[3].command.request_id  # type: ignore[union-attr]
+
+
+def importing_state(**changes: object) -> ImageState:
+    return fresh(
+        phase=Phase.IMPORTING,
+        image_exists=True,
+        source_hash=HASH,
+        import_request_id="req-ours",
+        import_accepted_at=100.0,
+        **changes,
+    )
+
+
+@pytest.mark.parametrize(
+    ("observed", "tasks", "code"),
+    [
+        # The vendor's signal: stays importing with os_glance_es_failed_reason.
+        (facts("importing", es_failed_reason="virtio error"), None, "virtio_failed"),
+        # Upstream: stays importing, os_glance_failed_import set.
+        (facts("importing", failed_import="fs"), None, "import_failed"),
+        # Upstream without that property: our task (matched by request id) failed.
+        (
+            facts("importing"),
+            (TaskFacts("failure", "req-ours", "Internal Error"),),
+            "import_failed",
+        ),
+        # Conversion-plugin clouds drop the image back to queued.
+        (facts("queued"), None, "import_reverted"),
+        (facts("killed"), None, "image_gone"),
+        (facts("deleted"), None, "image_gone"),
+    ],
+)
+def test_every_terminal_failure_signal_is_recognised(
+    observed: ImageFacts, tasks: tuple[TaskFacts, ...] | None, code: str
+) -> None:
+    result = step(importing_state(), PollImport(), Observed(observed, tasks))
+    # The half-made image is deleted first, then the row fails with the signal's code.
+    assert isinstance(result.command, DeleteImage)
+    assert result.columns["error_code"] == code
+    final = step(result.state, result.command, Deleted())
+    assert final.finished
+    assert final.state.phase is Phase.FAILED
+    assert final.columns["cleanup"] == "deleted"
+    assert final.error is not None and final.error.code == code
+
+
+def test_a_failed_task_of_someone_else_is_not_ours() -> None:
+    other = (TaskFacts("failure", "req-other"),)
+    result = step(importing_state(), PollImport(), Observed(facts("importing"), other))
+    assert isinstance(result.command, PollImport)
+
+
+def test_keep_on_failure_keeps_the_image_and_says_so() -> None:
+    state = importing_state(keep_on_failure=True)
+    result = step(state, PollImport(), Observed(facts("importing", failed_import="fs")))
+    assert result.finished
+    assert result.state.phase is Phase.FAILED
+    assert result.columns["cleanup"] == "kept"
+
+
+def test_import_that_never_ends_times_out_on_a_size_scaled_deadline() -> None:
+    policy = PollPolicy(deadline_base_s=60.0, deadline_rate_bytes_per_s=1000.0)
+    state = importing_state()
+    deadline = 60.0 + SIZE / 1000.0
+    still = decide(
+        state,
+        PollImport(),
+        Observed(facts("importing", import_locked=True)),
+        now=100.0 + deadline - 1,
+        jitter=0.0,
+        policies=Policies(poll=policy),
+    )
+    assert isinstance(still.command, PollImport)
+    late = decide(
+        state,
+        PollImport(),
+        Observed(facts("importing", import_locked=True)),
+        now=100.0 + deadline + 1,
+        jitter=0.0,
+        policies=Policies(poll=policy),
+    )
+    assert late.columns["error_code"] == "import_timeout"
+
+
+def test_polling_backs_off_and_asks_for_tasks_when_the_lock_is_gone() -> None:
+    state = importing_state()
+    delays = []
+    for _ in range(8):
+        result = step(state, PollImport(), Observed(facts("importing", import_locked=True)))
+        assert isinstance(result.command, PollImport)
+        delays.append(result.command.delay_s)
+        state = result.state
+    assert delays == sorted(delays)
+    assert delays[-1] <= PollPolicy().max_delay_s * 1.25
+    unlocked = step(state, PollImport(), Observed(facts("importing", import_locked=False)))
+    assert isinstance(unlocked.command, PollImport) and unlocked.command.with_tasks
+
+
+def test_stage_size_mismatch_fails_and_cleans_up() -> None:
+    state = fresh(phase=Phase.STAGING, image_exists=True, source_hash=HASH)
+    result = step(state, CheckStaged(), Observed(facts("uploading", size=SIZE - 1)))
+    assert isinstance(result.command, DeleteImage)
+    assert result.columns["error_code"] == "stage_size_mismatch"
+
+
+def test_hash_mismatch_fails_unless_the_cloud_was_asked_to_rewrite() -> None:
+    other = replace(ACTIVE, os_hash_value="b" * 128)
+    plain = step(importing_state(), PollImport(), Observed(other))
+    assert plain.columns["error_code"] == "checksum_mismatch"
+    assert plain.columns["verification"] == Verification.MISMATCH
+    rewritten = step(importing_state(asks_for_rewrite=True), PollImport(), Observed(other))
+    assert rewritten.finished and rewritten.state.phase is Phase.DONE
+    assert rewritten.columns["verification"] == Verification.TRANSFORMED
+
+
+def test_other_hash_algorithm_is_not_checked_rather_than_failed() -> None:
+    md5_cloud = replace(ACTIVE, os_hash_algo="sha256", os_hash_value="c" * 64)
+    result = step(importing_state(), PollImport(), Observed(md5_cloud))
+    assert result.state.phase is Phase.DONE
+    assert result.columns["verification"] == Verification.NOT_CHECKED
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionFailed("reset"), CloudUnavailable("503"), QuotaExceeded("full")]
+)
+def test_retryable_errors_retry_the_same_command_with_backoff(error: MigrationError) -> None:
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    result = step(state, StageData(), Errored(error))
+    assert isinstance(result.command, StageData)
+    assert result.command.delay_s > 0
+    assert result.event == "image.retry_scheduled"
+    if isinstance(error, QuotaExceeded):
+        assert result.command.delay_s >= RetryPolicy().quota_delay_s
+
+
+def test_retries_are_bounded_then_the_image_fails_with_the_last_code() -> None:
+    policies = Policies(retry=RetryPolicy(max_attempts=3))
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    command: Command = StageData()
+    for _ in range(2):
+        result = decide(
+            state,
+            command,
+            Errored(CloudUnavailable("503")),
+            now=100.0,
+            jitter=0.1,
+            policies=policies,
+        )
+        assert result.command is not None
+        state, command = result.state, result.command
+    result = decide(
+        state, command, Errored(CloudUnavailable("503")), now=100.0, jitter=0.1, policies=policies
+    )
+    assert isinstance(result.command, DeleteImage)
+    assert result.columns["error_code"] == "cloud_unavailable"
+
+
+def test_permanent_error_before_any_image_exists_fails_without_cleanup() -> None:
+    started = begin(fresh())
+    result = step(started.state, CreateImage(), Errored(SourceError("gone")))
+    assert result.finished
+    assert result.state.phase is Phase.FAILED
+    assert "cleanup" not in result.columns
+
+
+def test_create_conflict_adopts_the_image_an_earlier_attempt_made() -> None:
+    started = begin(fresh())
+    adopted = step(started.state, CreateImage(), Errored(Conflict("exists")))
+    assert isinstance(adopted.command, InspectImage)
+    resumed = step(adopted.state, InspectImage(), Observed(facts("queued")))
+    assert isinstance(resumed.command, StageData)
+
+
+def test_stage_conflict_after_a_lost_response_goes_on_to_import() -> None:
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    looked = step(state, StageData(), Errored(Conflict("uploading to uploading")))
+    assert isinstance(looked.command, InspectImage)
+    result = step(looked.state, InspectImage(), Observed(facts("uploading", size=SIZE)))
+    assert isinstance(result.command, RequestImport)
+
+
+@pytest.mark.parametrize(
+    ("status", "size", "expected"),
+    [
+        ("queued", None, StageData),
+        ("uploading", SIZE, RequestImport),
+        ("uploading", SIZE // 2, DeleteImage),  # wrong size: make it again
+        ("importing", SIZE, PollImport),
+        ("active", SIZE, HashSource),  # our hash was lost with the crash: hash locally
+    ],
+)
+def test_resume_acts_on_the_real_status(status: str, size: int | None, expected: type) -> None:
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    started = begin(state)
+    assert isinstance(started.command, InspectImage)
+    result = step(started.state, InspectImage(), Observed(facts(status, size=size)))
+    assert isinstance(result.command, expected)
+
+
+def test_resume_of_an_active_image_verifies_after_hashing() -> None:
+    state = fresh(phase=Phase.IMPORTING, image_exists=True)
+    hashing = step(state, InspectImage(), Observed(ACTIVE))
+    assert isinstance(hashing.command, HashSource)
+    looked = step(hashing.state, HashSource(), Hashed(HASH))
+    assert isinstance(looked.command, InspectImage)
+    done = step(looked.state, InspectImage(), Observed(ACTIVE))
+    assert done.state.phase is Phase.DONE
+    assert done.columns["verification"] == Verification.VERIFIED
+
+
+def test_recreated_image_gets_a_new_deterministic_id() -> None:
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    deleting = step(state, InspectImage(), Observed(facts("uploading", size=1)))
+    assert isinstance(deleting.command, DeleteImage) and deleting.command.then_recreate
+    recreated = step(deleting.state, deleting.command, Deleted())
+    assert isinstance(recreated.command, CreateImage)
+    assert recreated.state.image_id == next_image_id(state.image_id) != state.image_id
+    assert recreated.columns["glance_image_id"] == recreated.state.image_id
+
+
+def test_restarts_are_bounded() -> None:
+    state = fresh(phase=Phase.STAGING, image_exists=True, source_hash=HASH)
+    for _ in range(3):
+        result = step(state, CheckStaged(), Observed(facts("queued")))
+        assert isinstance(result.command, StageData)
+        state = result.state
+    given_up = step(state, CheckStaged(), Observed(facts("queued")))
+    assert isinstance(given_up.command, DeleteImage)
+    assert given_up.columns["error_code"] == "import_failed"
+
+
+def test_image_missing_while_importing_is_gone_not_recreated() -> None:
+    result = step(importing_state(), PollImport(), Errored(NotFound("no image")))
+    assert result.finished
+    assert result.columns["error_code"] == "image_gone"
