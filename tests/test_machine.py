@@ -10,10 +10,10 @@ import pytest
 from worker.core.machine import (
     CheckStaged,
     Command,
-    CreateImage,
     Created,
-    DeleteImage,
+    CreateImage,
     Deleted,
+    DeleteImage,
     Errored,
     Hashed,
     HashSource,
@@ -167,7 +167,8 @@ def test_every_terminal_failure_signal_is_recognised(
     assert final.finished
     assert final.state.phase is Phase.FAILED
     assert final.columns["cleanup"] == "deleted"
-    assert final.error is not None and final.error.code == code
+    assert final.error is not None
+    assert final.error.code == code
 
 
 def test_a_failed_task_of_someone_else_is_not_ours() -> None:
@@ -219,7 +220,8 @@ def test_polling_backs_off_and_asks_for_tasks_when_the_lock_is_gone() -> None:
     assert delays == sorted(delays)
     assert delays[-1] <= PollPolicy().max_delay_s * 1.25
     unlocked = step(state, PollImport(), Observed(facts("importing", import_locked=False)))
-    assert isinstance(unlocked.command, PollImport) and unlocked.command.with_tasks
+    assert isinstance(unlocked.command, PollImport)
+    assert unlocked.command.with_tasks
 
 
 def test_stage_size_mismatch_fails_and_cleans_up() -> None:
@@ -235,7 +237,8 @@ def test_hash_mismatch_fails_unless_the_cloud_was_asked_to_rewrite() -> None:
     assert plain.columns["error_code"] == "checksum_mismatch"
     assert plain.columns["verification"] == Verification.MISMATCH
     rewritten = step(importing_state(asks_for_rewrite=True), PollImport(), Observed(other))
-    assert rewritten.finished and rewritten.state.phase is Phase.DONE
+    assert rewritten.finished
+    assert rewritten.state.phase is Phase.DONE
     assert rewritten.columns["verification"] == Verification.TRANSFORMED
 
 
@@ -337,7 +340,8 @@ def test_resume_of_an_active_image_verifies_after_hashing() -> None:
 def test_recreated_image_gets_a_new_deterministic_id() -> None:
     state = fresh(phase=Phase.STAGING, image_exists=True)
     deleting = step(state, InspectImage(), Observed(facts("uploading", size=1)))
-    assert isinstance(deleting.command, DeleteImage) and deleting.command.then_recreate
+    assert isinstance(deleting.command, DeleteImage)
+    assert deleting.command.then_recreate
     recreated = step(deleting.state, deleting.command, Deleted())
     assert isinstance(recreated.command, CreateImage)
     assert recreated.state.image_id == next_image_id(state.image_id) != state.image_id

@@ -44,7 +44,8 @@ def test_permanent_errors_are_never_retried(error: Exception) -> None:
 def test_retry_after_is_honoured() -> None:
     error = RateLimited("slow down", retry_after_s=42.0)
     decision = decide_retry(error, failures=1, elapsed_s=0, policy=RetryPolicy(), jitter=0.0)
-    assert decision.retry and decision.delay_s == 42.0
+    assert decision.retry
+    assert decision.delay_s == 42.0
 
 
 def test_quota_back_pressure_waits_at_least_the_quota_delay() -> None:
@@ -52,7 +53,8 @@ def test_quota_back_pressure_waits_at_least_the_quota_delay() -> None:
     decision = decide_retry(
         QuotaExceeded("full"), failures=1, elapsed_s=0, policy=policy, jitter=0.0
     )
-    assert decision.retry and decision.delay_s >= 25.0
+    assert decision.retry
+    assert decision.delay_s >= 25.0
 
 
 def test_attempts_and_time_budget_bound_retries() -> None:
