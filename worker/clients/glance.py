@@ -1,0 +1,483 @@
+"""Glance v2: one method per API call, typed results, the stage body streamed and hashed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import aiohttp
+from aiofiles.threadpool.binary import AsyncBufferedReader
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
+
+from worker.clients.http import (
+    REQUEST_ID_HEADER,
+    error_from_response,
+    header,
+    translate_transport_errors,
+)
+from worker.clients.keystone import Authenticator
+from worker.errors import (
+    CloudUnavailable,
+    MigrationError,
+    NotFound,
+    RequestTimeout,
+    SourceError,
+)
+
+JSON_PATCH = "application/openstack-images-v2.1-json-patch"
+_IMAGE_FIELDS = (
+    "id",
+    "name",
+    "status",
+    "size",
+    "virtual_size",
+    "checksum",
+    "os_hash_algo",
+    "os_hash_value",
+    "disk_format",
+    "container_format",
+)
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image as Glance shows it; every key we do not name is in `properties`."""
+
+    id: str
+    name: str | None
+    status: str
+    size: int | None
+    virtual_size: int | None
+    checksum: str | None
+    os_hash_algo: str | None
+    os_hash_value: str | None
+    disk_format: str | None
+    container_format: str | None
+    properties: Mapping[str, object] = field(default_factory=dict)
+    request_id: str | None = None
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any], request_id: str | None) -> Image:
+        known = {name: document.get(name) for name in _IMAGE_FIELDS}
+        others = {key: value for key, value in document.items() if key not in _IMAGE_FIELDS}
+        return cls(
+            id=str(known["id"]),
+            name=known["name"],
+            status=str(known["status"]),
+            size=known["size"],
+            virtual_size=known["virtual_size"],
+            checksum=known["checksum"],
+            os_hash_algo=known["os_hash_algo"],
+            os_hash_value=known["os_hash_value"],
+            disk_format=known["disk_format"],
+            container_format=known["container_format"],
+            properties=others,
+            request_id=request_id,
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """One import task of an image (GET /v2/images/{id}/tasks)."""
+
+    id: str
+    status: str
+    request_id: str | None
+    message: str | None
+    created_at: str | None
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Task:
+        # The code emits `request_id`, the API reference shows `request-id`: read both.
+        request_id = document.get("request_id") or document.get("request-id")
+        return cls(
+            id=str(document.get("id")),
+            status=str(document.get("status")),
+            request_id=request_id,
+            message=document.get("message"),
+            created_at=document.get("created_at"),
+        )
+
+
+@dataclass(frozen=True)
+class Store:
+    """A backend store; `default` is where an import lands when none is named."""
+
+    id: str
+    default: bool
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What was streamed: the byte count and our digests of exactly those bytes."""
+
+    size_bytes: int
+    digests: Mapping[str, str]
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One unified-limit quota; sizes are in MiB as Glance reports them."""
+
+    usage: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    @property
+    def request_id(self) -> str | None:
+        return header(self.headers, REQUEST_ID_HEADER)
+
+    def document(self, operation: str) -> dict[str, Any]:
+        try:
+            document = json.loads(self.body)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise CloudUnavailable(
+                "the answer is not a JSON object",
+                status=self.status,
+                request_id=self.request_id,
+                operation=operation,
+            )
+        return document
+
+
+class GlanceClient:
+    """The image API calls the migration makes, each renewing the token once on a 401."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        auth: Authenticator,
+        *,
+        chunk_bytes: int = 1 << 20,
+        request_timeout_s: float = 60.0,
+    ) -> None:
+        self._session = session
+        self._auth = auth
+        self._chunk_bytes = chunk_bytes
+        self._request_timeout_s = request_timeout_s
+        # No total: an upload of hundreds of GB takes as long as it takes, but must not stall.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=request_timeout_s, sock_read=request_timeout_s
+        )
+
+    async def create_image(self, body: Mapping[str, object]) -> Image:
+        answer = await self._call(
+            "POST", "/v2/images", operation="create_image", expected=(201,), json_body=body
+        )
+        return Image.from_json(answer.document("create_image"), answer.request_id)
+
+    async def stage(
+        self,
+        image_id: str,
+        path: Path,
+        *,
+        size_bytes: int,
+        hash_algorithms: Sequence[str] = ("sha512",),
+        progress: Callable[[int], None] | None = None,
+    ) -> StageResult:
+        """Stream the file as the image's data; on a 401 the whole stream restarts once."""
+        await _check_source(path, size_bytes)
+        bodies: list[_FileBody] = []
+
+        def new_body() -> _FileBody:
+            body = _FileBody(
+                path,
+                size_bytes=size_bytes,
+                chunk_bytes=self._chunk_bytes,
+                hash_algorithms=hash_algorithms,
+                progress=progress,
+                write_timeout_s=self._request_timeout_s,
+            )
+            bodies.append(body)
+            return body
+
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(size_bytes),
+            "x-openstack-image-size": str(size_bytes),
+        }
+        try:
+            answer = await self._call(
+                "PUT",
+                f"/v2/images/{image_id}/stage",
+                operation="stage",
+                expected=(204,),
+                headers=headers,
+                body_factory=new_body,
+            )
+        except MigrationError as exc:
+            if bodies and bodies[-1].failure is not None:
+                raise bodies[-1].failure from exc
+            raise
+        digests = await bodies[-1].digests()
+        return StageResult(size_bytes, digests, answer.request_id)
+
+    async def import_image(
+        self, image_id: str, *, request_id: str, method: str = "glance-direct"
+    ) -> str:
+        """Ask for the import under our request id; the id Glance echoes names its task."""
+        answer = await self._call(
+            "POST",
+            f"/v2/images/{image_id}/import",
+            operation="import_image",
+            expected=(202,),
+            json_body={"method": {"name": method}},
+            headers={"X-Openstack-Request-ID": request_id},
+        )
+        return answer.request_id or request_id
+
+    async def get_image(self, image_id: str) -> Image:
+        answer = await self._call("GET", f"/v2/images/{image_id}", operation="get_image")
+        return Image.from_json(answer.document("get_image"), answer.request_id)
+
+    async def list_images(self, **filters: str) -> AsyncIterator[Image]:
+        """Every image matching the filters, following `next` page after page."""
+        path: str | None = "/v2/images"
+        params: Mapping[str, str] | None = filters
+        while path:
+            answer = await self._call("GET", path, operation="list_images", params=params)
+            document = answer.document("list_images")
+            for item in document.get("images") or ():
+                yield Image.from_json(item, answer.request_id)
+            next_path = document.get("next")
+            path, params = (next_path if isinstance(next_path, str) else None), None
+
+    async def update_image(self, image_id: str, patch: Sequence[Mapping[str, object]]) -> Image:
+        answer = await self._call(
+            "PATCH",
+            f"/v2/images/{image_id}",
+            operation="update_image",
+            data=json.dumps(list(patch)).encode(),
+            headers={"Content-Type": JSON_PATCH},
+        )
+        return Image.from_json(answer.document("update_image"), answer.request_id)
+
+    async def delete_image(self, image_id: str) -> None:
+        await self._call(
+            "DELETE", f"/v2/images/{image_id}", operation="delete_image", expected=(204,)
+        )
+
+    async def image_tasks(self, image_id: str) -> list[Task]:
+        """The image's import tasks, oldest first (Glance returns them unordered)."""
+        answer = await self._call("GET", f"/v2/images/{image_id}/tasks", operation="image_tasks")
+        tasks = [Task.from_json(item) for item in answer.document("image_tasks").get("tasks") or ()]
+        return sorted(tasks, key=lambda task: task.created_at or "")
+
+    async def import_methods(self) -> list[str]:
+        answer = await self._call("GET", "/v2/info/import", operation="import_methods")
+        methods = answer.document("import_methods").get("import-methods") or {}
+        return [str(name) for name in methods.get("value") or ()]
+
+    async def stores(self) -> list[Store]:
+        """The stores; an empty list means a single-store cloud."""
+        for path in ("/v2/info/stores", "/v2/stores/available"):
+            try:
+                answer = await self._call("GET", path, operation="stores")
+            except NotFound:
+                continue
+            return [
+                Store(id=str(item.get("id")), default=_truthy(item.get("default")))
+                for item in answer.document("stores").get("stores") or ()
+            ]
+        return []
+
+    async def usage(self) -> dict[str, Quota]:
+        """Unified-limit quotas by name; empty when quotas are off (or too old a Glance)."""
+        try:
+            answer = await self._call("GET", "/v2/info/usage", operation="usage")
+        except NotFound:
+            return {}
+        usage = answer.document("usage").get("usage") or {}
+        return {
+            name: Quota(usage=int(entry.get("usage") or 0), limit=int(entry.get("limit") or 0))
+            for name, entry in usage.items()
+            if isinstance(entry, dict)
+        }
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        operation: str,
+        expected: tuple[int, ...] = (200,),
+        json_body: object = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        body_factory: Callable[[], Payload] | None = None,
+    ) -> _Answer:
+        """One request; a 401 renews the token and repeats it once, a second 401 is AuthExpired."""
+        for attempt in (1, 2):
+            token = await self._auth.token()
+            url = f"{await self._auth.image_endpoint()}{path}"
+            all_headers = {"Accept": "application/json", "X-Auth-Token": token, **(headers or {})}
+            body = body_factory() if body_factory is not None else data
+            async with (
+                translate_transport_errors(operation),
+                self._session.request(
+                    method,
+                    url,
+                    headers=all_headers,
+                    params=params,
+                    json=json_body,
+                    data=body,
+                    timeout=self._timeout,
+                ) as response,
+            ):
+                answer = _Answer(response.status, await response.read(), dict(response.headers))
+            if answer.status == 401 and attempt == 1:
+                await self._auth.renew(token)
+                continue
+            if answer.status not in expected:
+                raise error_from_response(
+                    answer.status, answer.body, answer.headers, operation=operation
+                )
+            return answer
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+async def _check_source(path: Path, size_bytes: int) -> None:
+    try:
+        stat = await aiofiles.os.stat(path)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}", operation="stage") from exc
+    if stat.st_size != size_bytes:
+        raise SourceError(
+            f"source changed: {path} has {stat.st_size} bytes, expected {size_bytes}",
+            operation="stage",
+        )
+
+
+def _truthy(value: object) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
+def _update(hashers: Sequence[Any], chunk: bytes) -> None:
+    for hasher in hashers:
+        hasher.update(chunk)
+
+
+class _FileBody(Payload):
+    """A file streamed chunk by chunk with a declared size, hashed as it goes; single-use."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        size_bytes: int,
+        chunk_bytes: int,
+        hash_algorithms: Sequence[str],
+        progress: Callable[[int], None] | None,
+        write_timeout_s: float,
+    ) -> None:
+        super().__init__(path, content_type="application/octet-stream")
+        # A known size makes aiohttp send Content-Length instead of chunked encoding.
+        self._size = size_bytes
+        self._path = path
+        self._chunk_bytes = chunk_bytes
+        self._hashers = {name: hashlib.new(name) for name in hash_algorithms}
+        self._progress = progress
+        self._write_timeout_s = write_timeout_s
+        self._last_hash: asyncio.Future[None] | None = None
+        self.sent_bytes = 0
+        self.failure: MigrationError | None = None
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a streamed file body cannot be decoded")
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        self._consumed = True
+        try:
+            await self._stream(writer)
+        except MigrationError as exc:
+            # aiohttp wraps whatever a body raises; keep ours so stage() can raise it as is.
+            self.failure = exc
+            raise
+
+    async def digests(self) -> dict[str, str]:
+        """The hex digests, once the last chunk's hashing (maybe still in a thread) is done."""
+        if self._last_hash is not None:
+            await self._last_hash
+        return {name: hasher.hexdigest() for name, hasher in self._hashers.items()}
+
+    async def _stream(self, writer: AbstractStreamWriter) -> None:
+        remaining = self._size or 0
+        try:
+            source = await aiofiles.open(self._path, "rb")
+        except OSError as exc:
+            raise self._unreadable(exc) from exc
+        try:
+            while remaining > 0:
+                chunk = await self._read(source, min(self._chunk_bytes, remaining))
+                if not chunk:
+                    raise self._changed(f"it ended after {self._size_done(remaining)} bytes")
+                remaining -= len(chunk)
+                # Checked before the last chunk leaves, so a grown file is never staged.
+                if remaining == 0 and await self._read(source, 1):
+                    raise self._changed("it grew past the declared size")
+                await self._send(writer, chunk)
+        finally:
+            await source.close()
+
+    async def _read(self, source: AsyncBufferedReader, size_bytes: int) -> bytes:
+        # Only file errors are the source's fault; socket errors stay transport errors.
+        try:
+            return await source.read(size_bytes)
+        except OSError as exc:
+            raise self._unreadable(exc) from exc
+
+    async def _send(self, writer: AbstractStreamWriter, chunk: bytes) -> None:
+        # Hash chunk n in a thread while it is being sent: hashlib releases the GIL.
+        hashing = asyncio.ensure_future(
+            asyncio.to_thread(_update, tuple(self._hashers.values()), chunk)
+        )
+        self._last_hash = hashing
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await writer.write(chunk)
+        except TimeoutError as exc:
+            raise RequestTimeout(
+                f"the cloud stopped reading the upload for {self._write_timeout_s:g} s",
+                operation="stage",
+            ) from exc
+        # Shielded: when the answer arrives aiohttp cancels this writer, and the hash must finish.
+        await asyncio.shield(hashing)
+        self.sent_bytes += len(chunk)
+        if self._progress is not None:
+            self._progress(self.sent_bytes)
+
+    def _size_done(self, remaining: int) -> int:
+        return (self._size or 0) - remaining
+
+    def _unreadable(self, exc: OSError) -> SourceError:
+        return SourceError(f"cannot read {self._path}: {exc}", operation="stage")
+
+    def _changed(self, how: str) -> SourceError:
+        return SourceError(
+            f"source changed while reading: {self._path} was declared as {self._size} bytes "
+            f"but {how}",
+            operation="stage",
+        )
