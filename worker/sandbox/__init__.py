@@ -1,4 +1,4 @@
-"""A faithful Keystone v3 + Glance v2 on aiohttp.web with fault injection, for tests and the demo."""
+"""A faithful Keystone v3 + Glance v2 on aiohttp.web, with fault injection, for tests and demos."""
 
 from worker.sandbox.config import Fault, SandboxConfig
 from worker.sandbox.server import RequestRecord, Sandbox, serve_forever

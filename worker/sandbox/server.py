@@ -1,72 +1,218 @@
-"""The sandbox cloud's lifecycle: one aiohttp server with Keystone under /identity, Glance under /image."""
+"""The sandbox cloud's lifecycle: one aiohttp server, Keystone at /identity, Glance at /image."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import structlog
 from aiohttp import web
 
+from worker.sandbox import glance, glance_data, glance_images, keystone
 from worker.sandbox.config import Fault, SandboxConfig
+from worker.sandbox.context import (
+    BACKGROUND_KEY,
+    ENDPOINTS_KEY,
+    NO_ANSWER,
+    REQUEST_ID,
+    STATE_KEY,
+    Background,
+    Endpoints,
+)
+from worker.sandbox.errors import glance_error, keystone_error
+from worker.sandbox.faults import FaultBook, fault_middleware
+from worker.sandbox.state import CloudState
+
+log = structlog.get_logger(__name__)
+
+MAX_REQUEST_ID_CHARS = 64
+REQUEST_ID_HEADER = "x-openstack-request-id"
 
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One request the sandbox answered (or dropped), for counting calls in tests."""
+    """One request the sandbox saw; `status` is 0 when the connection closed without an answer."""
 
     method: str
     path: str
     status: int
 
 
+def _request_id(request: web.Request) -> str:
+    sent = request.headers.get(REQUEST_ID_HEADER)
+    if sent is None:
+        return f"req-{uuid.uuid4()}"
+    return sent if sent.startswith("req-") else f"req-{sent}"
+
+
+def frame_middleware(records: list[RequestRecord]) -> Any:
+    """Outermost layer: request ids (431 when too long) and the record of every request."""
+
+    @web.middleware
+    async def frame(request: web.Request, handler: Any) -> web.StreamResponse:
+        sent = request.headers.get(REQUEST_ID_HEADER, "")
+        request[REQUEST_ID] = _request_id(request)
+        response: web.StreamResponse
+        if len(sent) > MAX_REQUEST_ID_CHARS:
+            message = f"Request ID is longer than {MAX_REQUEST_ID_CHARS} characters"
+            if request.path.startswith("/identity"):
+                response = keystone_error(431, message)
+            else:
+                response = glance_error(request, 431, message)
+            request[REQUEST_ID] = f"req-{uuid.uuid4()}"
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = _http_exception(request, exc)
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+        status = 0 if request.get(NO_ANSWER) else response.status
+        records.append(RequestRecord(request.method, request.path, status))
+        return response
+
+    return frame
+
+
+def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own 404/405 for unknown paths, reworded in the service's error style."""
+    if request.path.startswith("/identity"):
+        return keystone_error(exc.status, exc.reason)
+    return glance_error(request, exc.status, exc.reason)
+
+
 class Sandbox:
     """A Keystone v3 + Glance v2 cloud served over real HTTP on one port."""
 
     username = "admin"
-    password = "secret"  # noqa: S105 - the sandbox's fixed, public demo credential
+    password = "secret"
     project_name = "admin"
     domain_name = "Default"
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
         self.requests: list[RequestRecord] = []
-        self.issued_tokens = 0
-        self.user_id = ""
-        self.project_id = ""
-        self.app_cred_id = ""
-        self.app_cred_secret = ""
-        self.base_url = ""
-        self._faults: list[Fault] = []
+        self._faults = FaultBook()
+        self._endpoints = Endpoints()
+        self._background = Background()
+        self._state: CloudState | None = None
+
+    @property
+    def state(self) -> CloudState:
+        if self._state is None:
+            raise RuntimeError("the sandbox is not serving")
+        return self._state
+
+    @property
+    def base_url(self) -> str:
+        return self._endpoints.base_url
 
     @property
     def auth_url(self) -> str:
-        return f"{self.base_url}/identity/v3"
+        return self._endpoints.auth_url
 
     @property
     def image_url(self) -> str:
-        return f"{self.base_url}/image"
+        return self._endpoints.image_url
+
+    @property
+    def user_id(self) -> str:
+        return self.state.user.id
+
+    @property
+    def project_id(self) -> str:
+        return self.state.project.id
+
+    @property
+    def app_cred_id(self) -> str:
+        return self.state.app_cred.id
+
+    @property
+    def app_cred_name(self) -> str:
+        return self.state.app_cred.name
+
+    @property
+    def app_cred_secret(self) -> str:
+        return self.state.app_cred.secret
+
+    @property
+    def issued_tokens(self) -> int:
+        return self.state.issued_count
 
     def images(self) -> list[dict[str, Any]]:
-        return []
+        """Current images as GET /v2/images/{id} would show them."""
+        return [image.to_json() for image in self.state.images.values()]
+
+    def image(self, image_id: str) -> dict[str, Any] | None:
+        found = self.state.images.get(image_id)
+        return found.to_json() if found else None
+
+    def tasks(self, image_id: str) -> list[dict[str, Any]]:
+        return [task.to_json() for task in self.state.tasks_of(image_id)]
+
+    def has_staged_data(self, image_id: str) -> bool:
+        return self.state.staged_path(image_id).exists()
 
     def inject(self, fault: Fault) -> None:
-        self._faults.append(fault)
+        self._faults.add(fault)
+
+    def count(self, method: str, path_regex: str) -> int:
+        """How many requests matched `method` and `path_regex` (full path, e.g. /image/v2/...)."""
+        return sum(
+            1
+            for record in self.requests
+            if record.method == method.upper() and re.fullmatch(path_regex, record.path)
+        )
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[
+                frame_middleware(self.requests),
+                fault_middleware(self._faults),
+                glance.auth_middleware(),
+            ],
+            client_max_size=1024**2,
+        )
+        app[STATE_KEY] = self.state
+        app[ENDPOINTS_KEY] = self._endpoints
+        app[BACKGROUND_KEY] = self._background
+        for module in (keystone, glance, glance_images, glance_data):
+            module.add_routes(app.router)
+        return app
 
     @asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Sandbox]:
-        runner = web.AppRunner(web.Application())
+        """Serve until the block exits; then cancel imports and remove a temporary data dir."""
+        temporary = self.config.data_dir is None
+        data_dir = Path(self.config.data_dir or tempfile.mkdtemp(prefix="sandbox-cloud-"))
+        self._state = CloudState(self.config, data_dir)
+        runner = web.AppRunner(self._build_app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0]
-        self.base_url = f"http://{host}:{bound[1]}"
         try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            bound_port = runner.addresses[0][1]
+            self._endpoints.base_url = f"http://{host}:{bound_port}"
+            log.info("sandbox.started", auth_url=self.auth_url, image_url=self.image_url)
             yield self
         finally:
+            await self._stop_background()
             await runner.cleanup()
+            if temporary:
+                shutil.rmtree(data_dir, ignore_errors=True)
+
+    async def _stop_background(self) -> None:
+        tasks = list(self._background.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve_forever(host: str, port: int, config: SandboxConfig) -> None:

@@ -1,0 +1,194 @@
+"""The asynchronous glance-direct import flow, ending as real Glance (or the vendor) ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from worker.sandbox.inspect import inspect_file
+from worker.sandbox.state import MIB, CloudState, Image, Task, utcnow
+
+log = structlog.get_logger(__name__)
+
+INTERNAL_ERROR = "Task failed due to Internal Error"
+LOCK = "os_glance_import_task"
+TO_STORES = "os_glance_importing_to_stores"
+FAILED_STORES = "os_glance_failed_import"
+VENDOR_REASON = "os_glance_es_failed_reason"
+COPY_CHUNK_BYTES = 1024 * 1024
+# What "driver injection" adds to the stored disk: deterministic, so repeated runs hash alike.
+INJECTED_BLOCK = b"sandbox virtio drivers injected".ljust(512, b"\x00")
+
+
+@dataclass(frozen=True)
+class Stored:
+    size_bytes: int
+    md5: str
+    sha512: str
+
+
+def default_store(state: CloudState) -> str:
+    stores = state.config.stores
+    chosen = next((store for store in stores if store.get("default")), stores[0])
+    return str(chosen["id"])
+
+
+def wants_virtio(image: Image) -> bool:
+    return image.properties.get("es_virtio_enabled", "").lower() in ("yes", "true", "1")
+
+
+def _name_in(image: Image, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(image.name or "", pattern) for pattern in patterns)
+
+
+def copy_to_store(staged: Path, stored: Path, inject: bool) -> Stored:
+    """Copy staged bytes to the store, hashing on the way (blocking: call it in a thread)."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha512 = hashlib.sha512()
+    size = 0
+    with staged.open("rb") as source, stored.open("wb") as target:
+        while chunk := source.read(COPY_CHUNK_BYTES):
+            target.write(chunk)
+            md5.update(chunk)
+            sha512.update(chunk)
+            size += len(chunk)
+        if inject:
+            target.write(INJECTED_BLOCK)
+            md5.update(INJECTED_BLOCK)
+            sha512.update(INJECTED_BLOCK)
+            size += len(INJECTED_BLOCK)
+    return Stored(size, md5.hexdigest(), sha512.hexdigest())
+
+
+class ImportFlow:
+    """One import task's life, from `pending` to `success` or `failure`."""
+
+    def __init__(self, state: CloudState, image_id: str, task: Task) -> None:
+        self.state = state
+        self.image_id = image_id
+        self.task = task
+        self.store = default_store(state)
+
+    def _image(self) -> Image | None:
+        """The image, if it still exists and this task still holds its import lock."""
+        image = self.state.images.get(self.image_id)
+        if image is None or image.properties.get(LOCK) != self.task.id:
+            return None
+        return image
+
+    async def run(self) -> None:
+        latency_s = self.state.config.import_latency_s
+        # Like Glance's task pool, the flow starts a moment after the 202: the image is
+        # still `uploading` (and locked) in that window.
+        await asyncio.sleep(latency_s / 2)
+        image = self._image()
+        if image is None:
+            self._fail_task(INTERNAL_ERROR)
+            return
+        self._start(image)
+        quota_message = self._quota_problem(image)
+        if quota_message:
+            self._end_queued(image, quota_message, delete_staged=False)
+            return
+        await asyncio.sleep(latency_s)
+        image = self._image()
+        if image is None:
+            self._fail_task(INTERNAL_ERROR)
+            return
+        await self._finish(image)
+
+    def _start(self, image: Image) -> None:
+        self.task.status = "processing"
+        self.task.updated_at = utcnow()
+        image.set_status("importing")
+        image.properties[TO_STORES] = self.store
+        image.properties[FAILED_STORES] = ""
+
+    def _quota_problem(self, image: Image) -> str:
+        staged_mib = (image.size or 0) // MIB
+        over = self.state.over_quota("image_size_total", staged_mib)
+        if over is None:
+            return ""
+        limit, usage = over
+        return (
+            f"Project {image.owner} is over a limit for [Resource image_size_total is over"
+            f" limit of {limit} due to current usage {usage} and delta {staged_mib}]"
+        )
+
+    async def _finish(self, image: Image) -> None:
+        config = self.state.config
+        if _name_in(image, config.revert_names):
+            self._end_queued(image, INTERNAL_ERROR, delete_staged=True)
+        elif wants_virtio(image) and _name_in(image, config.virtio_fail_names):
+            self._end_vendor_failure(image)
+        elif _name_in(image, config.import_fail_names):
+            self._end_upstream_failure(image, "import_fail_names")
+        else:
+            await self._inspect_and_store(image)
+
+    async def _inspect_and_store(self, image: Image) -> None:
+        staged = self.state.staged_path(image.id)
+        verdict = await asyncio.to_thread(inspect_file, staged, image.disk_format)
+        if not verdict.accepted:
+            self._end_upstream_failure(image, verdict.reason)
+            return
+        inject = self.state.config.rewrite_virtio and wants_virtio(image)
+        stored_path = self.state.stored_path(image.id)
+        stored = await asyncio.to_thread(copy_to_store, staged, stored_path, inject)
+        current = self._image()
+        if current is None:
+            stored_path.unlink(missing_ok=True)
+            self._fail_task(INTERNAL_ERROR)
+            return
+        self._end_active(current, stored, verdict.virtual_size)
+
+    def _end_active(self, image: Image, stored: Stored, virtual_size: int | None) -> None:
+        staged_mib = (image.size or 0) // MIB
+        image.size = stored.size_bytes
+        image.virtual_size = virtual_size
+        image.checksum = stored.md5
+        image.os_hash_algo = "sha512"
+        image.os_hash_value = stored.sha512
+        image.stores = self.store
+        image.properties[TO_STORES] = ""
+        image.properties.pop(LOCK, None)
+        image.set_status("active")
+        self.state.staged_path(image.id).unlink(missing_ok=True)
+        self.task.finish("success", f"Copied {staged_mib} MiB", {"image_id": image.id})
+        log.info("sandbox.import_succeeded", image_id=image.id)
+
+    def _end_upstream_failure(self, image: Image, reason: str) -> None:
+        """No reverting plugin: the image stays `importing`, the staged file stays."""
+        image.properties[TO_STORES] = ""
+        image.properties[FAILED_STORES] = self.store
+        image.properties.pop(LOCK, None)
+        image.touch()
+        self._fail_task(INTERNAL_ERROR)
+        log.info("sandbox.import_failed", image_id=image.id, reason=reason, status=image.status)
+
+    def _end_vendor_failure(self, image: Image) -> None:
+        """The vendor's signal: still `importing`, with os_glance_es_failed_reason set."""
+        image.properties[VENDOR_REASON] = "virtio error"
+        image.properties.pop(LOCK, None)
+        image.touch()
+        self._fail_task(INTERNAL_ERROR)
+        log.info("sandbox.import_failed", image_id=image.id, reason="virtio error")
+
+    def _end_queued(self, image: Image, message: str, *, delete_staged: bool) -> None:
+        """A reverting plugin or the in-flow quota check: back to `queued`, sizes wiped."""
+        image.properties[TO_STORES] = ""
+        if delete_staged:
+            image.properties[FAILED_STORES] = self.store
+            self.state.staged_path(image.id).unlink(missing_ok=True)
+        image.properties.pop(LOCK, None)
+        image.set_status("queued")
+        self._fail_task(message)
+        log.info("sandbox.import_reverted", image_id=image.id)
+
+    def _fail_task(self, message: str) -> None:
+        self.task.finish("failure", message)
