@@ -12,10 +12,10 @@ from aiohttp import web
 from worker.sandbox.state import CloudState, Token
 
 # Per-request keys set by the middlewares.
-REQUEST_ID = "sandbox.request_id"
-TOKEN = "sandbox.token"
-RESET_AFTER_BYTES = "sandbox.reset_after_bytes"
-NO_ANSWER = "sandbox.no_answer"
+REQUEST_ID = web.RequestKey("request_id", str)
+TOKEN = web.RequestKey("token", Token)
+RESET_AFTER_BYTES = web.RequestKey("reset_after_bytes", int)
+NO_ANSWER = web.RequestKey("no_answer", bool)
 
 
 @dataclass
@@ -60,10 +60,8 @@ def endpoints_of(request: web.Request) -> Endpoints:
 
 def token_of(request: web.Request) -> Token:
     """The caller's validated token (the auth middleware guarantees one on Glance routes)."""
-    token: Token = request[TOKEN]
-    return token
+    return request[TOKEN]
 
 
 def request_id_of(request: web.Request) -> str:
-    request_id: str = request[REQUEST_ID]
-    return request_id
+    return request[REQUEST_ID]
