@@ -643,6 +643,15 @@ async def test_connection_reset_mid_stage_leaves_queued(cloud: Cloud) -> None:
     assert (await cloud.stage(image["id"]))[0] == 204
 
 
+async def test_connection_reset_while_sending_json_creates_nothing(cloud: Cloud) -> None:
+    cloud.sb.inject(Fault("POST", r"/v2/images", reset_after_bytes=10))
+    with pytest.raises(aiohttp.ClientError):
+        await cloud.create()
+    assert cloud.sb.images() == []
+    assert cloud.sb.requests[-1].status == 0
+    await cloud.create()
+
+
 async def test_lost_stage_response_leaves_uploading(cloud: Cloud) -> None:
     image = await cloud.create()
     cloud.sb.inject(Fault("PUT", r"/v2/images/[^/]+/stage", drop_response=True))

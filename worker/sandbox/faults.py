@@ -85,7 +85,12 @@ def fault_middleware(book: FaultBook) -> Any:
             if not request.body_exists:
                 drop_connection(request)
                 return web.Response(status=499)
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except ConnectionResetError:
+            if RESET_AFTER_BYTES not in request:
+                raise
+            return web.Response(status=499)  # never sent: the connection is already gone
         if fault.drop_response or RESET_AFTER_BYTES in request:
             # A reset rule whose byte count was never reached still resets before the answer.
             drop_connection(request)
