@@ -105,7 +105,7 @@ def _append_grains_and_tables(
         table = [0] * GTES_PER_GT
         for index in indices:
             table[index % GTES_PER_GT] = len(stream) // SECTOR_BYTES
-            compressed = zlib.compress(grains[index])
+            compressed = zlib.compress(grains[index], 1)  # fastest level: samples are mostly noise
             marker = struct.pack("<QI", index * GRAIN_SECTORS, len(compressed))
             _append(stream, marker + compressed)
         _append(stream, _marker(GT_SECTORS, MARKER_GT))
