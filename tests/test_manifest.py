@@ -369,3 +369,11 @@ def test_unparseable_files_name_line_and_column(
 def test_a_missing_manifest_is_an_invalid_manifest(tmp_path: Path) -> None:
     found = problems_of(tmp_path / "nope.yaml")
     assert found == {"<file>": f"cannot read: {os.strerror(2)}"}
+
+
+def test_parse_manifest_auto_reads_json_and_refuses_unknown_formats(tmp_path: Path) -> None:
+    make_files(tmp_path, "a.vmdk")
+    loaded = parse_manifest(json.dumps(minimal(name="n")), base_dir=tmp_path, fmt="auto")
+    assert loaded.job.disks[0].name == "n"
+    with pytest.raises(ValueError, match="unknown manifest format"):
+        parse_manifest("job: j1", base_dir=tmp_path, fmt="toml")

@@ -86,6 +86,8 @@ def load_manifest(path: Path) -> LoadedManifest:
 
 def parse_manifest(text: str, *, base_dir: Path, fmt: str) -> LoadedManifest:
     """Parse and validate manifest text (fmt: yaml, json or auto); sources are under base_dir."""
+    if fmt not in ("yaml", "json", "auto"):
+        raise ValueError(f"unknown manifest format {fmt!r}: use yaml, json or auto")
     return _load(text, text.encode("utf-8"), base_dir=base_dir, fmt=fmt, source="<text>")
 
 
