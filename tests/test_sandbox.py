@@ -206,6 +206,26 @@ async def test_application_credential_token(
         assert resp.status == 401
 
 
+async def test_password_by_ids_and_unscoped_tokens(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    user = {"id": sandbox.user_id, "password": sandbox.password}
+    identity = {"methods": ["password"], "password": {"user": user}}
+    scoped = {"auth": {"identity": identity, "scope": {"project": {"id": sandbox.project_id}}}}
+    async with http.post(f"{sandbox.auth_url}/auth/tokens", json=scoped) as resp:
+        assert resp.status == 201
+    async with http.post(
+        f"{sandbox.auth_url}/auth/tokens", json={"auth": {"identity": identity}}
+    ) as resp:
+        assert resp.status == 201
+        assert "catalog" not in (await resp.json())["token"]
+        unscoped = resp.headers["X-Subject-Token"]
+    async with http.get(
+        f"{sandbox.image_url}/v2/images", headers={"X-Auth-Token": unscoped}
+    ) as resp:
+        assert resp.status == 403
+
+
 @pytest.mark.parametrize("accept", ["application/json", "*/*"])
 async def test_glance_without_valid_token_is_401_with_keystone_uri(
     sandbox: Sandbox, http: aiohttp.ClientSession, accept: str
@@ -373,6 +393,7 @@ async def test_second_import_while_the_first_holds_the_lock_is_409(cloud: Cloud)
 
 async def test_stage_errors(cloud: Cloud) -> None:
     image = await cloud.create()
+    assert await cloud.call("GET", f"/v2/images/{image['id']}/file") == (204, b"")
     status, body = await cloud.stage(image["id"], **{"Content-Type": "application/json"})
     assert status == 415
     assert "Invalid content type application/json" in body["message"]
