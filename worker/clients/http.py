@@ -226,12 +226,10 @@ def request_timeout(settings: CloudSettings) -> aiohttp.ClientTimeout:
     )
 
 
-def new_session(settings: CloudSettings, *, concurrency: int = 8) -> aiohttp.ClientSession:
-    """One shared session: keep-alive connections, enough for every upload plus its polling."""
+def new_session(settings: CloudSettings, *, connections: int = 16) -> aiohttp.ClientSession:
+    """One shared session of keep-alive connections; size `connections` for uploads plus polls."""
     connector = aiohttp.TCPConnector(
-        ssl=make_ssl_context(settings),
-        limit=max(1, concurrency) * 2 + 4,
-        keepalive_timeout=60.0,
+        ssl=make_ssl_context(settings), limit=max(1, connections), keepalive_timeout=60.0
     )
     return aiohttp.ClientSession(
         connector=connector,
