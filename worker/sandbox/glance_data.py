@@ -82,6 +82,8 @@ async def stage(request: web.Request) -> web.Response:
         message = f"Image status transition from {image.status} to uploading is not allowed"
         return glance_error(request, 409, message)
     image.set_status("uploading")
+    state.stages_in_flight += 1
+    state.peak_stages_in_flight = max(state.peak_stages_in_flight, state.stages_in_flight)
     try:
         image.size = await _stage_bytes(request, state, image, declared)
     except StageRefused as exc:
@@ -91,6 +93,8 @@ async def stage(request: web.Request) -> web.Response:
         log.info("sandbox.stage_aborted", image_id=image.id, error=type(exc).__name__)
         drop_connection(request)
         return web.Response(status=499)
+    finally:
+        state.stages_in_flight -= 1
     image.touch()
     return web.Response(status=204)
 

@@ -146,6 +146,15 @@ class Sandbox:
     def issued_tokens(self) -> int:
         return self.state.issued_count
 
+    @property
+    def peak_concurrent_stages(self) -> int:
+        """The most stage bodies this cloud was receiving at one moment."""
+        return self.state.peak_stages_in_flight
+
+    def token_values(self) -> list[str]:
+        """Every token issued so far (tests check none leaked into logs or tables)."""
+        return list(self.state.tokens)
+
     def images(self) -> list[dict[str, Any]]:
         """Current images as GET /v2/images/{id} would show them."""
         return [image.to_json() for image in self.state.images.values()]

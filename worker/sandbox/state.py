@@ -215,6 +215,8 @@ class CloudState:
         self.images: dict[str, Image] = {}
         self.tasks: dict[str, Task] = {}
         self.issued_count = 0
+        self.stages_in_flight = 0  # request bodies being received right now
+        self.peak_stages_in_flight = 0
 
     def issue_token(
         self,
