@@ -227,6 +227,9 @@ class GlanceClient:
                 raise bodies[-1].failure from exc
             raise
         digests = await bodies[-1].digests()
+        if progress is not None and bodies[-1].sent_bytes < size_bytes:
+            # The answer can cancel the body writer before it reports the last chunk.
+            progress(size_bytes)
         return StageResult(size_bytes, digests, answer.request_id)
 
     async def import_image(
