@@ -1,0 +1,198 @@
+"""The migrations build exactly the schema the dashboards read, once, even when raced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import fields
+
+import asyncpg
+import pytest
+
+from tests.fixtures.db import create_database, drop_database, dsn_with_database, unique_name
+from worker.store import ResultRow, Store
+from worker.store.sql import QUERIES, load_migrations, parse_queries
+
+EXPECTED_COLUMNS = {
+    "schema_migrations": ["version", "name", "applied_at"],
+    "jobs": [
+        "id",
+        "name",
+        "submitted_at",
+        "submitted_by",
+        "manifest",
+        "manifest_sha256",
+        "disk_count",
+        "total_bytes",
+        "on_failure",
+        "not_before",
+        "cancelled_at",
+    ],
+    "results": [
+        "id",
+        "job_id",
+        "disk_index",
+        "image_name",
+        "source_path",
+        "source_size_bytes",
+        "spec",
+        "phase",
+        "glance_image_id",
+        "attempts",
+        "bytes_staged",
+        "submitted_at",
+        "claimed_at",
+        "image_created_at",
+        "staged_at",
+        "import_requested_at",
+        "finished_at",
+        "updated_at",
+        "glance_status",
+        "glance_size",
+        "glance_virtual_size",
+        "glance_checksum",
+        "glance_os_hash_algo",
+        "glance_os_hash_value",
+        "source_hash_algo",
+        "source_hash_value",
+        "verification",
+        "error_code",
+        "error_message",
+        "worker_id",
+        "lease_expires_at",
+        "next_attempt_at",
+        "import_request_id",
+        "request_ids",
+        "cleanup",
+    ],
+    "events": [
+        "id",
+        "job_id",
+        "result_id",
+        "at",
+        "event",
+        "phase_from",
+        "phase_to",
+        "worker_id",
+        "error_code",
+        "message",
+        "detail",
+    ],
+}
+
+
+@pytest.fixture
+async def empty_database_url(pg_server_dsn: str) -> AsyncIterator[str]:
+    """A database with no schema at all."""
+    name = unique_name("vmdk_empty")
+    await create_database(pg_server_dsn, name)
+    yield dsn_with_database(pg_server_dsn, name)
+    await drop_database(pg_server_dsn, name)
+
+
+async def _columns(dsn: str) -> dict[str, list[str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        records = await conn.fetch(
+            """SELECT table_name, column_name FROM information_schema.columns
+               WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"""
+        )
+    finally:
+        await conn.close()
+    tables: dict[str, list[str]] = {}
+    for record in records:
+        tables.setdefault(record["table_name"], []).append(record["column_name"])
+    return tables
+
+
+async def test_migrations_create_exactly_the_expected_tables_and_columns(
+    database_url: str,
+) -> None:
+    assert await _columns(database_url) == EXPECTED_COLUMNS
+
+
+async def test_result_row_has_one_attribute_per_results_column() -> None:
+    assert [f.name for f in fields(ResultRow)] == EXPECTED_COLUMNS["results"]
+
+
+async def test_every_table_and_column_is_commented(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        uncommented = await conn.fetch(
+            """SELECT c.relname, a.attname
+               FROM pg_class AS c JOIN pg_attribute AS a ON a.attrelid = c.oid
+               WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'
+                 AND a.attnum > 0 AND NOT a.attisdropped
+                 AND col_description(c.oid, a.attnum) IS NULL"""
+        )
+        tables_without = await conn.fetch(
+            """SELECT relname FROM pg_class
+               WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
+                 AND obj_description(oid, 'pg_class') IS NULL"""
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in uncommented] == []
+    assert [r["relname"] for r in tables_without] == []
+
+
+async def test_upgrade_on_a_migrated_database_applies_nothing(store: Store) -> None:
+    assert await store.upgrade() == []
+    assert await store.upgrade() == []
+
+
+async def test_upgrade_applies_every_migration_once_and_records_it(
+    empty_database_url: str,
+) -> None:
+    store = await Store.connect(empty_database_url)
+    try:
+        first = await store.upgrade()
+        second = await store.upgrade()
+    finally:
+        await store.close()
+    assert first == [m.version for m in load_migrations()]
+    assert second == []
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        recorded = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY 1")
+    finally:
+        await conn.close()
+    assert [(r["version"], r["name"]) for r in recorded] == [
+        (m.version, m.name) for m in load_migrations()
+    ]
+
+
+async def test_concurrent_upgrades_from_two_pools_apply_each_migration_once(
+    empty_database_url: str,
+) -> None:
+    stores = [await Store.connect(empty_database_url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(s.upgrade() for s in stores))
+    finally:
+        for s in stores:
+            await s.close()
+    all_versions = [m.version for m in load_migrations()]
+    assert sorted(results) == [[], [], all_versions]
+    assert await _columns(empty_database_url) == EXPECTED_COLUMNS
+
+
+def test_every_named_query_belongs_to_a_store_method_of_the_same_name() -> None:
+    helpers = {name for name in QUERIES if name.startswith("upgrade_")}
+    assert {name for name in QUERIES if name not in helpers} <= set(dir(Store))
+    assert helpers <= {
+        "upgrade_lock",
+        "upgrade_schema_exists",
+        "upgrade_applied_versions",
+        "upgrade_record_version",
+    }
+
+
+def test_query_file_parsing_rejects_duplicate_and_empty_blocks() -> None:
+    assert parse_queries("-- header\n-- name: a\nSELECT 1;\n-- name: b\n-- doc\nSELECT 2;\n") == {
+        "a": "SELECT 1;",
+        "b": "-- doc\nSELECT 2;",
+    }
+    with pytest.raises(ValueError, match="twice"):
+        parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
+    with pytest.raises(ValueError, match="empty"):
+        parse_queries("-- name: a\n\n-- name: b\nSELECT 2;\n")

@@ -1,0 +1,450 @@
+"""The Store against a real PostgreSQL: submit, claim, leases, record, summaries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from worker.core.model import ImageSpec, JobSpec, Phase, Verification, image_id_for
+from worker.store import LeaseLost, Store
+
+
+def make_job(disk_count: int, *, name: str = "job", size_bytes: int = 100) -> JobSpec:
+    disks = tuple(
+        ImageSpec(
+            index=i,
+            name=f"{name}-disk-{i}",
+            source=f"/srv/vmdk/{name}/{i}.vmdk",
+            size_bytes=size_bytes,
+            tags=("migrated", f"n{i}"),
+            properties={"os_type": "linux", "hw_disk_bus": "scsi"},
+            min_disk=i % 3,
+        )
+        for i in range(disk_count)
+    )
+    return JobSpec(name=name, disks=disks, on_failure="keep")
+
+
+async def submit(store: Store, job: JobSpec, **kwargs: object) -> UUID:
+    return await store.submit_job(
+        job,
+        manifest={"name": job.name, "disks": len(job.disks)},
+        manifest_sha256="ab" * 32,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test database, for assertions and for what no API does."""
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+async def count(conn: asyncpg.Connection, table: str) -> int:
+    return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+
+
+# submit_job
+
+
+async def test_submit_writes_the_job_a_pending_row_per_disk_and_an_event(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    job = make_job(3)
+    job_id = await submit(store, job, submitted_by="ops")
+
+    rows = await store.result_rows(job_id)
+    assert [r.disk_index for r in rows] == [0, 1, 2]
+    assert {r.phase for r in rows} == {Phase.PENDING}
+    assert [r.glance_image_id for r in rows] == [image_id_for(job_id, i) for i in range(3)]
+    assert [r.attempts for r in rows] == [0, 0, 0]
+    assert rows[1].spec["tags"] == ["migrated", "n1"]
+    assert rows[1].image_spec() == job.disks[1]
+
+    jobs = await conn.fetch("SELECT * FROM jobs")
+    assert len(jobs) == 1
+    assert (jobs[0]["disk_count"], jobs[0]["total_bytes"], jobs[0]["on_failure"]) == (
+        3,
+        300,
+        "keep",
+    )
+    assert jobs[0]["submitted_by"] == "ops"
+    events = await store.events(job_id=job_id)
+    assert [(e["event"], e["result_id"]) for e in events] == [("job.submitted", None)]
+
+
+async def test_submit_of_ten_thousand_disks_in_one_call_writes_every_row(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    job_id = await submit(store, make_job(10_000))
+
+    rows = await store.result_rows(job_id)
+    assert len(rows) == 10_000
+    assert [r.disk_index for r in rows] == list(range(10_000))
+    assert len({r.glance_image_id for r in rows}) == 10_000
+    assert await count(conn, "results") == 10_000
+    (summary,) = await store.job_summaries(str(job_id))
+    assert summary.counts["pending"] == 10_000
+    assert summary.total_bytes == 1_000_000
+
+
+async def test_a_failing_submit_writes_nothing(store: Store, conn: asyncpg.Connection) -> None:
+    good = make_job(3)
+    # Two disks with one name break unique(job_id, image_name) after the job row is inserted.
+    twin = ImageSpec(index=3, name=good.disks[0].name, source="/srv/other.vmdk", size_bytes=1)
+    clash = JobSpec(name="clash", disks=(*good.disks, twin))
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await submit(store, clash)
+
+    assert await count(conn, "jobs") == 0
+    assert await count(conn, "results") == 0
+    assert await count(conn, "events") == 0
+
+
+# claim
+
+
+async def test_claim_takes_oldest_job_first_in_disk_order_and_rebuilds_the_spec(
+    store: Store,
+) -> None:
+    first = await submit(store, make_job(2, name="first"))
+    second_job = make_job(2, name="second")
+    await submit(store, second_job)
+
+    claims = await store.claim(worker_id="w1", limit=3, lease_s=30)
+
+    assert [(c.row.job_id == first, c.row.disk_index) for c in claims] == [
+        (True, 0),
+        (True, 1),
+        (False, 0),
+    ]
+    assert claims[2].spec == second_job.disks[0]
+    assert claims[2].on_failure == "keep"
+    assert all(c.row.worker_id == "w1" and c.row.attempts == 1 for c in claims)
+    assert all(c.row.lease_expires_at is not None for c in claims)
+    events = await store.events(result_id=claims[0].row.id)
+    assert [(e["event"], e["worker_id"]) for e in events] == [("image.claimed", "w1")]
+
+
+async def test_concurrent_claims_on_one_pool_never_share_a_row(store: Store) -> None:
+    await submit(store, make_job(10))
+
+    batches = await asyncio.gather(
+        *(store.claim(worker_id=f"w{i}", limit=3, lease_s=30) for i in range(5))
+    )
+
+    ids = [c.row.id for batch in batches for c in batch]
+    assert len(ids) == 10
+    assert len(set(ids)) == 10
+
+
+async def _drain(store: Store, worker_id: str) -> list[int]:
+    taken: list[int] = []
+    while claims := await store.claim(worker_id=worker_id, limit=7, lease_s=30):
+        taken.extend(c.row.id for c in claims)
+    return taken
+
+
+async def test_two_pools_claiming_until_empty_split_the_rows_without_overlap(
+    store: Store, database_url: str
+) -> None:
+    await submit(store, make_job(300))
+    other = await Store.connect(database_url)
+    try:
+        taken = await asyncio.gather(
+            _drain(store, "a"), _drain(store, "b"), _drain(other, "c"), _drain(other, "d")
+        )
+    finally:
+        await other.close()
+
+    all_ids = [i for ids in taken for i in ids]
+    assert len(all_ids) == 300
+    assert len(set(all_ids)) == 300
+
+
+async def test_expired_leases_are_reclaimed_and_the_old_holder_loses_the_row(
+    store: Store,
+) -> None:
+    await submit(store, make_job(2))
+    held = await store.claim(worker_id="w1", limit=2, lease_s=0.2)
+    assert await store.claim(worker_id="w2", limit=2, lease_s=30) == []
+
+    await asyncio.sleep(0.3)
+    taken = await store.claim(worker_id="w2", limit=2, lease_s=30)
+
+    assert sorted(c.row.id for c in taken) == sorted(c.row.id for c in held)
+    assert {c.row.attempts for c in taken} == {2}
+    row_id = held[0].row.id
+    with pytest.raises(LeaseLost):
+        await store.record(row_id, worker_id="w1", event="image.created", phase=Phase.CREATING)
+    with pytest.raises(LeaseLost):
+        await store.set_progress(row_id, worker_id="w1", bytes_staged=1)
+    assert await store.heartbeat(worker_id="w1", result_ids=[row_id], lease_s=30) == set()
+
+
+async def test_an_expired_lease_nobody_reclaimed_is_still_the_holders(store: Store) -> None:
+    await submit(store, make_job(1))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=0.1)
+    await asyncio.sleep(0.2)
+
+    assert await store.heartbeat(worker_id="w1", result_ids=[claim.row.id], lease_s=30) == {
+        claim.row.id
+    }
+    assert await store.claim(worker_id="w2", limit=1, lease_s=30) == []
+
+
+async def test_claim_skips_cancelled_jobs_future_jobs_and_backed_off_rows(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    cancelled = await submit(store, make_job(1, name="cancelled"))
+    await conn.execute("UPDATE jobs SET cancelled_at = now() WHERE id = $1", cancelled)
+    await submit(
+        store, make_job(1, name="later"), not_before=datetime.now(UTC) + timedelta(hours=1)
+    )
+    ready = await submit(store, make_job(2, name="ready"))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    await store.record(
+        claim.row.id,
+        worker_id="w1",
+        event="image.retry_scheduled",
+        next_attempt_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    await store.release(worker_id="w1", result_ids=[claim.row.id])
+
+    claims = await store.claim(worker_id="w2", limit=10, lease_s=30)
+
+    assert [(c.row.job_id, c.row.disk_index) for c in claims] == [(ready, 1)]
+    # Not cancelled and not finished: 'later' (1) and both rows of 'ready'.
+    assert await store.outstanding() == 3
+
+
+# record
+
+
+async def test_record_sets_columns_appends_a_request_id_and_an_event(store: Store) -> None:
+    await submit(store, make_job(1))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    created_at = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+    await store.record(
+        claim.row.id,
+        worker_id="w1",
+        event="image.created",
+        phase=Phase.CREATING,
+        request_id="req-1",
+        image_created_at=created_at,
+        glance_status="queued",
+    )
+    row = await store.record(
+        claim.row.id,
+        worker_id="w1",
+        event="image.staged",
+        phase=Phase.STAGING,
+        request_id="req-2",
+        detail={"bytes": 100, "at": created_at},
+        bytes_staged=100,
+        glance_size=100,
+        verification=Verification.NOT_CHECKED,
+    )
+
+    assert row.phase is Phase.STAGING
+    assert row.request_ids == ("req-1", "req-2")
+    assert row.image_created_at == created_at
+    assert (row.glance_status, row.glance_size, row.bytes_staged) == ("queued", 100, 100)
+    assert row.verification is Verification.NOT_CHECKED
+    assert row.lease_expires_at is not None
+    assert row.finished_at is None
+    events = await store.events(result_id=claim.row.id)
+    assert [(e["event"], e["phase_from"], e["phase_to"]) for e in events] == [
+        ("image.claimed", "pending", "pending"),
+        ("image.created", "pending", "creating"),
+        ("image.staged", "creating", "staging"),
+    ]
+    assert events[-1]["detail"] == {"bytes": 100, "at": "2024-05-01T12:00:00+00:00"}
+    assert events[-1]["worker_id"] == "w1"
+
+
+async def test_record_by_another_worker_raises_lease_lost_and_changes_nothing(
+    store: Store,
+) -> None:
+    job_id = await submit(store, make_job(1))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+
+    with pytest.raises(LeaseLost):
+        await store.record(claim.row.id, worker_id="w2", event="image.created", phase=Phase.DONE)
+
+    (row,) = await store.result_rows(job_id)
+    assert (row.phase, row.worker_id) == (Phase.PENDING, "w1")
+    assert [e["event"] for e in await store.events(result_id=claim.row.id)] == ["image.claimed"]
+
+
+async def test_record_rejects_columns_outside_the_whitelist(store: Store) -> None:
+    job_id = await submit(store, make_job(1))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+
+    with pytest.raises(ValueError, match="attempts, glance_image_id"):
+        await store.record(
+            claim.row.id, worker_id="w1", event="x", glance_image_id=None, attempts=0
+        )
+    with pytest.raises(ValueError, match="lease_expires_at"):
+        await store.record(claim.row.id, worker_id="w1", event="x", lease_expires_at=None)
+
+    (row,) = await store.result_rows(job_id)
+    assert row.updated_at == claim.row.updated_at
+
+
+async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Store) -> None:
+    await submit(store, make_job(2))
+    done, failed = await store.claim(worker_id="w1", limit=2, lease_s=30)
+    finished = datetime(2024, 5, 1, 13, 0, tzinfo=UTC)
+
+    done_row = await store.record(
+        done.row.id,
+        worker_id="w1",
+        event="image.finished",
+        phase=Phase.DONE,
+        finished_at=finished,
+    )
+    failed_row = await store.record(
+        failed.row.id,
+        worker_id="w1",
+        event="image.failed",
+        phase=Phase.FAILED,
+        error_code="checksum_mismatch",
+        error_message="hashes differ",
+    )
+
+    assert done_row.lease_expires_at is None
+    assert done_row.finished_at == finished
+    assert failed_row.lease_expires_at is None
+    assert failed_row.finished_at is not None
+    assert (failed_row.error_code, failed_row.error_message) == (
+        "checksum_mismatch",
+        "hashes differ",
+    )
+    (event,) = [
+        e for e in await store.events(result_id=failed.row.id) if e["event"] == "image.failed"
+    ]
+    assert (event["error_code"], event["message"]) == ("checksum_mismatch", "hashes differ")
+    assert await store.outstanding() == 0
+    assert await store.heartbeat(worker_id="w1", result_ids=[done.row.id], lease_s=30) == set()
+    # The finisher may still note what it did with the half-made image; nobody else may.
+    noted = await store.record(failed.row.id, worker_id="w1", event="image.cleaned", cleanup="kept")
+    assert (noted.cleanup, noted.phase) == ("kept", Phase.FAILED)
+    with pytest.raises(LeaseLost):
+        await store.record(failed.row.id, worker_id="w2", event="image.cleaned", cleanup="deleted")
+    await asyncio.sleep(0.01)
+    assert await store.claim(worker_id="w2", limit=5, lease_s=30) == []
+
+
+# progress, heartbeat, release
+
+
+async def test_set_progress_updates_bytes_without_an_event(store: Store) -> None:
+    job_id = await submit(store, make_job(1))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+
+    await store.set_progress(claim.row.id, worker_id="w1", bytes_staged=42)
+
+    (row,) = await store.result_rows(job_id)
+    assert row.bytes_staged == 42
+    assert [e["event"] for e in await store.events(result_id=claim.row.id)] == ["image.claimed"]
+
+
+async def test_heartbeat_extends_only_the_leases_still_held(store: Store) -> None:
+    job_id = await submit(store, make_job(3))
+    mine = await store.claim(worker_id="w1", limit=2, lease_s=5)
+    (theirs,) = await store.claim(worker_id="w2", limit=1, lease_s=5)
+    ids = [c.row.id for c in mine]
+
+    held = await store.heartbeat(worker_id="w1", result_ids=[*ids, theirs.row.id], lease_s=600)
+
+    assert held == set(ids)
+    rows = {r.id: r for r in await store.result_rows(job_id)}
+    for claim in mine:
+        lease = rows[claim.row.id].lease_expires_at
+        assert lease is not None
+        assert claim.row.lease_expires_at is not None
+        assert lease - claim.row.lease_expires_at > timedelta(seconds=500)
+    assert rows[theirs.row.id].lease_expires_at == theirs.row.lease_expires_at
+
+
+async def test_release_gives_rows_back_at_once_and_logs_it(store: Store) -> None:
+    await submit(store, make_job(2))
+    claims = await store.claim(worker_id="w1", limit=2, lease_s=600)
+    ids = [c.row.id for c in claims]
+
+    await store.release(worker_id="w2", result_ids=ids)
+    assert await store.claim(worker_id="w2", limit=2, lease_s=30) == []
+    await store.release(worker_id="w1", result_ids=ids)
+
+    retaken = await store.claim(worker_id="w2", limit=2, lease_s=30)
+    assert sorted(c.row.id for c in retaken) == sorted(ids)
+    events = await store.events(result_id=ids[0])
+    assert [(e["event"], e["worker_id"]) for e in events] == [
+        ("image.claimed", "w1"),
+        ("image.released", "w1"),
+        ("image.claimed", "w2"),
+    ]
+    with pytest.raises(LeaseLost):
+        await store.record(ids[0], worker_id="w1", event="image.created")
+
+
+# summaries and lookups
+
+
+async def test_job_summaries_count_by_phase_and_find_jobs_by_name_or_id(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    older = await submit(store, make_job(3, name="nightly"))
+    newer = await submit(store, make_job(2, name="nightly"))
+    other = await submit(store, make_job(1, name="other"))
+    await conn.execute("UPDATE jobs SET cancelled_at = now() WHERE id = $1", other)
+    first, second = await store.claim(worker_id="w1", limit=2, lease_s=30)
+    await store.set_progress(first.row.id, worker_id="w1", bytes_staged=70)
+    await store.record(
+        second.row.id, worker_id="w1", event="image.finished", phase=Phase.DONE, bytes_staged=100
+    )
+
+    by_name = await store.job_summaries("nightly")
+    by_id = await store.job_summaries(str(older).upper())
+    everything = await store.job_summaries()
+
+    assert [s.job_id for s in by_name] == [newer, older]
+    assert [s.job_id for s in by_id] == [older]
+    assert [s.job_id for s in everything] == [other, newer, older]
+    summary = by_id[0]
+    assert (summary.name, summary.disk_count, summary.total_bytes) == ("nightly", 3, 300)
+    assert summary.bytes_staged == 170
+    assert dict(summary.counts) == {
+        "pending": 2,
+        "creating": 0,
+        "staging": 0,
+        "importing": 0,
+        "verifying": 0,
+        "done": 1,
+        "failed": 0,
+    }
+    assert [s.cancelled for s in everything] == [True, False, False]
+    assert await store.find_job_ids("nightly") == [newer, older]
+    assert await store.find_job_ids(str(other)) == [other]
+    assert await store.find_job_ids("missing") == []
+    assert await store.job_summaries("missing") == []
+
+
+async def test_outstanding_counts_unfinished_rows_of_live_jobs(store: Store) -> None:
+    assert await store.outstanding() == 0
+    await submit(store, make_job(3))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    assert await store.outstanding() == 3
+
+    await store.record(claim.row.id, worker_id="w1", event="image.failed", phase=Phase.FAILED)
+
+    assert await store.outstanding() == 2
