@@ -1,0 +1,67 @@
+"""`python -m tests.conformance.run [pytest args]`: start a real Glance, run conformance on it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from tests.conformance.realstack import PROJECT_ROOT, RealStack, RealStackError, new_run_dir
+
+NO_TESTS_COLLECTED = 5
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.conformance.run",
+        description="Run tests/conformance against the sandbox and a real Glance + Keystone; "
+        "unknown arguments go to pytest.",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--token-expiration-s", type=int, default=86400)
+    parser.add_argument("--keystone-port", type=int, default=15000)
+    parser.add_argument("--glance-port", type=int, default=19292)
+    return parser.parse_known_args(list(argv))
+
+
+def _pytest(stack: RealStack, pytest_args: list[str]) -> int:
+    # `-m conformance` comes after the configured addopts (`-m 'not conformance'`) and wins.
+    argv = [sys.executable, "-m", "pytest", "tests/conformance", "-m", "conformance", "-v"]
+    env = {**os.environ, **stack.environment()}
+    return subprocess.run([*argv, *pytest_args], cwd=PROJECT_ROOT, env=env, check=False).returncode
+
+
+def main(argv: Sequence[str]) -> int:
+    options, pytest_args = _parse(argv)
+    stack = RealStack(
+        new_run_dir(),
+        keystone_port=options.keystone_port,
+        glance_port=options.glance_port,
+        token_expiration_s=options.token_expiration_s,
+    )
+    started = time.monotonic()
+    print(f"== real Glance + Keystone: state in {stack.base_dir}", flush=True)
+    try:
+        with stack.running():
+            print(
+                f"== real stack up in {time.monotonic() - started:.1f} s: "
+                f"keystone {stack.auth_url}, glance {stack.image_url}, "
+                f"token expiration {stack.token_expiration_s} s",
+                flush=True,
+            )
+            code = _pytest(stack, pytest_args)
+    except RealStackError as exc:
+        print(f"== the real stack failed: {exc}", file=sys.stderr)
+        return 3
+    print(f"== real stack stopped; logs in {stack.base_dir / 'log'}", flush=True)
+    if code == NO_TESTS_COLLECTED:
+        print("== pytest collected no conformance tests: that is a failure", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
