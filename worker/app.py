@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 
 from worker.clients.glance import GlanceClient
 from worker.clients.http import new_session
-from worker.clients.keystone import Authenticator, KeystoneAuth, StaticTokenAuth
+from worker.clients.keystone import authenticator_for
 from worker.config import CloudSettings
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.core.machine import Policies
@@ -59,20 +58,13 @@ async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[
         await store.close()
 
 
-def make_authenticator(session: aiohttp.ClientSession, cloud: CloudSettings) -> Authenticator:
-    """Keystone when there is something to log in with; a pre-issued token otherwise."""
-    if cloud.uses_static_token and cloud.token is not None and cloud.image_endpoint:
-        return StaticTokenAuth(cloud.token.reveal(), cloud.image_endpoint)
-    return KeystoneAuth(session, cloud)
-
-
 @asynccontextmanager
 async def open_glance(
     cloud: CloudSettings, *, chunk_bytes: int = 1 << 20, connections: int = 16
 ) -> AsyncIterator[GlanceClient]:
     """A Glance client with its own HTTP session, closed on exit."""
     async with new_session(cloud, connections=connections) as session:
-        auth = make_authenticator(session, cloud)
+        auth = authenticator_for(session, cloud)
         yield GlanceClient(session, auth, chunk_bytes=chunk_bytes)
 
 
@@ -87,7 +79,9 @@ async def run_worker(
     async with (
         open_store(database_url, max_size=min(settings.concurrency + 2, 20)) as store,
         open_glance(
-            cloud, chunk_bytes=settings.chunk_bytes, concurrency=settings.concurrency
+            cloud,
+            chunk_bytes=settings.chunk_bytes,
+            connections=settings.concurrency + settings.stage_concurrency + 2,
         ) as glance,
     ):
         runner = ImageRunner(

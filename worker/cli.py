@@ -11,6 +11,7 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sys
 from collections.abc import Coroutine
@@ -176,8 +177,9 @@ def run(
         hash_algorithm=hash_algorithm,
         grace_s=grace_s,
         once=once,
-        **({"worker_id": worker_id} if worker_id else {}),
     )
+    if worker_id:
+        settings = dataclasses.replace(settings, worker_id=worker_id)
 
     async def go() -> int:
         stop = _stop_on_signals()

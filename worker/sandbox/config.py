@@ -22,6 +22,8 @@ class SandboxConfig:
         default_factory=lambda: ({"id": "fs", "default": True},)
     )
     data_dir: str | None = None
+    password: str = "secret"  # the admin user's password (tests use a distinctive one)
+    stage_rate_bytes_per_s: float | None = None  # receive stages no faster than this
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,13 +42,18 @@ def _declared_size(request: web.Request) -> int | None:
     return request.content_length
 
 
-async def _receive(request: web.Request, path: Path) -> int:
+async def _receive(request: web.Request, path: Path, rate_bytes_per_s: float | None) -> int:
     """Stream the body into `path`, never holding more than one chunk in memory."""
     written = 0
+    started = time.monotonic()
     async with aiofiles.open(path, "wb") as target:
         async for chunk in body_chunks(request, STAGE_CHUNK_BYTES):
             await target.write(chunk)
             written += len(chunk)
+            if rate_bytes_per_s:  # a slow link: hold the upload to the configured rate
+                ahead_s = written / rate_bytes_per_s - (time.monotonic() - started)
+                if ahead_s > 0:
+                    await asyncio.sleep(ahead_s)
     return written
 
 
@@ -110,7 +117,7 @@ async def _stage_bytes(
             raise StageRefused(413, problem)
         if path.exists():
             raise StageRefused(409, f"The image {image.id} has data on staging")
-        written = await _receive(request, path)
+        written = await _receive(request, path, state.config.stage_rate_bytes_per_s)
         if declared is not None and written != declared:
             word = "exceeds" if written > declared else "mismatch"
             raise StageRefused(

@@ -92,7 +92,6 @@ class Sandbox:
     """A Keystone v3 + Glance v2 cloud served over real HTTP on one port."""
 
     username = "admin"
-    password = "secret"
     project_name = "admin"
     domain_name = "Default"
 
@@ -145,6 +144,10 @@ class Sandbox:
     @property
     def issued_tokens(self) -> int:
         return self.state.issued_count
+
+    @property
+    def password(self) -> str:
+        return self.config.password
 
     @property
     def peak_concurrent_stages(self) -> int:

@@ -202,7 +202,7 @@ class CloudState:
         self.store_dir = data_dir / "images"
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.user = User(id=new_id(), name="admin", domain_id="default", password="secret")
+        self.user = User(id=new_id(), name="admin", domain_id="default", password=config.password)
         self.project = Project(id=new_id(), name="admin", domain_id="default")
         self.app_cred = AppCredential(
             id=new_id(),

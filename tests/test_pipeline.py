@@ -1,0 +1,279 @@
+"""The whole worker end to end: manifest -> PostgreSQL -> sandbox cloud over HTTP -> rows."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from worker.app import WorkerSettings, open_store, run_worker
+from worker.config import CloudSettings, load_cloud_settings
+from worker.consumer import RunSummary
+from worker.core.machine import Policies
+from worker.core.policy import PollPolicy, RetryPolicy
+from worker.manifest import load_manifest
+from worker.sampledisks import write_monolithic_sparse, write_stream_optimized
+from worker.sandbox import Fault, Sandbox, SandboxConfig
+from worker.store.store import ResultRow
+
+FAST = Policies(
+    retry=RetryPolicy(base_delay_s=0.05, max_delay_s=0.2, quota_delay_s=0.1),
+    poll=PollPolicy(first_delay_s=0.02, max_delay_s=0.1, tasks_every=2),
+)
+
+
+def cloud_for(sb: Sandbox) -> CloudSettings:
+    return load_cloud_settings(
+        {},
+        overrides={
+            "auth_url": sb.auth_url,
+            "username": sb.username,
+            "password": sb.password,
+            "user_domain_name": sb.domain_name,
+            "project_name": sb.project_name,
+            "project_domain_name": sb.domain_name,
+        },
+    )
+
+
+def make_disks(directory: Path, names: Sequence[str], *, fill_bytes: int = 256 << 10) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, name in enumerate(names):
+        path = directory / f"{name}.vmdk"
+        if number % 2:
+            write_stream_optimized(
+                path, virtual_size_bytes=16 << 20, seed=number, fill_bytes=fill_bytes
+            )
+        else:
+            data = hashlib.sha512(name.encode()).digest() * (fill_bytes // 64)
+            write_monolithic_sparse(path, virtual_size_bytes=16 << 20, data=data, seed=number)
+        paths.append(path)
+    return paths
+
+
+async def submit(
+    database_url: str, tmp_path: Path, names: Sequence[str], **defaults: Any
+) -> tuple[str, dict[str, Path]]:
+    paths = make_disks(tmp_path / "disks", names)
+    manifest = {
+        "job": "test-job",
+        "defaults": {"es_virtio_enabled": "no", **defaults},
+        "disks": [{"source": str(p), "name": n} for n, p in zip(names, paths, strict=True)],
+    }
+    manifest_path = tmp_path / "job.json"
+    manifest_path.write_text(json.dumps(manifest))
+    loaded = load_manifest(manifest_path)
+    async with open_store(database_url) as store:
+        job_id = await store.submit_job(
+            loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
+        )
+    return str(job_id), dict(zip(names, paths, strict=True))
+
+
+async def migrate(database_url: str, sb: Sandbox, **settings: Any) -> RunSummary:
+    options: dict[str, Any] = {
+        "once": True,
+        "idle_poll_s": 0.05,
+        "heartbeat_s": 0.5,
+        "policies": FAST,
+        **settings,
+    }
+    return await run_worker(
+        database_url=database_url,
+        cloud=cloud_for(sb),
+        settings=WorkerSettings(**options),
+        stop=asyncio.Event(),
+    )
+
+
+async def rows_of(database_url: str, job_id: str) -> dict[str, ResultRow]:
+    async with open_store(database_url) as store:
+        ids = await store.find_job_ids(job_id)
+        return {row.image_name: row for row in await store.result_rows(ids[0])}
+
+
+def sha512_of(path: Path) -> str:
+    return hashlib.sha512(path.read_bytes()).hexdigest()
+
+
+async def test_a_batch_ends_active_with_sizes_and_hashes_verified(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    names = [f"disk-{n}" for n in range(6)]
+    job_id, paths = await submit(database_url, tmp_path, names)
+
+    summary = await migrate(database_url, sandbox, concurrency=3, stage_concurrency=2)
+
+    assert summary.by_phase == {"done": 6}
+    rows = await rows_of(database_url, job_id)
+    images = {image["name"]: image for image in sandbox.images()}
+    for name, path in paths.items():
+        row = rows[name]
+        assert row.phase == "done"
+        assert row.verification == "verified"
+        assert row.glance_status == "active"
+        assert row.glance_size == row.source_size_bytes == path.stat().st_size
+        assert row.source_hash_algo == "sha512"
+        assert row.source_hash_value == row.glance_os_hash_value == sha512_of(path)
+        assert row.glance_checksum == hashlib.md5(path.read_bytes()).hexdigest()
+        assert row.bytes_staged == row.source_size_bytes
+        assert row.claimed_at
+        assert row.image_created_at
+        assert row.staged_at
+        assert row.import_requested_at
+        assert row.finished_at
+        assert row.import_request_id
+        assert row.import_request_id in row.request_ids
+        assert images[name]["id"] == str(row.glance_image_id)
+        assert images[name]["status"] == "active"
+    assert len(sandbox.images()) == 6
+
+
+@pytest.mark.parametrize(
+    "sandbox_config",
+    [
+        SandboxConfig(
+            import_latency_s=0.05,
+            virtio_fail_names=("bad-virtio",),
+            import_fail_names=("bad-import",),
+            revert_names=("bad-revert",),
+            rewrite_virtio=False,
+        )
+    ],
+    indirect=True,
+)
+async def test_each_failure_signal_fails_its_image_only_and_leaves_no_image(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    names = ["good-1", "bad-virtio", "bad-import", "bad-revert", "good-2"]
+    job_id, _ = await submit(database_url, tmp_path, names, es_virtio_enabled="yes")
+
+    summary = await migrate(database_url, sandbox, concurrency=5)
+
+    rows = await rows_of(database_url, job_id)
+    assert summary.by_phase == {"done": 2, "failed": 3}
+    assert {n: rows[n].error_code for n in names} == {
+        "good-1": None,
+        "bad-virtio": "virtio_failed",
+        "bad-import": "import_failed",
+        "bad-revert": "import_reverted",
+        "good-2": None,
+    }
+    for name in ("bad-virtio", "bad-import", "bad-revert"):
+        assert rows[name].phase == "failed"
+        assert rows[name].cleanup == "deleted"
+        assert rows[name].error_message
+    # The half-made images were deleted: only the good ones are left in the cloud.
+    assert sorted(image["name"] for image in sandbox.images()) == ["good-1", "good-2"]
+
+
+# A slow link (each stage takes ~0.3 s) so that, unbounded, all the stages would overlap.
+@pytest.mark.parametrize(
+    "sandbox_config", [SandboxConfig(stage_rate_bytes_per_s=1 << 20)], indirect=True
+)
+async def test_stages_in_flight_never_exceed_the_limit(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    names = [f"disk-{n}" for n in range(8)]
+    await submit(database_url, tmp_path, names)
+
+    summary = await migrate(database_url, sandbox, concurrency=8, stage_concurrency=2)
+
+    assert summary.by_phase == {"done": 8}
+    # Seen from the cloud's side: never more than two uploads at once, and two did overlap.
+    assert sandbox.peak_concurrent_stages == 2
+
+
+async def test_bad_files_fail_alone_and_the_rest_of_the_batch_finishes(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    names = ["fine", "unreadable", "vanished", "shrinks"]
+    job_id, paths = await submit(database_url, tmp_path, names)
+    # A directory where the file was: unreadable even for root, unlike chmod 0.
+    paths["unreadable"].unlink()
+    paths["unreadable"].mkdir()
+    paths["vanished"].unlink()
+    original = paths["shrinks"].read_bytes()
+    paths["shrinks"].write_bytes(original[: len(original) // 2])
+
+    summary = await migrate(database_url, sandbox, concurrency=4)
+
+    rows = await rows_of(database_url, job_id)
+    assert summary.by_phase == {"done": 1, "failed": 3}
+    assert rows["fine"].phase == "done"
+    for name in ("unreadable", "vanished", "shrinks"):
+        assert rows[name].phase == "failed"
+        assert rows[name].error_code == "source_error"
+    assert [image["name"] for image in sandbox.images()] == ["fine"]
+
+
+@pytest.mark.parametrize(
+    "sandbox_config", [SandboxConfig(token_ttl_s=1.0, import_latency_s=0.4)], indirect=True
+)
+async def test_tokens_that_expire_mid_batch_are_renewed(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    names = [f"disk-{n}" for n in range(4)]
+    _job_id, _ = await submit(database_url, tmp_path, names)
+
+    summary = await migrate(database_url, sandbox, concurrency=2, stage_concurrency=1)
+
+    assert summary.by_phase == {"done": 4}
+    assert sandbox.issued_tokens >= 2
+
+
+async def test_transient_cloud_errors_are_retried_and_recorded(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, ["flaky"])
+    sandbox.inject(Fault("POST", r"/v2/images$", status=503, times=2))
+    sandbox.inject(Fault("PUT", r"/v2/images/[^/]+/stage", reset_after_bytes=4096, times=1))
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"done": 1}
+    async with open_store(database_url) as store:
+        ids = await store.find_job_ids(job_id)
+        events = await store.events(job_id=ids[0])
+    retries = [e for e in events if e["event"] == "image.retry_scheduled"]
+    assert len(retries) == 3
+    assert {e["detail"]["error_code"] for e in retries} == {  # type: ignore[index]
+        "cloud_unavailable",
+        "connection_failed",
+    }
+
+
+@pytest.mark.parametrize(
+    "sandbox_config", [SandboxConfig(password="pw-7Qx2-distinctive")], indirect=True
+)
+async def test_secrets_reach_no_log_line_and_no_table(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    _job_id, _ = await submit(database_url, tmp_path, ["one", "two"])
+    with capture_logs() as logs:
+        summary = await migrate(database_url, sandbox)
+    assert summary.by_phase == {"done": 2}
+
+    text = json.dumps(logs, default=str)
+    assert sandbox.password not in text
+    assert "X-Auth-Token" not in text
+    conn = await asyncpg.connect(database_url)
+    try:
+        dump = []
+        for table in ("jobs", "results", "events"):
+            dump += [str(dict(r)) for r in await conn.fetch(f"SELECT * FROM {table}")]
+    finally:
+        await conn.close()
+    assert dump
+    assert not any(sandbox.password in line for line in dump)
+    for token in sandbox.token_values():
+        assert token not in text
+        assert not any(token in line for line in dump)
