@@ -5,32 +5,40 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The local PostgreSQL, when one answers; otherwise tests start an embedded one.
 LOCAL_PG := postgresql://postgres@127.0.0.1:5432/postgres
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test test-local test-embedded lint conformance bench clean
+.PHONY: install tools demo test lint conformance clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+	  $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# qemu-img makes real VMDKs of every subformat for the inspection tests (Debian qemu-utils).
+tools:
+	@command -v qemu-img >/dev/null || { \
+	  echo "== installing qemu-utils (qemu-img) for the VMDK tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq qemu-utils >/dev/null; }
+
 demo: $(STAMP)
 	$(BIN)/python -m worker demo
 
-# The whole suite against the local server when it answers, and the embedded-database
-# tests always, so both database paths run on every `make test`.
-test: $(STAMP)
+# The whole suite against the local server when one answers, then the embedded-database
+# tests with no DATABASE_URL, so both database paths run on every `make test`.
+test: $(STAMP) tools
 	@if $(BIN)/python -m worker.store.probe "$(LOCAL_PG)"; then \
 	  echo "== suite against the local PostgreSQL"; \
-	  DATABASE_URL="$(LOCAL_PG)" $(BIN)/pytest; \
+	  DATABASE_URL="$(LOCAL_PG)" $(BIN)/pytest --ignore=tests/test_embedded.py && \
+	  echo "== embedded PostgreSQL" && \
+	  env -u DATABASE_URL $(BIN)/pytest tests/test_embedded.py; \
 	else \
-	  echo "== no local PostgreSQL: the suite runs on the embedded server"; \
+	  echo "== no local PostgreSQL: the whole suite runs on the embedded server"; \
 	  env -u DATABASE_URL $(BIN)/pytest; \
 	fi
-	@echo "== embedded PostgreSQL"
-	env -u DATABASE_URL $(BIN)/pytest tests/test_embedded.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests
@@ -38,11 +46,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-conformance: $(STAMP)
+conformance: $(STAMP) tools
 	$(BIN)/python -m tests.conformance.run
-
-bench: $(STAMP)
-	$(BIN)/python -m tests.benchmarks.run
 
 clean:
 	rm -rf $(VENV) .data .cache .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -22,7 +22,9 @@ _STATUS_COLUMNS = (
     ("image", "image_name"),
     ("phase", "phase"),
     ("bytes", "source_size_bytes"),
+    ("glance_size", "glance_size"),
     ("glance_status", "glance_status"),
+    ("hash", "glance_os_hash_value"),
     ("verification", "verification"),
     ("error_code", "error_code"),
     ("image_id", "glance_image_id"),
@@ -74,7 +76,10 @@ def write_report(rows: Sequence[ResultRow], *, fmt: str, stream: IO[str]) -> Non
 
 
 def _cell(value: object) -> str:
-    return "-" if value is None else str(value)
+    if value is None:
+        return "-"
+    text = str(value)
+    return text[:12] + "…" if len(text) > 40 else text  # long hashes: a prefix identifies them
 
 
 def _jsonable(value: Any) -> Any:
