@@ -15,6 +15,7 @@ The type of an exception *is* the retry decision; never flatten one into a strin
         ├── InvalidManifest             the manifest has one or more problems (see .problems)
         ├── ConfigError                 settings, clouds.yaml or environment are unusable
         ├── SourceError                 the source file is missing, unreadable or changed
+        ├── UnsupportedDisk             the source is not a VMDK Glance accepts (subformat, safety)
         ├── AuthFailed                  Keystone refused the credentials (401 on /v3/auth/tokens)
         ├── EndpointNotFound            no image endpoint in the catalog for interface/region
         ├── Forbidden                   403
@@ -161,6 +162,12 @@ class SourceError(PermanentError):
     """The source file is missing, unreadable or changed while it was read."""
 
     code = "source_error"
+
+
+class UnsupportedDisk(PermanentError):
+    """The source is not a disk Glance accepts: wrong format, VMDK subformat or safety check."""
+
+    code = "unsupported_disk"
 
 
 class AuthFailed(PermanentError):
