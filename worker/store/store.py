@@ -250,7 +250,7 @@ class Store:
             result_id,
             worker_id,
             event,
-            phase.value if phase is not None else None,
+            Phase(phase).value if phase is not None else None,
             error_code,
             error_message,
             request_id,
