@@ -1,0 +1,43 @@
+"""The README documents every column dashboards read, and every CLI command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import asyncpg
+from click.testing import CliRunner
+
+from worker.cli import cli
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def documented_columns(table: str) -> set[str]:
+    section = README.split(f"#### `{table}`", 1)[1].split("\n\n", 2)[1]
+    return set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
+
+
+async def test_every_dashboard_column_is_documented(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        for table in ("jobs", "results", "events"):
+            rows = await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = $1",
+                table,
+            )
+            assert {r["column_name"] for r in rows} == documented_columns(table), table
+    finally:
+        await conn.close()
+
+
+def test_every_command_is_in_the_readme() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    commands = re.findall(r"^  (\w+)\s", result.output.split("Commands:", 1)[1], flags=re.M)
+    assert commands
+    for command in commands:
+        if command == "demo":
+            assert "make demo" in README
+        else:
+            assert f"vmdk-migrate {command}" in README, command
