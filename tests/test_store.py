@@ -334,7 +334,13 @@ async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Sto
     ]
     assert (event["error_code"], event["message"]) == ("checksum_mismatch", "hashes differ")
     assert await store.outstanding() == 0
-    assert await store.heartbeat(worker_id="w1", result_ids=[done.row.id], lease_s=30) == set()
+    # Finished rows stay the finisher's: a heartbeat racing the finish must not report them lost.
+    assert await store.heartbeat(worker_id="w1", result_ids=[done.row.id], lease_s=30) == {
+        done.row.id
+    }
+    assert await store.heartbeat(worker_id="w2", result_ids=[done.row.id], lease_s=30) == set()
+    (done_now,) = [r for r in await store.result_rows(done.row.job_id) if r.id == done.row.id]
+    assert done_now.lease_expires_at is None
     # The finisher may still note what it did with the half-made image; nobody else may.
     noted = await store.record(failed.row.id, worker_id="w1", event="image.cleaned", cleanup="kept")
     assert (noted.cleanup, noted.phase) == ("kept", Phase.FAILED)

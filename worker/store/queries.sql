@@ -161,14 +161,21 @@ SET bytes_staged = $3, updated_at = now()
 WHERE id = $1 AND worker_id = $2 AND lease_expires_at IS NOT NULL;
 
 -- name: heartbeat
--- $1 worker_id, $2 result ids, $3 lease in seconds. Returns the ids still held.
-UPDATE results
-SET lease_expires_at = now() + make_interval(secs => $3)
-WHERE id = ANY($2::bigint[])
-  AND worker_id = $1
-  AND lease_expires_at IS NOT NULL
-  AND phase NOT IN ('done', 'failed')
-RETURNING id;
+-- $1 worker_id, $2 result ids, $3 lease in seconds. Returns the ids still held: the leases it
+-- extended, and rows this worker finished (no lease to extend, but nobody took them away).
+WITH extended AS (
+    UPDATE results
+    SET lease_expires_at = now() + make_interval(secs => $3)
+    WHERE id = ANY($2::bigint[])
+      AND worker_id = $1
+      AND lease_expires_at IS NOT NULL
+      AND phase NOT IN ('done', 'failed')
+    RETURNING id
+)
+SELECT id FROM extended
+UNION ALL
+SELECT id FROM results
+WHERE id = ANY($2::bigint[]) AND worker_id = $1 AND phase IN ('done', 'failed');
 
 -- name: release
 -- $1 worker_id, $2 result ids. Unfinished rows become claimable again at once.

@@ -272,7 +272,11 @@ class Store:
     async def heartbeat(
         self, *, worker_id: str, result_ids: Sequence[int], lease_s: float
     ) -> set[int]:
-        """Extend the leases on these rows; return the ids this worker still holds."""
+        """Extend the leases on these rows; return the ids this worker still holds.
+
+        A row this worker took to done or failed counts as held (it has no lease to extend);
+        a released row or one another worker claimed does not.
+        """
         if not result_ids:
             return set()
         records = await self._pool.fetch(
