@@ -16,16 +16,24 @@ import yaml
 
 from worker.errors import InvalidManifest
 from worker.manifest import LoadedManifest, load_manifest, parse_manifest, schema
+from worker.sampledisks import write_monolithic_sparse
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 EXAMPLE_DISKS = ("disks/web01.vmdk", "disks/web02.vmdk", "disks/db01.vmdk")
 
 
-def make_files(base: Path, *sources: str, size_bytes: int = 4) -> None:
+def make_files(base: Path, *sources: str) -> None:
+    """Real, empty monolithicSparse VMDKs: the first is written, the others are hard links to it
+    (which is what makes ten thousand of them cheap)."""
+    first: Path | None = None
     for source in sources:
         path = base / source
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x" * size_bytes)
+        if first is None:
+            write_monolithic_sparse(path, virtual_size_bytes=1 << 20, data=None)
+            first = path
+        else:
+            os.link(first, path)
 
 
 def write(base: Path, document: object, name: str = "job.yaml") -> Path:
@@ -131,13 +139,14 @@ def test_examples_load_and_yaml_and_json_say_the_same(examples: Path) -> None:
 
 
 def test_defaults_apply_and_the_document_is_normalized(tmp_path: Path) -> None:
-    make_files(tmp_path, "disks/Web01.VMDK", size_bytes=1234)
+    make_files(tmp_path, "disks/Web01.VMDK")
     loaded = load_manifest(
         write(tmp_path, {"job": "j1", "disks": [{"source": "disks/Web01.VMDK"}]})
     )
 
     (disk,) = loaded.job.disks
-    assert (disk.index, disk.name, disk.size_bytes) == (0, "Web01", 1234)
+    size_bytes = (tmp_path / "disks/Web01.VMDK").stat().st_size
+    assert (disk.index, disk.name, disk.size_bytes) == (0, "Web01", size_bytes)
     assert (disk.disk_format, disk.container_format, disk.visibility) == ("vmdk", "bare", "private")
     assert (disk.min_disk, disk.min_ram, disk.protected, disk.tags) == (0, 0, False, ())
     assert dict(disk.properties) == {"es_virtio_enabled": "yes"}
@@ -182,7 +191,7 @@ def test_parse_manifest_reads_text_with_a_base_dir(tmp_path: Path) -> None:
 def test_ten_thousand_disks_load(tmp_path: Path) -> None:
     count = 10_000
     sources = [f"disks/d{i:05d}.vmdk" for i in range(count)]
-    make_files(tmp_path, *sources, size_bytes=1)
+    make_files(tmp_path, *sources)
     document = {
         "job": "big",
         "disks": [{"source": s, "min_disk": i % 7} for i, s in enumerate(sources)],
@@ -191,7 +200,8 @@ def test_ten_thousand_disks_load(tmp_path: Path) -> None:
     loaded = load_manifest(write(tmp_path, document, "big.json"))
 
     assert len(loaded.job.disks) == count
-    assert loaded.job.total_bytes == count
+    assert loaded.job.total_bytes == count * (tmp_path / sources[0]).stat().st_size
+    assert len(loaded.inspections) == count
     assert loaded.job.disks[-1].name == f"d{count - 1:05d}"
     assert len({d.name for d in loaded.job.disks}) == count
 

@@ -11,7 +11,8 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -20,7 +21,8 @@ import jsonschema
 import yaml
 
 from worker.core.model import ImageSpec, JobSpec
-from worker.errors import InvalidManifest, Problem
+from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
+from worker.vmdk import Inspection, inspect_vmdk, min_disk_warning
 
 # What a disk gets when neither it nor `defaults` says otherwise.
 BUILTIN_DEFAULTS: Mapping[str, object] = {
@@ -51,15 +53,34 @@ _SortKey: TypeAlias = tuple[str, ...]
 _Found: TypeAlias = tuple[_SortKey, Problem]
 # Where each disk's file is and how big it was when checked: disk index -> (path, size_bytes).
 _Files: TypeAlias = dict[int, tuple[str, int]]
+# Inspections read headers only, but on a network mount each read is a round trip: overlap them.
+_INSPECTION_THREADS = 16
+
+
+@dataclass
+class _Checked:
+    """What the file checks found: usable files, VMDK inspections and warnings."""
+
+    base_dir: Path
+    source_root: str | None
+    files: _Files = field(default_factory=dict)
+    inspections: dict[int, Inspection] = field(default_factory=dict)
+    warnings: list[_Found] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class LoadedManifest:
-    """A validated manifest: the job to run, its normalized document and the hash of its bytes."""
+    """A validated manifest: the job to run, its normalized document and the hash of its bytes.
+
+    `inspections` holds what each VMDK turned out to be (by disk index); `warnings` are
+    problems that do not stop the job.
+    """
 
     job: JobSpec
     document: dict[str, object]
     sha256: str
+    warnings: tuple[Problem, ...] = ()
+    inspections: Mapping[int, Inspection] = field(default_factory=dict)
 
 
 def schema() -> dict[str, object]:
@@ -67,8 +88,11 @@ def schema() -> dict[str, object]:
     return copy.deepcopy(_schema())
 
 
-def load_manifest(path: Path) -> LoadedManifest:
-    """Read, parse and validate the manifest at `path`; the format follows the file extension."""
+def load_manifest(path: Path, *, source_root: Path | None = None) -> LoadedManifest:
+    """Read, parse and validate the manifest at `path`; the format follows the file extension.
+
+    With `source_root`, every source (and flat extent) must resolve to a file inside it.
+    """
     suffix = path.suffix.lower()
     fmt = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}.get(suffix, "auto")
     try:
@@ -81,29 +105,42 @@ def load_manifest(path: Path) -> LoadedManifest:
     except UnicodeDecodeError as exc:
         problem = Problem("<file>", f"not UTF-8 text (byte {exc.start})")
         raise InvalidManifest([problem], source=str(path)) from exc
-    return _load(text, raw, base_dir=path.absolute().parent, fmt=fmt, source=str(path))
+    checked = _Checked(path.absolute().parent, _root(source_root))
+    return _load(text, raw, checked=checked, fmt=fmt, source=str(path))
 
 
-def parse_manifest(text: str, *, base_dir: Path, fmt: str) -> LoadedManifest:
+def parse_manifest(
+    text: str, *, base_dir: Path, fmt: str, source_root: Path | None = None
+) -> LoadedManifest:
     """Parse and validate manifest text (fmt: yaml, json or auto); sources are under base_dir."""
     if fmt not in ("yaml", "json", "auto"):
         raise ValueError(f"unknown manifest format {fmt!r}: use yaml, json or auto")
-    return _load(text, text.encode("utf-8"), base_dir=base_dir, fmt=fmt, source="<text>")
+    checked = _Checked(base_dir, _root(source_root))
+    return _load(text, text.encode("utf-8"), checked=checked, fmt=fmt, source="<text>")
 
 
-def _load(text: str, raw: bytes, *, base_dir: Path, fmt: str, source: str) -> LoadedManifest:
+def _root(source_root: Path | None) -> str | None:
+    return None if source_root is None else os.path.realpath(source_root)
+
+
+def _load(text: str, raw: bytes, *, checked: _Checked, fmt: str, source: str) -> LoadedManifest:
     try:
         document = _parse(text, fmt)
     except ValueError as exc:
         raise InvalidManifest([Problem("<file>", str(exc))], source=source) from exc
-    files: _Files = {}
-    found = _schema_problems(document) + _semantic_problems(document, base_dir, files)
+    found = _schema_problems(document) + _semantic_problems(document, checked)
     if found:
         found.sort(key=lambda item: item[0])
         raise InvalidManifest([problem for _, problem in found], source=source)
     assert isinstance(document, dict)  # the schema passed, so the top level is a mapping
-    job, normalized = _build(document, files)
-    return LoadedManifest(job=job, document=normalized, sha256=hashlib.sha256(raw).hexdigest())
+    job, normalized = _build(document, checked)
+    return LoadedManifest(
+        job=job,
+        document=normalized,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        warnings=tuple(problem for _, problem in sorted(checked.warnings, key=lambda w: w[0])),
+        inspections=checked.inspections,
+    )
 
 
 # Parsing ------------------------------------------------------------------------------------
@@ -242,22 +279,32 @@ def _sort_key(path: _Path) -> _SortKey:
 # Meaning: what the schema cannot see ----------------------------------------------------------
 
 
-def _semantic_problems(document: object, base_dir: Path, files: _Files) -> list[_Found]:
-    """Problems of names and files; fills `files` for every disk whose source is usable."""
+def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
+    """Problems of names and files; fills `checked` for every disk whose source is usable."""
     if not isinstance(document, dict):
         return []
     found: list[_Found] = []
     defaults = document.get("defaults")
     if isinstance(defaults, dict):
         found += _property_key_problems(("defaults",), defaults)
+    else:
+        defaults = {}
     disks = document.get("disks")
     first_of_name: dict[str, int] = {}
+    to_inspect: dict[int, Mapping[str, object]] = {}
     for index, disk in enumerate(disks if isinstance(disks, list) else []):
         if isinstance(disk, dict):
             found += _property_key_problems(("disks", index), disk)
-            found += _source_problems(index, disk, base_dir, files)
+            found += _source_problems(index, disk, checked)
             found += _duplicate_problems(index, disk, first_of_name)
+            if index in checked.files and _setting(disk, defaults, "disk_format") == "vmdk":
+                to_inspect[index] = {**defaults, **disk}
+    found += _inspection_problems(to_inspect, checked)
     return found
+
+
+def _setting(disk: Mapping[str, object], defaults: Mapping[str, object], key: str) -> object:
+    return disk.get(key, defaults.get(key, BUILTIN_DEFAULTS.get(key)))
 
 
 def _property_key_problems(path: _Path, target: Mapping[str, object]) -> Iterator[_Found]:
@@ -288,20 +335,77 @@ def _named_fields() -> frozenset[str]:
     return frozenset(_schema()["$defs"]["disk"]["properties"])
 
 
-def _source_problems(
-    index: int, disk: Mapping[str, object], base_dir: Path, files: _Files
-) -> Iterator[_Found]:
+def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) -> Iterator[_Found]:
     source = disk.get("source")
     if not isinstance(source, str) or not source:
         return  # the schema reports it
     # os.path rather than pathlib: this runs once per disk, and manifests list thousands.
-    path = os.path.realpath(os.path.join(base_dir, source))
-    size_bytes = _file_size(path)
+    path = os.path.realpath(os.path.join(checked.base_dir, source))
+    size_bytes = _outside(path, checked.source_root) or _file_size(path)
     if isinstance(size_bytes, int):
-        files[index] = (path, size_bytes)
+        checked.files[index] = (path, size_bytes)
     else:
-        where: _Path = ("disks", index, "source")
-        yield _sort_key(where), Problem(_location(where), f"{size_bytes}: {path}")
+        yield _source_problem(index, f"{size_bytes}: {path}")
+
+
+def _source_problem(index: int, message: str) -> _Found:
+    where: _Path = ("disks", index, "source")
+    return _sort_key(where), Problem(_location(where), message)
+
+
+def _outside(path: str, source_root: str | None) -> str | None:
+    """Why a resolved path may not be used under the source root, or None."""
+    if source_root is None or os.path.commonpath([source_root, path]) == source_root:
+        return None
+    return f"outside the allowed source root {source_root}"
+
+
+def _inspection_problems(
+    disks: Mapping[int, Mapping[str, object]], checked: _Checked
+) -> list[_Found]:
+    """Inspect every VMDK's headers (in threads); record inspections, return the problems."""
+
+    def inspect(index: int) -> Inspection | str:
+        path = Path(checked.files[index][0])
+        flat_as_raw = disks[index].get("flat_as_raw") is True
+        try:
+            return inspect_vmdk(path, flat_as_raw=flat_as_raw)
+        except (UnsupportedDisk, SourceError) as exc:
+            return exc.message
+
+    if len(disks) > 1:
+        with ThreadPoolExecutor(min(_INSPECTION_THREADS, len(disks))) as pool:
+            results = dict(zip(disks, pool.map(inspect, disks), strict=True))
+    else:
+        results = {index: inspect(index) for index in disks}
+    found: list[_Found] = []
+    for index, result in results.items():
+        if isinstance(result, str):
+            found.append(_source_problem(index, result))
+            continue
+        outside = _outside(str(result.upload_path), checked.source_root)
+        if outside:
+            found.append(_source_problem(index, f"{outside}: {result.upload_path}"))
+            continue
+        checked.inspections[index] = result
+        checked.warnings.extend(_inspection_warnings(index, disks[index], result))
+    return found
+
+
+def _inspection_warnings(
+    index: int, disk: Mapping[str, object], inspection: Inspection
+) -> Iterator[_Found]:
+    for message in inspection.warnings:
+        yield _source_problem(index, message)
+    min_disk = disk.get("min_disk", 0)
+    too_small = (
+        min_disk_warning(inspection.virtual_size_bytes, min_disk)
+        if isinstance(min_disk, int)
+        else None
+    )
+    if too_small:
+        where: _Path = ("disks", index, "min_disk")
+        yield _sort_key(where), Problem(_location(where), too_small)
 
 
 def _file_size(path: str) -> int | str:
@@ -353,9 +457,16 @@ def _image_name(disk: Mapping[str, object]) -> str | None:
 # Building the values --------------------------------------------------------------------------
 
 
-def _build(document: Mapping[str, Any], files: _Files) -> tuple[JobSpec, dict[str, object]]:
+def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dict[str, object]]:
     defaults: dict[str, Any] = {**BUILTIN_DEFAULTS, **document.get("defaults", {})}
+    files = dict(checked.files)
     merged = [_merge(defaults, disk, files[i][0]) for i, disk in enumerate(document["disks"])]
+    for index, inspection in checked.inspections.items():
+        if inspection.disk_format != merged[index]["disk_format"]:
+            # A flat extent uploaded as raw: the image is made of the extent, not the descriptor.
+            files[index] = (str(inspection.upload_path), inspection.upload_size_bytes)
+            merged[index]["source"] = str(inspection.upload_path)
+            merged[index]["disk_format"] = inspection.disk_format
     job = JobSpec(
         name=document["job"],
         disks=tuple(_image_spec(i, disk, files[i][1]) for i, disk in enumerate(merged)),
