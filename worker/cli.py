@@ -25,6 +25,7 @@ from worker.app import WorkerSettings, environment, open_store, run_worker
 from worker.config import load_cloud_settings
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
+from worker.preflight import format_findings, run_preflight
 from worker.report import print_job_status, print_problems, write_report
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -50,6 +51,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         sys.exit(EXIT_CONFIG)
 
 
+source_root_option = click.option(
+    "--source-root",
+    envvar="VMDK_MIGRATE_SOURCE_ROOT",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Refuse any source (or flat extent) that resolves to a file outside this directory.",
+)
 database_option = click.option(
     "--database-url",
     envvar="DATABASE_URL",
@@ -79,26 +86,50 @@ def cli(log_level: str, log_format: str) -> None:
 
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
-def validate(manifest: Path) -> None:
-    """Check a job manifest without writing anything."""
+@source_root_option
+@click.option("--online", is_flag=True, help="Also check the cloud: auth, import, stores, quota.")
+@click.option("--cloud", "cloud_name", default=None, help="Entry of clouds.yaml (or OS_CLOUD).")
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="The run's planned concurrency, for the staging quota check.",
+)
+def validate(
+    manifest: Path, source_root: Path | None, online: bool, cloud_name: str | None, concurrency: int
+) -> None:
+    """Check a job manifest without writing anything; --online also checks the cloud."""
     try:
-        loaded = load_manifest(manifest)
+        loaded = load_manifest(manifest, source_root=source_root)
     except InvalidManifest as exc:
         print_problems(exc)
         sys.exit(EXIT_BAD_INPUT)
     job = loaded.job
+    for warning in loaded.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(
         f"{manifest}: valid: job {job.name!r}, {len(job.disks)} disk(s), {job.total_bytes} bytes"
     )
+    if online:
+        try:
+            cloud = load_cloud_settings(environment(), cloud=cloud_name)
+        except ConfigError as exc:
+            click.echo(f"configuration error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        findings = _run(run_preflight(job, cloud, concurrency=concurrency))
+        click.echo(format_findings(findings))
+        sys.exit(EXIT_BAD_INPUT if any(f.blocking for f in findings) else EXIT_OK)
 
 
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
+@source_root_option
 @database_option
-def submit(manifest: Path, database_url: str | None) -> None:
+def submit(manifest: Path, source_root: Path | None, database_url: str | None) -> None:
     """Validate a manifest and queue its disks; prints the job id."""
     try:
-        loaded = load_manifest(manifest)
+        loaded = load_manifest(manifest, source_root=source_root)
     except InvalidManifest as exc:
         print_problems(exc)
         sys.exit(EXIT_BAD_INPUT)
