@@ -135,7 +135,7 @@ def _inspect(path: Path, reader: _Reader, *, flat_as_raw: bool) -> Inspection:
             f"{CONVERT_COMMAND} DESCRIPTOR.vmdk {path.stem}-stream.vmdk"
         )
     if _looks_like_descriptor(head):
-        return _inspect_descriptor(path, reader, flat_as_raw=flat_as_raw)
+        return _inspect_descriptor(path, reader, head, flat_as_raw=flat_as_raw)
     raise UnsupportedDisk(_not_a_vmdk(path, reader, head))
 
 
@@ -274,13 +274,16 @@ def _looks_like_descriptor(head: bytes) -> bool:
     return text.startswith(b"# disk descriptorfile") or b"createtype" in text
 
 
-def _inspect_descriptor(path: Path, reader: _Reader, *, flat_as_raw: bool) -> Inspection:
+def _inspect_descriptor(
+    path: Path, reader: _Reader, head: bytes, *, flat_as_raw: bool
+) -> Inspection:
     if reader.size_bytes > DESCRIPTOR_MAX_BYTES:
         raise UnsupportedDisk(
             f"the file starts like a VMDK descriptor but has {reader.size_bytes} bytes, "
             f"more than a descriptor may ({DESCRIPTOR_MAX_BYTES})"
         )
-    raw = reader.read_at(0, reader.size_bytes)
+    # Most descriptors fit in the first sector, already read.
+    raw = head if len(head) == reader.size_bytes else reader.read_at(0, reader.size_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
