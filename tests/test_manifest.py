@@ -387,3 +387,163 @@ def test_parse_manifest_auto_reads_json_and_refuses_unknown_formats(tmp_path: Pa
     assert loaded.job.disks[0].name == "n"
     with pytest.raises(ValueError, match="unknown manifest format"):
         parse_manifest("job: j1", base_dir=tmp_path, fmt="toml")
+
+
+# Disk inspection, flat extents and the source root --------------------------------------------
+
+
+def write_flat_pair(base: Path, name: str, sectors: int = 16) -> Path:
+    """A monolithicFlat descriptor `name`.vmdk and its `name`-flat.vmdk extent."""
+    (base / f"{name}-flat.vmdk").write_bytes(b"\1" * sectors * 512)
+    descriptor = base / f"{name}.vmdk"
+    descriptor.write_text(
+        '# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+        f'RW {sectors} FLAT "{name}-flat.vmdk" 0\n'
+    )
+    return descriptor
+
+
+def write_split(base: Path, name: str) -> Path:
+    path = base / f"{name}.vmdk"
+    path.write_text(
+        'version=1\nparentCID=ffffffff\ncreateType="twoGbMaxExtentSparse"\n'
+        f'RW 8192 SPARSE "{name}-s001.vmdk"\n'
+    )
+    return path
+
+
+def test_disks_that_are_not_usable_vmdks_are_problems_of_their_source(tmp_path: Path) -> None:
+    make_files(tmp_path, "d0.vmdk", "d1.vmdk", "d2.vmdk", "d3.vmdk")
+    write_split(tmp_path, "split")
+    (tmp_path / "image.qcow2").write_bytes(b"QFI\xfb" + bytes(1020))
+    write_flat_pair(tmp_path, "flat")
+    sources = ["d0.vmdk", "d1.vmdk", "d2.vmdk", "d3.vmdk", "split.vmdk", "image.qcow2"]
+    document = {
+        "job": "j1",
+        "disks": [{"source": s} for s in sources]
+        + [{"source": "flat.vmdk"}, {"source": "image.qcow2", "name": "q", "disk_format": "qcow2"}],
+    }
+
+    found = problems_of(write(tmp_path, document))
+
+    split = tmp_path.resolve() / "split.vmdk"
+    assert found == {
+        "disks[4].source": "unsupported VMDK subformat twoGbMaxExtentSparse: convert it first "
+        f"with qemu-img convert -O vmdk -o subformat=streamOptimized {split} "
+        f"{split.with_name('split-stream.vmdk')}",
+        "disks[5].source": "not a VMDK: the file is a qcow2 image (set disk_format: qcow2 to "
+        "upload it as it is)",
+        "disks[6].source": "VMDK subformat monolithicFlat is a descriptor; the disk's data is in "
+        "the flat extent 'flat-flat.vmdk': set flat_as_raw: true to upload 'flat-flat.vmdk' as "
+        "disk_format raw, or convert it first with qemu-img convert -O vmdk -o "
+        f"subformat=streamOptimized {tmp_path.resolve() / 'flat.vmdk'} "
+        f"{tmp_path.resolve() / 'flat-stream.vmdk'}",
+    }
+
+
+def test_flat_as_raw_uploads_the_extent_and_a_disk_may_say_no(tmp_path: Path) -> None:
+    write_flat_pair(tmp_path, "web", sectors=32)
+    write_flat_pair(tmp_path, "db")
+    document = {
+        "job": "j1",
+        "defaults": {"flat_as_raw": True},
+        "disks": [{"source": "web.vmdk"}, {"source": "db.vmdk", "flat_as_raw": False}],
+    }
+    assert list(problems_of(write(tmp_path, document))) == ["disks[1].source"]
+
+    del document["disks"][1]  # type: ignore[attr-defined]
+    loaded = load_manifest(write(tmp_path, document))
+
+    (disk,) = loaded.job.disks
+    extent = tmp_path.resolve() / "web-flat.vmdk"
+    assert (disk.name, disk.source, disk.disk_format, disk.size_bytes) == (
+        "web", str(extent), "raw", 32 * 512,
+    )  # fmt: skip
+    assert loaded.inspections[0].subformat == "monolithicFlat"
+    normalized = loaded.document["disks"][0]  # type: ignore[index]
+    assert (normalized["source"], normalized["disk_format"]) == (str(extent), "raw")
+    jsonschema.validate(json.loads(json.dumps(loaded.document)), schema())
+
+
+def test_min_disk_below_the_virtual_size_is_a_warning(tmp_path: Path) -> None:
+    write_monolithic_sparse(tmp_path / "big.vmdk", virtual_size_bytes=3 << 30, data=None)
+    write_monolithic_sparse(tmp_path / "fits.vmdk", virtual_size_bytes=2 << 30, data=None)
+    document = {
+        "job": "j1",
+        "defaults": {"min_disk": 2},
+        "disks": [{"source": "big.vmdk"}, {"source": "fits.vmdk"}, {"source": "fits.vmdk",
+                  "name": "unset", "min_disk": 0}],
+    }  # fmt: skip
+
+    loaded = load_manifest(write(tmp_path, document))
+
+    assert [str(w) for w in loaded.warnings] == [
+        f"disks[0].min_disk: min_disk 2 GiB is below the disk's virtual size of {3 << 30} "
+        "bytes: set it to at least 3"
+    ]
+    assert [i.virtual_size_bytes for i in loaded.inspections.values()] == [
+        3 << 30,
+        2 << 30,
+        2 << 30,
+    ]
+
+
+@pytest.fixture
+def rooted(tmp_path: Path) -> tuple[Path, Path]:
+    """A source root holding a good disk, and a directory outside it holding another."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    make_files(root, "in.vmdk")
+    make_files(outside, "out.vmdk")
+    return root, outside
+
+
+def test_the_source_root_confines_sources_after_resolving_links_and_dots(
+    rooted: tuple[Path, Path],
+) -> None:
+    root, outside = rooted
+    (root / "link.vmdk").symlink_to(outside / "out.vmdk")
+    (root / "sub").mkdir()
+    document = {
+        "job": "j1",
+        "disks": [
+            {"source": "root/in.vmdk"},
+            {"source": "root/sub/../in.vmdk", "name": "dots-inside"},
+            {"source": "outside/out.vmdk"},
+            {"source": "root/../outside/out.vmdk", "name": "dots"},
+            {"source": "root/link.vmdk"},
+            {"source": str(outside / "nowhere.vmdk")},
+        ],
+    }
+    manifest = write(root.parent, document)
+
+    with pytest.raises(InvalidManifest) as caught:
+        load_manifest(manifest, source_root=root)
+
+    real_root, real_out = root.resolve(), (outside / "out.vmdk").resolve()
+    assert [str(p) for p in caught.value.problems] == [
+        f"disks[2].source: outside the allowed source root {real_root}: {real_out}",
+        f"disks[3].source: outside the allowed source root {real_root}: {real_out}",
+        f"disks[4].source: outside the allowed source root {real_root}: {real_out}",
+        f"disks[5].source: outside the allowed source root {real_root}: "
+        f"{outside.resolve() / 'nowhere.vmdk'}",
+    ]
+    # Without a root, every one of them is fine but the missing file.
+    assert list(problems_of(manifest)) == ["disks[5].source"]
+
+
+def test_the_source_root_confines_flat_extents_too(rooted: tuple[Path, Path]) -> None:
+    root, outside = rooted
+    write_flat_pair(outside, "esx")
+    (root / "esx-flat.vmdk").symlink_to(outside / "esx-flat.vmdk")
+    (outside / "esx.vmdk").rename(root / "esx.vmdk")
+    document = {"job": "j1", "disks": [{"source": "esx.vmdk", "flat_as_raw": True}]}
+    manifest = write(root, document)
+
+    with pytest.raises(InvalidManifest) as caught:
+        load_manifest(manifest, source_root=root)
+
+    assert [str(p) for p in caught.value.problems] == [
+        f"disks[0].source: outside the allowed source root {root.resolve()}: "
+        f"{(outside / 'esx-flat.vmdk').resolve()}"
+    ]
+    assert load_manifest(manifest, source_root=outside.parent).job.disks[0].disk_format == "raw"
