@@ -97,9 +97,15 @@ class RateLimited(RetryableError):
 
     code = "rate_limited"
 
-    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None,
-                 status: int | None = None, request_id: str | None = None,
-                 operation: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+        operation: str | None = None,
+    ) -> None:
         super().__init__(message, status=status, request_id=request_id, operation=operation)
         self.retry_after_s = retry_after_s
 
