@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -328,8 +327,6 @@ service_token_roles_required = false
                 log,
                 MANAGE_TIMEOUT_S,
             )
-        for database in ("keystone.sqlite", "glance.sqlite"):
-            _use_write_ahead_log(self._path(database))
         marker.touch()
 
     def _bootstrap_args(self) -> list[str]:
@@ -548,17 +545,6 @@ def _alive(pid: int) -> bool:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
-
-
-def _use_write_ahead_log(database: Path) -> None:
-    """Switch a SQLite file to WAL (a persistent setting): Glance's import threads and API
-    threads write concurrently, and the default rollback journal fails some of those writes
-    at once with "database is locked"."""
-    connection = sqlite3.connect(database)
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        connection.close()
 
 
 def _user_name() -> str:

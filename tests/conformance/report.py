@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 SANDBOX = "sandbox"
@@ -43,6 +46,7 @@ class Comparison:
 
 OBSERVATIONS: dict[str, dict[str, Observation]] = {}
 COMPARISONS: list[Comparison] = []
+UNUSED_KNOWN: list[str] = []
 
 
 def record(case: str, target: str, observation: Observation) -> None:
@@ -106,18 +110,38 @@ def known_reason(case: str, difference: str, known: Mapping[tuple[str, str], str
 def compare_all(cases: list[str], known: Mapping[tuple[str, str], str]) -> list[Comparison]:
     """Compare the two targets case by case; the result is also kept for the printed table."""
     COMPARISONS.clear()
+    UNUSED_KNOWN[:] = [f"{case} / {prefix}" for case, prefix in known]
     for case in cases:
         seen = OBSERVATIONS.get(case, {})
         comparison = Comparison(case, missing=[t for t in (SANDBOX, REAL) if t not in seen])
         if not comparison.missing:
             for difference in differences(seen[SANDBOX], seen[REAL]):
                 reason = known_reason(case, difference, known)
+                _mark_used(case, difference, known)
                 if reason is None:
                     comparison.new.append(difference)
                 else:
                     comparison.known.append((difference, reason))
         COMPARISONS.append(comparison)
     return COMPARISONS
+
+
+def _mark_used(case: str, difference: str, known: Mapping[tuple[str, str], str]) -> None:
+    for case_key, prefix in known:
+        if case_key in (case, "*") and difference.startswith(prefix):
+            with contextlib.suppress(ValueError):
+                UNUSED_KNOWN.remove(f"{case_key} / {prefix}")
+
+
+def dump(path: Path) -> None:
+    """Write every observation as JSON, for reading a CI failure after the fact."""
+    data = {
+        case: {
+            target: asdict(seen) | {"headers": sorted(seen.headers)} for target, seen in by.items()
+        }
+        for case, by in OBSERVATIONS.items()
+    }
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 def summary_lines() -> list[str]:
@@ -137,4 +161,7 @@ def summary_lines() -> list[str]:
         lines.append(f"{comparison.case:<40} {statuses[0]:>8} {statuses[1]:>8}  {verdict}")
         lines.extend(f"    NEW   {difference}" for difference in comparison.new)
         lines.extend(f"    known {d}  [{reason}]" for d, reason in comparison.known)
+    if UNUSED_KNOWN:
+        lines.append("known differences that did not occur (remove them once the sandbox agrees):")
+        lines.extend(f"    {entry}" for entry in UNUSED_KNOWN)
     return lines

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,6 +29,7 @@ GTES_PER_GT = 512
 VIRTUAL_SIZE_BYTES = 64 * 1024 * 1024
 POLL_INTERVAL_S = 0.05
 POLL_TIMEOUT_S = 30.0
+SETTLE_TIMEOUT_S = 5.0
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 TERMINAL = frozenset({"active", "queued", "killed", "deleted", "pending_delete"})
 TASK_ENDS = frozenset({"success", "failure"})
@@ -152,15 +155,18 @@ class Cloud:
         return bool(tasks) and tasks[-1].get("status") == "failure"
 
     async def settle(self, image_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Wait for the import's end and for its task's end: Glance makes an image active before
-        its task finishes, and a request racing those last writes can break the next import."""
-        image = await self.wait_terminal(image_id)
-        deadline = time.monotonic() + POLL_TIMEOUT_S
+        """Wait for the import's end, its task's end and the import lock's removal: Glance makes
+        an image active before it finishes the task and drops the lock, and a request racing
+        those last writes can break the next import (SQLite)."""
+        await self.wait_terminal(image_id)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             tasks = await self.tasks(image_id)
-            if not tasks or tasks[-1].get("status") in TASK_ENDS:
+            image = await self.image(image_id)
+            ended = not tasks or tasks[-1].get("status") in TASK_ENDS
+            if (ended and "os_glance_import_task" not in image) or time.monotonic() > deadline:
+                # Past the deadline the state is reported as it is, for the facts to show.
                 return image, tasks
-            assert time.monotonic() < deadline, f"task still {tasks[-1].get('status')}"
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def cleanup(self) -> None:
@@ -224,7 +230,18 @@ Given = Callable[[Cloud], Awaitable[str]]
 
 # ---- facts gathered after the request ------------------------------------------------
 
-Flow = Callable[[Cloud, str, Mapping[str, str], Mapping[str, str]], Awaitable[dict[str, Any]]]
+
+@dataclass(frozen=True)
+class Exchange:
+    """The case's request and its answer, as the fact-gathering flows see them."""
+
+    image_id: str
+    sent: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: Any
+
+
+Flow = Callable[[Cloud, Exchange], Awaitable[dict[str, Any]]]
 
 
 def status_sequence(statuses: list[str]) -> list[str]:
@@ -244,11 +261,9 @@ def matches(value: Any, expected: str) -> str:
     return "matches" if value == expected else "differs"
 
 
-async def import_outcome(
-    cloud: Cloud, image_id: str, sent: Mapping[str, str], answered: Mapping[str, str]
-) -> dict[str, Any]:
+async def import_outcome(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
     """Poll the import to its end; report the sequence, hashes, sizes and failure signals."""
-    image, tasks = await cloud.settle(image_id)
+    image, tasks = await cloud.settle(exchange.image_id)
     data = cloud.staged
     return {
         "sequence": status_sequence(cloud.statuses),
@@ -257,9 +272,17 @@ async def import_outcome(
         "os_hash_value": matches(image.get("os_hash_value"), hashlib.sha512(data).hexdigest()),
         "size": "staged bytes" if image.get("size") == len(data) else image.get("size"),
         "virtual_size": image.get("virtual_size"),
+        "os_glance_failed_import": presence(image, "os_glance_failed_import"),
+        "os_glance_import_task": presence(image, "os_glance_import_task"),
         "failure signalled": failure_signalled(image),
         "task status": tasks[-1].get("status") if tasks else None,
     }
+
+
+def presence(image: Mapping[str, Any], key: str) -> str:
+    if key not in image:
+        return "absent"
+    return "set" if image[key] else "empty"
 
 
 def relation(value: str | None, sent: str) -> str:
@@ -270,32 +293,25 @@ def relation(value: str | None, sent: str) -> str:
     return "req- added" if value == f"req-{sent}" else "other"
 
 
-async def request_id_outcome(
-    cloud: Cloud, image_id: str, sent: Mapping[str, str], answered: Mapping[str, str]
-) -> dict[str, Any]:
+async def request_id_outcome(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
     """How the request id we sent on /import comes back: in the answer and in the image's task."""
-    _, tasks = await cloud.settle(image_id)
-    ours = sent["X-Openstack-Request-ID"]
+    _, tasks = await cloud.settle(exchange.image_id)
+    ours = exchange.sent["X-Openstack-Request-ID"]
     return {
-        "answer header": relation(answered.get("X-Openstack-Request-Id"), ours),
+        "answer header": relation(exchange.headers.get("X-Openstack-Request-Id"), ours),
         "task request_id": relation(tasks[-1].get("request_id") if tasks else None, ours),
         "task status": tasks[-1].get("status") if tasks else None,
     }
 
 
-async def image_gone(
-    cloud: Cloud, image_id: str, sent: Mapping[str, str], answered: Mapping[str, str]
-) -> dict[str, Any]:
-    async with cloud.http.get(cloud.target.glance(f"/v2/images/{image_id}")) as r:
+async def image_gone(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
+    async with cloud.http.get(cloud.target.glance(f"/v2/images/{exchange.image_id}")) as r:
         return {"GET after": r.status}
 
 
-async def first_page(
-    cloud: Cloud, image_id: str, sent: Mapping[str, str], answered: Mapping[str, str]
-) -> dict[str, Any]:
+async def next_page(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
     """Follow `next` once: it must be a usable path below the image endpoint."""
-    async with cloud.http.get(cloud.target.glance("/v2/images?limit=1")) as r:
-        page = await r.json(content_type=None)
+    page = exchange.body
     async with cloud.http.get(cloud.target.glance(page["next"])) as r:
         second = await r.json(content_type=None)
     first_ids = {image["id"] for image in page["images"]}
@@ -308,10 +324,20 @@ async def first_page(
     }
 
 
-async def catalog_has_image(
-    cloud: Cloud, image_id: str, sent: Mapping[str, str], answered: Mapping[str, str]
-) -> dict[str, Any]:
-    return {"X-Subject-Token length > 0": bool(answered.get("X-Subject-Token"))}
+async def catalog_image(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
+    """Where the token's catalog says the image service is (the worker looks it up there)."""
+    urls = {
+        endpoint["interface"]: endpoint["url"].rstrip("/")
+        for service in exchange.body["token"].get("catalog", [])
+        if service["type"] == "image"
+        for endpoint in service["endpoints"]
+    }
+    public = urls.get("public")
+    where = "absent" if public is None else "other"
+    return {
+        "catalog image public endpoint": "image_url" if public == cloud.target.image_url else where,
+        "token roles": sorted(role["name"] for role in exchange.body["token"]["roles"]),
+    }
 
 
 # ---- the table -------------------------------------------------------------------------
@@ -347,6 +373,8 @@ SUCCESS_FACTS = {
     "os_hash_value": "matches",
     "size": "staged bytes",
     "virtual_size": VIRTUAL_SIZE_BYTES,
+    "os_glance_failed_import": "empty",
+    "os_glance_import_task": "absent",
     "failure signalled": False,
     "task status": "success",
 }
@@ -360,6 +388,8 @@ CASES = [
         service="identity",
         auth=False,
         json=lambda t: t.token_request(),
+        flow=catalog_image,
+        expect_facts={"catalog image public endpoint": "image_url"},
         expect_headers=("X-Subject-Token",),
         shape_depth=2,
     ),
@@ -402,7 +432,7 @@ CASES = [
         200,
         path="/v2/images?limit=1",
         given=given_two,
-        flow=first_page,
+        flow=next_page,
         expect_facts={
             "page length": 1,
             "next starts with /v2/images": True,
@@ -509,6 +539,8 @@ CASES = [
             "checksum": "null",
             "os_hash_value": "null",
             "size": "staged bytes",
+            "os_glance_failed_import": "set",
+            "os_glance_import_task": "absent",
             "failure signalled": True,
             "task status": "failure",
         },
@@ -584,18 +616,20 @@ def substitute(value: Any, names: Mapping[str, str]) -> Any:
     return value
 
 
-async def answer_of(response: aiohttp.ClientResponse, depth: int) -> report.Observation:
+async def answer_of(response: aiohttp.ClientResponse, depth: int) -> tuple[report.Observation, Any]:
+    """The observation of an answer, and its parsed JSON body (None when it has none)."""
     raw = await response.read()
-    shape: dict[str, str] = {}
+    parsed: Any = None
     kind = "empty" if not raw else "text"
     if raw:
         try:
-            shape = report.shape_of(json.loads(raw), depth)
+            parsed = json.loads(raw)
             kind = "json"
         except ValueError:
             pass
+    shape = report.shape_of(parsed, depth) if kind == "json" else {}
     present = frozenset(h for h in report.HEADERS_OF_INTEREST if h in response.headers)
-    return report.Observation(response.status, kind, shape, present)
+    return report.Observation(response.status, kind, shape, present), parsed
 
 
 async def observe(target: Target, case: Case) -> report.Observation:
@@ -615,13 +649,30 @@ async def observe(target: Target, case: Case) -> report.Observation:
                 json=None if body is None else substitute(body, names),
                 data=case.data,
             ) as response:
-                observation = await answer_of(response, case.shape_depth)
+                observation, answer = await answer_of(response, case.shape_depth)
                 answered = response.headers.copy()
             if case.flow is not None:
-                observation.facts = await case.flow(cloud, image_id, headers, answered)
+                exchange = Exchange(image_id, headers, answered, answer)
+                observation.facts = await case.flow(cloud, exchange)
             return observation
         finally:
             await cloud.cleanup()
+
+
+async def observe_past_glitches(target: Target, case: Case) -> report.Observation:
+    """Observe the case; run it again (up to twice) when the real Glance's SQLite failed a write
+    meanwhile, since that breaks imports for reasons outside the contract."""
+    for _ in range(2):
+        lock_errors = target.sqlite_lock_errors()
+        try:
+            observation = await observe(target, case)
+        except AssertionError:
+            if target.sqlite_lock_errors() == lock_errors:
+                raise
+            continue
+        if target.sqlite_lock_errors() == lock_errors:
+            return observation
+    return await observe(target, case)
 
 
 def expectation_problems(case: Case, observation: report.Observation) -> list[str]:
@@ -643,7 +694,7 @@ def expectation_problems(case: Case, observation: report.Observation) -> list[st
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 async def test_contract(target: Target, case: Case) -> None:
-    observation = await observe(target, case)
+    observation = await observe_past_glitches(target, case)
     report.record(case.name, target.name, observation)
     problems = expectation_problems(case, observation)
     if target.name == report.SANDBOX:
@@ -654,6 +705,8 @@ async def test_contract(target: Target, case: Case) -> None:
 def test_targets_agree() -> None:
     """Both targets answered every case alike, apart from the known differences (runs last)."""
     comparisons = report.compare_all([case.name for case in CASES], KNOWN_DIFFERENCES)
+    if base_dir := os.environ.get("REAL_GLANCE_BASE_DIR"):
+        report.dump(Path(base_dir) / "log" / "contract-observations.json")
     problems = [
         f"{c.case}: not run on {', '.join(c.missing)}" for c in comparisons if c.missing
     ] + [f"{c.case}: {difference}" for c in comparisons for difference in c.new]
