@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import random
-import struct
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,12 +20,10 @@ import pytest
 
 from tests.conformance import report
 from tests.conformance.conftest import Target
+from worker.sampledisks import write_monolithic_sparse, write_stream_optimized
 
 pytestmark = pytest.mark.conformance
 
-SECTOR_BYTES = 512
-GRAIN_SECTORS = 128  # 64 KiB grains, as qemu-img writes them
-GTES_PER_GT = 512
 VIRTUAL_SIZE_BYTES = 64 * 1024 * 1024
 POLL_INTERVAL_S = 0.05
 POLL_TIMEOUT_S = 30.0
@@ -35,56 +33,25 @@ TERMINAL = frozenset({"active", "queued", "killed", "deleted", "pending_delete"}
 TASK_ENDS = frozenset({"success", "failure"})
 
 
-def tiny_vmdk(virtual_size_bytes: int) -> bytes:
-    """An empty monolithicSparse VMDK: header, descriptor at sector 1, grain directories, tables."""
-    capacity_sectors = virtual_size_bytes // SECTOR_BYTES
-    grains = -(-capacity_sectors // GRAIN_SECTORS)
-    tables = -(-grains // GTES_PER_GT)
-    gd_sectors = -(-tables * 4 // SECTOR_BYTES)
-    gt_sectors = tables * GTES_PER_GT * 4 // SECTOR_BYTES
-    descriptor_sectors = 20
-    rgd_sector = 1 + descriptor_sectors
-    gd_sector = rgd_sector + gd_sectors + gt_sectors
-    end_sector = gd_sector + gd_sectors + gt_sectors
-    overhead_sectors = -(-end_sector // GRAIN_SECTORS) * GRAIN_SECTORS
-    header = struct.pack(
-        "<4sIIQQQQIQQQ?ccccH",
-        b"KDMV",
-        1,  # version
-        3,  # flags: valid newline test, redundant grain table
-        capacity_sectors,
-        GRAIN_SECTORS,
-        1,  # descriptor offset (sectors)
-        descriptor_sectors,
-        GTES_PER_GT,
-        rgd_sector,
-        gd_sector,
-        overhead_sectors,
-        False,  # unclean shutdown
-        b"\n",
-        b" ",
-        b"\r",
-        b"\n",
-        0,  # no compression
+def vmdk_bytes(write: Callable[[Path], int]) -> bytes:
+    """The bytes of a sample VMDK written by worker.sampledisks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "disk.vmdk"
+        write(path)
+        return path.read_bytes()
+
+
+# Both targets get the same bytes: seeded content, sparse (with data) and streamOptimized.
+VALID_VMDK = vmdk_bytes(
+    lambda path: write_monolithic_sparse(
+        path, virtual_size_bytes=VIRTUAL_SIZE_BYTES, data=random.Random(3).randbytes(100_000)
     )
-    descriptor = (
-        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
-        'createType="monolithicSparse"\n\n# Extent description\n'
-        f'RW {capacity_sectors} SPARSE "disk.vmdk"\n\n# The Disk Data Base\n#DDB\n\n'
-        'ddb.virtualHWVersion = "4"\nddb.adapterType = "ide"\n'
-    ).encode()
-    image = bytearray(overhead_sectors * SECTOR_BYTES)
-    image[: len(header)] = header
-    image[SECTOR_BYTES : SECTOR_BYTES + len(descriptor)] = descriptor
-    for directory_sector in (rgd_sector, gd_sector):
-        first_table = directory_sector + gd_sectors
-        entries = [first_table + i * 4 for i in range(tables)]
-        offset = directory_sector * SECTOR_BYTES
-        image[offset : offset + 4 * tables] = struct.pack(f"<{tables}I", *entries)
-    return bytes(image)
-
-
-VALID_VMDK = tiny_vmdk(VIRTUAL_SIZE_BYTES)
+)
+STREAM_VMDK = vmdk_bytes(
+    lambda path: write_stream_optimized(
+        path, virtual_size_bytes=VIRTUAL_SIZE_BYTES, seed=5, fill_bytes=150_000
+    )
+)
 # Seeded, so both targets get the same bytes; they are no known disk format.
 RANDOM_BYTES = random.Random(7).randbytes(64 * 1024)
 
@@ -203,6 +170,12 @@ async def given_deleted(cloud: Cloud) -> str:
 async def given_staged(cloud: Cloud) -> str:
     image_id = await cloud.create()
     await cloud.stage(image_id, VALID_VMDK)
+    return image_id
+
+
+async def given_staged_stream(cloud: Cloud) -> str:
+    image_id = await cloud.create()
+    await cloud.stage(image_id, STREAM_VMDK)
     return image_id
 
 
@@ -517,6 +490,16 @@ CASES = [
         expect_facts=SUCCESS_FACTS,
     ),
     Case(
+        "import-stream-optimized",
+        202,
+        "POST",
+        "/v2/images/{id}/import",
+        given_staged_stream,
+        json=GLANCE_DIRECT,
+        flow=import_outcome,
+        expect_facts=SUCCESS_FACTS,
+    ),
+    Case(
         "import-virtio-vmdk",
         202,
         "POST",
@@ -569,6 +552,11 @@ CASES = [
         json=GLANCE_DIRECT,
         headers={"X-Openstack-Request-ID": "{rid}"},
         flow=request_id_outcome,
+        expect_facts={
+            "answer header": "req- added",
+            "task request_id": "same as sent",
+            "task status": "success",
+        },
     ),
     Case("tasks", 200, path="/v2/images/{id}/tasks", given=given_active, shape_depth=5),
     Case(
