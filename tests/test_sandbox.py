@@ -234,7 +234,8 @@ async def test_glance_without_valid_token_is_401_with_keystone_uri(
     async with http.get(f"{sandbox.image_url}/v2/images", headers=headers) as resp:
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == f'Keystone uri="{sandbox.auth_url}"'
-        assert resp.headers["x-openstack-request-id"].startswith("req-")
+        # Real Glance rejects the token before it assigns a request id.
+        assert "x-openstack-request-id" not in resp.headers
         if accept == "application/json":
             assert (await resp.json())["code"] == "401 Unauthorized"
         else:

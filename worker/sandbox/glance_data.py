@@ -193,7 +193,8 @@ def _new_task(state: CloudState, request: web.Request, image: Image, method: str
         image_id=image.id,
         owner=token.project_id or "",
         user_id=token.user_id,
-        request_id=request_id_of(request),
+        # The task keeps the id exactly as the client sent it; only the header gets `req-`.
+        request_id=request.headers.get("x-openstack-request-id") or request_id_of(request),
         import_req={"method": {"name": method}},
         backend=[default_store(state)],
         created_at=now,

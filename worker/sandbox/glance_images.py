@@ -55,6 +55,8 @@ async def create_image(request: web.Request) -> web.Response:
     methods = state.config.import_methods
     if methods:
         headers["OpenStack-image-import-methods"] = ",".join(methods)
+    if state.config.stores:  # multi-store clouds name their stores
+        headers["OpenStack-image-store-ids"] = ",".join(str(s["id"]) for s in state.config.stores)
     return web.json_response(image.to_json(), status=201, headers=headers)
 
 

@@ -160,7 +160,10 @@ async def issue_token(request: web.Request) -> web.Response:
         body = await read_json(request)
         token = _authenticate(state, body["auth"])
     except AuthRejected:
-        return keystone_error(401, UNAUTHORIZED)
+        uri = endpoints_of(request).auth_url
+        return keystone_error(
+            401, UNAUTHORIZED, headers={"WWW-Authenticate": f'Keystone uri="{uri}"'}
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         return keystone_error(
             400, "The request you have made is malformed: expecting auth.identity.methods."

@@ -28,7 +28,7 @@ from worker.sandbox.context import (
     Endpoints,
 )
 from worker.sandbox.errors import glance_error, keystone_error
-from worker.sandbox.faults import FaultBook, fault_middleware
+from worker.sandbox.faults import FaultBook, fault_middleware, service_path
 from worker.sandbox.state import CloudState
 
 log = structlog.get_logger(__name__)
@@ -73,12 +73,20 @@ def frame_middleware(records: list[RequestRecord]) -> Any:
                 response = await handler(request)
             except web.HTTPException as exc:
                 response = _http_exception(request, exc)
-        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+        if _carries_request_id(request, response):
+            response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
         status = 0 if request.get(NO_ANSWER) else response.status
         records.append(RequestRecord(request.method, request.path, status))
         return response
 
     return frame
+
+
+def _carries_request_id(request: web.Request, response: web.StreamResponse) -> bool:
+    """Real Glance rejects a bad token, and serves its version list, before it assigns an id."""
+    if not request.path.startswith("/image"):
+        return True
+    return response.status != 401 and service_path(request.path) not in glance.UNAUTHENTICATED_PATHS
 
 
 def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
