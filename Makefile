@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # qemu-img makes real VMDKs of every subformat for the inspection tests (Debian qemu-utils).
+# Headless chromium renders the web dashboard in its tests (Debian chromium).
 tools:
 	@command -v qemu-img >/dev/null || { \
 	  echo "== installing qemu-utils (qemu-img) for the VMDK tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq qemu-utils >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	  echo "== installing chromium (headless) for the dashboard tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 demo: $(STAMP)
 	$(BIN)/python -m worker demo

@@ -1,0 +1,173 @@
+"""The read-only web dashboard: job progress and per-image rows from the dashboard views."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from importlib import resources
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from worker.app import open_store
+from worker.core.model import Phase
+
+log = structlog.get_logger(__name__)
+
+POOL_KEY = web.AppKey("pool", asyncpg.Pool)
+MAX_JOBS = 200
+DEFAULT_IMAGE_LIMIT = 500
+MAX_IMAGE_LIMIT = 5000
+
+# Only the views of migrations/0003_dashboard_views.sql, with the columns the page shows.
+JOBS_SQL = """
+SELECT job_id, name, state, submitted_at, disk_count, total_bytes, pending, creating, staging,
+       importing, verifying, done, failed, in_progress, finished, workers, finished_percent,
+       bytes_done, bytes_failed, bytes_left, started_at, finished_at, running_s,
+       throughput_bytes_per_s, eta_s, eta_at
+FROM dashboard.job_progress
+ORDER BY submitted_at DESC, job_id
+LIMIT $1
+"""
+FAILURES_SQL = """
+SELECT job_id, error_code, images, last_message
+FROM dashboard.job_failures_by_code
+WHERE job_id = ANY($1::uuid[])
+ORDER BY images DESC, error_code
+"""
+JOB_EXISTS_SQL = "SELECT disk_count FROM dashboard.job_progress WHERE job_id = $1"
+IMAGES_SQL = """
+SELECT result_id, disk_index, image_name, phase, source_size_bytes, bytes_staged,
+       staged_percent, attempts, worker_id, leased, elapsed_s, glance_image_id, verification,
+       error_code, error_message, cleanup, updated_at
+FROM dashboard.image_progress
+WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text)
+ORDER BY disk_index
+LIMIT $3
+"""
+IMAGES_COUNT_SQL = """
+SELECT count(*) FROM dashboard.image_progress
+WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text)
+"""
+
+
+def build_app(pool: asyncpg.Pool) -> web.Application:
+    """The page and its JSON endpoints, reading through `pool`."""
+    app = web.Application()
+    app[POOL_KEY] = pool
+    app.router.add_get("/", _page)
+    app.router.add_get("/api/jobs", _jobs)
+    app.router.add_get("/api/jobs/{job_id}/images", _images)
+    return app
+
+
+@asynccontextmanager
+async def running_dashboard(
+    database_url: str, *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve the dashboard while the block runs; yields its base URL (port 0 picks a free one)."""
+    async with open_store(database_url, max_size=1):
+        pass  # brings the schema, and so the views, up to date before serving
+    pool = await asyncpg.create_pool(
+        database_url,
+        min_size=1,
+        max_size=4,
+        # The dashboard only reads; the server refuses any write it might attempt.
+        server_settings={
+            "default_transaction_read_only": "on",
+            "application_name": "vmdk-migrate-dashboard",
+        },
+    )
+    runner = web.AppRunner(build_app(pool), access_log=None)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        url = f"http://{host}:{runner.addresses[0][1]}/"
+        log.info("dashboard.started", url=url)
+        yield url
+    finally:
+        await runner.cleanup()
+        await pool.close()
+
+
+async def _page(request: web.Request) -> web.Response:
+    text = resources.files("worker").joinpath("dashboard.html").read_text(encoding="utf-8")
+    return web.Response(text=text, content_type="text/html", headers=_NO_CACHE)
+
+
+async def _jobs(request: web.Request) -> web.Response:
+    pool = request.app[POOL_KEY]
+    jobs = [dict(record) for record in await pool.fetch(JOBS_SQL, MAX_JOBS)]
+    failures = await pool.fetch(FAILURES_SQL, [job["job_id"] for job in jobs])
+    for job in jobs:
+        job["failures"] = [
+            {key: record[key] for key in ("error_code", "images", "last_message")}
+            for record in failures
+            if record["job_id"] == job["job_id"]
+        ]
+    return _json({"jobs": jobs})
+
+
+async def _images(request: web.Request) -> web.Response:
+    job_id = _parse_uuid(request.match_info["job_id"])
+    phase = _parse_phase(request.query.get("phase"))
+    limit = _parse_limit(request.query.get("limit"))
+    pool = request.app[POOL_KEY]
+    if await pool.fetchval(JOB_EXISTS_SQL, job_id) is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id}"}), **_JSON_TYPE)
+    records = await pool.fetch(IMAGES_SQL, job_id, phase, limit)
+    total = await pool.fetchval(IMAGES_COUNT_SQL, job_id, phase)
+    images = [dict(record) for record in records]
+    return _json({"job_id": job_id, "phase": phase, "total": total, "images": images})
+
+
+def _parse_uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise _bad_request(f"not a job id: {text!r}") from None
+
+
+def _parse_phase(text: str | None) -> str | None:
+    if not text:
+        return None
+    try:
+        return Phase(text).value
+    except ValueError:
+        raise _bad_request(f"unknown phase {text!r}") from None
+
+
+def _parse_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_IMAGE_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_IMAGE_LIMIT:
+        raise _bad_request(f"limit must be an integer from 1 to {MAX_IMAGE_LIMIT}")
+    return int(text)
+
+
+_JSON_TYPE: Mapping[str, Any] = {"content_type": "application/json"}
+_NO_CACHE = {"Cache-Control": "no-store"}
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": message}), **_JSON_TYPE)
+
+
+def _json(body: Mapping[str, object]) -> web.Response:
+    return web.Response(
+        text=json.dumps(body, default=_json_default), headers=_NO_CACHE, **_JSON_TYPE
+    )
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"cannot send {type(value).__name__} as JSON")
