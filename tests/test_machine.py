@@ -30,6 +30,7 @@ from worker.core.machine import (
     Step,
     TaskFacts,
     begin,
+    cancel,
     decide,
 )
 from worker.core.model import Phase, Verification, image_id_for, next_image_id
@@ -41,6 +42,7 @@ from worker.errors import (
     MigrationError,
     NotFound,
     QuotaExceeded,
+    RateLimited,
     SourceError,
 )
 
@@ -363,3 +365,128 @@ def test_image_missing_while_importing_is_gone_not_recreated() -> None:
     result = step(importing_state(), PollImport(), Errored(NotFound("no image")))
     assert result.finished
     assert result.columns["error_code"] == "image_gone"
+
+
+def test_resumed_uploading_image_with_an_import_lock_is_polled_not_imported_again() -> None:
+    # The import was accepted but its answer was lost: a second POST would only get 409.
+    state = fresh(phase=Phase.IMPORTING, image_exists=True)
+    result = step(
+        state, InspectImage(), Observed(facts("uploading", size=SIZE, import_locked=True))
+    )
+    assert isinstance(result.command, PollImport)
+    assert result.state.import_request_id is not None
+
+
+def test_queued_image_whose_stage_was_refused_is_made_again() -> None:
+    # 409 "has data on staging": the stale file stays until the image is deleted.
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    looked = step(state, StageData(), Errored(Conflict("has data on staging")))
+    result = step(looked.state, InspectImage(), Observed(facts("queued")))
+    assert isinstance(result.command, DeleteImage)
+    assert result.command.then_recreate
+
+
+def test_conflicts_that_never_settle_fail_the_image() -> None:
+    state = fresh(phase=Phase.IMPORTING, image_exists=True, source_hash=HASH)
+    command: Command = RequestImport(request_id="req-x")
+    for _ in range(5):
+        looked = step(state, command, Errored(Conflict("Image has active task")))
+        assert isinstance(looked.command, InspectImage)
+        again = step(looked.state, InspectImage(), Observed(facts("uploading", size=SIZE)))
+        assert again.command is not None
+        state, command = again.state, again.command
+    given_up = step(state, command, Errored(Conflict("Image has active task")))
+    assert isinstance(given_up.command, DeleteImage)
+    assert given_up.columns["error_code"] == "conflict"
+
+
+def test_missing_image_while_creating_is_created_again_under_the_same_id() -> None:
+    # A create that never landed (or is still on its way): the same id keeps it idempotent.
+    state = fresh(phase=Phase.CREATING, image_exists=True)
+    result = step(state, InspectImage(), Errored(NotFound("no image")))
+    assert isinstance(result.command, CreateImage)
+    assert result.state.image_id == state.image_id
+
+
+def test_adopted_id_that_turns_out_missing_gets_a_new_id() -> None:
+    # Real Glance answers 409 for the id of a deleted image, then 404 on a GET of it.
+    adopted = step(begin(fresh()).state, CreateImage(), Errored(Conflict("exists")))
+    result = step(adopted.state, InspectImage(), Errored(NotFound("no image")))
+    assert isinstance(result.command, CreateImage)
+    assert result.state.image_id == next_image_id(adopted.state.image_id)
+    assert result.columns["glance_image_id"] == result.state.image_id
+
+
+def test_recreating_clears_the_progress_of_the_old_image() -> None:
+    state = replace(importing_state(), phase=Phase.STAGING)
+    deleting = step(state, InspectImage(), Observed(facts("uploading", size=1)))
+    recreated = step(deleting.state, deleting.command, Deleted())  # type: ignore[arg-type]
+    assert recreated.columns["import_requested_at"] is None
+    assert recreated.columns["import_request_id"] is None
+    assert recreated.columns["bytes_staged"] == 0
+    assert recreated.state.import_accepted_at is None
+
+
+@pytest.mark.parametrize(
+    ("state", "expected_command", "cleanup"),
+    [
+        (fresh(phase=Phase.STAGING, image_exists=True), DeleteImage, None),
+        (fresh(phase=Phase.CREATING), DeleteImage, None),  # the create may have landed
+        (fresh(phase=Phase.STAGING, image_exists=True, keep_on_failure=True), None, "kept"),
+        (fresh(), None, None),  # nothing was made
+    ],
+)
+def test_cancel_cleans_up_like_a_permanent_failure(
+    state: ImageState, expected_command: type | None, cleanup: str | None
+) -> None:
+    result = cancel(state, now=5.0)
+    assert result.columns["error_code"] == "cancelled"
+    if expected_command is None:
+        assert result.finished
+        assert result.state.phase is Phase.FAILED
+        assert result.columns.get("cleanup") == cleanup
+        return
+    assert isinstance(result.command, DeleteImage)
+    assert expected_command is DeleteImage
+    final = step(result.state, result.command, Deleted())
+    assert final.state.phase is Phase.FAILED
+    assert final.columns["cleanup"] == "deleted"
+    assert final.error is not None
+    assert final.error.code == "cancelled"
+
+
+def test_retry_budget_counts_from_the_images_first_failure_across_steps() -> None:
+    policies = Policies(retry=RetryPolicy(budget_s=10.0, base_delay_s=1.0, max_delay_s=1.0))
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    retried = decide(
+        state,
+        StageData(),
+        Errored(CloudUnavailable("503")),
+        now=100.0,
+        jitter=0.0,
+        policies=policies,
+    )
+    staged = decide(
+        retried.state, StageData(), Staged(SIZE, HASH), now=101.0, jitter=0.0, policies=policies
+    )
+    assert staged.state.failures == 0
+    late = decide(
+        staged.state,
+        CheckStaged(),
+        Errored(CloudUnavailable("503")),
+        now=112.0,
+        jitter=0.0,
+        policies=policies,
+    )
+    assert isinstance(late.command, DeleteImage)
+    assert late.columns["error_code"] == "cloud_unavailable"
+
+
+def test_retry_after_sets_the_delay_and_the_recorded_reason() -> None:
+    state = fresh(phase=Phase.STAGING, image_exists=True)
+    result = step(state, StageData(), Errored(RateLimited("slow down", retry_after_s=7.0)))
+    assert isinstance(result.command, StageData)
+    assert result.command.delay_s == 7.0
+    assert result.event == "image.retry_scheduled"
+    assert "Retry-After 7 s" in str(result.columns["reason"])
+    assert result.columns["step"] == "StageData"

@@ -77,6 +77,7 @@ EXPECTED_COLUMNS = {
         "error_code",
         "message",
         "detail",
+        "step_key",
     ],
 }
 

@@ -289,10 +289,8 @@ async def test_record_rejects_columns_outside_the_whitelist(store: Store) -> Non
     job_id = await submit(store, make_job(1))
     (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
 
-    with pytest.raises(ValueError, match="attempts, glance_image_id"):
-        await store.record(
-            claim.row.id, worker_id="w1", event="x", glance_image_id=None, attempts=0
-        )
+    with pytest.raises(ValueError, match="attempts, submitted_at"):
+        await store.record(claim.row.id, worker_id="w1", event="x", submitted_at=None, attempts=0)
     with pytest.raises(ValueError, match="lease_expires_at"):
         await store.record(claim.row.id, worker_id="w1", event="x", lease_expires_at=None)
 

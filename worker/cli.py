@@ -17,16 +17,18 @@ import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
+from uuid import UUID
 
 import click
 
 from worker import logs
-from worker.app import WorkerSettings, environment, open_store, run_worker
+from worker.app import WorkerSettings, default_worker_id, environment, open_store, run_worker
 from worker.config import load_cloud_settings
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
 from worker.preflight import format_findings, run_preflight
 from worker.report import print_job_status, print_problems, write_report
+from worker.store.store import Store
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 T = TypeVar("T")
@@ -170,6 +172,14 @@ def submit(manifest: Path, source_root: Path | None, database_url: str | None) -
 )
 @click.option("--worker-id", default=None, help="Name in rows and logs (default host:pid).")
 @click.option(
+    "--lease",
+    "lease_s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(1.0),
+    help="Seconds a claimed image stays this worker's unrenewed; renewed 4 times as often.",
+)
+@click.option(
     "--grace",
     "grace_s",
     default=60.0,
@@ -191,6 +201,7 @@ def run(
     stage_concurrency: int,
     chunk_mib: int,
     worker_id: str | None,
+    lease_s: float,
     grace_s: float,
     cloud_name: str | None,
     hash_algorithm: str,
@@ -208,6 +219,8 @@ def run(
         hash_algorithm=hash_algorithm,
         grace_s=grace_s,
         once=once,
+        lease_s=lease_s,
+        heartbeat_s=lease_s / 4,
     )
     if worker_id:
         settings = dataclasses.replace(settings, worker_id=worker_id)
@@ -273,21 +286,56 @@ def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
     sys.exit(_run(go()))
 
 
+async def _one_job_id(store: Store, job: str) -> UUID | None:
+    """The id of the job named or numbered `job`; None (with a message) unless exactly one."""
+    job_ids = await store.find_job_ids(job)
+    if len(job_ids) == 1:
+        return job_ids[0]
+    if job_ids:
+        listed = ", ".join(str(job_id) for job_id in job_ids)
+        click.echo(f"{len(job_ids)} jobs are named {job!r}; give one id: {listed}", err=True)
+    else:
+        click.echo(f"no job {job!r}", err=True)
+    return None
+
+
 @cli.command()
+@click.argument("job")
 @database_option
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8780, show_default=True, type=click.IntRange(0, 65535))
-def dashboard(database_url: str | None, host: str, port: int) -> None:
-    """Serve a read-only web page of jobs and images that refreshes itself every 2 s."""
-    from worker.dashboard import running_dashboard
+def cancel(job: str, database_url: str | None) -> None:
+    """Cancel a job: no new image starts; images in flight stop and are cleaned up."""
 
-    async def go() -> None:
-        stop = _stop_on_signals()
-        async with running_dashboard(_database_url(database_url), host=host, port=port) as url:
-            click.echo(f"dashboard: {url}")
-            await stop.wait()
+    async def go() -> int:
+        async with open_store(_database_url(database_url)) as store:
+            job_id = await _one_job_id(store, job)
+            result = await store.cancel_job(job_id, by=default_worker_id()) if job_id else None
+            if result is None:
+                return EXIT_BAD_INPUT
+            click.echo(
+                f"job {job_id} cancelled: {result.not_started} image(s) will not start, "
+                f"{result.in_flight} in flight will stop and clean up"
+            )
+            return EXIT_OK
 
-    _run(go())
+    sys.exit(_run(go()))
+
+
+@cli.command()
+@click.argument("job")
+@database_option
+def retry(job: str, database_url: str | None) -> None:
+    """Queue a job's failed images again; images already done are never migrated twice."""
+
+    async def go() -> int:
+        async with open_store(_database_url(database_url)) as store:
+            job_id = await _one_job_id(store, job)
+            requeued = await store.retry_job(job_id, by=default_worker_id()) if job_id else None
+            if requeued is None:
+                return EXIT_BAD_INPUT
+            click.echo(f"job {job_id}: {requeued} failed image(s) queued again")
+            return EXIT_OK
+
+    sys.exit(_run(go()))
 
 
 @cli.group()

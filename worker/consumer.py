@@ -1,15 +1,18 @@
 """Claims images from PostgreSQL into an asyncio.Queue and runs them with bounded concurrency.
 
 One feeder claims rows (FOR UPDATE SKIP LOCKED, with a lease) only when a pipeline is free;
-N pipelines run one image each; a heartbeat keeps the leases of images in flight. On stop,
-nothing new is claimed, images in flight get a grace period, and what is left is released
-for another worker rather than left to expire.
+N pipelines run one image each; a heartbeat keeps the leases of images in flight, stops an
+image whose job was cancelled, and stops an image whose lease it could not renew in time
+(so another worker that reclaims it never works beside this one). On stop, nothing new is
+claimed, images in flight get a grace period, and what is left is released for another
+worker rather than left to expire.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from worker.core.model import Phase
-from worker.store.store import Claim, LeaseLost, ResultRow, Store
+from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, Store
 
 log = structlog.get_logger(__name__)
 
@@ -48,7 +51,8 @@ class RunSummary:
         return self.by_phase[Phase.DONE] + self.by_phase[Phase.FAILED]
 
 
-RunImage = Callable[[Claim], Awaitable[ResultRow]]
+# Runs one image; the event asks it to stop and clean up (its job was cancelled).
+RunImage = Callable[[Claim, asyncio.Event], Awaitable[ResultRow]]
 
 
 class Consumer:
@@ -60,6 +64,10 @@ class Consumer:
         self._settings = settings
         self._queue: asyncio.Queue[Claim | None] = asyncio.Queue(maxsize=settings.concurrency)
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._cancel_requests: dict[int, asyncio.Event] = {}
+        # Monotonic time after which an image's lease may have ended in the database: a
+        # heartbeat or claim started at t makes it t + lease - one heartbeat of margin.
+        self._held_until: dict[int, float] = {}
         self._idle = asyncio.Semaphore(settings.concurrency)
         self._summary = RunSummary()
 
@@ -93,6 +101,7 @@ class Consumer:
     async def _feed(self, stop: asyncio.Event) -> None:
         settings = self._settings
         while await _acquire_unless_stopped(self._idle, stop):  # a pipeline is free
+            asked_at = time.monotonic()
             claims = await self._store.claim(
                 worker_id=settings.worker_id, limit=1, lease_s=settings.lease_s
             )
@@ -102,7 +111,13 @@ class Consumer:
                     return
                 await _wait(stop, settings.idle_poll_s)
                 continue
+            self._held_until[claims[0].row.id] = asked_at + self._lease_margin_s()
             await self._queue.put(claims[0])
+
+    def _lease_margin_s(self) -> float:
+        """How long after asking for a lease this worker may rely on holding it."""
+        settings = self._settings
+        return settings.lease_s - min(settings.heartbeat_s, settings.lease_s / 2)
 
     async def _drain(self, pipelines: list[asyncio.Task[None]]) -> None:
         """Let images in flight finish within the grace period, then stop the pipelines."""
@@ -114,24 +129,33 @@ class Consumer:
 
     async def _pipeline(self) -> None:
         while (claim := await self._queue.get()) is not None:
+            result_id = claim.row.id
+            self._cancel_requests[result_id] = asyncio.Event()
             task = asyncio.create_task(self._run_one(claim))
-            self._in_flight[claim.row.id] = task
+            self._in_flight[result_id] = task
             try:
                 await asyncio.shield(task)
             finally:
-                self._in_flight.pop(claim.row.id, None)
+                self._in_flight.pop(result_id, None)
+                self._cancel_requests.pop(result_id, None)
+                self._held_until.pop(result_id, None)
                 self._idle.release()
 
     async def _run_one(self, claim: Claim) -> None:
         """Run one image; whatever goes wrong stays with this image and never stops the others."""
+        cancel_request = self._cancel_requests.get(claim.row.id) or asyncio.Event()
         try:
-            row = await self._run_image(claim)
+            row = await self._run_image(claim, cancel_request)
             self._summary.by_phase[row.phase] += 1
         except LeaseLost:
             self._summary.lost += 1
             log.warning("image.lease_lost", result_id=claim.row.id, image=claim.spec.name)
         except asyncio.CancelledError:
             raise
+        except CONNECTION_ERRORS as exc:
+            # The database stayed away past the store's patience: nothing can be recorded;
+            # the lease runs out and another worker resumes the image from its real status.
+            log.error("image.abandoned", result_id=claim.row.id, error=str(exc))
         except Exception as exc:
             log.exception("image.crashed", result_id=claim.row.id, image=claim.spec.name)
             await self._record_crash(claim, exc)
@@ -156,22 +180,48 @@ class Consumer:
         while True:
             await asyncio.sleep(settings.heartbeat_s)
             ids = list(self._in_flight)
-            if not ids:
-                continue
-            try:
+            if ids:
+                await self._beat(ids)
+            self._fence(time.monotonic())
+
+    async def _beat(self, ids: list[int]) -> None:
+        """Extend the leases of `ids`; stop images lost to another worker or cancelled."""
+        settings = self._settings
+        asked_at = time.monotonic()
+        try:
+            async with asyncio.timeout(settings.heartbeat_s):
                 held = await self._store.heartbeat(
                     worker_id=settings.worker_id, result_ids=ids, lease_s=settings.lease_s
                 )
-            except Exception:
-                log.exception("worker.heartbeat_failed", images=len(ids))
-                continue
-            for result_id in set(ids) - held:
-                # Another worker reclaimed the row: stop, it is theirs now.
-                task = self._in_flight.get(result_id)
-                if task is not None:
-                    task.cancel()
-                    self._summary.lost += 1
-                    log.warning("image.lease_lost", result_id=result_id)
+                cancelled = await self._store.cancelled_results(list(held))
+        except Exception as exc:  # the database is away: the fence decides what to stop
+            log.warning("worker.heartbeat_failed", images=len(ids), error=repr(exc))
+            return
+        for result_id in held:
+            if result_id in self._held_until:
+                self._held_until[result_id] = asked_at + self._lease_margin_s()
+        for result_id in set(ids) - held:
+            # Another worker reclaimed the row: stop, it is theirs now.
+            self._stop_image(result_id, "image.lease_lost")
+        for result_id in cancelled:
+            request = self._cancel_requests.get(result_id)
+            if request is not None and not request.is_set():
+                log.info("image.cancel_requested", result_id=result_id)
+                request.set()
+
+    def _fence(self, now: float) -> None:
+        """Stop images whose lease may have run out unrenewed: another worker may take them."""
+        for result_id, held_until in list(self._held_until.items()):
+            if now >= held_until:
+                self._held_until.pop(result_id, None)
+                self._stop_image(result_id, "image.lease_expired")
+
+    def _stop_image(self, result_id: int, event: str) -> None:
+        task = self._in_flight.get(result_id)
+        if task is not None and not task.done():
+            task.cancel()
+            self._summary.lost += 1
+            log.warning(event, result_id=result_id)
 
     async def _release_unfinished(self) -> None:
         unfinished = {rid: task for rid, task in self._in_flight.items() if not task.done()}
@@ -179,10 +229,12 @@ class Consumer:
             task.cancel()
         await asyncio.gather(*unfinished.values(), return_exceptions=True)
         if unfinished:
+            # A lease that cannot be given back within its own length has expired anyway.
             with contextlib.suppress(Exception):
-                await self._store.release(
-                    worker_id=self._settings.worker_id, result_ids=list(unfinished)
-                )
+                async with asyncio.timeout(self._settings.lease_s):
+                    await self._store.release(
+                        worker_id=self._settings.worker_id, result_ids=list(unfinished)
+                    )
             self._summary.released += len(unfinished)
             log.info("worker.released", images=len(unfinished))
 

@@ -29,7 +29,8 @@ The type of an exception *is* the retry decision; never flatten one into a strin
         ├── ImportReverted              image dropped back to `queued` after the import
         ├── ImageGone                   image `killed`, `deleted` or 404 while we waited on it
         ├── ImportTimeout               import did not finish before its size-scaled deadline
-        └── ChecksumMismatch            Glance's hash of the data differs from ours
+        ├── ChecksumMismatch            Glance's hash of the data differs from ours
+        └── JobCancelled                the operator cancelled the job (`vmdk-migrate cancel`)
 """
 
 from __future__ import annotations
@@ -258,3 +259,9 @@ class ChecksumMismatch(PermanentError):
     """Glance's hash of the stored data differs from the hash of the source."""
 
     code = "checksum_mismatch"
+
+
+class JobCancelled(PermanentError):
+    """The operator cancelled the job before this image finished."""
+
+    code = "cancelled"

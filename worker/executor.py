@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
@@ -40,6 +41,7 @@ from worker.core.machine import (
     Step,
     TaskFacts,
     begin,
+    cancel,
     decide,
 )
 from worker.core.model import Phase
@@ -96,21 +98,34 @@ class ImageRunner:
     on_progress: Callable[[int, int], None] | None = None  # (result_id, bytes so far)
     _progress_writes: set[asyncio.Future[None]] = field(default_factory=set, init=False)
 
-    async def run(self, claim: Claim) -> ResultRow:
-        """Drive the image from wherever its row stands to `done` or `failed`."""
+    async def run(self, claim: Claim, cancelled: asyncio.Event | None = None) -> ResultRow:
+        """Drive the image from wherever its row stands to `done` or `failed`.
+
+        When `cancelled` is set (or the claim says the job was cancelled) the command in
+        flight is abandoned and the image is cleaned up as for a permanent failure.
+        """
+        cancelled = cancelled or asyncio.Event()
+        if claim.cancelled:
+            cancelled.set()
         state = initial_state(claim, hash_algorithm=self.settings.hash_algorithm)
         started = self.clock()
         with structlog.contextvars.bound_contextvars(
             job_id=str(claim.row.job_id), image=claim.spec.name, result_id=claim.row.id
         ):
-            step = begin(state)
+            cleaning_up = cancelled.is_set()
+            step = cancel(state, now=self.clock()) if cleaning_up else begin(state)
             row = await self._record(claim, state.phase, step, request_id=None)
-            while step.command is not None:
-                command = step.command
-                if command.delay_s > 0:
-                    await asyncio.sleep(command.delay_s)
-                outcome, request_id = await self._perform(claim, step.state, command)
+            while (command := step.command) is not None:
                 previous_phase = step.state.phase
+                performed = await self._perform_unless(
+                    claim, step.state, command, None if cleaning_up else cancelled
+                )
+                if performed is None:
+                    cleaning_up = True
+                    step = cancel(step.state, now=self.clock())
+                    row = await self._record(claim, previous_phase, step, request_id=None)
+                    continue
+                outcome, request_id = performed
                 step = decide(
                     step.state,
                     command,
@@ -124,6 +139,35 @@ class ImageRunner:
             return row
 
     # --- performing ---------------------------------------------------------------------------
+
+    async def _perform_unless(
+        self, claim: Claim, state: ImageState, command: Command, cancelled: asyncio.Event | None
+    ) -> tuple[Outcome, str | None] | None:
+        """Wait the command's delay and perform it; None when `cancelled` was set first."""
+
+        async def delayed() -> tuple[Outcome, str | None]:
+            if command.delay_s > 0:
+                await asyncio.sleep(command.delay_s)
+            return await self._perform(claim, state, command)
+
+        if cancelled is None:
+            return await delayed()
+        work = asyncio.ensure_future(delayed())
+        stop = asyncio.ensure_future(cancelled.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            work.cancel()  # the whole image is being stopped (lease lost, shutdown)
+            raise
+        finally:
+            stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()  # an upload in flight is cut off; Glance puts the image back to queued
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        log.info("image.cancelling", image_id=str(state.image_id), step=command.name)
+        return None
 
     async def _perform(
         self, claim: Claim, state: ImageState, command: Command

@@ -10,7 +10,8 @@ whole lifecycle can be tested table-style without a cloud, a database or a clock
                                 (after deleting the half-made image, unless kept)
 
 After a crash the worker starts with `inspect`: it reads the image's real status and
-resumes from there, so every phase can be entered again safely.
+resumes from there, so every phase can be entered again safely. A cancelled job's image
+leaves through `cancel`, which cleans up exactly as a permanent failure does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from worker.errors import (
     ImportReverted,
     ImportStalled,
     ImportTimeout,
+    JobCancelled,
     MigrationError,
     NotFound,
     StageSizeMismatch,
@@ -85,11 +87,14 @@ class ImageState:
     source_hash: str | None = None
     restarts: int = 0  # times the image was staged again or made again
     image_exists: bool = False  # an image of ours may exist in Glance (cleanup needed)
+    adopted: bool = False  # our create got 409: the id was there already
+    conflicts: int = 0  # 409s on stage or import answered by looking at the image
+    stage_conflicted: bool = False  # the last 409 was on a stage
     import_request_id: str | None = None
     import_accepted_at: float | None = None
     polls: int = 0
     failures: int = 0  # failures in a row of the current command
-    first_failure_at: float | None = None
+    first_failure_at: float | None = None  # first failure of this image: the budget's start
     last_status: str | None = None
     pending_error: MigrationError | None = None  # why we are cleaning up before failing
 
@@ -230,6 +235,13 @@ def begin(state: ImageState) -> Step:
     return Step(state, InspectImage(), "image.resumed")
 
 
+def cancel(state: ImageState, *, now: float) -> Step:
+    """The job was cancelled: stop here and clean up as for a permanent failure."""
+    # A create in flight may have landed: look for the image as if it had.
+    exists = state.image_exists or state.phase is Phase.CREATING
+    return _fail(replace(state, image_exists=exists), JobCancelled("job cancelled"), now)
+
+
 def decide(
     state: ImageState,
     command: Command,
@@ -243,7 +255,7 @@ def decide(
     policies = policies or Policies()
     if isinstance(outcome, Errored):
         return _on_error(state, command, outcome.error, now=now, jitter=jitter, policies=policies)
-    state = replace(state, failures=0, first_failure_at=None)
+    state = replace(state, failures=0)
     if isinstance(outcome, Created):
         state = replace(state, image_exists=True, phase=Phase.STAGING)
         return Step(state, StageData(), "image.created", {"image_created_at": now})
@@ -265,7 +277,7 @@ def decide(
 
 
 def _on_staged(state: ImageState, outcome: Staged, now: float) -> Step:
-    state = replace(state, source_hash=outcome.source_hash)
+    state = replace(state, source_hash=outcome.source_hash, stage_conflicted=False)
     columns = {"bytes_staged": outcome.size_bytes, "staged_at": now, **_hash_columns(state)}
     return Step(state, CheckStaged(), "image.staged", columns)
 
@@ -335,8 +347,14 @@ def _resume(
 ) -> Step:
     """Act on the real status of an image found after a crash or an ambiguous answer."""
     status = facts.status
+    if status == "queued" and state.stage_conflicted:
+        # Queued, yet the stage was refused: stale data sits on staging (409 Duplicate).
+        return _recreate(state, "staged data of an earlier attempt is in the way", now)
     if status == "queued":
         return Step(replace(state, phase=Phase.STAGING), StageData(), "image.resumed_queued")
+    if status == "uploading" and facts.import_locked:
+        # Our import was accepted but its answer was lost: the task holds the lock.
+        return _resume_polling(state, now, jitter, policy)
     if status == "uploading":
         if facts.size == state.size_bytes:
             return _import(state)
@@ -348,17 +366,24 @@ def _resume(
             return _fail(state, failure, now, glance_status=status)  # our import's outcome
         if failure is not None:
             return _recreate(state, failure.message, now)
-        state = replace(
-            state, phase=Phase.IMPORTING, import_accepted_at=state.import_accepted_at or now
-        )
-        return Step(
-            state,
-            PollImport(delay_s=poll_delay_s(0, policy=policy, jitter=jitter)),
-            "image.resumed_importing",
-        )
+        return _resume_polling(state, now, jitter, policy)
     if status == "active":
         return _verify(state, facts, now)
     return _recreate(state, f"image is {status}", now)
+
+
+def _resume_polling(state: ImageState, now: float, jitter: float, policy: PollPolicy) -> Step:
+    state = replace(
+        state,
+        phase=Phase.IMPORTING,
+        import_request_id=state.import_request_id or _request_id(state),
+        import_accepted_at=state.import_accepted_at or now,
+    )
+    return Step(
+        state,
+        PollImport(delay_s=poll_delay_s(0, policy=policy, jitter=jitter)),
+        "image.resumed_importing",
+    )
 
 
 def _poll(
@@ -480,16 +505,28 @@ def _on_deleted(state: ImageState, command: Command, now: float) -> Step:
             phase=Phase.CREATING,
             image_id=next_image_id(state.image_id),
             image_exists=False,
+            adopted=False,
+            stage_conflicted=False,
             import_request_id=None,
             import_accepted_at=None,
             polls=0,
         )
-        return Step(fresh, CreateImage(), "image.creating", {"glance_image_id": fresh.image_id})
+        # The new id is stored before it is used; the old image's progress is cleared.
+        columns = {"glance_image_id": fresh.image_id, **_CLEARED_ON_RECREATE}
+        return Step(fresh, CreateImage(), "image.creating", columns)
     if isinstance(command, DeleteImage):
         state = replace(state, image_exists=False)
         return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
     # The image vanished under us (404 on a GET): make it again.
     return _on_deleted(state, DeleteImage(then_recreate=True), now)
+
+
+_CLEARED_ON_RECREATE: Mapping[str, object] = {
+    "bytes_staged": 0,
+    "staged_at": None,
+    "import_requested_at": None,
+    "import_request_id": None,
+}
 
 
 def _on_error(
@@ -520,7 +557,7 @@ def _on_error(
         state,
         retry,
         "image.retry_scheduled",
-        {"reason": decision.reason, "delay_s": round(decision.delay_s, 3)},
+        {"reason": decision.reason, "delay_s": round(decision.delay_s, 3), "step": command.name},
         error,
     )
 
@@ -531,18 +568,40 @@ def _ambiguous_answer(
     """Answers that mean 'look before you go on' rather than 'failed'."""
     if isinstance(command, CreateImage) and isinstance(error, Conflict):
         # Our id already exists: an earlier attempt made it. Adopt it.
-        return Step(replace(state, image_exists=True), InspectImage(), "image.adopting")
+        adopted = replace(state, image_exists=True, adopted=True)
+        return Step(adopted, InspectImage(), "image.adopting")
     if isinstance(command, StageData | RequestImport) and isinstance(error, Conflict):
-        # Stage or import already happened (response lost) or the image moved on.
-        return Step(state, InspectImage(), "image.conflict_inspecting", {"reason": error.message})
+        return _on_conflict(state, command, error, now)
     if isinstance(command, DeleteImage) and isinstance(error, NotFound):
         return _on_deleted(state, command, now)
     if isinstance(command, InspectImage | CheckStaged | PollImport) and isinstance(error, NotFound):
-        if state.import_accepted_at is not None:
-            gone = replace(state, image_exists=False)
-            return _fail(gone, ImageGone("image disappeared during the import"), now)
-        return _on_deleted(state, InspectImage(), now)
+        return _on_missing(state, now)
     return None
+
+
+_MAX_CONFLICTS = 5
+
+
+def _on_conflict(state: ImageState, command: Command, error: Conflict, now: float) -> Step:
+    """Stage or import already happened (response lost) or the image moved on: look first."""
+    conflicts = state.conflicts + 1
+    if conflicts > _MAX_CONFLICTS:
+        return _fail(state, error, now)
+    state = replace(state, conflicts=conflicts, stage_conflicted=isinstance(command, StageData))
+    return Step(state, InspectImage(), "image.conflict_inspecting", {"reason": error.message})
+
+
+def _on_missing(state: ImageState, now: float) -> Step:
+    """Our image id is unknown to Glance."""
+    if state.import_accepted_at is not None:
+        gone = replace(state, image_exists=False)
+        return _fail(gone, ImageGone("image disappeared during the import"), now)
+    if state.phase is Phase.CREATING and not state.adopted:
+        # The create never landed (or is still on its way): the same id keeps it idempotent.
+        state = replace(state, image_exists=False)
+        return Step(state, CreateImage(), "image.creating", {"reason": "image not found"})
+    # It existed and is gone; Glance never takes a deleted id again: make a new one.
+    return _on_deleted(state, InspectImage(), now)
 
 
 def _fail(state: ImageState, error: MigrationError, now: float, **columns: object) -> Step:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.errors import MigrationError, QuotaExceeded, RateLimited, RetryableError
+from worker.errors import MigrationError, QuotaExceeded, RetryableError
 
 MIB = 1024 * 1024
 
@@ -17,7 +17,7 @@ class RetryPolicy:
     base_delay_s: float = 1.0
     max_delay_s: float = 60.0
     quota_delay_s: float = 30.0  # back-pressure (413 quota) waits at least this long
-    budget_s: float = 6 * 3600.0  # total time one image may spend retrying
+    budget_s: float = 6 * 3600.0  # time from an image's first failure after which it stops retrying
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,11 @@ def decide_retry(
     policy: RetryPolicy,
     jitter: float,
 ) -> RetryDecision:
-    """Whether to try a step again after `error`, the `failures`-th failure in a row."""
+    """Whether to try a step again after `error`, the `failures`-th failure in a row.
+
+    `elapsed_s` runs from the image's first failure, so the budget bounds the whole image
+    while `max_attempts` bounds each step.
+    """
     if not isinstance(error, RetryableError):
         return RetryDecision(False, 0.0, f"{error.code} is permanent")
     if failures >= policy.max_attempts:
@@ -62,14 +66,16 @@ def decide_retry(
     delay_s = backoff_delay_s(
         failures, base_s=policy.base_delay_s, cap_s=policy.max_delay_s, jitter=jitter
     )
+    reason = f"{error.code}, attempt {failures + 1}"
     if isinstance(error, QuotaExceeded):
+        # A full quota or staging area empties only as other imports finish: back-pressure.
         delay_s = max(delay_s, policy.quota_delay_s)
-    retry_after_s = getattr(error, "retry_after_s", None)
-    if isinstance(error, RateLimited | RetryableError) and retry_after_s is not None:
-        delay_s = max(delay_s, float(retry_after_s))
+    if error.retry_after_s is not None:
+        delay_s = max(delay_s, float(error.retry_after_s))
+        reason += f", Retry-After {error.retry_after_s:g} s"
     if elapsed_s + delay_s > policy.budget_s:
         return RetryDecision(False, 0.0, f"retry budget of {policy.budget_s:.0f} s used")
-    return RetryDecision(True, delay_s, f"{error.code}, attempt {failures + 1}")
+    return RetryDecision(True, delay_s, reason)
 
 
 def poll_delay_s(polls: int, *, policy: PollPolicy, jitter: float) -> float:

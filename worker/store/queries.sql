@@ -45,6 +45,7 @@ RETURNING job_id;
 -- name: claim
 -- $1 worker_id, $2 limit, $3 lease in seconds.
 -- Oldest job first, then manifest order; rows locked by a concurrent claimer are skipped.
+-- A cancelled job's rows are claimed only once started (an image may need cleaning up).
 WITH picked AS (
     SELECT r.id
     FROM results AS r
@@ -52,7 +53,7 @@ WITH picked AS (
     WHERE r.phase NOT IN ('done', 'failed')
       AND (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
       AND r.next_attempt_at <= now()
-      AND j.cancelled_at IS NULL
+      AND (j.cancelled_at IS NULL OR r.phase <> 'pending')
       AND (j.not_before IS NULL OR j.not_before <= now())
     ORDER BY j.submitted_at, r.job_id, r.disk_index
     LIMIT $2
@@ -73,7 +74,7 @@ WITH picked AS (
            jsonb_build_object('attempts', attempts, 'lease_expires_at', lease_expires_at)
     FROM claimed
 )
-SELECT claimed.*, j.on_failure AS job_on_failure
+SELECT claimed.*, j.on_failure AS job_on_failure, j.cancelled_at IS NOT NULL AS job_cancelled
 FROM claimed
 JOIN jobs AS j ON j.id = claimed.job_id
 ORDER BY j.submitted_at, claimed.job_id, claimed.disk_index;
@@ -82,11 +83,15 @@ ORDER BY j.submitted_at, claimed.job_id, claimed.disk_index;
 -- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 error_code,
 -- $6 error_message, $7 request_id to append, $8 event detail,
 -- $9 JSON object of the columns to set (names checked by Store.record; a key present with
---    null sets NULL).
+--    null sets NULL), $10 the step's key.
 -- The row must still belong to the worker: a lease it was not released from, or a row it
 -- finished itself. A reclaimed row has another worker_id, so nothing matches.
+-- A step whose key is already in the events table was written before (the answer was lost
+-- with the connection): nothing changes and the row is returned as it stands.
 WITH old AS (
     SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $10::uuid
 ), updated AS (
     UPDATE results AS r
     SET phase = coalesce($4::text, r.phase),
@@ -138,6 +143,9 @@ WITH old AS (
                                ELSE r.next_attempt_at END,
         cleanup = CASE WHEN $9::jsonb ? 'cleanup'
                        THEN $9::jsonb ->> 'cleanup' ELSE r.cleanup END,
+        glance_image_id = CASE WHEN $9::jsonb ? 'glance_image_id'
+                               THEN ($9::jsonb ->> 'glance_image_id')::uuid
+                               ELSE r.glance_image_id END,
         lease_expires_at = CASE WHEN $4::text IN ('done', 'failed') THEN NULL
                                 ELSE r.lease_expires_at END,
         updated_at = now()
@@ -145,14 +153,19 @@ WITH old AS (
     WHERE r.id = old.id
       AND r.worker_id = $2
       AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
     RETURNING r.*, old.phase AS phase_from
 ), logged AS (
     INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail)
-    SELECT job_id, id, $3, phase_from, phase, $2, $5, $6, $8::jsonb
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, $5, $6, $8::jsonb, $10::uuid
     FROM updated
 )
-SELECT * FROM updated;
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
 
 -- name: set_progress
 -- $1 result id, $2 worker_id, $3 bytes_staged
@@ -230,8 +243,87 @@ WHERE ($1::uuid IS NULL OR job_id = $1::uuid)
 ORDER BY id;
 
 -- name: outstanding
--- Unfinished rows of jobs that are not cancelled, including jobs waiting for not_before.
+-- Unfinished rows of jobs that are not cancelled, including jobs waiting for not_before,
+-- and the started rows of cancelled jobs (they still have an image to clean up).
 SELECT count(*)
 FROM results AS r
 JOIN jobs AS j ON j.id = r.job_id
-WHERE r.phase NOT IN ('done', 'failed') AND j.cancelled_at IS NULL;
+WHERE r.phase NOT IN ('done', 'failed') AND (j.cancelled_at IS NULL OR r.phase <> 'pending');
+
+-- name: cancelled_results
+-- $1 result ids. Those whose job was cancelled (the worker holding them stops and cleans up).
+SELECT r.id
+FROM results AS r
+JOIN jobs AS j ON j.id = r.job_id
+WHERE r.id = ANY($1::bigint[]) AND j.cancelled_at IS NOT NULL;
+
+-- name: cancel_job
+-- $1 job id, $2 who asked. Marks the job cancelled and fails its rows that never started
+-- (no image exists for them); worker_id is cleared so a worker that just claimed one cannot
+-- record it any more. Started rows are stopped and cleaned up by the worker holding them (or
+-- by the next worker that claims them). Returns the counts; no row when the job is unknown.
+WITH job AS (
+    UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now())
+    WHERE id = $1
+    RETURNING id
+), not_started AS (
+    UPDATE results AS r
+    SET phase = 'failed', error_code = 'cancelled',
+        error_message = 'job cancelled before this disk started',
+        finished_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM job
+    WHERE r.job_id = job.id AND r.phase = 'pending'
+    RETURNING r.id, r.job_id
+), logged_rows AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message)
+    SELECT job_id, id, 'image.cancelled', 'pending', 'failed', $2, 'cancelled',
+           'job cancelled before this disk started'
+    FROM not_started
+), started AS (
+    SELECT count(*) AS n FROM results
+    WHERE job_id = $1 AND phase NOT IN ('pending', 'done', 'failed')
+), logged_job AS (
+    INSERT INTO events (job_id, event, worker_id, detail)
+    SELECT job.id, 'job.cancelled', $2,
+           jsonb_build_object('not_started', (SELECT count(*) FROM not_started),
+                              'in_flight', (SELECT n FROM started))
+    FROM job
+)
+SELECT (SELECT count(*) FROM not_started) AS not_started, (SELECT n FROM started) AS in_flight
+FROM job;
+
+-- name: retry_job
+-- $1 job id, $2 who asked. Sends the job's failed rows back to the queue (done rows are never
+-- touched) and lifts a cancellation. A row's Glance image id stays: the worker adopts an
+-- image kept by on_failure: keep, and makes a new id when the old one was deleted.
+-- Returns the number of rows re-queued; no row when the job is unknown.
+WITH job AS (
+    UPDATE jobs SET cancelled_at = NULL WHERE id = $1 RETURNING id
+), old AS (
+    SELECT r.id, r.error_code, r.cleanup
+    FROM results AS r JOIN job ON job.id = r.job_id
+    WHERE r.phase = 'failed'
+    FOR UPDATE OF r
+), requeued AS (
+    UPDATE results AS r
+    SET phase = 'pending', error_code = NULL, error_message = NULL, finished_at = NULL,
+        verification = NULL, cleanup = NULL, bytes_staged = 0, staged_at = NULL,
+        import_requested_at = NULL, import_request_id = NULL, glance_status = NULL,
+        glance_size = NULL, glance_virtual_size = NULL, glance_checksum = NULL,
+        glance_os_hash_algo = NULL, glance_os_hash_value = NULL, lease_expires_at = NULL,
+        next_attempt_at = now(), updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+    RETURNING r.id, r.job_id, old.error_code, old.cleanup
+), logged_rows AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, detail)
+    SELECT job_id, id, 'image.requeued', 'failed', 'pending', $2,
+           jsonb_build_object('error_code', error_code, 'cleanup', cleanup)
+    FROM requeued
+), logged_job AS (
+    INSERT INTO events (job_id, event, worker_id, detail)
+    SELECT job.id, 'job.retried', $2, jsonb_build_object('requeued', (SELECT count(*) FROM requeued))
+    FROM job
+)
+SELECT (SELECT count(*) FROM requeued) AS requeued FROM job;

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from worker.core.model import ImageSpec, JobSpec, Phase, Verification, image_id_for
 from worker.store.sql import QUERIES, load_migrations
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# What a lost server looks like: refused or reset sockets, a connection the server closed
+# (restart, pg_terminate_backend), a server still starting up or out of connection slots.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
 
 # The columns record() may set besides phase, error and request ids; the rest are owned by
 # submit, claim and the lease methods.
@@ -37,6 +54,7 @@ RECORDABLE_COLUMNS = frozenset(
         "import_request_id",
         "next_attempt_at",
         "cleanup",
+        "glance_image_id",
     }
 )
 
@@ -131,6 +149,7 @@ class Claim:
     row: ResultRow
     spec: ImageSpec
     on_failure: str
+    cancelled: bool = False  # the job was cancelled: clean up, do not go on
 
 
 @dataclass(frozen=True)
@@ -147,18 +166,60 @@ class JobSummary:
     cancelled: bool
 
 
-class Store:
-    """Every database access of the worker; one method per query of queries.sql."""
+@dataclass(frozen=True)
+class CancelResult:
+    """What `cancel_job` did: rows failed before they started, rows left to their workers."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    not_started: int
+    in_flight: int
+
+
+class Store:
+    """Every database access of the worker; one method per query of queries.sql.
+
+    The worker's own calls (claim, record, release) outlast a lost server: they wait,
+    reconnect with backoff and try again for up to `reconnect_patience_s`.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, reconnect_patience_s: float = 300.0) -> None:
         self._pool = pool
+        self._patience_s = reconnect_patience_s
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Store:
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        reconnect_patience_s: float = 300.0,
+    ) -> Store:
         pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, init=_init_connection
         )
-        return cls(pool)
+        return cls(pool, reconnect_patience_s=reconnect_patience_s)
+
+    async def _patiently(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call`; while the server is unreachable, back off and run it again."""
+        started = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return await call()
+            except CONNECTION_ERRORS as exc:
+                failures += 1
+                waited_s = time.monotonic() - started
+                if waited_s >= self._patience_s:
+                    raise
+                delay_s = min(_RECONNECT_MAX_DELAY_S, _RECONNECT_BASE_DELAY_S * 2.0**failures)
+                log.warning(
+                    "db.reconnecting",
+                    operation=operation,
+                    attempt=failures,
+                    waited_s=round(waited_s, 2),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                await asyncio.sleep(delay_s)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -191,9 +252,14 @@ class Store:
         submitted_by: str | None = None,
         not_before: datetime | None = None,
     ) -> UUID:
-        """Write the job, a pending row per disk and a job.submitted event in one statement."""
+        """Write the job, a pending row per disk and a job.submitted event in one statement.
+
+        `not_before` defaults to the manifest's; its `window` is kept in jobs.window.
+        """
         job_id = uuid.uuid4()
         disks = [_disk_row(job_id, disk) for disk in job.disks]
+        if not_before is None and isinstance(manifest.get("not_before"), str):
+            not_before = datetime.fromisoformat(str(manifest["not_before"]))
         await self._pool.fetchval(
             QUERIES["submit_job"],
             job_id,
@@ -213,12 +279,19 @@ class Store:
         """Lease up to `limit` claimable rows, oldest job first; concurrent claimers never share."""
         if limit <= 0:
             return []
-        records = await self._pool.fetch(QUERIES["claim"], worker_id, limit, float(lease_s))
+        records = await self._patiently(
+            "claim", lambda: self._pool.fetch(QUERIES["claim"], worker_id, limit, float(lease_s))
+        )
         claims = []
         for record in records:
             row = ResultRow.from_record(record)
             claims.append(
-                Claim(row=row, spec=row.image_spec(), on_failure=record["job_on_failure"])
+                Claim(
+                    row=row,
+                    spec=row.image_spec(),
+                    on_failure=record["job_on_failure"],
+                    cancelled=record["job_cancelled"],
+                )
             )
         return claims
 
@@ -241,21 +314,28 @@ class Store:
         another worker's claim (an expired lease nobody claimed yet still counts). A row this
         worker took to done or failed stays recordable by it, for a later cleanup note.
         A terminal phase clears the lease and sets finished_at (to `finished_at` when given).
+        A lost connection is waited out and the step written again under the same key, so
+        it is recorded exactly once.
         Raises LeaseLost when the row is not held, ValueError for a column not in
         RECORDABLE_COLUMNS.
         """
         values = _column_values(columns)
-        record = await self._pool.fetchrow(
-            QUERIES["record"],
-            result_id,
-            worker_id,
-            event,
-            Phase(phase).value if phase is not None else None,
-            error_code,
-            error_message,
-            request_id,
-            dict(detail) if detail is not None else None,
-            values,
+        step_key = uuid.uuid4()
+        record = await self._patiently(
+            "record",
+            lambda: self._pool.fetchrow(
+                QUERIES["record"],
+                result_id,
+                worker_id,
+                event,
+                Phase(phase).value if phase is not None else None,
+                error_code,
+                error_message,
+                request_id,
+                dict(detail) if detail is not None else None,
+                values,
+                step_key,
+            ),
         )
         if record is None:
             raise LeaseLost(f"result {result_id} is not held by worker {worker_id}")
@@ -287,7 +367,31 @@ class Store:
     async def release(self, *, worker_id: str, result_ids: Sequence[int]) -> None:
         """Give unfinished rows back so any worker may claim them at once (shutdown)."""
         if result_ids:
-            await self._pool.execute(QUERIES["release"], worker_id, list(result_ids))
+            await self._patiently(
+                "release",
+                lambda: self._pool.execute(QUERIES["release"], worker_id, list(result_ids)),
+            )
+
+    async def cancelled_results(self, result_ids: Sequence[int]) -> set[int]:
+        """Those of these rows whose job was cancelled."""
+        if not result_ids:
+            return set()
+        records = await self._pool.fetch(QUERIES["cancelled_results"], list(result_ids))
+        return {record["id"] for record in records}
+
+    async def cancel_job(self, job_id: UUID, *, by: str | None = None) -> CancelResult | None:
+        """Cancel a job: rows not started fail at once, started ones are stopped and cleaned
+        up by their workers. None when there is no such job. Cancelling twice is harmless."""
+        record = await self._pool.fetchrow(QUERIES["cancel_job"], job_id, by)
+        if record is None:
+            return None
+        return CancelResult(not_started=record["not_started"], in_flight=record["in_flight"])
+
+    async def retry_job(self, job_id: UUID, *, by: str | None = None) -> int | None:
+        """Send a job's failed rows back to the queue (never its done rows); lift a
+        cancellation. Returns how many rows were re-queued, None when there is no such job."""
+        requeued = await self._pool.fetchval(QUERIES["retry_job"], job_id, by)
+        return None if requeued is None else int(requeued)
 
     async def job_summaries(self, job_ref: str | None = None) -> list[JobSummary]:
         """Summaries of the jobs with this id or name (every job when None), newest first."""
@@ -316,6 +420,10 @@ class Store:
     async def outstanding(self) -> int:
         """How many unfinished rows remain in jobs that are not cancelled."""
         return cast(int, await self._pool.fetchval(QUERIES["outstanding"]))
+
+
+_RECONNECT_BASE_DELAY_S = 0.05
+_RECONNECT_MAX_DELAY_S = 2.0
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
