@@ -24,6 +24,11 @@ class SandboxConfig:
     data_dir: str | None = None
     password: str = "secret"  # the admin user's password (tests use a distinctive one)
     stage_rate_bytes_per_s: float | None = None  # receive stages no faster than this
+    # Data damage, to prove verification: globs of image names whose stored bytes get one byte
+    # flipped at import (same size, other hashes), and whose staged file loses its last 512
+    # bytes while the stage still answers 204 (the old short-body hazard, glance-semantics 1.3).
+    corrupt_names: tuple[str, ...] = ()
+    truncate_stage_names: tuple[str, ...] = ()
 
 
 @dataclass

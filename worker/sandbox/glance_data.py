@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ from worker.sandbox.context import BACKGROUND_KEY, request_id_of, state_of, toke
 from worker.sandbox.errors import glance_error, quota_message
 from worker.sandbox.faults import body_chunks, drop_connection, read_json
 from worker.sandbox.glance_images import find_image, not_found
-from worker.sandbox.importer import LOCK, ImportFlow, default_store
+from worker.sandbox.importer import LOCK, ImportFlow, default_store, name_in
 from worker.sandbox.state import MIB, CloudState, Image, Task, utcnow
 
 log = structlog.get_logger(__name__)
@@ -102,6 +103,9 @@ async def stage(request: web.Request) -> web.Response:
         return web.Response(status=499)
     finally:
         state.stages_in_flight -= 1
+    if name_in(image, state.config.truncate_stage_names) and image.size:
+        image.size = max(0, image.size - 512)
+        os.truncate(state.staged_path(image.id), image.size)
     image.touch()
     return web.Response(status=204)
 

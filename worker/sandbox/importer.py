@@ -42,17 +42,19 @@ def wants_virtio(image: Image) -> bool:
     return image.properties.get("es_virtio_enabled", "").lower() in ("yes", "true", "1")
 
 
-def _name_in(image: Image, patterns: tuple[str, ...]) -> bool:
+def name_in(image: Image, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(image.name or "", pattern) for pattern in patterns)
 
 
-def copy_to_store(staged: Path, stored: Path, inject: bool) -> Stored:
+def copy_to_store(staged: Path, stored: Path, inject: bool, corrupt: bool = False) -> Stored:
     """Copy staged bytes to the store, hashing on the way (blocking: call it in a thread)."""
     md5 = hashlib.md5(usedforsecurity=False)
     sha512 = hashlib.sha512()
     size = 0
     with staged.open("rb") as source, stored.open("wb") as target:
         while chunk := source.read(COPY_CHUNK_BYTES):
+            if corrupt and size == 0:  # one flipped bit: same size, different hashes
+                chunk = bytes([chunk[0] ^ 0x01]) + chunk[1:]
             target.write(chunk)
             md5.update(chunk)
             sha512.update(chunk)
@@ -122,11 +124,11 @@ class ImportFlow:
 
     async def _finish(self, image: Image) -> None:
         config = self.state.config
-        if _name_in(image, config.revert_names):
+        if name_in(image, config.revert_names):
             self._end_queued(image, INTERNAL_ERROR, delete_staged=True)
-        elif wants_virtio(image) and _name_in(image, config.virtio_fail_names):
+        elif wants_virtio(image) and name_in(image, config.virtio_fail_names):
             self._end_vendor_failure(image)
-        elif _name_in(image, config.import_fail_names):
+        elif name_in(image, config.import_fail_names):
             self._end_upstream_failure(image, "import_fail_names")
         else:
             await self._inspect_and_store(image)
@@ -139,7 +141,8 @@ class ImportFlow:
             return
         inject = self.state.config.rewrite_virtio and wants_virtio(image)
         stored_path = self.state.stored_path(image.id)
-        stored = await asyncio.to_thread(copy_to_store, staged, stored_path, inject)
+        corrupt = name_in(image, self.state.config.corrupt_names)
+        stored = await asyncio.to_thread(copy_to_store, staged, stored_path, inject, corrupt)
         current = self._image()
         if current is None:
             stored_path.unlink(missing_ok=True)
