@@ -24,6 +24,7 @@ from worker.clients.http import (
     translate_transport_errors,
 )
 from worker.clients.keystone import Authenticator
+from worker.clients.throttle import Throttle
 from worker.errors import (
     CloudUnavailable,
     MigrationError,
@@ -167,10 +168,13 @@ class GlanceClient:
         *,
         chunk_bytes: int = 1 << 20,
         request_timeout_s: float = 60.0,
+        throttle: Throttle | None = None,
     ) -> None:
         self._session = session
         self._auth = auth
         self._chunk_bytes = chunk_bytes
+        # One throttle for every stage of the process: the bandwidth cap is on the sum.
+        self._throttle = throttle or Throttle()
         self._request_timeout_s = request_timeout_s
         # No total: an upload of hundreds of GB takes as long as it takes, but must not stall.
         self._timeout = aiohttp.ClientTimeout(
@@ -204,6 +208,7 @@ class GlanceClient:
                 hash_algorithms=hash_algorithms,
                 progress=progress,
                 write_timeout_s=self._request_timeout_s,
+                throttle=self._throttle,
             )
             bodies.append(body)
             return body
@@ -214,14 +219,15 @@ class GlanceClient:
             "x-openstack-image-size": str(size_bytes),
         }
         try:
-            answer = await self._call(
-                "PUT",
-                f"/v2/images/{image_id}/stage",
-                operation="stage",
-                expected=(204,),
-                headers=headers,
-                body_factory=new_body,
-            )
+            with self._throttle.sending():
+                answer = await self._call(
+                    "PUT",
+                    f"/v2/images/{image_id}/stage",
+                    operation="stage",
+                    expected=(204,),
+                    headers=headers,
+                    body_factory=new_body,
+                )
         except MigrationError as exc:
             if bodies and bodies[-1].failure is not None:
                 raise bodies[-1].failure from exc
@@ -390,6 +396,7 @@ class _FileBody(Payload):
         hash_algorithms: Sequence[str],
         progress: Callable[[int], None] | None,
         write_timeout_s: float,
+        throttle: Throttle,
     ) -> None:
         super().__init__(path, content_type="application/octet-stream")
         # A known size makes aiohttp send Content-Length instead of chunked encoding.
@@ -399,6 +406,7 @@ class _FileBody(Payload):
         self._hashers = {name: hashlib.new(name) for name in hash_algorithms}
         self._progress = progress
         self._write_timeout_s = write_timeout_s
+        self._throttle = throttle
         self._last_hash: asyncio.Future[None] | None = None
         self.sent_bytes = 0
         self.failure: MigrationError | None = None
@@ -459,8 +467,7 @@ class _FileBody(Payload):
         )
         self._last_hash = hashing
         try:
-            async with asyncio.timeout(self._write_timeout_s):
-                await writer.write(chunk)
+            await self._write(writer, chunk)
         except TimeoutError as exc:
             raise RequestTimeout(
                 f"the cloud stopped reading the upload for {self._write_timeout_s:g} s",
@@ -471,6 +478,17 @@ class _FileBody(Payload):
         self.sent_bytes += len(chunk)
         if self._progress is not None:
             self._progress(self.sent_bytes)
+
+    async def _write(self, writer: AbstractStreamWriter, chunk: bytes) -> None:
+        """Send the chunk, in slices the bandwidth cap lets through when there is one."""
+        slice_bytes = self._throttle.slice_bytes(len(chunk))
+        view = memoryview(chunk)
+        for start in range(0, len(chunk), slice_bytes):
+            piece = view[start : start + slice_bytes]
+            await self._throttle.acquire(len(piece))
+            # The timeout is per slice: waiting for the cap is not the cloud being slow.
+            async with asyncio.timeout(self._write_timeout_s):
+                await writer.write(piece)
 
     def _size_done(self, remaining: int) -> int:
         return (self._size or 0) - remaining
