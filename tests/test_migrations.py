@@ -79,6 +79,8 @@ EXPECTED_COLUMNS = {
         "detail",
         "step_key",
     ],
+    "controls": ["id", "bandwidth_bytes_per_s", "updated_at", "updated_by"],
+    "worker_streams": ["worker_id", "streams", "seen_at"],
 }
 
 

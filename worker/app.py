@@ -14,8 +14,10 @@ import structlog
 from worker.clients.glance import GlanceClient
 from worker.clients.http import new_session
 from worker.clients.keystone import authenticator_for
+from worker.clients.throttle import Throttle
 from worker.config import CloudSettings
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
+from worker.controls import following_bandwidth
 from worker.core.machine import Policies
 from worker.executor import ExecutorSettings, ImageRunner
 from worker.store.store import Store
@@ -60,12 +62,16 @@ async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[
 
 @asynccontextmanager
 async def open_glance(
-    cloud: CloudSettings, *, chunk_bytes: int = 1 << 20, connections: int = 16
+    cloud: CloudSettings,
+    *,
+    chunk_bytes: int = 1 << 20,
+    connections: int = 16,
+    throttle: Throttle | None = None,
 ) -> AsyncIterator[GlanceClient]:
     """A Glance client with its own HTTP session, closed on exit."""
     async with new_session(cloud, connections=connections) as session:
         auth = authenticator_for(session, cloud)
-        yield GlanceClient(session, auth, chunk_bytes=chunk_bytes)
+        yield GlanceClient(session, auth, chunk_bytes=chunk_bytes, throttle=throttle)
 
 
 async def run_worker(
@@ -78,10 +84,12 @@ async def run_worker(
     """Run one worker process until `stop` is set or, with `once`, the queue is drained."""
     async with (
         open_store(database_url, max_size=min(settings.concurrency + 2, 20)) as store,
+        following_bandwidth(database_url, worker_id=settings.worker_id) as throttle,
         open_glance(
             cloud,
             chunk_bytes=settings.chunk_bytes,
             connections=settings.concurrency + settings.stage_concurrency + 2,
+            throttle=throttle,
         ) as glance,
     ):
         runner = ImageRunner(

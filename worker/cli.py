@@ -357,6 +357,32 @@ def upgrade(database_url: str | None) -> None:
 
 
 @cli.command()
+@database_option
+@click.option(
+    "--bandwidth",
+    default=None,
+    help="Upload cap of all workers together, e.g. 50MiB/s or 200MB/s; `off` lifts it.",
+)
+def limit(database_url: str | None, bandwidth: str | None) -> None:
+    """Show or change the bandwidth cap; running workers follow it within two seconds."""
+    from worker.controls import format_rate, get_bandwidth_limit, parse_rate, set_bandwidth_limit
+
+    try:
+        rate = parse_rate(bandwidth) if bandwidth is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bandwidth") from exc
+
+    async def go() -> int | None:
+        url = _database_url(database_url)
+        async with open_store(url):  # brings the schema up to date first
+            if bandwidth is not None:
+                await set_bandwidth_limit(url, rate, updated_by=default_worker_id())
+            return await get_bandwidth_limit(url)
+
+    click.echo(f"bandwidth limit: {format_rate(_run(go()))}")
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8774, show_default=True, type=int)
 @click.option("--virtio-fail", multiple=True, help="Image name glob whose virtio injection fails.")
