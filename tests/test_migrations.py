@@ -27,6 +27,7 @@ EXPECTED_COLUMNS = {
         "on_failure",
         "not_before",
         "cancelled_at",
+        "window",
     ],
     "results": [
         "id",

@@ -13,9 +13,11 @@ import stat
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeAlias
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import jsonschema
 import yaml
@@ -46,7 +48,9 @@ _GLANCE_ATTRIBUTES = frozenset(
     }
 )  # fmt: skip
 _MAX_PROPERTY_KEY = 255
-_TOP_LEVEL_ORDER = {"job": "1", "on_failure": "2", "defaults": "3", "disks": "4"}
+_TOP_LEVEL_ORDER = {
+    "job": "1", "on_failure": "2", "not_before": "2a", "window": "2b", "defaults": "3", "disks": "4"
+}  # fmt: skip
 
 _Path: TypeAlias = tuple[str | int, ...]
 _SortKey: TypeAlias = tuple[str, ...]
@@ -81,6 +85,8 @@ class LoadedManifest:
     sha256: str
     warnings: tuple[Problem, ...] = ()
     inspections: Mapping[int, Inspection] = field(default_factory=dict)
+    not_before: datetime | None = None  # no disk starts before this (aware) time
+    window: Mapping[str, object] | None = None  # start, end, time_zone and days, as written
 
 
 def schema() -> dict[str, object]:
@@ -125,10 +131,11 @@ def _root(source_root: Path | None) -> str | None:
 
 def _load(text: str, raw: bytes, *, checked: _Checked, fmt: str, source: str) -> LoadedManifest:
     try:
-        document = _parse(text, fmt)
+        document = _times_as_text(_parse(text, fmt))
     except ValueError as exc:
         raise InvalidManifest([Problem("<file>", str(exc))], source=source) from exc
     found = _schema_problems(document) + _semantic_problems(document, checked)
+    found += _schedule_problems(document)
     if found:
         found.sort(key=lambda item: item[0])
         raise InvalidManifest([problem for _, problem in found], source=source)
@@ -140,6 +147,8 @@ def _load(text: str, raw: bytes, *, checked: _Checked, fmt: str, source: str) ->
         sha256=hashlib.sha256(raw).hexdigest(),
         warnings=tuple(problem for _, problem in sorted(checked.warnings, key=lambda w: w[0])),
         inspections=checked.inspections,
+        not_before=_timestamp(document.get("not_before")),
+        window=document.get("window"),
     )
 
 
@@ -274,6 +283,57 @@ def _sort_key(path: _Path) -> _SortKey:
     # Document order: top-level keys as written in a manifest, and disks[2] before disks[10].
     rank = _TOP_LEVEL_ORDER.get(str(path[0]), "9") if path else ""
     return (rank, *(f"{p:012d}" if isinstance(p, int) else p for p in path))
+
+
+# Schedules: when the job may run -------------------------------------------------------------
+
+
+def _times_as_text(document: object) -> object:
+    """YAML reads an unquoted not_before as a datetime: give it back as the text it was."""
+    if isinstance(document, dict) and isinstance(document.get("not_before"), date):
+        value = document["not_before"]
+        document["not_before"] = value.isoformat() if isinstance(value, datetime) else str(value)
+    return document
+
+
+def _timestamp(value: object) -> datetime | None:
+    """An RFC 3339 timestamp with its offset, or None when `value` is not one."""
+    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d\d-\d\d[Tt ].+", value):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _schedule_problems(document: object) -> list[_Found]:
+    if not isinstance(document, dict):
+        return []
+    found: list[_Found] = []
+    not_before = document.get("not_before")
+    if isinstance(not_before, str) and _timestamp(not_before) is None:
+        message = (
+            f"must be an RFC 3339 timestamp with a time zone offset, got {_show(not_before)} "
+            '(e.g. "2025-03-01T22:00:00+01:00" or "2025-03-01T21:00:00Z")'
+        )
+        found.append((_sort_key(("not_before",)), Problem("not_before", message)))
+    window = document.get("window")
+    zone = window.get("time_zone") if isinstance(window, dict) else None
+    if isinstance(zone, str) and zone and not _known_zone(zone):
+        where: _Path = ("window", "time_zone")
+        hint = _did_you_mean(zone, sorted(available_timezones()))
+        message = f"unknown time zone {zone!r}{hint}: use an IANA name such as 'Europe/Berlin'"
+        found.append((_sort_key(where), Problem(_location(where), message)))
+    return found
+
+
+def _known_zone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 # Meaning: what the schema cannot see ----------------------------------------------------------
@@ -478,6 +538,11 @@ def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dic
         "defaults": defaults,
         "disks": merged,
     }
+    not_before = _timestamp(document.get("not_before"))
+    if not_before is not None:
+        normalized["not_before"] = not_before.isoformat()
+    if "window" in document:
+        normalized["window"] = document["window"]
     return job, normalized
 
 

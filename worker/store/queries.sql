@@ -46,6 +46,7 @@ RETURNING job_id;
 -- $1 worker_id, $2 limit, $3 lease in seconds.
 -- Oldest job first, then manifest order; rows locked by a concurrent claimer are skipped.
 -- A cancelled job's rows are claimed only once started (an image may need cleaning up).
+-- Outside its maintenance window a job's pending rows wait; started ones may finish.
 WITH picked AS (
     SELECT r.id
     FROM results AS r
@@ -55,6 +56,7 @@ WITH picked AS (
       AND r.next_attempt_at <= now()
       AND (j.cancelled_at IS NULL OR r.phase <> 'pending')
       AND (j.not_before IS NULL OR j.not_before <= now())
+      AND (j."window" IS NULL OR r.phase <> 'pending' OR job_window_open(j."window", now()))
     ORDER BY j.submitted_at, r.job_id, r.disk_index
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED
