@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -20,6 +23,9 @@ from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.controls import following_bandwidth
 from worker.core.machine import Policies
 from worker.executor import ExecutorSettings, ImageRunner
+from worker.metrics import WorkerMetrics, serving_metrics
+from worker.notify import WebhookNotifier, WebhookSettings, notifying
+from worker.progress import RunProgress
 from worker.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -45,6 +51,10 @@ class WorkerSettings:
     grace_s: float = 60.0
     once: bool = False
     policies: Policies = field(default_factory=Policies)
+    progress: str = "auto"  # auto (bars on a terminal, else log lines) | bars | log | off
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no endpoint; 0: any free port
+    webhook: WebhookSettings | None = None
 
 
 @asynccontextmanager
@@ -82,6 +92,7 @@ async def run_worker(
     stop: asyncio.Event,
 ) -> RunSummary:
     """Run one worker process until `stop` is set or, with `once`, the queue is drained."""
+    ops = Operations(settings)
     async with (
         open_store(database_url, max_size=min(settings.concurrency + 2, 20)) as store,
         following_bandwidth(database_url, worker_id=settings.worker_id) as throttle,
@@ -101,6 +112,7 @@ async def run_worker(
                 policies=settings.policies,
             ),
             stage_slots=asyncio.Semaphore(settings.stage_concurrency),
+            on_progress=ops.on_progress,
         )
         consumer = Consumer(
             store,
@@ -115,7 +127,84 @@ async def run_worker(
                 once=settings.once,
             ),
         )
-        return await consumer.run(stop)
+        async with ops.running(store, settings):
+            return await consumer.run(stop)
+
+
+EventObserver = Callable[[Mapping[str, Any]], None]
+_LEVELS = {**logging.getLevelNamesMapping(), "EXCEPTION": logging.ERROR}
+
+
+class Operations:
+    """What operators watch a worker by: progress, metrics and webhooks, fed by its events."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.metrics = WorkerMetrics()
+        self.progress: RunProgress | None = None
+        self.notifier: WebhookNotifier | None = None
+        self._settings = settings
+
+    def on_progress(self, result_id: int, done_bytes: int) -> None:
+        self.metrics.on_progress(result_id, done_bytes)
+        if self.progress is not None:
+            self.progress.on_progress(result_id, done_bytes)
+
+    @asynccontextmanager
+    async def running(self, store: Store, settings: WorkerSettings) -> AsyncIterator[None]:
+        """Serve metrics, send webhooks and show progress while the block runs."""
+        self.progress = RunProgress(store, mode=settings.progress)
+        observers: list[EventObserver] = [self.metrics.observe, self.progress.observe]
+        async with AsyncExitStack() as stack:
+            if settings.metrics_port is not None:
+                await stack.enter_async_context(
+                    serving_metrics(
+                        self.metrics,
+                        store.outstanding,
+                        host=settings.metrics_host,
+                        port=settings.metrics_port,
+                    )
+                )
+            if settings.webhook is not None:
+                self.notifier = WebhookNotifier(
+                    settings.webhook, store.job_summaries, worker_id=settings.worker_id
+                )
+                await stack.enter_async_context(notifying(self.notifier))
+                observers.append(self.notifier.observe)
+            await stack.enter_async_context(self.progress.showing())
+            stack.enter_context(observing_events(observers))
+            yield
+
+
+@contextmanager
+def observing_events(observers: list[EventObserver]) -> Iterator[None]:
+    """Hand every log event of this process, with its bound context, to `observers`.
+
+    Observers see events below the configured log level too (metrics must not depend on
+    --log-level); those are dropped right after them.
+    """
+    config = structlog.get_config()
+    wrapper = config["wrapper_class"]
+    min_level = wrapper.get_effective_level(None) if hasattr(wrapper, "get_effective_level") else 0
+
+    def tap(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        seen = {**structlog.contextvars.get_contextvars(), **event}
+        for observer in observers:
+            try:
+                observer(seen)
+            except Exception as exc:  # a watcher's bug must not break the worker's logging
+                print(f"event observer failed: {exc!r}", file=sys.stderr)
+        if _LEVELS.get(method.upper(), logging.INFO) < min_level:
+            raise structlog.DropEvent
+        return event
+
+    structlog.configure(
+        processors=[tap, *config["processors"]],
+        wrapper_class=structlog.make_filtering_bound_logger(min(min_level, logging.INFO)),
+    )
+    try:
+        yield
+    finally:
+        structlog.configure(processors=config["processors"], wrapper_class=wrapper)
 
 
 def environment() -> Mapping[str, str]:

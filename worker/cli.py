@@ -15,6 +15,7 @@ import dataclasses
 import signal
 import sys
 from collections.abc import Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -26,7 +27,9 @@ from worker.app import WorkerSettings, default_worker_id, environment, open_stor
 from worker.config import load_cloud_settings
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
+from worker.notify import WebhookSettings
 from worker.preflight import format_findings, run_preflight
+from worker.progress import watch_fleet
 from worker.report import print_job_status, print_problems, write_report
 from worker.store.store import Store
 
@@ -128,8 +131,18 @@ def validate(
 @click.argument("manifest", type=click.Path(path_type=Path))
 @source_root_option
 @database_option
-def submit(manifest: Path, source_root: Path | None, database_url: str | None) -> None:
+@click.option(
+    "--at",
+    "at_time",
+    default=None,
+    help="Start no disk before this RFC 3339 time, e.g. 2025-03-01T22:00:00+01:00 "
+    "(overrides the manifest's not_before).",
+)
+def submit(
+    manifest: Path, source_root: Path | None, database_url: str | None, at_time: str | None
+) -> None:
     """Validate a manifest and queue its disks; prints the job id."""
+    not_before = _parse_at(at_time)
     try:
         loaded = load_manifest(manifest, source_root=source_root)
     except InvalidManifest as exc:
@@ -139,7 +152,10 @@ def submit(manifest: Path, source_root: Path | None, database_url: str | None) -
     async def go() -> str:
         async with open_store(_database_url(database_url)) as store:
             job_id = await store.submit_job(
-                loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
+                loaded.job,
+                manifest=loaded.document,
+                manifest_sha256=loaded.sha256,
+                not_before=not_before or loaded.not_before,
             )
             return str(job_id)
 
@@ -194,6 +210,28 @@ def submit(manifest: Path, source_root: Path | None, database_url: str | None) -
     show_default=True,
     help="Must match the cloud's os_hash_algo for verification.",
 )
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "bars", "log", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: bars on a terminal, a worker.progress log line every 10 s otherwise.",
+)
+@click.option(
+    "--metrics-port",
+    default=9108,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of /metrics, /healthz and /readyz; 0 turns them off.",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--webhook",
+    "webhook_url",
+    envvar="VMDK_MIGRATE_WEBHOOK_URL",
+    default=None,
+    help="POST a JSON notice here on each failed image and each completed job.",
+)
 def run(
     database_url: str | None,
     once: bool,
@@ -205,6 +243,10 @@ def run(
     grace_s: float,
     cloud_name: str | None,
     hash_algorithm: str,
+    progress: str,
+    metrics_port: int,
+    metrics_host: str,
+    webhook_url: str | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
     try:
@@ -221,6 +263,10 @@ def run(
         once=once,
         lease_s=lease_s,
         heartbeat_s=lease_s / 4,
+        progress=progress,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port or None,
+        webhook=WebhookSettings(webhook_url) if webhook_url else None,
     )
     if worker_id:
         settings = dataclasses.replace(settings, worker_id=worker_id)
@@ -246,11 +292,25 @@ def run(
     show_default=True,
     help="Show the per-image table under each job.",
 )
-def status(job: str | None, database_url: str | None, images: bool) -> None:
-    """Counts by phase per job, and a table of its images."""
+@click.option("--watch", is_flag=True, help="Follow every job and worker live until Ctrl-C.")
+@click.option(
+    "--interval",
+    "interval_s",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds between redraws with --watch.",
+)
+def status(
+    job: str | None, database_url: str | None, images: bool, watch: bool, interval_s: float
+) -> None:
+    """Counts by phase per job, and a table of its images; --watch follows the whole fleet."""
 
     async def go() -> int:
         async with open_store(_database_url(database_url)) as store:
+            if watch:
+                await watch_fleet(store, interval_s=interval_s, stop=_stop_on_signals())
+                return EXIT_OK
             summaries = await store.job_summaries(job)
             if job and not summaries:
                 click.echo(f"no job {job!r}", err=True)
@@ -412,6 +472,20 @@ def demo(disks: int, workdir: Path) -> None:
     from worker.demo import run_demo
 
     sys.exit(_run(run_demo(disks=disks, workdir=workdir)))
+
+
+def _parse_at(text: str | None) -> datetime | None:
+    """--at: an RFC 3339 time with its offset; exits with EXIT_BAD_INPUT otherwise."""
+    if text is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        click.echo(f"--at: not an RFC 3339 time with an offset: {text!r}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    return parsed
 
 
 def _stop_on_signals() -> asyncio.Event:

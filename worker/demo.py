@@ -24,6 +24,7 @@ from worker.store.embedded import resolve_database_url
 
 FAILING_SUFFIX = "-virtio-broken"
 FILL_BYTES = 4 << 20  # real data per sample disk, so every disk has its own hash
+DEMO_LINK_BYTES_PER_S = 1 << 20
 
 
 def write_demo_manifest(workdir: Path, *, disks: int) -> Path:
@@ -65,6 +66,8 @@ async def run_demo(*, disks: int, workdir: Path) -> int:
         # The demo shows verified hashes; the sandbox can also rewrite data like the vendor's
         # driver injection does (then rows are marked `transformed`), see the README.
         rewrite_virtio=False,
+        # A modest link, so that on a terminal the progress bars are seen moving.
+        stage_rate_bytes_per_s=DEMO_LINK_BYTES_PER_S,
     )
     async with Sandbox(config).serve(host="127.0.0.1", port=0) as cloud_server:
         cloud = load_cloud_settings(

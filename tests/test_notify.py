@@ -1,0 +1,131 @@
+"""Webhooks over real HTTP: one notice per failed image and per completed job, retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.test_pipeline import FAST, cloud_for, rows_of, submit
+from worker.app import WorkerSettings, run_worker
+from worker.consumer import RunSummary
+from worker.notify import WebhookSettings, safe_target
+from worker.sandbox import Sandbox, SandboxConfig
+
+SECRET_PATH = "/hooks/T0-sEcReT-path"
+
+
+@dataclass
+class Receiver:
+    """Answers `failures_first` requests with 500, then 200; keeps what it accepted."""
+
+    failures_first: int = 0
+    delay_s: float = 0.0
+    seen: int = 0
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.text()
+        self.raw.append(body)
+        self.seen += 1
+        await asyncio.sleep(self.delay_s)
+        if self.seen <= self.failures_first:
+            return web.Response(status=500, text="try later")
+        self.accepted.append(json.loads(body))
+        self.keys.append(request.headers["Idempotency-Key"])
+        return web.Response(status=204)
+
+
+@asynccontextmanager
+async def serving(receiver: Receiver) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post(SECRET_PATH, receiver.handle)
+    # A hanging handler is cut off at the end rather than waited for.
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}{SECRET_PATH}?key=also-secret"
+    finally:
+        await runner.cleanup()
+
+
+async def migrate(database_url: str, sb: Sandbox, webhook: WebhookSettings) -> RunSummary:
+    settings = WorkerSettings(
+        once=True, idle_poll_s=0.05, heartbeat_s=0.5, policies=FAST, webhook=webhook
+    )
+    return await run_worker(
+        database_url=database_url, cloud=cloud_for(sb), settings=settings, stop=asyncio.Event()
+    )
+
+
+BROKEN = SandboxConfig(
+    import_latency_s=0.05, virtio_fail_names=("broken-*",), rewrite_virtio=False, password="pw-x9"
+)
+
+
+@pytest.mark.parametrize("sandbox_config", [BROKEN], indirect=True)
+@pytest.mark.parametrize("failures_first", [0, 2])
+async def test_one_post_per_failure_and_one_per_completed_job_even_after_500s(
+    database_url: str, sandbox: Sandbox, tmp_path: Path, failures_first: int
+) -> None:
+    names = ["good-1", "broken-1", "good-2", "broken-2"]
+    job_id, _ = await submit(database_url, tmp_path, names, es_virtio_enabled="yes")
+    receiver = Receiver(failures_first=failures_first)
+
+    async with serving(receiver) as url:
+        summary = await migrate(database_url, sandbox, WebhookSettings(url, backoff_s=0.05))
+
+    assert summary.by_phase == {"done": 2, "failed": 2}
+    rows = await rows_of(database_url, job_id)
+    failed = sorted((n for n in receiver.accepted if n["event"] == "image.failed"), key=str)
+    assert {n["image"] for n in failed} == {"broken-1", "broken-2"}
+    for notice in failed:
+        row = rows[notice["image"]]
+        assert notice["result_id"] == row.id
+        assert notice["job_id"] == job_id
+        assert notice["image_id"] == str(row.glance_image_id)
+        assert notice["error_code"] == row.error_code == "virtio_failed"
+        assert notice["error"] == row.error_message
+    completed = [n for n in receiver.accepted if n["event"] == "job.completed"]
+    assert len(completed) == 1
+    assert completed[0]["job_id"] == job_id
+    assert (completed[0]["done"], completed[0]["failed"], completed[0]["disk_count"]) == (2, 2, 4)
+    assert len(receiver.accepted) == 3
+    assert len(set(receiver.keys)) == 3
+    assert receiver.seen == 3 + failures_first
+    assert not any(sandbox.password in body for body in receiver.raw)
+
+
+async def test_a_hanging_receiver_never_holds_up_the_batch(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    await submit(database_url, tmp_path, ["a", "b"])
+    receiver = Receiver(delay_s=30.0)
+
+    async with serving(receiver) as url:
+        started = time.monotonic()
+        webhook = WebhookSettings(url, timeout_s=0.2, attempts=2, backoff_s=0.05, drain_s=1.0)
+        summary = await migrate(database_url, sandbox, webhook)
+        elapsed_s = time.monotonic() - started
+
+    assert summary.by_phase == {"done": 2}
+    assert receiver.seen == 2  # one notice (job.completed), tried twice, each cut off at 0.2 s
+    assert elapsed_s < 5.0
+
+
+def test_log_lines_name_the_receiver_without_its_secret_path() -> None:
+    assert safe_target(f"https://hooks.example.com:8443{SECRET_PATH}?token=x") == (
+        "https://hooks.example.com:8443"
+    )

@@ -1,0 +1,99 @@
+"""Live progress: the fleet view from the rows, and a worker's throttled progress lines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from structlog.testing import capture_logs
+
+from tests.test_cli import PROJECT, cloud_env
+from tests.test_pipeline import submit
+from worker.progress import FleetBars, RunProgress, fleet_snapshot, format_fleet
+from worker.sandbox import Sandbox
+from worker.store import Store
+
+
+async def two_workers_mid_upload(store: Store, database_url: str, tmp_path: Path) -> str:
+    """Rows held by two workers, each part-way through its upload."""
+    job_id, _ = await submit(database_url, tmp_path, ["d0", "d1", "d2"])
+    for worker_id, done_bytes in (("worker-a", 4096), ("worker-b", 8192)):
+        (claim,) = await store.claim(worker_id=worker_id, limit=1, lease_s=60)
+        await store.set_progress(claim.row.id, worker_id=worker_id, bytes_staged=done_bytes)
+    return job_id
+
+
+async def test_the_fleet_view_shows_every_workers_images_in_flight(
+    store: Store, database_url: str, tmp_path: Path
+) -> None:
+    job_id = await two_workers_mid_upload(store, database_url, tmp_path)
+
+    snapshot = await fleet_snapshot(store)
+
+    assert [str(job.job_id) for job in snapshot.jobs] == [job_id]
+    held = {(f.worker_id, f.row.image_name, f.row.bytes_staged) for f in snapshot.in_flight}
+    assert held == {("worker-a", "d0", 4096), ("worker-b", "d1", 8192)}
+    text = format_fleet(snapshot)
+    assert f"job test-job {job_id}: 3 image(s) pending=3 12288/" in text
+    assert "  worker-a  test-job/d0  pending  4096/" in text
+    assert "  worker-b  test-job/d1  pending  8192/" in text
+
+    console = Console(file=io.StringIO(), width=140, force_terminal=True, record=True)
+    console.print(FleetBars(console).update(snapshot))
+    drawn = console.export_text()
+    assert "worker-a test-job/d0 [pending]" in drawn
+    assert "worker-b test-job/d1 [pending]" in drawn
+    assert "2 image(s) in flight on 2 worker(s)" in drawn
+
+
+async def test_off_a_terminal_a_worker_logs_throttled_progress_lines(store: Store) -> None:
+    progress = RunProgress(store, mode="log", log_every_s=0.1)
+    progress.observe({"event": "image.creating", "result_id": 1, "phase": "creating"})
+    progress.observe({"event": "image.staging", "result_id": 2, "phase": "staging"})
+    progress.observe({"event": "image.finished", "result_id": 3, "phase": "done"})
+
+    with capture_logs() as logs:
+        async with progress.showing():
+            progress.on_progress(2, 1000)
+            await asyncio.sleep(0.15)
+            progress.on_progress(2, 3000)
+            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)  # nothing changed: no new line
+
+    lines = [line for line in logs if line["event"] == "worker.progress"]
+    assert [line["bytes_staged"] for line in lines] == [1000, 3000]
+    assert lines[0]["images"] == {"creating": 1, "staging": 1, "done": 1}
+    assert lines[0]["stages_in_flight"] == 1
+    assert 15_000 <= lines[1]["rate_bytes_per_s"] <= 25_000  # 2000 bytes in ~0.1 s
+
+
+async def test_status_watch_prints_snapshots_off_a_terminal(
+    store: Store, database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    await two_workers_mid_upload(store, database_url, tmp_path)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "status",
+        "--watch",
+        "--interval",
+        "0.2",
+        env={**cloud_env(sandbox, database_url), "COLUMNS": "120"},
+        cwd=PROJECT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(2.0)
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=10)
+
+    assert process.returncode == 0, err.decode()
+    text = out.decode()
+    assert text.count("fleet at") >= 2
+    assert "2 image(s) in flight on 2 worker(s)" in text
+    assert "worker-a  test-job/d0" in text

@@ -1,0 +1,201 @@
+"""Webhook notifications of failed images and completed jobs, sent in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+
+from worker.core.model import Phase
+from worker.logs import redact_url
+from worker.store.store import JobSummary
+
+log = structlog.get_logger(__name__)
+
+# The only keys of an image.summary event a failure notice carries: no free-form data leaks.
+_FAILURE_KEYS = (
+    "job_id",
+    "image",
+    "image_id",
+    "result_id",
+    "error_code",
+    "error",
+    "attempts",
+    "size_bytes",
+    "duration_s",
+    "glance_status",
+)
+
+JobSummaries = Callable[[str], Awaitable[Sequence[JobSummary]]]
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Where to POST and how hard to try; the sender never holds up the pipeline."""
+
+    url: str
+    timeout_s: float = 10.0
+    attempts: int = 5
+    backoff_s: float = 1.0  # doubled after each failed attempt
+    max_backoff_s: float = 30.0
+    queue_size: int = 10_000  # notices beyond this are dropped (and logged), not awaited
+    drain_s: float = 15.0  # at shutdown, time given to notices still queued
+
+
+def safe_target(url: str) -> str:
+    """Scheme, host and port only: webhook paths and queries often carry a secret."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+class WebhookNotifier:
+    """Turns log events into notices and POSTs them as JSON from one background task."""
+
+    def __init__(
+        self, settings: WebhookSettings, job_summaries: JobSummaries, *, worker_id: str
+    ) -> None:
+        self._settings = settings
+        self._job_summaries = job_summaries
+        self._worker_id = worker_id
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(
+            maxsize=settings.queue_size
+        )
+        self._completed: set[str] = set()
+        self.sent = 0
+        self.given_up = 0
+
+    def observe(self, event: Mapping[str, Any]) -> None:
+        """Queue a failure notice and a completion check for each finished image."""
+        if event.get("event") != "image.summary" or "job_id" not in event:
+            return
+        if event.get("phase") == Phase.FAILED:
+            notice = {key: _plain(event.get(key)) for key in _FAILURE_KEYS}
+            self._put("image.failed", {**notice, "worker_id": self._worker_id})
+        self._put("job.check", {"job_id": str(event["job_id"])})
+
+    def _put(self, kind: str, payload: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait((kind, payload))
+        except asyncio.QueueFull:
+            log.warning("notify.dropped", kind=kind, queued=self._queue.qsize())
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Send queued notices one at a time, forever (cancel to stop)."""
+        while True:
+            kind, payload = await self._queue.get()
+            try:
+                if kind == "job.check":
+                    await self._check_job(session, payload["job_id"])
+                else:
+                    await self._send(session, kind, payload)
+            except Exception:
+                log.exception("notify.error", kind=kind)
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait for the queued notices, at most `drain_s`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout=self._settings.drain_s)
+
+    async def _check_job(self, session: aiohttp.ClientSession, job_id: str) -> None:
+        if job_id in self._completed:
+            return
+        summaries = await self._job_summaries(job_id)
+        if not summaries:
+            return
+        summary = summaries[0]
+        unfinished = sum(n for phase, n in summary.counts.items() if not Phase(phase).terminal)
+        if unfinished:
+            return
+        self._completed.add(job_id)
+        payload = {
+            "job_id": job_id,
+            "job": summary.name,
+            "disk_count": summary.disk_count,
+            "done": summary.counts.get(Phase.DONE, 0),
+            "failed": summary.counts.get(Phase.FAILED, 0),
+            "total_bytes": summary.total_bytes,
+            "worker_id": self._worker_id,
+        }
+        await self._send(session, "job.completed", payload)
+
+    async def _send(
+        self, session: aiohttp.ClientSession, kind: str, payload: dict[str, Any]
+    ) -> None:
+        settings = self._settings
+        body = {"event": kind, **payload}
+        # Receivers may see a notice twice (a lost answer, or two workers finishing a job at
+        # once): this key names the notice so they can drop repeats.
+        key = f"{kind}:{payload.get('job_id')}:{payload.get('result_id', '')}"
+        headers = {"Idempotency-Key": key, "User-Agent": "vmdk-migrate"}
+        delay_s = settings.backoff_s
+        for attempt in range(1, settings.attempts + 1):
+            outcome = await self._post(session, body, headers)
+            if outcome == "ok":
+                self.sent += 1
+                log.info("notify.sent", kind=kind, target=safe_target(settings.url))
+                return
+            final = attempt == settings.attempts or outcome.startswith("refused")
+            log.warning(
+                "notify.attempt_failed",
+                kind=kind,
+                target=safe_target(settings.url),
+                attempt=attempt,
+                reason=outcome,
+                final=final,
+            )
+            if final:
+                break
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, settings.max_backoff_s)
+        self.given_up += 1
+
+    async def _post(
+        self, session: aiohttp.ClientSession, body: dict[str, Any], headers: dict[str, str]
+    ) -> str:
+        """'ok', 'retry: ...' or 'refused: ...' (a 4xx other than 408/429 is not retried)."""
+        timeout = aiohttp.ClientTimeout(total=self._settings.timeout_s)
+        try:
+            async with session.post(
+                self._settings.url, json=body, headers=headers, timeout=timeout
+            ) as response:
+                await response.read()
+                status = response.status
+        except TimeoutError:
+            return "retry: timeout"
+        except aiohttp.ClientError as exc:
+            return f"retry: {type(exc).__name__}"
+        if status < 300:
+            return "ok"
+        if 400 <= status < 500 and status not in (408, 429):
+            return f"refused: HTTP {status}"
+        return f"retry: HTTP {status}"
+
+
+def _plain(value: object) -> object:
+    """JSON-safe values; text is cleared of credentials inside URLs."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact_url(str(value))
+
+
+@asynccontextmanager
+async def notifying(notifier: WebhookNotifier) -> AsyncIterator[WebhookNotifier]:
+    """Run the sender while the block runs; then give queued notices `drain_s` to go out."""
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(notifier.run(session), name="webhook")
+        try:
+            yield notifier
+            await notifier.drain()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

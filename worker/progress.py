@@ -1,0 +1,368 @@
+"""Live progress: rich bars on a terminal, throttled `worker.progress` lines elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+from uuid import UUID
+
+import structlog
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from worker.core.model import Phase
+from worker.store.store import JobSummary, ResultRow, Store
+
+log = structlog.get_logger(__name__)
+
+LOG_EVERY_S = 10.0  # off a terminal, at most one worker.progress line this often
+_REDRAW_S = 0.25
+_REFRESH_DB_S = 1.0
+_RECENT_FINISHED_JOBS = 5  # status --watch also shows this many finished jobs
+
+
+def wants_bars(mode: str, stream: TextIO) -> bool:
+    """mode auto|bars|log|off: auto draws bars when `stream` is a terminal."""
+    return mode == "bars" or (mode == "auto" and stream.isatty())
+
+
+def new_bars(console: Console) -> Progress:
+    """The bar layout shared by `run` and `status --watch`: bytes, rate and ETA."""
+    return Progress(
+        TextColumn("{task.description}", style="bold"),
+        BarColumn(bar_width=30),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        auto_refresh=False,
+        expand=False,
+    )
+
+
+def _sync_bar(
+    bars: Progress, tasks: dict[Any, TaskID], key: Any, text: str, done: int, total: int
+) -> None:
+    text = escape(text)  # image names are data, not rich markup
+    task = tasks.get(key)
+    if task is None:
+        tasks[key] = bars.add_task(text, total=total or None, completed=done)
+    else:
+        bars.update(task, description=text, completed=done, total=total or None)
+
+
+def _drop_bars(bars: Progress, tasks: dict[Any, TaskID], keep: set[Any]) -> None:
+    for key in set(tasks) - keep:
+        bars.remove_task(tasks.pop(key))
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    return " ".join(f"{phase}={counts[phase]}" for phase in Phase if counts.get(phase))
+
+
+# --- one worker: `vmdk-migrate run` ----------------------------------------------------------
+
+
+@dataclass
+class _Stage:
+    job_id: str
+    image: str
+    done_bytes: int = 0
+
+
+@dataclass
+class RunProgress:
+    """This worker's images, fed by the executor's progress hook and by log events."""
+
+    store: Store
+    mode: str = "auto"  # auto | bars | log | off
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    log_every_s: float = LOG_EVERY_S
+    clock: Callable[[], float] = time.monotonic
+    _phases: dict[int, str] = field(default_factory=dict, init=False)
+    _finished: Counter[str] = field(default_factory=Counter, init=False)
+    _stages: dict[int, _Stage] = field(default_factory=dict, init=False)
+    _last_bytes: dict[int, int] = field(default_factory=dict, init=False)
+    _jobs: set[str] = field(default_factory=set, init=False)
+    bytes_staged: int = field(default=0, init=False)
+
+    def on_progress(self, result_id: int, done_bytes: int) -> None:
+        """Bytes of the current upload so far (the executor's on_progress hook)."""
+        previous = self._last_bytes.get(result_id, 0)
+        self.bytes_staged += max(0, done_bytes - previous)
+        self._last_bytes[result_id] = done_bytes
+        stage = self._stages.get(result_id)
+        if stage is not None:
+            stage.done_bytes = done_bytes
+
+    def observe(self, event: Mapping[str, Any]) -> None:
+        """Follow each image's phase from the stable image.* events."""
+        name = str(event.get("event", ""))
+        result_id = event.get("result_id")
+        if not name.startswith("image.") or not isinstance(result_id, int):
+            return
+        if name == "image.progress_not_saved":
+            return
+        job_id = str(event.get("job_id", ""))
+        self._jobs.add(job_id)
+        self._stages.pop(result_id, None)
+        if name == "image.staging":
+            self._stages[result_id] = _Stage(job_id, str(event.get("image", result_id)))
+            self._last_bytes[result_id] = 0
+        phase = event.get("phase")
+        if name in ("image.finished", "image.lease_lost", "image.crashed"):
+            self._phases.pop(result_id, None)
+            self._last_bytes.pop(result_id, None)
+            if name != "image.lease_lost":
+                crashed = name == "image.crashed"
+                self._finished[Phase.FAILED if crashed else str(phase)] += 1
+        elif isinstance(phase, str) and phase:
+            self._phases[result_id] = phase
+
+    def by_phase(self) -> dict[str, int]:
+        """Images of this run by phase: those in flight and those it finished."""
+        counts = Counter(self._phases.values()) + self._finished
+        return {phase.value: counts[phase] for phase in Phase if counts[phase]}
+
+    @asynccontextmanager
+    async def showing(self) -> AsyncIterator[None]:
+        """Draw bars (terminal) or log throttled progress lines while the block runs."""
+        if self.mode == "off":
+            yield
+            return
+        show = self._bars() if wants_bars(self.mode, self.stream) else self._log_lines()
+        task = asyncio.create_task(show, name="progress")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _log_lines(self) -> None:
+        last_bytes, last_at, last_line = 0, self.clock(), None
+        while True:
+            await asyncio.sleep(self.log_every_s)
+            now = self.clock()
+            line = (self.by_phase(), self.bytes_staged)
+            if line != last_line:
+                rate = (self.bytes_staged - last_bytes) / max(now - last_at, 1e-9)
+                log.info(
+                    "worker.progress",
+                    images=line[0],
+                    bytes_staged=self.bytes_staged,
+                    rate_bytes_per_s=round(rate),
+                    stages_in_flight=len(self._stages),
+                )
+            last_bytes, last_at, last_line = self.bytes_staged, now, line
+
+    async def _bars(self) -> None:
+        console = Console(file=self.stream)
+        bars = new_bars(console)
+        overall = bars.add_task("batch", total=None)
+        tasks: dict[int, TaskID] = {}
+        sizes: dict[int, int] = {}
+        known_jobs: set[str] = set()
+        refreshed = 0.0
+        with Live(bars, console=console, auto_refresh=False, redirect_stderr=True) as live:
+            self._jobs.update(await _unfinished_job_ids(self.store))
+            with _logs_through_live_display():
+                while True:
+                    if self.clock() - refreshed >= _REFRESH_DB_S:
+                        refreshed = self.clock()
+                        await self._refresh_batch(bars, overall, sizes, known_jobs)
+                    for result_id, stage in self._stages.items():
+                        size = sizes.get(result_id, 0)
+                        text = f"  {stage.image}"
+                        _sync_bar(bars, tasks, result_id, text, stage.done_bytes, size)
+                    _drop_bars(bars, tasks, set(self._stages))
+                    live.refresh()
+                    await asyncio.sleep(_REDRAW_S)
+
+    async def _refresh_batch(
+        self, bars: Progress, overall: TaskID, sizes: dict[int, int], known_jobs: set[str]
+    ) -> None:
+        """The overall bar: every job this run has touched or found unfinished, from the rows."""
+        summaries = []
+        for job_id in sorted(self._jobs - {""}):
+            summaries += await self.store.job_summaries(job_id)
+            if job_id not in known_jobs:
+                known_jobs.add(job_id)
+                rows = await self.store.result_rows(UUID(job_id))
+                sizes.update({row.id: row.source_size_bytes for row in rows})
+        counts: Counter[str] = Counter()
+        for summary in summaries:
+            counts.update(summary.counts)
+        images = sum(s.disk_count for s in summaries)
+        finished = counts[Phase.DONE] + counts[Phase.FAILED]
+        text = f"batch {finished}/{images} images  {_counts_text(counts)}"
+        staged = sum(s.bytes_staged for s in summaries)
+        bars.update(
+            overall,
+            description=text,
+            completed=staged,
+            total=sum(s.total_bytes for s in summaries) or None,
+        )
+
+
+async def _unfinished_job_ids(store: Store) -> list[str]:
+    return [str(s.job_id) for s in await store.job_summaries() if _unfinished(s)]
+
+
+def _unfinished(summary: JobSummary) -> bool:
+    return any(n for phase, n in summary.counts.items() if not Phase(phase).terminal)
+
+
+@contextlib.contextmanager
+def _logs_through_live_display() -> Iterator[None]:
+    """Log lines go through the live display (printed above the bars) while it is shown."""
+    config = structlog.get_config()
+    factory = config["logger_factory"]
+    # On a terminal Live swapped sys.stderr for a proxy that prints above the bars.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    try:
+        yield
+    finally:
+        structlog.configure(logger_factory=factory)
+
+
+# --- the fleet: `vmdk-migrate status --watch` ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """An image some worker holds a lease on."""
+
+    worker_id: str
+    job_name: str
+    row: ResultRow
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Every job's counts, and the images in flight on every worker, read at one moment."""
+
+    jobs: Sequence[JobSummary]
+    in_flight: Sequence[InFlight]
+    older_jobs: int = 0  # finished jobs left out of `jobs`
+
+
+async def fleet_snapshot(store: Store) -> FleetSnapshot:
+    """Unfinished jobs, the latest finished ones, and the rows workers hold right now."""
+    summaries = await store.job_summaries()
+    unfinished = [s for s in summaries if _unfinished(s)]
+    finished = [s for s in summaries if not _unfinished(s)]
+    in_flight: list[InFlight] = []
+    for summary in unfinished:
+        for row in await store.result_rows(summary.job_id):
+            if row.lease_expires_at is not None and not Phase(row.phase).terminal:
+                in_flight.append(InFlight(row.worker_id or "?", summary.name, row))
+    in_flight.sort(key=lambda f: (f.worker_id, f.job_name, f.row.disk_index))
+    shown = unfinished + finished[:_RECENT_FINISHED_JOBS]
+    return FleetSnapshot(shown, in_flight, older_jobs=len(finished[_RECENT_FINISHED_JOBS:]))
+
+
+def format_fleet(snapshot: FleetSnapshot) -> str:
+    """A plain-text snapshot for a pipe or a log file."""
+    workers = {f.worker_id for f in snapshot.in_flight}
+    lines = [
+        f"fleet at {time.strftime('%Y-%m-%d %H:%M:%S')}: {len(snapshot.jobs)} job(s), "
+        f"{len(snapshot.in_flight)} image(s) in flight on {len(workers)} worker(s)"
+    ]
+    for job in snapshot.jobs:
+        percent = 100 * job.bytes_staged // job.total_bytes if job.total_bytes else 100
+        lines.append(
+            f"job {job.name} {job.job_id}: {job.disk_count} image(s) {_counts_text(job.counts)} "
+            f"{job.bytes_staged}/{job.total_bytes} bytes staged ({percent}%)"
+        )
+    if snapshot.older_jobs:
+        lines.append(f"(+{snapshot.older_jobs} older finished job(s))")
+    for flight in snapshot.in_flight:
+        row = flight.row
+        size = row.source_size_bytes
+        percent = 100 * row.bytes_staged // size if size else 100
+        lines.append(
+            f"  {flight.worker_id}  {flight.job_name}/{row.image_name}  {row.phase}  "
+            f"{row.bytes_staged}/{size} bytes ({percent}%)"
+        )
+    return "\n".join(lines)
+
+
+class FleetBars:
+    """status --watch on a terminal: a bar per job and per image in flight, grouped by worker."""
+
+    def __init__(self, console: Console) -> None:
+        self.jobs = new_bars(console)
+        self.images = new_bars(console)
+        self._job_tasks: dict[UUID, TaskID] = {}
+        self._image_tasks: dict[int, TaskID] = {}
+        self.header = Text()
+
+    def update(self, snapshot: FleetSnapshot) -> Group:
+        workers = {f.worker_id for f in snapshot.in_flight}
+        self.header = Text(
+            f"{len(snapshot.jobs)} job(s), {len(snapshot.in_flight)} image(s) in flight on "
+            f"{len(workers)} worker(s)"
+            + (f"; +{snapshot.older_jobs} older" if snapshot.older_jobs else ""),
+            style="dim",
+        )
+        for job in snapshot.jobs:
+            text = f"{job.name} {str(job.job_id)[:8]} {_counts_text(job.counts)}"
+            _sync_bar(
+                self.jobs, self._job_tasks, job.job_id, text, job.bytes_staged, job.total_bytes
+            )
+        _drop_bars(self.jobs, self._job_tasks, {job.job_id for job in snapshot.jobs})
+        for flight in snapshot.in_flight:
+            row = flight.row
+            text = f"  {flight.worker_id} {flight.job_name}/{row.image_name} [{row.phase}]"
+            _sync_bar(
+                self.images,
+                self._image_tasks,
+                row.id,
+                text,
+                row.bytes_staged,
+                row.source_size_bytes,
+            )
+        _drop_bars(self.images, self._image_tasks, {f.row.id for f in snapshot.in_flight})
+        return Group(self.header, self.jobs, self.images)
+
+
+async def watch_fleet(
+    store: Store, *, interval_s: float, stop: asyncio.Event, stream: TextIO | None = None
+) -> None:
+    """Redraw the fleet in place on a terminal, or print a snapshot every `interval_s`."""
+    stream = stream or sys.stdout
+    if not stream.isatty():
+        while not stop.is_set():
+            print(format_fleet(await fleet_snapshot(store)), file=stream, flush=True)
+            await _wait(stop, interval_s)
+        return
+    console = Console(file=stream)
+    fleet = FleetBars(console)
+    with Live(console=console, auto_refresh=False) as live:
+        while not stop.is_set():
+            live.update(fleet.update(await fleet_snapshot(store)), refresh=True)
+            await _wait(stop, interval_s)
+
+
+async def _wait(stop: asyncio.Event, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=timeout_s)
