@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from tests.test_pipeline import FAST, cloud_for, rows_of, submit
 from worker.app import WorkerSettings, run_worker
@@ -169,3 +170,24 @@ async def test_readiness_fails_without_the_database_and_after_a_cloud_refusal() 
             assert (await response.json())["cloud"] == "refused"
         async with http.get(f"{no_db}/healthz") as response:
             assert response.status == 200
+
+
+async def test_a_taken_metrics_port_does_not_stop_the_worker(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    await submit(database_url, tmp_path, ["only"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = WorkerSettings(once=True, idle_poll_s=0.05, policies=FAST, metrics_port=port)
+        with capture_logs() as logs:
+            summary = await run_worker(
+                database_url=database_url,
+                cloud=cloud_for(sandbox),
+                settings=settings,
+                stop=asyncio.Event(),
+            )
+    assert summary.by_phase == {"done": 1}
+    (warning,) = [line for line in logs if line["event"] == "metrics.unavailable"]
+    assert warning["port"] == port

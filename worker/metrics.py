@@ -269,15 +269,22 @@ def _cloud_state(metrics: WorkerMetrics) -> str:
 @asynccontextmanager
 async def serving_metrics(
     metrics: WorkerMetrics, probe_database: DatabaseProbe, *, host: str, port: int
-) -> AsyncIterator[str]:
-    """Serve the endpoints on host:port (0: a free port); yields the base URL."""
+) -> AsyncIterator[str | None]:
+    """Serve the endpoints on host:port (0: a free port); yields the base URL.
+
+    A port already taken (another worker on this host) is logged and yields None: the
+    worker runs on without the endpoints rather than not at all.
+    """
     runner = web.AppRunner(build_app(metrics, probe_database), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_port = runner.addresses[0][1]
-        url = f"http://{host}:{bound_port}"
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            log.warning("metrics.unavailable", host=host, port=port, error=str(exc))
+            yield None
+            return
+        url = f"http://{host}:{runner.addresses[0][1]}"
         log.info("metrics.serving", url=url)
         yield url
     finally:
