@@ -19,6 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import worker.app
+from tests.test_cli import cloud_env, vmdk_migrate, write_job
 from tests.test_pipeline import FAST, cloud_for, rows_of, submit
 from worker.app import WorkerSettings, open_store, run_worker
 from worker.clients.glance import GlanceClient
@@ -530,3 +531,27 @@ async def test_a_step_written_again_under_its_key_is_recorded_once(
     assert (second["phase"], second["bytes_staged"]) == ("staging", 5)
     assert list(second["request_ids"]) == ["req-1"]
     assert len(await events_of(database_url, job_id, "image.staged")) == 1
+
+
+async def test_cancel_and_retry_commands_from_the_command_line(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    env = cloud_env(sandbox, database_url)
+    code, out, _ = await vmdk_migrate("submit", str(write_job(tmp_path, 3)), env=env)
+    assert code == 0
+    job_id = out.strip()
+
+    assert (await vmdk_migrate("cancel", "no-such-job", env=env))[0] == 2
+    code, out, _ = await vmdk_migrate("cancel", job_id, env=env)
+    assert code == 0
+    assert "3 image(s) will not start, 0 in flight" in out
+    assert (await vmdk_migrate("run", "--once", env=env))[0] == 0  # nothing to do
+    assert sandbox.images() == []
+
+    code, out, _ = await vmdk_migrate("retry", "cli-job", env=env)
+    assert code == 0
+    assert "3 failed image(s) queued again" in out
+    assert (await vmdk_migrate("run", "--once", env=env))[0] == 0
+    rows = await rows_of(database_url, job_id)
+    assert {row.phase for row in rows.values()} == {"done"}
+    assert len(sandbox.images()) == 3
