@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 LOCAL_PG := postgresql://postgres@127.0.0.1:5432/postgres
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools demo test lint conformance clean
+.PHONY: install tools demo test lint conformance bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -52,6 +52,10 @@ lint: $(STAMP)
 
 conformance: $(STAMP) tools
 	$(BIN)/python -m tests.conformance.run
+
+# Throughput, memory, bandwidth cap and scale against their peers (minutes; not part of test).
+bench: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.run
 
 clean:
 	rm -rf $(VENV) .data .cache .pytest_cache .mypy_cache .ruff_cache *.egg-info
