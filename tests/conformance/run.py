@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tests.conformance.realstack import PROJECT_ROOT, RealStack, RealStackError, new_run_dir
+from worker.store.probe import can_connect
 
 NO_TESTS_COLLECTED = 5
+DEFAULT_TOKEN_EXPIRATION_S = 60
+# As in `make test`: DATABASE_URL when set, else this server when it answers, else the
+# tests start an embedded PostgreSQL of their own.
+LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -22,16 +28,29 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         add_help=False,
         allow_abbrev=False,
     )
-    parser.add_argument("--token-expiration-s", type=int, default=86400)
+    # Short tokens, so that the renewal scenario sees one expire within a minute.
+    parser.add_argument("--token-expiration-s", type=int, default=DEFAULT_TOKEN_EXPIRATION_S)
     parser.add_argument("--keystone-port", type=int, default=15000)
     parser.add_argument("--glance-port", type=int, default=19292)
     return parser.parse_known_args(list(argv))
 
 
+def database_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """DATABASE_URL for the tests, chosen by the same rule as `make test`."""
+    if env.get("DATABASE_URL", "").strip():
+        print("== database: DATABASE_URL", flush=True)
+        return {}
+    if asyncio.run(can_connect(LOCAL_PG)):
+        print(f"== database: the local PostgreSQL at {LOCAL_PG}", flush=True)
+        return {"DATABASE_URL": LOCAL_PG}
+    print("== database: no local PostgreSQL, the tests start an embedded one", flush=True)
+    return {}
+
+
 def _pytest(stack: RealStack, pytest_args: list[str]) -> int:
     # `-m conformance` comes after the configured addopts (`-m 'not conformance'`) and wins.
     argv = [sys.executable, "-m", "pytest", "tests/conformance", "-m", "conformance", "-v"]
-    env = {**os.environ, **stack.environment()}
+    env = {**os.environ, **database_environment(os.environ), **stack.environment()}
     return subprocess.run([*argv, *pytest_args], cwd=PROJECT_ROOT, env=env, check=False).returncode
 
 
