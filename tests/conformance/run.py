@@ -1,4 +1,5 @@
-"""`python -m tests.conformance.run [pytest args]`: start a real Glance, run conformance on it."""
+"""`python -m tests.conformance.run [pytest args]`: start a real Glance, run conformance on it;
+`--cloud [NAME]`: check your own cloud instead (see own_cloud.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from tests.conformance import own_cloud
 from tests.conformance.realstack import PROJECT_ROOT, RealStack, RealStackError, new_run_dir
 from worker.store.probe import can_connect
 
@@ -32,6 +34,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--token-expiration-s", type=int, default=DEFAULT_TOKEN_EXPIRATION_S)
     parser.add_argument("--keystone-port", type=int, default=15000)
     parser.add_argument("--glance-port", type=int, default=19292)
+    # Alone: the cloud OS_CLOUD or the OS_* variables describe; with a name: that clouds.yaml entry.
+    parser.add_argument("--cloud", nargs="?", const="", default=None)
     return parser.parse_known_args(list(argv))
 
 
@@ -56,6 +60,11 @@ def _pytest(stack: RealStack, pytest_args: list[str]) -> int:
 
 def main(argv: Sequence[str]) -> int:
     options, pytest_args = _parse(argv)
+    if options.cloud is not None:
+        if pytest_args:
+            print(f"--cloud takes no pytest arguments: {' '.join(pytest_args)}", file=sys.stderr)
+            return 2
+        return own_cloud.main(options.cloud, dict(os.environ))
     stack = RealStack(
         new_run_dir(),
         keystone_port=options.keystone_port,
