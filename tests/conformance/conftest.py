@@ -163,10 +163,44 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.conformance)
 
 
+# scenario -> target -> outcome, for every test here but the contract table's.
+SCENARIO_OUTCOMES: dict[str, dict[str, str]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember how each scenario ended on each target (unparametrized ones use a sandbox)."""
+    path, _, test = report.nodeid.partition("::")
+    if not path.startswith("tests/conformance/") or path.endswith("test_contract.py"):
+        return
+    if report.when != "call" and report.outcome == "passed":
+        return
+    scenario, _, param = test.removeprefix("test_").partition("[")
+    outcomes = SCENARIO_OUTCOMES.setdefault(f"{Path(path).stem}: {scenario}", {})
+    target = param.rstrip("]") or "sandbox"
+    if outcomes.get(target) in (None, "passed"):
+        outcomes[target] = "error" if report.when == "teardown" else report.outcome
+
+
+def scenario_lines() -> list[str]:
+    """One row per scenario: its outcome on each target, `-` where it did not run."""
+    if not SCENARIO_OUTCOMES:
+        return []
+    width = max(len(name) for name in SCENARIO_OUTCOMES)
+    lines = [f"{'scenario':<{width}}  " + "  ".join(f"{t:<11}" for t in TARGETS)]
+    for name, outcomes in SCENARIO_OUTCOMES.items():
+        cells = "  ".join(f"{outcomes.get(t, '-'):<11}" for t in TARGETS)
+        lines.append(f"{name:<{width}}  {cells}")
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Print the sandbox vs real Glance comparison table the contract tests recorded."""
-    lines = report.summary_lines()
-    if lines:
-        terminalreporter.section("conformance: sandbox vs real Glance")
-        for line in lines:
-            terminalreporter.write_line(line)
+    """Print the sandbox vs real Glance comparison table the contract tests recorded, and
+    which scenario ran on which target."""
+    for title, lines in (
+        ("conformance: sandbox vs real Glance", report.summary_lines()),
+        ("conformance scenarios by target", scenario_lines()),
+    ):
+        if lines:
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)
