@@ -346,6 +346,23 @@ def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
     sys.exit(_run(go()))
 
 
+@cli.command()
+@database_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8780, show_default=True, type=click.IntRange(0, 65535))
+def dashboard(database_url: str | None, host: str, port: int) -> None:
+    """Serve a read-only web page of jobs and images that refreshes itself every 2 s."""
+    from worker.dashboard import running_dashboard
+
+    async def go() -> None:
+        stop = _stop_on_signals()
+        async with running_dashboard(_database_url(database_url), host=host, port=port) as url:
+            click.echo(f"dashboard: {url}")
+            await stop.wait()
+
+    _run(go())
+
+
 async def _one_job_id(store: Store, job: str) -> UUID | None:
     """The id of the job named or numbered `job`; None (with a message) unless exactly one."""
     job_ids = await store.find_job_ids(job)
