@@ -200,6 +200,20 @@ async def test_an_expired_lease_nobody_reclaimed_is_still_the_holders(store: Sto
     assert await store.claim(worker_id="w2", limit=1, lease_s=30) == []
 
 
+async def test_a_claim_whose_answer_was_lost_is_handed_back_to_the_same_worker(
+    store: Store,
+) -> None:
+    await submit(store, make_job(2))
+    (lost,) = await store.claim(worker_id="w1", limit=1, lease_s=60)  # answer never arrived
+
+    (again,) = await store.claim(worker_id="w1", limit=1, lease_s=60, working_on=[])
+    assert again.row.id == lost.row.id
+    # Not to another worker, and not while the worker says it is working on it.
+    (other,) = await store.claim(worker_id="w2", limit=1, lease_s=60)
+    assert other.row.id != lost.row.id
+    assert await store.claim(worker_id="w1", limit=1, lease_s=60, working_on=[lost.row.id]) == []
+
+
 async def test_claim_skips_cancelled_jobs_future_jobs_and_backed_off_rows(
     store: Store, conn: asyncpg.Connection
 ) -> None:

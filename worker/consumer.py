@@ -103,7 +103,10 @@ class Consumer:
         while await _acquire_unless_stopped(self._idle, stop):  # a pipeline is free
             asked_at = time.monotonic()
             claims = await self._store.claim(
-                worker_id=settings.worker_id, limit=1, lease_s=settings.lease_s
+                worker_id=settings.worker_id,
+                limit=1,
+                lease_s=settings.lease_s,
+                working_on=[*self._held_until, *self._in_flight],
             )
             if not claims:
                 self._idle.release()

@@ -43,20 +43,31 @@ FROM job
 RETURNING job_id;
 
 -- name: claim
--- $1 worker_id, $2 limit, $3 lease in seconds.
+-- $1 worker_id, $2 limit, $3 lease in seconds, $4 ids the worker is already working on
+-- (NULL: the caller does not track them, and rows leased to it are not handed back).
 -- Oldest job first, then manifest order; rows locked by a concurrent claimer are skipped.
 -- A cancelled job's rows are claimed only once started (an image may need cleaning up).
 -- Outside its maintenance window a job's pending rows wait; started ones may finish.
+-- A row leased to this worker that it is not working on is claimed again: the answer to an
+-- earlier claim was lost with its connection, and the row would otherwise wait out its lease.
 WITH picked AS (
     SELECT r.id
     FROM results AS r
     JOIN jobs AS j ON j.id = r.job_id
     WHERE r.phase NOT IN ('done', 'failed')
-      AND (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
-      AND r.next_attempt_at <= now()
-      AND (j.cancelled_at IS NULL OR r.phase <> 'pending')
-      AND (j.not_before IS NULL OR j.not_before <= now())
-      AND (j."window" IS NULL OR r.phase <> 'pending' OR job_window_open(j."window", now()))
+      AND (
+        (
+          (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
+          AND r.next_attempt_at <= now()
+          AND (j.cancelled_at IS NULL OR r.phase <> 'pending')
+          AND (j.not_before IS NULL OR j.not_before <= now())
+          AND (j."window" IS NULL OR r.phase <> 'pending' OR job_window_open(j."window", now()))
+        )
+        OR (
+          $4::bigint[] IS NOT NULL
+          AND r.worker_id = $1 AND r.lease_expires_at >= now() AND r.id <> ALL($4::bigint[])
+        )
+      )
     ORDER BY j.submitted_at, r.job_id, r.disk_index
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED

@@ -275,12 +275,25 @@ class Store:
         )
         return job_id
 
-    async def claim(self, *, worker_id: str, limit: int, lease_s: float) -> list[Claim]:
-        """Lease up to `limit` claimable rows, oldest job first; concurrent claimers never share."""
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_s: float,
+        working_on: Sequence[int] | None = None,
+    ) -> list[Claim]:
+        """Lease up to `limit` claimable rows, oldest job first; concurrent claimers never share.
+
+        A worker that passes `working_on` (the rows it already runs) also gets back any other
+        row still leased to it: one whose claim answer was lost with its connection.
+        """
         if limit <= 0:
             return []
+        held = None if working_on is None else list(working_on)
         records = await self._patiently(
-            "claim", lambda: self._pool.fetch(QUERIES["claim"], worker_id, limit, float(lease_s))
+            "claim",
+            lambda: self._pool.fetch(QUERIES["claim"], worker_id, limit, float(lease_s), held),
         )
         claims = []
         for record in records:
