@@ -22,15 +22,7 @@ PROJECT = Path(__file__).parent.parent
 
 def cloud_env(sb: Sandbox, database_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    env.update(
-        OS_AUTH_URL=sb.auth_url,
-        OS_USERNAME=sb.username,
-        OS_PASSWORD=sb.password,
-        OS_PROJECT_NAME=sb.project_name,
-        OS_USER_DOMAIN_NAME=sb.domain_name,
-        OS_PROJECT_DOMAIN_NAME=sb.domain_name,
-        DATABASE_URL=database_url,
-    )
+    env.update(sb.os_environment(), DATABASE_URL=database_url)
     return env
 
 

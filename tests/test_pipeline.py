@@ -29,18 +29,9 @@ FAST = Policies(
 )
 
 
-def cloud_for(sb: Sandbox) -> CloudSettings:
-    return load_cloud_settings(
-        {},
-        overrides={
-            "auth_url": sb.auth_url,
-            "username": sb.username,
-            "password": sb.password,
-            "user_domain_name": sb.domain_name,
-            "project_name": sb.project_name,
-            "project_domain_name": sb.domain_name,
-        },
-    )
+def cloud_for(sb: Sandbox, **overrides: object) -> CloudSettings:
+    """Settings for the sandbox, exactly as a user's OS_* variables would give them."""
+    return load_cloud_settings(sb.os_environment(), overrides=overrides)
 
 
 def make_disks(directory: Path, names: Sequence[str], *, fill_bytes: int = 256 << 10) -> list[Path]:
@@ -78,7 +69,13 @@ async def submit(
     return str(job_id), dict(zip(names, paths, strict=True))
 
 
-async def migrate(database_url: str, sb: Sandbox, **settings: Any) -> RunSummary:
+async def migrate(
+    database_url: str,
+    sb: Sandbox,
+    *,
+    cloud_overrides: dict[str, object] | None = None,
+    **settings: Any,
+) -> RunSummary:
     options: dict[str, Any] = {
         "once": True,
         "idle_poll_s": 0.05,
@@ -88,7 +85,7 @@ async def migrate(database_url: str, sb: Sandbox, **settings: Any) -> RunSummary
     }
     return await run_worker(
         database_url=database_url,
-        cloud=cloud_for(sb),
+        cloud=cloud_for(sb, **(cloud_overrides or {})),
         settings=WorkerSettings(**options),
         stop=asyncio.Event(),
     )

@@ -22,17 +22,7 @@ MIB = 1 << 20
 
 
 def cloud_for(sb: Sandbox, *, password: str | None = None) -> CloudSettings:
-    return load_cloud_settings(
-        {},
-        overrides={
-            "auth_url": sb.auth_url,
-            "username": sb.username,
-            "password": password or sb.password,
-            "user_domain_name": sb.domain_name,
-            "project_name": sb.project_name,
-            "project_domain_name": sb.domain_name,
-        },
-    )
+    return load_cloud_settings(sb.os_environment(), overrides={"password": password})
 
 
 def job_of(*sizes_mib: int, prefix: str = "disk") -> JobSpec:
@@ -207,14 +197,7 @@ async def test_an_unreachable_keystone_is_blocking(sandbox: Sandbox) -> None:
 def cloud_env(sb: Sandbox) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "VMDK_MIGRATE_"))}
     env.pop("DATABASE_URL", None)  # validate needs no database
-    env.update(
-        OS_AUTH_URL=sb.auth_url,
-        OS_USERNAME=sb.username,
-        OS_PASSWORD=sb.password,
-        OS_PROJECT_NAME=sb.project_name,
-        OS_USER_DOMAIN_NAME=sb.domain_name,
-        OS_PROJECT_DOMAIN_NAME=sb.domain_name,
-    )
+    env.update(sb.os_environment())
     return env
 
 

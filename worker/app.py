@@ -81,7 +81,13 @@ async def open_glance(
     """A Glance client with its own HTTP session, closed on exit."""
     async with new_session(cloud, connections=connections) as session:
         auth = authenticator_for(session, cloud)
-        yield GlanceClient(session, auth, chunk_bytes=chunk_bytes, throttle=throttle)
+        yield GlanceClient(
+            session,
+            auth,
+            chunk_bytes=chunk_bytes,
+            request_timeout_s=cloud.read_timeout_s,
+            throttle=throttle,
+        )
 
 
 async def run_worker(

@@ -70,17 +70,7 @@ async def run_demo(*, disks: int, workdir: Path) -> int:
         stage_rate_bytes_per_s=DEMO_LINK_BYTES_PER_S,
     )
     async with Sandbox(config).serve(host="127.0.0.1", port=0) as cloud_server:
-        cloud = load_cloud_settings(
-            {},
-            overrides={
-                "auth_url": cloud_server.auth_url,
-                "username": cloud_server.username,
-                "password": cloud_server.password,
-                "user_domain_name": cloud_server.domain_name,
-                "project_name": cloud_server.project_name,
-                "project_domain_name": cloud_server.domain_name,
-            },
-        )
+        cloud = load_cloud_settings(cloud_server.os_environment())
         async with open_store(database_url) as store:
             job_id = await store.submit_job(
                 loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256

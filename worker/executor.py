@@ -46,32 +46,11 @@ from worker.core.machine import (
 )
 from worker.core.model import Phase
 from worker.errors import MigrationError, SourceError
-from worker.store.store import Claim, ResultRow, Store
+from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
 
 log = structlog.get_logger(__name__)
 
 # Columns of the results table a step may set; anything else a step reports is event detail.
-_ROW_COLUMNS = frozenset(
-    {
-        "bytes_staged",
-        "image_created_at",
-        "staged_at",
-        "import_requested_at",
-        "finished_at",
-        "glance_status",
-        "glance_size",
-        "glance_virtual_size",
-        "glance_checksum",
-        "glance_os_hash_algo",
-        "glance_os_hash_value",
-        "source_hash_algo",
-        "source_hash_value",
-        "verification",
-        "import_request_id",
-        "cleanup",
-        "glance_image_id",
-    }
-)
 _TIME_COLUMNS = frozenset({"image_created_at", "staged_at", "import_requested_at", "finished_at"})
 _PROGRESS_EVERY_S = 1.0
 
@@ -316,7 +295,7 @@ def split_columns(values: Mapping[str, object]) -> tuple[dict[str, object], dict
     columns: dict[str, object] = {}
     detail: dict[str, object] = {}
     for key, value in values.items():
-        if key not in _ROW_COLUMNS and key not in ("error_code", "error_message"):
+        if key not in RECORDABLE_COLUMNS and key not in ("error_code", "error_message"):
             detail[key] = value
         elif key in _TIME_COLUMNS and isinstance(value, int | float):
             columns[key] = datetime.fromtimestamp(value, tz=UTC)

@@ -157,6 +157,17 @@ class Sandbox:
     def password(self) -> str:
         return self.config.password
 
+    def os_environment(self) -> dict[str, str]:
+        """The OS_* variables a client exports to use this cloud, as for any OpenStack cloud."""
+        return {
+            "OS_AUTH_URL": self.auth_url,
+            "OS_USERNAME": self.username,
+            "OS_PASSWORD": self.password,
+            "OS_PROJECT_NAME": self.project_name,
+            "OS_USER_DOMAIN_NAME": self.domain_name,
+            "OS_PROJECT_DOMAIN_NAME": self.domain_name,
+        }
+
     @property
     def peak_concurrent_stages(self) -> int:
         """The most stage bodies this cloud was receiving at one moment."""
