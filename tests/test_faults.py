@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -18,11 +17,9 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-import worker.app
 from tests.test_cli import cloud_env, vmdk_migrate, write_job
-from tests.test_pipeline import FAST, cloud_for, rows_of, submit
+from tests.test_pipeline import FAST, cloud_for, migrate, rows_of, submit
 from worker.app import WorkerSettings, open_store, run_worker
-from worker.clients.glance import GlanceClient
 from worker.consumer import RunSummary
 from worker.core.model import next_image_id
 from worker.sandbox import Fault, Sandbox, SandboxConfig
@@ -33,22 +30,6 @@ STAGE = r"/v2/images/[^/]+/stage"
 IMPORT = r"/v2/images/[^/]+/import"
 IMAGE = r"/v2/images/[^/]+"
 CREATE = r"/v2/images"
-
-
-async def migrate(database_url: str, sb: Sandbox, **settings: Any) -> RunSummary:
-    options: dict[str, Any] = {
-        "once": True,
-        "idle_poll_s": 0.05,
-        "heartbeat_s": 0.5,
-        "policies": FAST,
-        **settings,
-    }
-    return await run_worker(
-        database_url=database_url,
-        cloud=cloud_for(sb),
-        settings=WorkerSettings(**options),
-        stop=asyncio.Event(),
-    )
 
 
 async def only_row(database_url: str, job_id: str) -> ResultRow:
@@ -162,16 +143,12 @@ async def test_rate_limit_waits_as_long_as_retry_after_says(
 
 
 async def test_a_server_that_stalls_times_out_and_is_asked_again(
-    database_url: str, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     job_id, _ = await submit(database_url, tmp_path, ["stalled"])
     sandbox.inject(Fault("POST", IMPORT, stall_s=1.5, times=1))
-    # The Glance client's own per-request limit (60 s by default), shortened for the test.
-    monkeypatch.setattr(
-        worker.app, "GlanceClient", functools.partial(GlanceClient, request_timeout_s=0.5)
-    )
-
-    summary = await migrate(database_url, sandbox)
+    # The read timeout (OS_... or clouds.yaml; 300 s by default), shortened for the test.
+    summary = await migrate(database_url, sandbox, cloud_overrides={"read_timeout_s": 0.5})
 
     assert summary.by_phase == {"done": 1}
     assert_only_image_is(sandbox, await only_row(database_url, job_id))
