@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,31 @@ async def test_an_image_the_cloud_rewrites_is_active_and_marked_transformed(
     assert row.glance_status == "active"
     assert row.source_hash_value == sha512_of(paths["guest"])
     assert row.glance_os_hash_value not in (None, row.source_hash_value)
+
+
+async def test_md5_is_hashed_recorded_and_compared_when_asked_for(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, paths = await submit(database_url, tmp_path, ["one", "two"])
+
+    summary = await migrate(database_url, sandbox, verify_md5=True)
+
+    assert summary.by_phase == {"done": 2}
+    for name, row in (await rows_of(database_url, job_id)).items():
+        md5 = hashlib.md5(paths[name].read_bytes()).hexdigest()
+        assert row.source_md5 == row.glance_checksum == md5
+        assert row.verification == "verified"
+
+
+@pytest.mark.parametrize("sandbox_config", [SandboxConfig(corrupt_names=("bad",))], indirect=True)
+async def test_without_md5_nothing_md5_is_recorded(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, ["plain", "bad"])
+
+    await migrate(database_url, sandbox)
+
+    rows = await rows_of(database_url, job_id)
+    assert rows["plain"].source_md5 is None
+    assert rows["bad"].error_code == "checksum_mismatch"
+    assert "sha512" in (rows["bad"].error_message or "")

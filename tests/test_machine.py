@@ -490,3 +490,24 @@ def test_retry_after_sets_the_delay_and_the_recorded_reason() -> None:
     assert result.event == "image.retry_scheduled"
     assert "Retry-After 7 s" in str(result.columns["reason"])
     assert result.columns["step"] == "StageData"
+
+
+def test_md5_is_compared_only_when_asked_for() -> None:
+    glance_md5 = replace(ACTIVE, checksum="0" * 32)
+    unasked = step(importing_state(), PollImport(), Observed(glance_md5))
+    assert unasked.columns["verification"] == Verification.VERIFIED
+
+    asked = importing_state(verify_md5=True, source_md5="1" * 32)
+    failed = step(asked, PollImport(), Observed(glance_md5))
+    assert failed.columns["error_code"] == "checksum_mismatch"
+    assert "md5" in str(failed.columns["error_message"])
+    matching = step(asked, PollImport(), Observed(replace(ACTIVE, checksum="1" * 32)))
+    assert matching.columns["verification"] == Verification.VERIFIED
+
+
+def test_a_lost_md5_is_hashed_again_before_verifying() -> None:
+    state = importing_state(verify_md5=True)
+    hashing = step(state, PollImport(), Observed(ACTIVE))
+    assert isinstance(hashing.command, HashSource)
+    looked = step(hashing.state, HashSource(), Hashed(HASH, "2" * 32))
+    assert looked.columns["source_md5"] == "2" * 32

@@ -65,6 +65,7 @@ EXPECTED_COLUMNS = {
         "import_request_id",
         "request_ids",
         "cleanup",
+        "source_md5",
     ],
     "events": [
         "id",

@@ -466,3 +466,13 @@ async def test_outstanding_counts_unfinished_rows_of_live_jobs(store: Store) -> 
     await store.record(claim.row.id, worker_id="w1", event="image.failed", phase=Phase.FAILED)
 
     assert await store.outstanding() == 2
+
+
+def test_every_recordable_column_is_set_by_the_record_query() -> None:
+    from worker.store.sql import QUERIES
+    from worker.store.store import RECORDABLE_COLUMNS
+
+    missing = [
+        c for c in sorted(RECORDABLE_COLUMNS) if f"$9::jsonb ? '{c}'" not in QUERIES["record"]
+    ]
+    assert missing == []

@@ -45,6 +45,7 @@ class WorkerSettings:
     stage_concurrency: int = 4  # of those, how many may be sending bytes at once
     chunk_bytes: int = 1 << 20
     hash_algorithm: str = "sha512"
+    verify_md5: bool = False  # also compare Glance's legacy md5 `checksum`
     lease_s: float = 60.0
     heartbeat_s: float = 15.0
     idle_poll_s: float = 2.0
@@ -115,6 +116,7 @@ async def run_worker(
             settings=ExecutorSettings(
                 worker_id=settings.worker_id,
                 hash_algorithm=settings.hash_algorithm,
+                verify_md5=settings.verify_md5,
                 policies=settings.policies,
             ),
             stage_slots=asyncio.Semaphore(settings.stage_concurrency),

@@ -211,6 +211,11 @@ def submit(
     help="Must match the cloud's os_hash_algo for verification.",
 )
 @click.option(
+    "--verify-md5",
+    is_flag=True,
+    help="Also hash md5 and compare Glance's legacy checksum (costs most of a core).",
+)
+@click.option(
     "--progress",
     type=click.Choice(["auto", "bars", "log", "off"]),
     default="auto",
@@ -243,6 +248,7 @@ def run(
     grace_s: float,
     cloud_name: str | None,
     hash_algorithm: str,
+    verify_md5: bool,
     progress: str,
     metrics_port: int,
     metrics_host: str,
@@ -259,6 +265,7 @@ def run(
         stage_concurrency=min(stage_concurrency, concurrency),
         chunk_bytes=chunk_mib << 20,
         hash_algorithm=hash_algorithm,
+        verify_md5=verify_md5,
         grace_s=grace_s,
         once=once,
         lease_s=lease_s,

@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +61,7 @@ class ExecutorSettings:
 
     worker_id: str
     hash_algorithm: str = "sha512"
+    verify_md5: bool = False  # also hash md5 and compare Glance's legacy `checksum`
     policies: Policies = field(default_factory=Policies)
 
 
@@ -86,7 +87,11 @@ class ImageRunner:
         cancelled = cancelled or asyncio.Event()
         if claim.cancelled:
             cancelled.set()
-        state = initial_state(claim, hash_algorithm=self.settings.hash_algorithm)
+        state = initial_state(
+            claim,
+            hash_algorithm=self.settings.hash_algorithm,
+            verify_md5=self.settings.verify_md5,
+        )
         started = self.clock()
         with structlog.contextvars.bound_contextvars(
             job_id=str(claim.row.job_id), image=claim.spec.name, result_id=claim.row.id
@@ -177,8 +182,8 @@ class ImageRunner:
             await self.glance.delete_image(image_id)
             return Deleted(), None
         if isinstance(command, HashSource):
-            digest = await hash_file(Path(claim.spec.source), state.hash_algo)
-            return Hashed(digest), None
+            digests = await hash_file(Path(claim.spec.source), _algorithms(state))
+            return Hashed(digests[state.hash_algo], digests.get("md5")), None
         raise TypeError(f"unknown command {command!r}")
 
     async def _stage(self, claim: Claim, state: ImageState) -> tuple[Outcome, str | None]:
@@ -201,10 +206,12 @@ class ImageRunner:
                 str(state.image_id),
                 Path(claim.spec.source),
                 size_bytes=claim.spec.size_bytes,
-                hash_algorithms=(state.hash_algo,),
+                hash_algorithms=_algorithms(state),
                 progress=progress,
             )
-        return Staged(result.size_bytes, result.digests[state.hash_algo]), result.request_id
+        digests = result.digests
+        staged = Staged(result.size_bytes, digests[state.hash_algo], digests.get("md5"))
+        return staged, result.request_id
 
     async def _save_progress(self, result_id: int, done_bytes: int) -> None:
         try:
@@ -266,7 +273,7 @@ class ImageRunner:
         )
 
 
-def initial_state(claim: Claim, *, hash_algorithm: str) -> ImageState:
+def initial_state(claim: Claim, *, hash_algorithm: str, verify_md5: bool = False) -> ImageState:
     """The machine's view of a claimed row, whatever phase a previous run left it in."""
     row = claim.row
     phase = Phase(row.phase)
@@ -282,6 +289,8 @@ def initial_state(claim: Claim, *, hash_algorithm: str) -> ImageState:
         keep_on_failure=claim.on_failure == "keep",
         hash_algo=hash_algorithm,
         source_hash=row.source_hash_value if algo_matches else None,
+        verify_md5=verify_md5,
+        source_md5=row.source_md5,
         image_exists=phase is not Phase.PENDING,
         import_request_id=row.import_request_id,
         import_accepted_at=row.import_requested_at.timestamp()
@@ -332,13 +341,25 @@ def task_facts(task: Task) -> TaskFacts:
     return TaskFacts(status=task.status, request_id=task.request_id, message=task.message)
 
 
-async def hash_file(path: Path, algorithm: str, *, chunk_bytes: int = 4 << 20) -> str:
+def _algorithms(state: ImageState) -> tuple[str, ...]:
+    """The hashes to compute of the source: the cloud's algorithm, and md5 when asked for."""
+    return (state.hash_algo, "md5") if state.verify_md5 else (state.hash_algo,)
+
+
+async def hash_file(
+    path: Path, algorithms: Sequence[str], *, chunk_bytes: int = 4 << 20
+) -> dict[str, str]:
     """Hash a file without blocking the loop: reads are async, hashing runs in a thread."""
-    hasher = hashlib.new(algorithm)
+    hashers = {name: hashlib.new(name) for name in algorithms}
+
+    def update(chunk: bytes) -> None:
+        for hasher in hashers.values():
+            hasher.update(chunk)
+
     try:
         async with aiofiles.open(path, "rb") as source:
             while chunk := await source.read(chunk_bytes):
-                await asyncio.to_thread(hasher.update, chunk)
+                await asyncio.to_thread(update, chunk)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
-    return hasher.hexdigest()
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}

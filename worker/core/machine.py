@@ -85,6 +85,8 @@ class ImageState:
     keep_on_failure: bool = False
     hash_algo: str = "sha512"
     source_hash: str | None = None
+    verify_md5: bool = False  # also compare Glance's legacy md5 `checksum` (costs a core)
+    source_md5: str | None = None
     restarts: int = 0  # times the image was staged again or made again
     image_exists: bool = False  # an image of ours may exist in Glance (cleanup needed)
     adopted: bool = False  # our create got 409: the id was there already
@@ -176,11 +178,13 @@ class Created(Outcome):
 class Staged(Outcome):
     size_bytes: int
     source_hash: str
+    source_md5: str | None = None
 
 
 @dataclass(frozen=True)
 class Hashed(Outcome):
     source_hash: str
+    source_md5: str | None = None
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,7 @@ def decide(
     if isinstance(outcome, Staged):
         return _on_staged(state, outcome, now)
     if isinstance(outcome, Hashed):
-        state = replace(state, source_hash=outcome.source_hash)
+        state = replace(state, source_hash=outcome.source_hash, source_md5=outcome.source_md5)
         return Step(state, InspectImage(), "image.hashed", _hash_columns(state))
     if isinstance(outcome, ImportAccepted):
         return _on_import_accepted(state, outcome, now, jitter, policies.poll)
@@ -277,13 +281,24 @@ def decide(
 
 
 def _on_staged(state: ImageState, outcome: Staged, now: float) -> Step:
-    state = replace(state, source_hash=outcome.source_hash, stage_conflicted=False)
+    state = replace(
+        state,
+        source_hash=outcome.source_hash,
+        source_md5=outcome.source_md5,
+        stage_conflicted=False,
+    )
     columns = {"bytes_staged": outcome.size_bytes, "staged_at": now, **_hash_columns(state)}
     return Step(state, CheckStaged(), "image.staged", columns)
 
 
 def _hash_columns(state: ImageState) -> dict[str, object]:
-    return {"source_hash_algo": state.hash_algo, "source_hash_value": state.source_hash}
+    columns: dict[str, object] = {
+        "source_hash_algo": state.hash_algo,
+        "source_hash_value": state.source_hash,
+    }
+    if state.source_md5 is not None:
+        columns["source_md5"] = state.source_md5
+    return columns
 
 
 def _request_id(state: ImageState) -> str:
@@ -444,25 +459,36 @@ def _import_overdue(
 
 def _verify(state: ImageState, facts: ImageFacts, now: float) -> Step:
     state = replace(state, phase=Phase.VERIFYING)
-    if state.source_hash is None:
+    if state.source_hash is None or (state.verify_md5 and state.source_md5 is None):
         return Step(state, HashSource(), "image.verifying")
     columns = _glance_columns(facts)
-    if facts.os_hash_algo != state.hash_algo or not facts.os_hash_value:
-        verification = Verification.NOT_CHECKED
-    elif facts.os_hash_value == state.source_hash:
-        verification = Verification.VERIFIED
-    elif state.asks_for_rewrite or facts.disk_format != state.disk_format:
-        verification = Verification.TRANSFORMED
-    else:
-        error = ChecksumMismatch(
-            f"Glance {facts.os_hash_algo} {facts.os_hash_value} differs from the source's "
-            f"{state.source_hash}"
-        )
+    verification, mismatch = _compare(state, facts)
+    if mismatch is not None:
+        error = ChecksumMismatch(mismatch)
         return _fail(state, error, now, verification=Verification.MISMATCH, **columns)
     done = replace(state, phase=Phase.DONE)
     return Step(
         done, None, "image.finished", {**columns, "verification": verification, "finished_at": now}
     )
+
+
+def _compare(state: ImageState, facts: ImageFacts) -> tuple[Verification, str | None]:
+    """Our hashes against Glance's: the verdict, and what differs when nothing explains it."""
+    rewritten = state.asks_for_rewrite or facts.disk_format != state.disk_format
+    pairs = []
+    if facts.os_hash_algo == state.hash_algo and facts.os_hash_value:
+        pairs.append((state.hash_algo, state.source_hash, facts.os_hash_value))
+    if state.verify_md5 and facts.checksum:
+        pairs.append(("md5", state.source_md5, facts.checksum))
+    if not pairs:
+        return Verification.NOT_CHECKED, None
+    different = [(algo, ours, theirs) for algo, ours, theirs in pairs if ours != theirs]
+    if not different:
+        return Verification.VERIFIED, None
+    if rewritten:
+        return Verification.TRANSFORMED, None
+    algo, ours, theirs = different[0]
+    return Verification.MISMATCH, f"Glance {algo} {theirs} differs from the source's {ours}"
 
 
 def _glance_columns(facts: ImageFacts) -> dict[str, object]:

@@ -146,6 +146,9 @@ WITH old AS (
         source_hash_value = CASE WHEN $9::jsonb ? 'source_hash_value'
                                  THEN $9::jsonb ->> 'source_hash_value'
                                  ELSE r.source_hash_value END,
+        source_md5 = CASE WHEN $9::jsonb ? 'source_md5'
+                          THEN $9::jsonb ->> 'source_md5'
+                          ELSE r.source_md5 END,
         verification = CASE WHEN $9::jsonb ? 'verification'
                             THEN $9::jsonb ->> 'verification' ELSE r.verification END,
         import_request_id = CASE WHEN $9::jsonb ? 'import_request_id'

@@ -50,6 +50,7 @@ RECORDABLE_COLUMNS = frozenset(
         "glance_os_hash_value",
         "source_hash_algo",
         "source_hash_value",
+        "source_md5",
         "verification",
         "import_request_id",
         "next_attempt_at",
@@ -114,6 +115,7 @@ class ResultRow:
     import_request_id: str | None
     request_ids: tuple[str, ...]
     cleanup: str | None
+    source_md5: str | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
