@@ -454,3 +454,13 @@ async def test_stage_to_a_cloud_that_stops_reading_times_out(
 
     with pytest.raises(RequestTimeout, match="stopped reading"):
         await glance.stage("abc", source, size_bytes=32 * MIB)
+
+
+def test_many_uploads_share_a_fixed_buffer_budget() -> None:
+    from worker.clients.glance import BUFFER_BUDGET_BYTES, MIN_CHUNK_BYTES, chunk_size_for
+
+    assert chunk_size_for(1 << 20, uploads=1) == 1 << 20  # one upload: full chunks
+    assert chunk_size_for(1 << 20, uploads=4) == 1 << 20
+    assert chunk_size_for(1 << 20, uploads=16) * 16 <= BUFFER_BUDGET_BYTES
+    assert chunk_size_for(1 << 20, uploads=1000) == MIN_CHUNK_BYTES  # never absurdly small
+    assert chunk_size_for(64 << 10, uploads=1) == 64 << 10  # a smaller setting is kept

@@ -34,6 +34,10 @@ from worker.errors import (
 )
 
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
+# File data one process holds in flight across all its uploads: with many uploads at once each
+# reads smaller chunks, so memory stays flat as concurrency grows (one upload: full chunks).
+BUFFER_BUDGET_BYTES = 4 << 20
+MIN_CHUNK_BYTES = 256 << 10
 _IMAGE_FIELDS = (
     "id",
     "name",
@@ -384,6 +388,12 @@ def _update(hashers: Sequence[Any], chunk: bytes) -> None:
         hasher.update(chunk)
 
 
+def chunk_size_for(chunk_bytes: int, *, uploads: int) -> int:
+    """The configured chunk, or one upload's share of the buffer budget if that is less."""
+    share = BUFFER_BUDGET_BYTES // max(1, uploads)
+    return min(chunk_bytes, max(MIN_CHUNK_BYTES, share))
+
+
 class _FileBody(Payload):
     """A file streamed chunk by chunk with a declared size, hashed as it goes; single-use."""
 
@@ -442,7 +452,7 @@ class _FileBody(Payload):
             raise self._unreadable(exc) from exc
         try:
             while remaining > 0:
-                chunk = await self._read(source, min(self._chunk_bytes, remaining))
+                chunk = await self._read(source, min(self._chunk_size(), remaining))
                 if not chunk:
                     raise self._changed(f"it ended after {self._size_done(remaining)} bytes")
                 remaining -= len(chunk)
@@ -452,6 +462,9 @@ class _FileBody(Payload):
                 await self._send(writer, chunk)
         finally:
             await source.close()
+
+    def _chunk_size(self) -> int:
+        return chunk_size_for(self._chunk_bytes, uploads=self._throttle.streams)
 
     async def _read(self, source: AsyncBufferedReader, size_bytes: int) -> bytes:
         # Only file errors are the source's fault; socket errors stay transport errors.
