@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.fixtures.cloud import password_settings
 from worker.clients.glance import GlanceClient, Quota, Store
-from worker.clients.http import new_session
 from worker.clients.keystone import KeystoneAuth, StaticTokenAuth
-from worker.config import CloudSettings, load_cloud_settings
+from worker.config import CloudSettings
 from worker.errors import (
     CloudUnavailable,
     Conflict,
@@ -37,21 +37,7 @@ STAGE_PATH = r"/v2/images/[^/]+/stage"
 
 
 def settings_for(sandbox: Sandbox) -> CloudSettings:
-    env = {
-        "OS_AUTH_URL": sandbox.auth_url,
-        "OS_USERNAME": sandbox.username,
-        "OS_PASSWORD": sandbox.password,
-        "OS_USER_DOMAIN_NAME": sandbox.domain_name,
-        "OS_PROJECT_NAME": sandbox.project_name,
-        "OS_PROJECT_DOMAIN_NAME": sandbox.domain_name,
-    }
-    return load_cloud_settings(env, overrides={"connect_timeout_s": 5.0, "read_timeout_s": 5.0})
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with new_session(CloudSettings(connect_timeout_s=5.0, read_timeout_s=5.0)) as opened:
-        yield opened
+    return password_settings(sandbox)
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from tests.fixtures.cloud import password_settings
 from worker.clients.glance import GlanceClient
-from worker.clients.http import new_session
 from worker.clients.keystone import (
     KeystoneAuth,
     StaticTokenAuth,
@@ -23,25 +22,6 @@ from worker.clients.keystone import (
 from worker.config import CloudSettings, Secret, load_cloud_settings
 from worker.errors import AuthExpired, AuthFailed, ConnectionFailed, EndpointNotFound
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-
-
-def password_settings(sandbox: Sandbox, **extra: str) -> CloudSettings:
-    env = {
-        "OS_AUTH_URL": sandbox.auth_url,
-        "OS_USERNAME": sandbox.username,
-        "OS_PASSWORD": sandbox.password,
-        "OS_USER_DOMAIN_NAME": sandbox.domain_name,
-        "OS_PROJECT_NAME": sandbox.project_name,
-        "OS_PROJECT_DOMAIN_NAME": sandbox.domain_name,
-        **extra,
-    }
-    return load_cloud_settings(env, overrides={"connect_timeout_s": 5.0, "read_timeout_s": 5.0})
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with new_session(CloudSettings(connect_timeout_s=5.0, read_timeout_s=5.0)) as opened:
-        yield opened
 
 
 async def glance_answers(session: aiohttp.ClientSession, image_url: str, token: str) -> int:
