@@ -706,3 +706,11 @@ async def test_several_sandboxes_at_once(make_sandbox: Any) -> None:
     async with make_sandbox(SandboxConfig()) as one, make_sandbox(SandboxConfig()) as two:
         assert one.auth_url != two.auth_url
         assert one.project_id != two.project_id
+
+
+async def test_the_id_of_a_deleted_image_cannot_be_used_again(cloud: Cloud) -> None:
+    image_id = str(uuid.uuid4())
+    body = {"id": image_id, "name": "once", "disk_format": "raw", "container_format": "bare"}
+    assert (await cloud.call("POST", "/v2/images", json=body))[0] == 201
+    assert (await cloud.call("DELETE", f"/v2/images/{image_id}"))[0] == 204
+    assert (await cloud.call("POST", "/v2/images", json=body))[0] == 409

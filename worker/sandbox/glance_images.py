@@ -38,7 +38,7 @@ async def create_image(request: web.Request) -> web.Response:
     except ValueError:
         return glance_error(request, 400, "Malformed JSON in request body.")
     image_id = str(body.pop("id", None) or uuid.uuid4())
-    if image_id in state.images:
+    if image_id in state.images or image_id in state.deleted_ids:
         return glance_error(request, 409, f"Image with identifier {image_id} already exists!")
     over = state.over_quota("image_count_total", 1)
     project_id = token_of(request).project_id or ""

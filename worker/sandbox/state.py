@@ -213,6 +213,7 @@ class CloudState:
         )
         self.tokens: dict[str, Token] = {}
         self.images: dict[str, Image] = {}
+        self.deleted_ids: set[str] = set()
         self.tasks: dict[str, Task] = {}
         self.issued_count = 0
         self.stages_in_flight = 0  # request bodies being received right now
@@ -255,7 +256,8 @@ class CloudState:
 
     def drop_image(self, image_id: str) -> None:
         """Forget an image and remove its staged and stored bytes."""
-        self.images.pop(image_id, None)
+        if self.images.pop(image_id, None) is not None:
+            self.deleted_ids.add(image_id)  # Glance keeps deleted rows: the id stays taken
         self.staged_path(image_id).unlink(missing_ok=True)
         self.stored_path(image_id).unlink(missing_ok=True)
 

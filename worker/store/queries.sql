@@ -309,10 +309,18 @@ WITH job AS (
 SELECT (SELECT count(*) FROM not_started) AS not_started, (SELECT n FROM started) AS in_flight
 FROM job;
 
+-- name: retry_job_failed_rows
+-- $1 job id. The job's failed rows, locked for retry_job in the same transaction.
+SELECT id, glance_image_id, cleanup FROM results
+WHERE job_id = $1 AND phase = 'failed'
+ORDER BY id
+FOR UPDATE;
+
 -- name: retry_job
--- $1 job id, $2 who asked. Sends the job's failed rows back to the queue (done rows are never
--- touched) and lifts a cancellation. A row's Glance image id stays: the worker adopts an
--- image kept by on_failure: keep, and makes a new id when the old one was deleted.
+-- $1 job id, $2 who asked, $3 row ids and $4 their new Glance image ids (rows whose image was
+-- deleted: Glance never accepts a deleted image's id again). Sends the job's failed rows back
+-- to the queue (done rows are never touched) and lifts a cancellation. Other rows keep their
+-- id: the worker adopts an image kept by on_failure: keep.
 -- Returns the number of rows re-queued; no row when the job is unknown.
 WITH job AS (
     UPDATE jobs SET cancelled_at = NULL WHERE id = $1 RETURNING id
@@ -328,7 +336,11 @@ WITH job AS (
         import_requested_at = NULL, import_request_id = NULL, glance_status = NULL,
         glance_size = NULL, glance_virtual_size = NULL, glance_checksum = NULL,
         glance_os_hash_algo = NULL, glance_os_hash_value = NULL, lease_expires_at = NULL,
-        next_attempt_at = now(), updated_at = now()
+        next_attempt_at = now(), updated_at = now(),
+        glance_image_id = coalesce(
+            (SELECT m.new_id FROM unnest($3::bigint[], $4::uuid[]) AS m (id, new_id)
+             WHERE m.id = r.id),
+            r.glance_image_id)
     FROM old
     WHERE r.id = old.id
     RETURNING r.id, r.job_id, old.error_code, old.cleanup

@@ -16,7 +16,14 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from worker.core.model import ImageSpec, JobSpec, Phase, Verification, image_id_for
+from worker.core.model import (
+    ImageSpec,
+    JobSpec,
+    Phase,
+    Verification,
+    image_id_for,
+    next_image_id,
+)
 from worker.store.sql import QUERIES, load_migrations
 
 log = structlog.get_logger(__name__)
@@ -405,7 +412,16 @@ class Store:
     async def retry_job(self, job_id: UUID, *, by: str | None = None) -> int | None:
         """Send a job's failed rows back to the queue (never its done rows); lift a
         cancellation. Returns how many rows were re-queued, None when there is no such job."""
-        requeued = await self._pool.fetchval(QUERIES["retry_job"], job_id, by)
+        async with self._pool.acquire() as conn, conn.transaction():
+            failed = await conn.fetch(QUERIES["retry_job_failed_rows"], job_id)
+            renamed = {
+                row["id"]: next_image_id(row["glance_image_id"])
+                for row in failed
+                if row["cleanup"] == "deleted"
+            }
+            requeued = await conn.fetchval(
+                QUERIES["retry_job"], job_id, by, list(renamed), list(renamed.values())
+            )
         return None if requeued is None else int(requeued)
 
     async def job_summaries(self, job_ref: str | None = None) -> list[JobSummary]:
