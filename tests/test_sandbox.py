@@ -105,7 +105,11 @@ class Cloud:
                 seen.append(image["status"])
             tasks = await self.tasks(image_id)
             if tasks and tasks[-1]["status"] in ("success", "failure"):
-                return seen, await self.show(image_id)
+                # The image may have moved on between the two reads above: count its last status.
+                final = await self.show(image_id)
+                if seen[-1] != final["status"]:
+                    seen.append(final["status"])
+                return seen, final
             assert asyncio.get_running_loop().time() < deadline, seen
             await asyncio.sleep(0.01)
 
