@@ -83,6 +83,7 @@ EXPECTED_COLUMNS = {
     ],
     "controls": ["id", "bandwidth_bytes_per_s", "updated_at", "updated_by"],
     "worker_streams": ["worker_id", "streams", "seen_at"],
+    "worker_pauses": ["worker_id", "service", "reason", "since", "updated_at"],
 }
 
 

@@ -16,16 +16,27 @@ import structlog
 
 from worker.clients.glance import GlanceClient
 from worker.clients.http import new_session
-from worker.clients.keystone import authenticator_for
+from worker.clients.keystone import KeystoneAuth, authenticator_for
 from worker.clients.throttle import Throttle
 from worker.config import CloudSettings
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.controls import following_bandwidth
 from worker.core.machine import Policies
+from worker.errors import AuthExpired, AuthFailed, ConfigError, EndpointNotFound, MigrationError
 from worker.executor import ExecutorSettings, ImageRunner
 from worker.metrics import WorkerMetrics, serving_metrics
 from worker.notify import WebhookNotifier, WebhookSettings, notifying
+from worker.outage import (
+    OutagePolicy,
+    Outages,
+    OutageTooLong,
+    Probe,
+    Service,
+    is_systemic_kind,
+    service_of,
+)
 from worker.progress import RunProgress
+from worker.recovery import PauseBoard, settling_owed_cleanups
 from worker.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -52,6 +63,7 @@ class WorkerSettings:
     grace_s: float = 60.0
     once: bool = False
     policies: Policies = field(default_factory=Policies)
+    outage: OutagePolicy = field(default_factory=OutagePolicy)
     progress: str = "auto"  # auto (bars on a terminal, else log lines) | bars | log | off
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no endpoint; 0: any free port
@@ -78,10 +90,14 @@ async def open_glance(
     chunk_bytes: int = 1 << 20,
     connections: int = 16,
     throttle: Throttle | None = None,
+    reload_cloud: Callable[[], CloudSettings] | None = None,
 ) -> AsyncIterator[GlanceClient]:
-    """A Glance client with its own HTTP session, closed on exit."""
+    """A Glance client with its own HTTP session, closed on exit.
+
+    `reload_cloud` reads the credentials again; it is used when they were rejected.
+    """
     async with new_session(cloud, connections=connections) as session:
-        auth = authenticator_for(session, cloud)
+        auth = authenticator_for(session, cloud, reload=reload_cloud)
         yield GlanceClient(
             session,
             auth,
@@ -97,8 +113,13 @@ async def run_worker(
     cloud: CloudSettings,
     settings: WorkerSettings,
     stop: asyncio.Event,
+    reload_cloud: Callable[[], CloudSettings] | None = None,
 ) -> RunSummary:
-    """Run one worker process until `stop` is set or, with `once`, the queue is drained."""
+    """Run one worker process until `stop` is set or, with `once`, the queue is drained.
+
+    Raises ConfigError when the credentials are refused at start (nothing is claimed), and
+    OutageTooLong when an outage outlasted `settings.outage.max_outage_s`.
+    """
     ops = Operations(settings)
     async with (
         open_store(database_url, max_size=min(settings.concurrency + 2, 20)) as store,
@@ -108,35 +129,92 @@ async def run_worker(
             chunk_bytes=settings.chunk_bytes,
             connections=settings.concurrency + settings.stage_concurrency + 2,
             throttle=throttle,
+            reload_cloud=reload_cloud,
         ) as glance,
     ):
-        runner = ImageRunner(
-            glance=glance,
-            store=store,
-            settings=ExecutorSettings(
-                worker_id=settings.worker_id,
-                hash_algorithm=settings.hash_algorithm,
-                verify_md5=settings.verify_md5,
-                policies=settings.policies,
-            ),
-            stage_slots=asyncio.Semaphore(settings.stage_concurrency),
-            on_progress=ops.on_progress,
-        )
-        consumer = Consumer(
-            store,
-            runner.run,
-            ConsumerSettings(
-                worker_id=settings.worker_id,
-                concurrency=settings.concurrency,
-                lease_s=settings.lease_s,
-                heartbeat_s=settings.heartbeat_s,
-                idle_poll_s=settings.idle_poll_s,
-                grace_s=settings.grace_s,
-                once=settings.once,
-            ),
-        )
-        async with ops.running(store, settings):
-            return await consumer.run(stop)
+        pauses = PauseBoard(store, worker_id=settings.worker_id)
+        outages = Outages(probes_for(glance), policy=settings.outage, on_change=pauses.on_change)
+        store.on_connection = outages.report_database
+        try:
+            await authenticate_first(glance, outages)
+            summary = await _consume(store, glance, outages, ops, settings, stop)
+        finally:
+            store.on_connection = None
+            await outages.aclose()
+            await pauses.aclose()
+    if summary.gave_up is not None:
+        raise OutageTooLong(summary.gave_up)
+    return summary
+
+
+async def _consume(
+    store: Store,
+    glance: GlanceClient,
+    outages: Outages,
+    ops: Operations,
+    settings: WorkerSettings,
+    stop: asyncio.Event,
+) -> RunSummary:
+    runner = ImageRunner(
+        glance=glance,
+        store=store,
+        settings=ExecutorSettings(
+            worker_id=settings.worker_id,
+            hash_algorithm=settings.hash_algorithm,
+            verify_md5=settings.verify_md5,
+            policies=settings.policies,
+        ),
+        stage_slots=asyncio.Semaphore(settings.stage_concurrency),
+        on_progress=ops.on_progress,
+        outages=outages,
+    )
+    consumer = Consumer(
+        store,
+        runner.run,
+        ConsumerSettings(
+            worker_id=settings.worker_id,
+            concurrency=settings.concurrency,
+            lease_s=settings.lease_s,
+            heartbeat_s=settings.heartbeat_s,
+            idle_poll_s=settings.idle_poll_s,
+            grace_s=settings.grace_s,
+            once=settings.once,
+        ),
+        outages=outages,
+    )
+    async with (
+        ops.running(store, settings, outages),
+        settling_owed_cleanups(store, glance, outages, worker_id=settings.worker_id),
+    ):
+        return await consumer.run(stop)
+
+
+def probes_for(glance: GlanceClient) -> dict[Service, Probe]:
+    """How each breaker asks whether its service is back."""
+    probes: dict[Service, Probe] = {Service.IMAGE: glance.probe}
+    if isinstance(glance.auth, KeystoneAuth):
+        probes[Service.IDENTITY] = glance.auth.reauthenticate
+    return probes
+
+
+async def authenticate_first(glance: GlanceClient, outages: Outages) -> None:
+    """Authenticate before anything is claimed.
+
+    Refused credentials or a catalog without Glance are configuration errors (exit 3, no row
+    touched); an unreachable Keystone is an outage, waited out like one.
+    """
+    source = glance.auth.source if isinstance(glance.auth, KeystoneAuth) else "OS_TOKEN"
+    try:
+        await glance.auth.token()
+        await glance.auth.image_endpoint()
+    except (AuthFailed, AuthExpired) as exc:
+        raise ConfigError(f"Keystone refused the credentials from {source}: {exc}") from exc
+    except EndpointNotFound as exc:
+        raise ConfigError(f"{exc} (credentials from {source})") from exc
+    except MigrationError as exc:
+        if not is_systemic_kind(exc):
+            raise
+        outages.open(service_of(exc), exc)
 
 
 EventObserver = Callable[[Mapping[str, Any]], None]
@@ -158,8 +236,11 @@ class Operations:
             self.progress.on_progress(result_id, done_bytes)
 
     @asynccontextmanager
-    async def running(self, store: Store, settings: WorkerSettings) -> AsyncIterator[None]:
+    async def running(
+        self, store: Store, settings: WorkerSettings, outages: Outages
+    ) -> AsyncIterator[None]:
         """Serve metrics, send webhooks and show progress while the block runs."""
+        self.metrics.watch_outages(outages)
         self.progress = RunProgress(store, mode=settings.progress)
         observers: list[EventObserver] = [self.metrics.observe, self.progress.observe]
         async with AsyncExitStack() as stack:
@@ -168,6 +249,7 @@ class Operations:
                     serving_metrics(
                         self.metrics,
                         store.outstanding,
+                        paused=outages.describe,
                         host=settings.metrics_host,
                         port=settings.metrics_port,
                     )

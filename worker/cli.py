@@ -4,7 +4,8 @@ Exit codes (also in the README):
     0  success (run: every image it finished is `done`)
     1  run finished, but at least one image ended `failed`
     2  bad input: invalid manifest, unknown job, bad option
-    3  configuration or environment problem: cloud settings, database unreachable
+    3  configuration or environment problem: cloud settings, credentials refused at start,
+       database unreachable, an outage longer than --max-outage
   130  interrupted before the work finished
 """
 
@@ -24,16 +25,19 @@ import click
 
 from worker import logs
 from worker.app import WorkerSettings, default_worker_id, environment, open_store, run_worker
-from worker.config import load_cloud_settings
+from worker.config import CloudSettings, load_cloud_settings, read_env_file
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
 from worker.notify import WebhookSettings
+from worker.outage import OutagePolicy, OutageTooLong
 from worker.preflight import format_findings, run_preflight
 from worker.progress import watch_fleet
-from worker.report import print_job_status, print_problems, write_report
+from worker.report import pause_lines, print_job_status, print_problems, write_report
 from worker.store.store import Store
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# `run --once` serves cron and batch runs: an outage longer than this ends the run (exit 3).
+_ONCE_MAX_OUTAGE_S = 900.0
 T = TypeVar("T")
 
 
@@ -50,6 +54,9 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except ConfigError as exc:
         click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except OutageTooLong as exc:
+        click.echo(f"gave up waiting: {exc}; unfinished images were left to the next run", err=True)
         sys.exit(EXIT_CONFIG)
     except OSError as exc:
         click.echo(f"cannot reach a service: {exc}", err=True)
@@ -237,6 +244,22 @@ def submit(
     default=None,
     help="POST a JSON notice here on each failed image and each completed job.",
 )
+@click.option(
+    "--max-outage",
+    "max_outage_s",
+    type=click.FloatRange(0),
+    default=None,
+    help="Seconds to wait out an outage of Keystone or Glance before exiting 3 with the "
+    "rows left pending. Default: 900 with --once, forever otherwise.",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="VMDK_MIGRATE_ENV_FILE",
+    default=None,
+    help="KEY=VALUE lines (OS_* variables) laid over the environment; read again, with "
+    "clouds.yaml and secure.yaml, when the credentials are refused.",
+)
 def run(
     database_url: str | None,
     once: bool,
@@ -253,13 +276,24 @@ def run(
     metrics_port: int,
     metrics_host: str,
     webhook_url: str | None,
+    max_outage_s: float | None,
+    env_file: Path | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
+
+    def load_cloud() -> CloudSettings:
+        env = environment()
+        if env_file is not None:
+            env = {**env, **read_env_file(env_file)}
+        return load_cloud_settings(env, cloud=cloud_name)
+
     try:
-        cloud = load_cloud_settings(environment(), cloud=cloud_name)
+        cloud = load_cloud()
     except ConfigError as exc:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    if max_outage_s is None and once:
+        max_outage_s = _ONCE_MAX_OUTAGE_S
     settings = WorkerSettings(
         concurrency=concurrency,
         stage_concurrency=min(stage_concurrency, concurrency),
@@ -274,6 +308,7 @@ def run(
         metrics_host=metrics_host,
         metrics_port=metrics_port or None,
         webhook=WebhookSettings(webhook_url) if webhook_url else None,
+        outage=OutagePolicy(max_outage_s=max_outage_s),
     )
     if worker_id:
         settings = dataclasses.replace(settings, worker_id=worker_id)
@@ -281,7 +316,11 @@ def run(
     async def go() -> int:
         stop = _stop_on_signals()
         summary = await run_worker(
-            database_url=_database_url(database_url), cloud=cloud, settings=settings, stop=stop
+            database_url=_database_url(database_url),
+            cloud=cloud,
+            settings=settings,
+            stop=stop,
+            reload_cloud=load_cloud,
         )
         if stop.is_set() and once:
             return EXIT_INTERRUPTED
@@ -322,6 +361,8 @@ def status(
             if job and not summaries:
                 click.echo(f"no job {job!r}", err=True)
                 return EXIT_BAD_INPUT
+            for line in pause_lines(await store.pauses()):
+                click.echo(line)
             for summary in summaries:
                 rows = await store.result_rows(summary.job_id) if images else []
                 print_job_status(summary, rows)

@@ -165,6 +165,27 @@ _NO_CREDENTIALS = (
 )
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as systemd's EnvironmentFile takes them (comments, `export`, quotes)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"environment file {path}: {exc.strerror}") from exc
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"environment file {path}, line {number}: not KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
 def load_cloud_settings(
     env: Mapping[str, str],
     *,

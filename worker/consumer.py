@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from worker.core.model import Phase
+from worker.outage import Outages
 from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, Store
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,7 @@ class RunSummary:
     by_phase: Counter[str] = field(default_factory=Counter)
     lost: int = 0  # leases lost to another worker (the image goes on there)
     released: int = 0  # images given back unfinished at shutdown
+    gave_up: str | None = None  # the outage that outlasted --max-outage, when one did
 
     @property
     def finished(self) -> int:
@@ -58,10 +60,18 @@ RunImage = Callable[[Claim, asyncio.Event], Awaitable[ResultRow]]
 class Consumer:
     """Feeds claimed rows to a fixed number of image pipelines until stopped or drained."""
 
-    def __init__(self, store: Store, run_image: RunImage, settings: ConsumerSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        run_image: RunImage,
+        settings: ConsumerSettings,
+        *,
+        outages: Outages | None = None,
+    ) -> None:
         self._store = store
         self._run_image = run_image
         self._settings = settings
+        self._outages = outages or Outages({})
         self._queue: asyncio.Queue[Claim | None] = asyncio.Queue(maxsize=settings.concurrency)
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._cancel_requests: dict[int, asyncio.Event] = {}
@@ -70,6 +80,7 @@ class Consumer:
         self._held_until: dict[int, float] = {}
         self._idle = asyncio.Semaphore(settings.concurrency)
         self._summary = RunSummary()
+        self._grace_s = settings.grace_s
 
     async def run(self, stop: asyncio.Event) -> RunSummary:
         """Work until `stop` is set (or, with `once`, until nothing is left to claim)."""
@@ -80,15 +91,21 @@ class Consumer:
             for n in range(settings.concurrency)
         ]
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        # An outage past --max-outage ends the run as a stop with no grace: nothing can finish.
+        giving_up = asyncio.create_task(self._give_up_on_outage(stop), name="outage-bound")
+        unfinished: dict[int, asyncio.Task[None]] = {}
         try:
             await self._feed(stop)
             await self._drain(pipelines)
         finally:
+            # Taken before the pipelines stop: each one forgets its image as it ends.
+            unfinished = {rid: task for rid, task in self._in_flight.items() if not task.done()}
             heartbeat.cancel()
+            giving_up.cancel()
             for task in pipelines:
                 task.cancel()
-            await asyncio.gather(heartbeat, *pipelines, return_exceptions=True)
-            await self._release_unfinished()
+            await asyncio.gather(heartbeat, giving_up, *pipelines, return_exceptions=True)
+            await self._release_unfinished(unfinished)
         log.info(
             "worker.stopped",
             worker_id=settings.worker_id,
@@ -98,9 +115,18 @@ class Consumer:
         )
         return self._summary
 
+    async def _give_up_on_outage(self, stop: asyncio.Event) -> None:
+        await self._outages.give_up.wait()
+        self._summary.gave_up = self._outages.describe() or "outage"
+        self._grace_s = 0.0
+        stop.set()
+
     async def _feed(self, stop: asyncio.Event) -> None:
         settings = self._settings
         while await _acquire_unless_stopped(self._idle, stop):  # a pipeline is free
+            if not await _clear_unless_stopped(self._outages, stop):
+                self._idle.release()
+                return
             asked_at = time.monotonic()
             claims = await self._store.claim(
                 worker_id=settings.worker_id,
@@ -126,7 +152,9 @@ class Consumer:
         """Let images in flight finish within the grace period, then stop the pipelines."""
         for _ in pipelines:
             await self._queue.put(None)
-        _, pending = await asyncio.wait(pipelines, timeout=self._settings.grace_s)
+        if self._grace_s <= 0:
+            return
+        _, pending = await asyncio.wait(pipelines, timeout=self._grace_s)
         if pending:
             log.warning("worker.grace_expired", unfinished=len(self._in_flight))
 
@@ -226,20 +254,23 @@ class Consumer:
             self._summary.lost += 1
             log.warning(event, result_id=result_id)
 
-    async def _release_unfinished(self) -> None:
-        unfinished = {rid: task for rid, task in self._in_flight.items() if not task.done()}
+    async def _release_unfinished(self, unfinished: dict[int, asyncio.Task[None]]) -> None:
         for task in unfinished.values():
             task.cancel()
         await asyncio.gather(*unfinished.values(), return_exceptions=True)
         if unfinished:
+            # Given back because of an outage, a claim did not count as an attempt.
+            refund = self._summary.gave_up is not None
             # A lease that cannot be given back within its own length has expired anyway.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._settings.lease_s):
                     await self._store.release(
-                        worker_id=self._settings.worker_id, result_ids=list(unfinished)
+                        worker_id=self._settings.worker_id,
+                        result_ids=list(unfinished),
+                        refund_attempt=refund,
                     )
             self._summary.released += len(unfinished)
-            log.info("worker.released", images=len(unfinished))
+            log.info("worker.released", images=len(unfinished), attempt_refunded=refund)
 
 
 async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
@@ -256,6 +287,18 @@ async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event)
         acquire.cancel()
         return False
     return True
+
+
+async def _clear_unless_stopped(outages: Outages, stop: asyncio.Event) -> bool:
+    """Wait until no breaker is open; False when a stop is requested first."""
+    if outages.describe() is None:
+        return True
+    clear = asyncio.ensure_future(outages.wait_clear())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({clear, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    clear.cancel()
+    stopped.cancel()
+    return not stop.is_set()
 
 
 async def _wait(stop: asyncio.Event, timeout_s: float) -> None:

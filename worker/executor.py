@@ -46,6 +46,7 @@ from worker.core.machine import (
 )
 from worker.core.model import Phase
 from worker.errors import MigrationError, SourceError
+from worker.outage import Outages
 from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
 
 log = structlog.get_logger(__name__)
@@ -76,6 +77,9 @@ class ImageRunner:
     clock: Callable[[], float] = time.time
     jitter: Callable[[], float] = random.random
     on_progress: Callable[[int, int], None] | None = None  # (result_id, bytes so far)
+    # The process's breakers: a step that failed because its service is down waits and is
+    # tried again, spending no attempt. The default has no probes: every failure is the image's.
+    outages: Outages = field(default_factory=lambda: Outages({}))
     _progress_writes: set[asyncio.Future[None]] = field(default_factory=set, init=False)
 
     async def run(self, claim: Claim, cancelled: asyncio.Event | None = None) -> ResultRow:
@@ -156,10 +160,33 @@ class ImageRunner:
     async def _perform(
         self, claim: Claim, state: ImageState, command: Command
     ) -> tuple[Outcome, str | None]:
-        try:
-            return await self._dispatch(claim, state, command)
-        except MigrationError as error:
-            return Errored(error), error.request_id
+        """Perform `command`; while its service is down, wait and perform it again."""
+        while True:
+            await self._wait_out_outage(state, command)
+            try:
+                return await self._dispatch(claim, state, command)
+            except MigrationError as error:
+                if not await self.outages.holds(error, failed_at=self.outages.now()):
+                    return Errored(error), error.request_id
+                log.info(
+                    "image.waiting",
+                    image_id=str(state.image_id),
+                    phase=str(state.phase),
+                    step=command.name,
+                    error_code=error.code,
+                    error=str(error),
+                )
+
+    async def _wait_out_outage(self, state: ImageState, command: Command) -> None:
+        if self.outages.describe() is None:
+            return
+        await self.outages.wait_clear()
+        log.info(
+            "image.resuming",
+            image_id=str(state.image_id),
+            phase=str(state.phase),
+            step=command.name,
+        )
 
     async def _dispatch(
         self, claim: Claim, state: ImageState, command: Command

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.core.model import Phase
+from worker.outage import Outages, Service
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +34,8 @@ _STALLED_LOOP_S = 10.0  # /healthz fails when the event loop lagged this long
 _PROBE_TIMEOUT_S = 2.0
 
 DatabaseProbe = Callable[[], Awaitable[object]]
+# What the worker waits for, e.g. "paused: image service unreachable for 2 min 5 s", or None.
+PauseReason = Callable[[], str | None]
 
 
 class WorkerMetrics:
@@ -94,6 +97,12 @@ class WorkerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.outage = Gauge(
+            "vmdk_migrate_outage",
+            "1 while this worker's breaker for the service is open (the worker is paused).",
+            ["service"],
+            registry=self.registry,
+        )
         for phase in ACTIVE_PHASES:
             self.images_in_phase.labels(phase=phase.value).set(0)
         for outcome in (Phase.DONE, Phase.FAILED):
@@ -104,6 +113,15 @@ class WorkerMetrics:
         self._progress: dict[int, int] = {}
         self.claimed_once = False
         self.cloud_ok: bool | None = None
+
+    def watch_outages(self, outages: Outages) -> None:
+        """Read the breakers at each scrape: 1 per open one."""
+
+        def reader(service: Service) -> Callable[[], float]:
+            return lambda: float(outages.is_open(service))
+
+        for service in Service:
+            self.outage.labels(service=service.value).set_function(reader(service))
 
     def on_progress(self, result_id: int, done_bytes: int) -> None:
         """The executor's upload progress hook: counts the bytes sent since the last call."""
@@ -212,8 +230,12 @@ class _LoopWatch:
         return max(self.lag_s, time.monotonic() - self.last_tick - _TICK_S)
 
 
-def build_app(metrics: WorkerMetrics, probe_database: DatabaseProbe) -> web.Application:
-    """/metrics, /healthz and /readyz over the given metrics and database probe."""
+def build_app(
+    metrics: WorkerMetrics,
+    probe_database: DatabaseProbe,
+    paused: PauseReason = lambda: None,
+) -> web.Application:
+    """/metrics, /healthz and /readyz over the given metrics, database probe and breakers."""
     watch = _LoopWatch()
     app = web.Application()
 
@@ -230,10 +252,16 @@ def build_app(metrics: WorkerMetrics, probe_database: DatabaseProbe) -> web.Appl
 
     async def readyz(_: web.Request) -> web.Response:
         checks = {"database": await _database_ok(probe_database), "cloud": _cloud_state(metrics)}
-        ready = checks["database"] == "ok" and checks["cloud"] in ("ok", "not_checked_yet")
-        return web.json_response(
-            {"status": "ready" if ready else "not_ready", **checks}, status=200 if ready else 503
+        pause = paused()
+        ready = (
+            pause is None
+            and checks["database"] == "ok"
+            and checks["cloud"] in ("ok", "not_checked_yet")
         )
+        body: dict[str, object] = {"status": "ready" if ready else "not_ready", **checks}
+        if pause is not None:
+            body["reason"] = pause
+        return web.json_response(body, status=200 if ready else 503)
 
     async def watch_loop(_: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(watch.run(), name="loop-watch")
@@ -268,14 +296,19 @@ def _cloud_state(metrics: WorkerMetrics) -> str:
 
 @asynccontextmanager
 async def serving_metrics(
-    metrics: WorkerMetrics, probe_database: DatabaseProbe, *, host: str, port: int
+    metrics: WorkerMetrics,
+    probe_database: DatabaseProbe,
+    *,
+    host: str,
+    port: int,
+    paused: PauseReason = lambda: None,
 ) -> AsyncIterator[str | None]:
     """Serve the endpoints on host:port (0: a free port); yields the base URL.
 
     A port already taken (another worker on this host) is logged and yields None: the
     worker runs on without the endpoints rather than not at all.
     """
-    runner = web.AppRunner(build_app(metrics, probe_database), access_log=None)
+    runner = web.AppRunner(build_app(metrics, probe_database, paused), access_log=None)
     await runner.setup()
     try:
         try:

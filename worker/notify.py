@@ -33,6 +33,9 @@ _FAILURE_KEYS = (
     "glance_status",
 )
 
+_OUTAGE_EVENTS = frozenset({"outage.started", "outage.ended"})
+_OUTAGE_KEYS = ("service", "reason", "since", "duration_s", "message")
+
 JobSummaries = Callable[[str], Awaitable[Sequence[JobSummary]]]
 
 
@@ -72,7 +75,12 @@ class WebhookNotifier:
         self.given_up = 0
 
     def observe(self, event: Mapping[str, Any]) -> None:
-        """Queue a failure notice and a completion check for each finished image."""
+        """Queue a failure notice and a completion check for each finished image, and one
+        notice when an outage starts and one when it ends (never one per image)."""
+        if event.get("event") in _OUTAGE_EVENTS:
+            notice = {key: _plain(event.get(key)) for key in _OUTAGE_KEYS if key in event}
+            self._put(str(event["event"]), {**notice, "worker_id": self._worker_id})
+            return
         if event.get("event") != "image.summary" or "job_id" not in event:
             return
         if event.get("phase") == Phase.FAILED:
@@ -134,7 +142,8 @@ class WebhookNotifier:
         body = {"event": kind, **payload}
         # Receivers may see a notice twice (a lost answer, or two workers finishing a job at
         # once): this key names the notice so they can drop repeats.
-        key = f"{kind}:{payload.get('job_id')}:{payload.get('result_id', '')}"
+        subject = payload.get("job_id") or f"{payload.get('service')}@{payload.get('since')}"
+        key = f"{kind}:{subject}:{payload.get('result_id', '')}"
         headers = {"Idempotency-Key": key, "User-Agent": "vmdk-migrate"}
         delay_s = settings.backoff_s
         for attempt in range(1, settings.attempts + 1):

@@ -29,7 +29,8 @@ from rich.progress import (
 from rich.text import Text
 
 from worker.core.model import Phase
-from worker.store.store import JobSummary, ResultRow, Store
+from worker.report import pause_lines
+from worker.store.store import JobSummary, Pause, ResultRow, Store
 
 log = structlog.get_logger(__name__)
 
@@ -263,6 +264,7 @@ class FleetSnapshot:
     jobs: Sequence[JobSummary]
     in_flight: Sequence[InFlight]
     older_jobs: int = 0  # finished jobs left out of `jobs`
+    pauses: Sequence[Pause] = ()  # workers waiting out an outage
 
 
 async def fleet_snapshot(store: Store) -> FleetSnapshot:
@@ -277,7 +279,12 @@ async def fleet_snapshot(store: Store) -> FleetSnapshot:
                 in_flight.append(InFlight(row.worker_id or "?", summary.name, row))
     in_flight.sort(key=lambda f: (f.worker_id, f.job_name, f.row.disk_index))
     shown = unfinished + finished[:_RECENT_FINISHED_JOBS]
-    return FleetSnapshot(shown, in_flight, older_jobs=len(finished[_RECENT_FINISHED_JOBS:]))
+    return FleetSnapshot(
+        shown,
+        in_flight,
+        older_jobs=len(finished[_RECENT_FINISHED_JOBS:]),
+        pauses=await store.pauses(),
+    )
 
 
 def format_fleet(snapshot: FleetSnapshot) -> str:
@@ -295,6 +302,7 @@ def format_fleet(snapshot: FleetSnapshot) -> str:
         )
     if snapshot.older_jobs:
         lines.append(f"(+{snapshot.older_jobs} older finished job(s))")
+    lines.extend(pause_lines(snapshot.pauses))
     for flight in snapshot.in_flight:
         row = flight.row
         size = row.source_size_bytes
@@ -321,7 +329,8 @@ class FleetBars:
         self.header = Text(
             f"{len(snapshot.jobs)} job(s), {len(snapshot.in_flight)} image(s) in flight on "
             f"{len(workers)} worker(s)"
-            + (f"; +{snapshot.older_jobs} older" if snapshot.older_jobs else ""),
+            + (f"; +{snapshot.older_jobs} older" if snapshot.older_jobs else "")
+            + "".join(f"\n{line}" for line in pause_lines(snapshot.pauses)),
             style="dim",
         )
         for job in snapshot.jobs:

@@ -14,7 +14,8 @@ import click
 
 from worker.core.model import Phase
 from worker.errors import InvalidManifest
-from worker.store.store import JobSummary, ResultRow
+from worker.outage import Service, format_duration
+from worker.store.store import JobSummary, Pause, ResultRow
 
 # Columns of the per-image table in `status`, in order: (header, attribute).
 _STATUS_COLUMNS = (
@@ -27,8 +28,18 @@ _STATUS_COLUMNS = (
     ("hash", "glance_os_hash_value"),
     ("verification", "verification"),
     ("error_code", "error_code"),
+    ("cleanup", "cleanup"),
     ("image_id", "glance_image_id"),
 )
+
+
+def pause_lines(pauses: Sequence[Pause]) -> list[str]:
+    """'paused: image service unreachable for 3 min 20 s (worker host:42)', one per pause."""
+    return [
+        f"paused: {Service(p.service).label} {p.reason} for {format_duration(p.paused_s)} "
+        f"(worker {p.worker_id})"
+        for p in pauses
+    ]
 
 
 def print_problems(error: InvalidManifest) -> None:
@@ -45,10 +56,13 @@ def print_job_status(summary: JobSummary, rows: Sequence[ResultRow]) -> None:
         f"{phase}={summary.counts.get(phase, 0)}" for phase in Phase if summary.counts.get(phase, 0)
     )
     state = " (cancelled)" if summary.cancelled else ""
+    owed = sum(1 for row in rows if row.cleanup == "owed")
     click.echo(
         f"job {summary.name} {summary.job_id}{state}: {summary.disk_count} image(s), "
         f"{summary.bytes_staged}/{summary.total_bytes} bytes staged  {counts}"
     )
+    if owed:
+        click.echo(f"  {owed} image deletion(s) owed: done once Glance answers")
     if not rows:
         return
     table = [[_cell(getattr(row, attr)) for _, attr in _STATUS_COLUMNS] for row in rows]

@@ -287,6 +287,14 @@ class GlanceClient:
             "DELETE", f"/v2/images/{image_id}", operation="delete_image", expected=(204,)
         )
 
+    async def probe(self) -> None:
+        """The cheapest authenticated call: does the image service answer us at all?"""
+        await self._call("GET", "/v2/images", operation="probe", params={"limit": "1"})
+
+    @property
+    def auth(self) -> Authenticator:
+        return self._auth
+
     async def image_tasks(self, image_id: str) -> list[Task]:
         """The image's import tasks, oldest first (Glance returns them unordered)."""
         answer = await self._call("GET", f"/v2/images/{image_id}/tasks", operation="image_tasks")

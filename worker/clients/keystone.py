@@ -28,7 +28,7 @@ from worker.config import (
     CloudSettings,
     Secret,
 )
-from worker.errors import AuthExpired, AuthFailed, EndpointNotFound
+from worker.errors import AuthExpired, AuthFailed, ConfigError, EndpointNotFound
 
 log = structlog.get_logger(__name__)
 
@@ -72,11 +72,15 @@ class KeystoneAuth:
         *,
         renew_margin_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        reload: Callable[[], CloudSettings] | None = None,
     ) -> None:
         if not settings.auth_url:
             raise AuthFailed("no auth_url to authenticate against")
         self._session = session
         self._settings = settings
+        # Reads the credentials again from where they came from (clouds.yaml, secure.yaml,
+        # environment file), so a rotated secret is picked up without a restart.
+        self._reload = reload
         self._renew_margin_s = renew_margin_s
         self._clock = clock
         self._current: _Issued | None = None
@@ -108,6 +112,32 @@ class KeystoneAuth:
         return find_image_endpoint(
             self._current.catalog, self._settings.interface, self._settings.region_name
         )
+
+    @property
+    def source(self) -> str:
+        """Where the credentials in use came from: `clouds.yaml:NAME` or `environment`."""
+        return self._settings.source
+
+    async def reauthenticate(self) -> None:
+        """Ask for a new token, with the credentials read again when a loader was given.
+
+        The probe of the identity breaker: it answers whether Keystone is back, and whether
+        credentials that were rejected have been fixed where they are kept.
+        """
+        if self._reload is not None:
+            try:
+                fresh = self._reload()
+            except ConfigError as exc:
+                raise AuthFailed(
+                    f"credentials from {self._settings.source} are unusable: {exc}",
+                    operation="authenticate",
+                ) from exc
+            if fresh != self._settings:
+                log.info("auth.credentials_reloaded", source=fresh.source)
+                self._settings = fresh
+                self._tokens_url = _tokens_url(fresh.auth_url or "")
+        async with self._lock:
+            await self._issue(reason="probe")
 
     def _due(self, issued: _Issued) -> bool:
         return issued.renew_at_s is not None and self._clock() >= issued.renew_at_s
@@ -184,11 +214,16 @@ class StaticTokenAuth:
         return self._endpoint
 
 
-def authenticator_for(session: aiohttp.ClientSession, settings: CloudSettings) -> Authenticator:
+def authenticator_for(
+    session: aiohttp.ClientSession,
+    settings: CloudSettings,
+    *,
+    reload: Callable[[], CloudSettings] | None = None,
+) -> Authenticator:
     """The authenticator the settings call for."""
     if settings.uses_static_token and settings.token and settings.image_endpoint:
         return StaticTokenAuth(settings.token, settings.image_endpoint)
-    return KeystoneAuth(session, settings)
+    return KeystoneAuth(session, settings, reload=reload)
 
 
 def auth_body(settings: CloudSettings) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from worker.errors import (
     JobCancelled,
     MigrationError,
     NotFound,
+    RetryableError,
     StageSizeMismatch,
     VirtioInjectionFailed,
 )
@@ -574,8 +575,10 @@ def _on_error(
     )
     if not decision.retry:
         if isinstance(command, DeleteImage):
-            # Cleanup itself failed: record the failure, keep the image for the operator.
-            return _finish_failed(state, now, cleanup="kept", error=state.pending_error or error)
+            # Cleanup itself failed. Glance out of reach: the deletion is owed, and a worker
+            # does it once Glance answers. Refused for good: the image is kept for the operator.
+            cleanup = "owed" if isinstance(error, RetryableError) else "kept"
+            return _finish_failed(state, now, cleanup=cleanup, error=state.pending_error or error)
         return _fail(state, error, now)
     state = replace(state, failures=failures, first_failure_at=first)
     retry = replace(command, delay_s=decision.delay_s)

@@ -99,6 +99,55 @@ def fault_middleware(book: FaultBook) -> Any:
     return apply_faults
 
 
+class ServiceOutages:
+    """Whole services down: `down` drops every connection, `503` answers every request so.
+
+    While the identity service is down, the image service cannot validate tokens either and
+    answers 503, as Glance's keystonemiddleware does without a token cache.
+    """
+
+    MODES = ("down", "503")
+
+    def __init__(self) -> None:
+        self.modes: dict[str, str] = {}
+
+    def set(self, service: str, mode: str) -> None:
+        if service not in ("identity", "image") or mode not in self.MODES:
+            raise ValueError(f"unknown outage {service}/{mode}")
+        self.modes[service] = mode
+
+    def clear(self, service: str | None = None) -> None:
+        if service is None:
+            self.modes.clear()
+        else:
+            self.modes.pop(service, None)
+
+    def mode_for(self, path: str) -> str | None:
+        service = "identity" if path.startswith("/identity") else "image"
+        mode = self.modes.get(service)
+        if mode is None and service == "image" and "identity" in self.modes:
+            return "503"
+        return mode
+
+
+def outage_middleware(outages: ServiceOutages) -> Any:
+    """The middleware playing `outages`, before any fault rule or authentication."""
+
+    @web.middleware
+    async def apply_outages(request: web.Request, handler: Any) -> web.StreamResponse:
+        mode = outages.mode_for(request.path)
+        if mode is None:
+            response: web.StreamResponse = await handler(request)
+            return response
+        if mode == "down":
+            drop_connection(request)
+            return web.Response(status=499)  # never sent: the connection is already gone
+        fault = Fault(method=request.method, path_regex=".*", status=503)
+        return status_response(request, fault, 503)
+
+    return apply_outages
+
+
 async def body_chunks(request: web.Request, chunk_bytes: int = 1024 * 1024) -> AsyncIterator[bytes]:
     """The request body in chunks; an armed reset fault aborts the connection at its byte count."""
     limit: int | None = request.get(RESET_AFTER_BYTES)

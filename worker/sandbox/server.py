@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import shutil
 import tempfile
@@ -28,7 +29,13 @@ from worker.sandbox.context import (
     Endpoints,
 )
 from worker.sandbox.errors import glance_error, keystone_error
-from worker.sandbox.faults import FaultBook, fault_middleware, service_path
+from worker.sandbox.faults import (
+    FaultBook,
+    ServiceOutages,
+    fault_middleware,
+    outage_middleware,
+    service_path,
+)
 from worker.sandbox.state import CloudState
 
 log = structlog.get_logger(__name__)
@@ -107,6 +114,7 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.requests: list[RequestRecord] = []
         self._faults = FaultBook()
+        self.outages = ServiceOutages()
         self._endpoints = Endpoints()
         self._background = Background()
         self._state: CloudState | None = None
@@ -155,7 +163,20 @@ class Sandbox:
 
     @property
     def password(self) -> str:
-        return self.config.password
+        return self.state.user.password
+
+    def rotate_password(self, new_password: str) -> None:
+        """Change the admin user's password; like Keystone, revoke every token issued so far."""
+        self.state.user = dataclasses.replace(self.state.user, password=new_password)
+        self.state.tokens.clear()
+
+    def set_outage(self, service: str, mode: str = "down") -> None:
+        """Take `service` (identity or image) down, or make it answer 503 to everything."""
+        self.outages.set(service, mode)
+
+    def clear_outage(self, service: str | None = None) -> None:
+        """End the outage of `service` (None: of every service)."""
+        self.outages.clear(service)
 
     def os_environment(self) -> dict[str, str]:
         """The OS_* variables a client exports to use this cloud, as for any OpenStack cloud."""
@@ -206,6 +227,7 @@ class Sandbox:
         app = web.Application(
             middlewares=[
                 frame_middleware(self.requests),
+                outage_middleware(self.outages),
                 fault_middleware(self._faults),
                 glance.auth_middleware(),
             ],

@@ -207,10 +207,12 @@ SELECT id FROM results
 WHERE id = ANY($2::bigint[]) AND worker_id = $1 AND phase IN ('done', 'failed');
 
 -- name: release
--- $1 worker_id, $2 result ids. Unfinished rows become claimable again at once.
+-- $1 worker_id, $2 result ids, $3 true when the claim is not to count as an attempt (an
+-- outage stopped the work). Unfinished rows become claimable again at once.
 WITH released AS (
     UPDATE results
-    SET lease_expires_at = NULL, updated_at = now()
+    SET lease_expires_at = NULL, updated_at = now(),
+        attempts = CASE WHEN $3::boolean THEN greatest(attempts - 1, 0) ELSE attempts END
     WHERE id = ANY($2::bigint[])
       AND worker_id = $1
       AND lease_expires_at IS NOT NULL
@@ -355,3 +357,35 @@ WITH job AS (
     FROM job
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued FROM job;
+
+-- name: set_pause
+-- $1 worker_id, $2 service, $3 reason, $4 since. Written when a breaker opens and each minute.
+INSERT INTO worker_pauses (worker_id, service, reason, since)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (worker_id, service)
+DO UPDATE SET reason = EXCLUDED.reason, since = EXCLUDED.since, updated_at = now();
+
+-- name: clear_pause
+-- $1 worker_id, $2 service, or NULL for every service of the worker.
+DELETE FROM worker_pauses WHERE worker_id = $1 AND ($2::text IS NULL OR service = $2::text);
+
+-- name: pauses
+-- Pauses refreshed in the last few minutes (older rows belong to workers that are gone).
+SELECT worker_id, service, reason, since, now() - since AS paused_for
+FROM worker_pauses
+WHERE updated_at > now() - interval '3 minutes'
+ORDER BY since, worker_id, service;
+
+-- name: owed_cleanups
+-- $1 limit. Failed rows whose Glance image must still be deleted, oldest first.
+SELECT id, job_id, glance_image_id FROM results WHERE cleanup = 'owed' ORDER BY id LIMIT $1;
+
+-- name: cleanup_done
+-- $1 result id, $2 worker_id. An owed deletion was done (or the image was already gone).
+WITH done AS (
+    UPDATE results SET cleanup = 'deleted', updated_at = now()
+    WHERE id = $1 AND cleanup = 'owed'
+    RETURNING id, job_id, phase
+)
+INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id)
+SELECT job_id, id, 'image.cleanup_done', phase, phase, $2 FROM done;

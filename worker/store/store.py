@@ -183,6 +183,17 @@ class CancelResult:
     in_flight: int
 
 
+@dataclass(frozen=True)
+class Pause:
+    """A worker waiting out an outage of one service."""
+
+    worker_id: str
+    service: str
+    reason: str
+    since: datetime
+    paused_s: float
+
+
 class Store:
     """Every database access of the worker; one method per query of queries.sql.
 
@@ -193,6 +204,8 @@ class Store:
     def __init__(self, pool: asyncpg.Pool, *, reconnect_patience_s: float = 300.0) -> None:
         self._pool = pool
         self._patience_s = reconnect_patience_s
+        # Told of a lost server (the error) and of its return (None): the worker's breaker.
+        self.on_connection: Callable[[BaseException | None], None] | None = None
 
     @classmethod
     async def connect(
@@ -214,9 +227,11 @@ class Store:
         failures = 0
         while True:
             try:
-                return await call()
+                result = await call()
             except CONNECTION_ERRORS as exc:
                 failures += 1
+                if self.on_connection is not None:
+                    self.on_connection(exc)
                 waited_s = time.monotonic() - started
                 if waited_s >= self._patience_s:
                     raise
@@ -229,6 +244,10 @@ class Store:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 await asyncio.sleep(delay_s)
+            else:
+                if failures and self.on_connection is not None:
+                    self.on_connection(None)
+                return result
 
     async def close(self) -> None:
         await self._pool.close()
@@ -386,12 +405,19 @@ class Store:
         )
         return {record["id"] for record in records}
 
-    async def release(self, *, worker_id: str, result_ids: Sequence[int]) -> None:
-        """Give unfinished rows back so any worker may claim them at once (shutdown)."""
+    async def release(
+        self, *, worker_id: str, result_ids: Sequence[int], refund_attempt: bool = False
+    ) -> None:
+        """Give unfinished rows back so any worker may claim them at once (shutdown).
+
+        With `refund_attempt` the claim does not count as an attempt (an outage stopped it).
+        """
         if result_ids:
             await self._patiently(
                 "release",
-                lambda: self._pool.execute(QUERIES["release"], worker_id, list(result_ids)),
+                lambda: self._pool.execute(
+                    QUERIES["release"], worker_id, list(result_ids), refund_attempt
+                ),
             )
 
     async def cancelled_results(self, result_ids: Sequence[int]) -> set[int]:
@@ -447,6 +473,39 @@ class Store:
         """Events of a job and/or one image (every event when neither is given), oldest first."""
         records = await self._pool.fetch(QUERIES["events"], job_id, result_id)
         return [dict(record) for record in records]
+
+    async def set_pause(
+        self, *, worker_id: str, service: str, reason: str, since: datetime
+    ) -> None:
+        """Say that this worker waits for `service` (shown by `status`)."""
+        await self._pool.execute(QUERIES["set_pause"], worker_id, service, reason, since)
+
+    async def clear_pause(self, *, worker_id: str, service: str | None = None) -> None:
+        """The worker no longer waits for `service` (None: for anything)."""
+        await self._pool.execute(QUERIES["clear_pause"], worker_id, service)
+
+    async def pauses(self) -> list[Pause]:
+        """Workers waiting out an outage now, oldest outage first."""
+        records = await self._pool.fetch(QUERIES["pauses"])
+        return [
+            Pause(
+                worker_id=r["worker_id"],
+                service=r["service"],
+                reason=r["reason"],
+                since=r["since"],
+                paused_s=r["paused_for"].total_seconds(),
+            )
+            for r in records
+        ]
+
+    async def owed_cleanups(self, *, limit: int = 100) -> list[tuple[int, UUID]]:
+        """(result id, Glance image id) of failed rows whose image must still be deleted."""
+        records = await self._pool.fetch(QUERIES["owed_cleanups"], limit)
+        return [(r["id"], r["glance_image_id"]) for r in records]
+
+    async def cleanup_done(self, result_id: int, *, worker_id: str) -> None:
+        """An owed deletion happened: the row says `deleted` from now on."""
+        await self._pool.execute(QUERIES["cleanup_done"], result_id, worker_id)
 
     async def outstanding(self) -> int:
         """How many unfinished rows remain in jobs that are not cancelled."""

@@ -1,0 +1,350 @@
+"""An outage of the cloud, the credentials or the database costs zero images.
+
+Each scenario starts a batch, takes a service away while images are in flight, keeps it away
+until the breaker has opened and been probed for several times one image's whole retry
+budget, then brings it back. Every image must end `done` and verified, with its claim counted
+once, and nothing may be left in the cloud but the images of the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import yaml
+from structlog.testing import capture_logs
+
+from tests.test_cli import cloud_env, vmdk_migrate, write_job
+from tests.test_faults import DatabaseLink
+from tests.test_pipeline import rows_of, submit
+from worker.app import WorkerSettings, run_worker
+from worker.config import load_cloud_settings
+from worker.consumer import RunSummary
+from worker.core.machine import Policies
+from worker.core.policy import PollPolicy, RetryPolicy
+from worker.outage import OutagePolicy, OutageTooLong
+from worker.sandbox import Sandbox, SandboxConfig
+
+# One image's retry budget runs out in well under a second: 3 tries, 0.05 s then 0.1 s apart.
+TIGHT = Policies(
+    retry=RetryPolicy(max_attempts=3, base_delay_s=0.05, max_delay_s=0.1, quota_delay_s=0.1),
+    poll=PollPolicy(first_delay_s=0.02, max_delay_s=0.1, tasks_every=2),
+)
+BUDGET_S = 0.05 + 0.1
+PROBING = OutagePolicy(probe_first_s=0.05, probe_factor=2.0, probe_max_s=0.2, warn_every_s=0.3)
+# The outage lasts at least this many retry budgets, and until the breaker saw this many probes.
+BUDGETS = 10
+PROBES = 4
+SLOW_STAGES = SandboxConfig(stage_rate_bytes_per_s=512 << 10)
+DISKS = [f"out{n}" for n in range(6)]
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 60.0) -> None:
+    """Return once `check()` holds (polled); fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings(**extra: Any) -> WorkerSettings:
+    options: dict[str, Any] = {
+        "once": True,
+        "idle_poll_s": 0.05,
+        "heartbeat_s": 0.5,
+        "concurrency": 4,
+        "stage_concurrency": 2,
+        "policies": TIGHT,
+        "outage": PROBING,
+        **extra,
+    }
+    return WorkerSettings(**options)
+
+
+def start_worker(
+    database_url: str,
+    sandbox: Sandbox,
+    *,
+    reload_env: Callable[[], dict[str, str]] | None = None,
+    **extra: Any,
+) -> asyncio.Task[RunSummary]:
+    def load() -> Any:
+        env = reload_env() if reload_env is not None else sandbox.os_environment()
+        return load_cloud_settings(env, cloud=env.get("OS_CLOUD"))
+
+    return asyncio.create_task(
+        run_worker(
+            database_url=database_url,
+            cloud=load(),
+            settings=settings(**extra),
+            stop=asyncio.Event(),
+            reload_cloud=load,
+        )
+    )
+
+
+async def some_images_in_flight(database_url: str, job_id: str) -> None:
+    """Hold until the batch is under way: an image is made, and most of the job is left."""
+
+    async def under_way() -> bool:
+        rows = await fetch(database_url, "SELECT phase FROM results WHERE job_id = $1", job)
+        phases = [r["phase"] for r in rows]
+        return any(p in ("staging", "importing") for p in phases)
+
+    job = uuid.UUID(job_id)
+    await until(under_way)
+    unfinished = await fetch(
+        database_url,
+        "SELECT id FROM results WHERE job_id = $1 AND phase NOT IN ('done', 'failed')",
+        job,
+    )
+    assert len(unfinished) >= 3, "the batch went too fast for the outage to meet it"
+
+
+async def outage_seen(sandbox: Sandbox, database_url: str, service: str) -> None:
+    """Hold until the worker has paused for `service`, been probed PROBES times, and waited
+    at least BUDGETS times one image's retry budget."""
+    began = time.monotonic()
+    seen_before = len(sandbox.requests)
+
+    async def paused() -> bool:
+        rows = await fetch(database_url, "SELECT service FROM worker_pauses")
+        return service in {r["service"] for r in rows}
+
+    await until(paused)
+    await until(lambda: _true(len(sandbox.requests) - seen_before >= PROBES))
+    left_s = BUDGETS * BUDGET_S - (time.monotonic() - began)
+    if left_s > 0:
+        await asyncio.sleep(left_s)  # a lower bound on the outage's length, not a race
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def assert_nothing_lost(database_url: str, sandbox: Sandbox, job_id: str) -> None:
+    """Every row done and verified, claimed once; the cloud holds exactly the rows' images."""
+    rows = await rows_of(database_url, job_id)
+    assert {row.phase for row in rows.values()} == {"done"}
+    assert {row.verification for row in rows.values()} == {"verified"}
+    assert {row.attempts for row in rows.values()} == {1}
+    images = {image["id"]: image for image in sandbox.images()}
+    assert sorted(images) == sorted(str(row.glance_image_id) for row in rows.values())
+    assert {image["status"] for image in images.values()} == {"active"}
+    assert not any(sandbox.has_staged_data(image_id) for image_id in images)
+    assert await fetch(database_url, "SELECT * FROM worker_pauses") == []
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+@pytest.mark.parametrize(
+    ("services", "mode", "paused_for"),
+    [
+        (("identity",), "down", "image"),  # Glance cannot check tokens: it answers 503
+        (("image",), "down", "image"),
+        (("identity", "image"), "down", "image"),
+        (("image",), "503", "image"),
+    ],
+    ids=["keystone-down", "glance-down", "both-down", "glance-503"],
+)
+async def test_an_outage_longer_than_the_retry_budget_costs_no_image(
+    database_url: str,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    services: tuple[str, ...],
+    mode: str,
+    paused_for: str,
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    with capture_logs() as logs:
+        worker = start_worker(database_url, sandbox)
+        await some_images_in_flight(database_url, job_id)
+        for service in services:
+            sandbox.set_outage(service, mode)
+        await outage_seen(sandbox, database_url, paused_for)
+        sandbox.clear_outage()
+        summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    await assert_nothing_lost(database_url, sandbox, job_id)
+    events = [entry["event"] for entry in logs]
+    assert events.count("outage.started") >= 1
+    assert events.count("outage.ended") == events.count("outage.started")
+    assert "image.retry_scheduled" not in events  # no attempt of any image was spent
+    started = next(e for e in logs if e["event"] == "outage.started")
+    assert started["log_level"] == "warning"
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def test_a_breaker_shows_in_readyz_the_gauge_the_logs_and_status(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = cloud_env(sandbox, database_url)
+    with capture_logs() as logs:
+        worker = start_worker(database_url, sandbox, metrics_port=port)
+        await some_images_in_flight(database_url, job_id)
+        sandbox.set_outage("image", "down")
+        await outage_seen(sandbox, database_url, "image")
+        # Long enough for the once-a-minute warning (0.3 s here) to have been said.
+        await until(lambda: _true(any(e["event"] == "outage.ongoing" for e in logs)))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/readyz") as response:
+                ready_status, ready = response.status, await response.json()
+            async with http.get(f"{base}/metrics") as response:
+                exposition = await response.text()
+        code, status_out, _ = await vmdk_migrate("status", "--no-images", env=env)
+        sandbox.clear_outage()
+        await asyncio.wait_for(worker, timeout=60)
+
+    assert ready_status == 503
+    assert ready["status"] == "not_ready"
+    assert ready["reason"].startswith("paused: image service unreachable for ")
+    assert 'vmdk_migrate_outage{service="image"} 1.0' in exposition
+    assert 'vmdk_migrate_outage{service="identity"} 0.0' in exposition
+    ongoing = next(e for e in logs if e["event"] == "outage.ongoing")
+    assert ongoing["log_level"] == "warning"
+    assert ongoing["message"].startswith("image service unreachable for ")
+    assert code == 0
+    assert "paused: image service unreachable for " in status_out
+    await assert_nothing_lost(database_url, sandbox, job_id)
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def test_credentials_rotated_mid_run_pause_until_clouds_yaml_is_fixed(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    clouds_yaml = tmp_path / "clouds.yaml"
+
+    def write_clouds(password: str) -> None:
+        auth = {
+            "auth_url": sandbox.auth_url,
+            "username": sandbox.username,
+            "password": password,
+            "project_name": sandbox.project_name,
+            "user_domain_name": sandbox.domain_name,
+            "project_domain_name": sandbox.domain_name,
+        }
+        clouds_yaml.write_text(yaml.safe_dump({"clouds": {"sandbox": {"auth": auth}}}))
+
+    def env() -> dict[str, str]:
+        return {"OS_CLOUD": "sandbox", "OS_CLIENT_CONFIG_FILE": str(clouds_yaml)}
+
+    write_clouds(sandbox.password)
+    with capture_logs() as logs:
+        worker = start_worker(database_url, sandbox, reload_env=env)
+        await some_images_in_flight(database_url, job_id)
+        sandbox.rotate_password("rotated-secret")
+        await outage_seen(sandbox, database_url, "identity")
+        write_clouds("rotated-secret")
+        summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    await assert_nothing_lost(database_url, sandbox, job_id)
+    started = [e for e in logs if e["event"] == "outage.started"]
+    assert [(e["service"], e["reason"]) for e in started] == [
+        ("identity", "refusing the credentials")
+    ]
+    assert any(e["event"] == "auth.credentials_reloaded" for e in logs)
+    assert "rotated-secret" not in repr(logs)
+
+
+@pytest.mark.parametrize(
+    "sandbox_config", [SandboxConfig(stage_rate_bytes_per_s=256 << 10)], indirect=True
+)
+async def test_a_postgresql_restart_costs_no_image_and_no_attempt(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    link = DatabaseLink(database_url)
+    await link.up()
+    try:
+        with capture_logs() as logs:
+            worker = start_worker(link.dsn, sandbox)
+            await some_images_in_flight(database_url, job_id)
+            await link.down()  # every connection reset, new ones refused: a restart
+            await until(lambda: _true(any(e["event"] == "outage.started" for e in logs)))
+            await link.up()
+            summary = await asyncio.wait_for(worker, timeout=60)
+    finally:
+        await link.down()
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    await assert_nothing_lost(database_url, sandbox, job_id)
+    started = [e for e in logs if e["event"] == "outage.started"]
+    assert {e["service"] for e in started} == {"database"}
+    assert any(e["event"] == "outage.ended" and e["service"] == "database" for e in logs)
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def test_an_outage_past_max_outage_exits_and_leaves_rows_to_the_next_run(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    bounded = OutagePolicy(probe_first_s=0.05, probe_max_s=0.1, max_outage_s=0.5)
+    worker = start_worker(database_url, sandbox, outage=bounded)
+    await some_images_in_flight(database_url, job_id)
+    sandbox.set_outage("image", "down")
+    with pytest.raises(OutageTooLong, match="image service unreachable"):
+        await asyncio.wait_for(worker, timeout=60)
+
+    rows = await rows_of(database_url, job_id)
+    assert "failed" not in {row.phase for row in rows.values()}
+    assert {row.attempts for row in rows.values() if row.phase != "done"} <= {0}
+    assert all(row.lease_expires_at is None for row in rows.values())
+
+    sandbox.clear_outage()
+    summary = await asyncio.wait_for(start_worker(database_url, sandbox), timeout=60)
+    assert summary.finished == len([r for r in rows.values() if r.phase != "done"])
+    rows = await rows_of(database_url, job_id)
+    assert {row.phase for row in rows.values()} == {"done"}
+    images = {image["id"] for image in sandbox.images()}
+    assert images == {str(row.glance_image_id) for row in rows.values()}
+    assert not any(sandbox.has_staged_data(image_id) for image_id in images)
+
+
+async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    env = cloud_env(sandbox, database_url)
+    code, out, _ = await vmdk_migrate("submit", str(write_job(tmp_path, 4)), env=env)
+    assert code == 0
+    job_id = out.strip()
+    env["OS_PASSWORD"] = "not-the-password"
+
+    started = time.monotonic()
+    code, _, err = await vmdk_migrate("run", "--once", "--metrics-port", "0", env=env)
+    took_s = time.monotonic() - started
+
+    assert code == 3
+    assert took_s < 10
+    assert "Keystone refused the credentials from environment" in err
+    assert "Traceback" not in err
+    assert "not-the-password" not in err
+    rows = await rows_of(database_url, job_id)
+    assert {(row.phase, row.attempts) for row in rows.values()} == {("pending", 0)}
+    assert sandbox.images() == []
