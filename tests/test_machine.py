@@ -511,3 +511,23 @@ def test_a_lost_md5_is_hashed_again_before_verifying() -> None:
     assert isinstance(hashing.command, HashSource)
     looked = step(hashing.state, HashSource(), Hashed(HASH, "2" * 32))
     assert looked.columns["source_md5"] == "2" * 32
+
+
+def test_an_import_frozen_across_an_outage_of_glance_is_made_again() -> None:
+    state = importing_state()
+    frozen = (TaskFacts("processing", state.import_request_id, updated_at=100.0),)
+    lost = Observed(facts("importing"), frozen, image_outage=(150.0, 200.0))
+    policies = Policies(poll=PollPolicy(lost_import_s=60.0))
+
+    waiting = decide(state, PollImport(), lost, now=230.0, jitter=0.0, policies=policies)
+    assert isinstance(waiting.command, PollImport)  # too soon after the outage to tell
+
+    redone = decide(state, PollImport(), lost, now=261.0, jitter=0.0, policies=policies)
+    assert isinstance(redone.command, DeleteImage)
+    assert redone.command.then_recreate
+    assert "the import was lost" in str(redone.columns["reason"])
+
+    alive = (TaskFacts("processing", state.import_request_id, updated_at=210.0),)
+    touched = Observed(facts("importing"), alive, image_outage=(150.0, 200.0))
+    going_on = decide(state, PollImport(), touched, now=261.0, jitter=0.0, policies=policies)
+    assert isinstance(going_on.command, PollImport)  # Glance touched it after the outage

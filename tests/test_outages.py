@@ -9,6 +9,7 @@ once, and nothing may be left in the cloud but the images of the rows.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 import uuid
@@ -31,7 +32,7 @@ from worker.consumer import RunSummary
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.outage import OutagePolicy, OutageTooLong
-from worker.sandbox import Sandbox, SandboxConfig
+from worker.sandbox import Fault, Sandbox, SandboxConfig
 
 # One image's retry budget runs out in well under a second: 3 tries, 0.05 s then 0.1 s apart.
 TIGHT = Policies(
@@ -348,3 +349,93 @@ async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
     rows = await rows_of(database_url, job_id)
     assert {(row.phase, row.attempts) for row in rows.values()} == {("pending", 0)}
     assert sandbox.images() == []
+
+
+@pytest.mark.parametrize("sandbox_config", [SandboxConfig(hold_imports=True)], indirect=True)
+async def test_imports_lost_with_a_restarted_image_service_are_made_again(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    names = DISKS[:3]
+    job_id, _ = await submit(database_url, tmp_path, names)
+    poll = dataclasses.replace(TIGHT.poll, lost_import_s=0.3)
+    worker = start_worker(database_url, sandbox, policies=dataclasses.replace(TIGHT, poll=poll))
+
+    async def all_importing() -> bool:
+        tasks = [t for image in sandbox.images() for t in sandbox.tasks(image["id"])]
+        return len(tasks) == len(names) and {t["status"] for t in tasks} == {"processing"}
+
+    await until(all_importing)
+    lost = {image["id"] for image in sandbox.images()}
+    sandbox.set_outage("image", "down")
+    await sandbox.lose_imports()  # the API process restarts: its imports die with it
+    await outage_seen(sandbox, database_url, "image")
+    sandbox.release_imports()  # the imports asked for after the restart go through
+    sandbox.clear_outage()
+    summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.by_phase == {"done": len(names)}
+    await assert_nothing_lost(database_url, sandbox, job_id)
+    assert not lost & {image["id"] for image in sandbox.images()}  # made again, new ids
+    recreated = await fetch(
+        database_url, "SELECT detail FROM events WHERE event = 'image.recreating'"
+    )
+    assert len(recreated) == len(names)
+    assert all("the import was lost" in r["detail"] for r in recreated)
+
+
+@pytest.mark.parametrize(
+    "sandbox_config", [SandboxConfig(virtio_fail_names=("owed*",))], indirect=True
+)
+async def test_a_deletion_glance_could_not_make_is_owed_and_made_by_the_next_run(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, ["owed-1"], es_virtio_enabled="yes")
+    # The image's three tries and the run's last round of owed deletions all get a 503,
+    # while Glance answers everything else: the failure is this image's, not an outage.
+    sandbox.inject(Fault("DELETE", r"/v2/images/[^/]+", status=503, times=4))
+
+    first = await asyncio.wait_for(start_worker(database_url, sandbox), timeout=60)
+
+    assert first.by_phase == {"failed": 1}
+    (row,) = (await rows_of(database_url, job_id)).values()
+    assert (row.error_code, row.cleanup) == ("virtio_failed", "owed")
+    assert [image["id"] for image in sandbox.images()] == [str(row.glance_image_id)]
+    code, out, _ = await vmdk_migrate("status", env=cloud_env(sandbox, database_url))
+    assert code == 0
+    assert "1 image deletion(s) owed" in out
+
+    second = await asyncio.wait_for(start_worker(database_url, sandbox), timeout=60)
+
+    assert second.finished == 0
+    (row,) = (await rows_of(database_url, job_id)).values()
+    assert (row.phase, row.cleanup) == ("failed", "deleted")
+    assert sandbox.images() == []
+    done = await fetch(database_url, "SELECT event FROM events WHERE event = 'image.cleanup_done'")
+    assert len(done) == 1
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def test_images_in_flight_when_the_grace_runs_out_are_handed_back(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(
+        run_worker(
+            database_url=database_url,
+            cloud=load_cloud_settings(sandbox.os_environment()),
+            settings=settings(once=False, grace_s=0.01),
+            stop=stop,
+        )
+    )
+    await some_images_in_flight(database_url, job_id)
+    stop.set()
+    summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.released >= 1
+    rows = await rows_of(database_url, job_id)
+    unfinished = [row for row in rows.values() if row.phase not in ("done", "failed")]
+    assert len(unfinished) >= summary.released
+    assert all(row.lease_expires_at is None for row in unfinished)
+    released = await fetch(database_url, "SELECT event FROM events WHERE event = 'image.released'")
+    assert len(released) == summary.released

@@ -46,7 +46,7 @@ from worker.core.machine import (
 )
 from worker.core.model import Phase
 from worker.errors import MigrationError, SourceError
-from worker.outage import Outages
+from worker.outage import Outages, Service
 from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
 
 log = structlog.get_logger(__name__)
@@ -204,7 +204,7 @@ class ImageRunner:
             image = await self.glance.get_image(image_id)
             return Observed(image_facts(image)), image.request_id
         if isinstance(command, PollImport):
-            return await self._poll(image_id, with_tasks=command.with_tasks)
+            return await self._poll(state, with_tasks=command.with_tasks)
         if isinstance(command, DeleteImage):
             await self.glance.delete_image(image_id)
             return Deleted(), None
@@ -248,12 +248,18 @@ class ImageRunner:
         except Exception as exc:  # progress is advisory; the stage must not fail for it
             log.warning("image.progress_not_saved", error=str(exc))
 
-    async def _poll(self, image_id: str, *, with_tasks: bool) -> tuple[Outcome, str | None]:
+    async def _poll(self, state: ImageState, *, with_tasks: bool) -> tuple[Outcome, str | None]:
+        image_id = str(state.image_id)
         image = await self.glance.get_image(image_id)
+        # An outage of Glance since the import began may have killed it: look at its task.
+        outage = self.outages.last_ended(Service.IMAGE)
+        accepted_at = state.import_accepted_at
+        if outage is None or accepted_at is None or outage[1] < accepted_at:
+            outage = None
         tasks: tuple[TaskFacts, ...] | None = None
-        if with_tasks and image.status == "importing":
+        if (with_tasks or outage is not None) and image.status == "importing":
             tasks = tuple(task_facts(t) for t in await self.glance.image_tasks(image_id))
-        return Observed(image_facts(image), tasks), image.request_id
+        return Observed(image_facts(image), tasks, image_outage=outage), image.request_id
 
     # --- recording ----------------------------------------------------------------------------
 
@@ -365,7 +371,23 @@ def image_facts(image: Image) -> ImageFacts:
 
 
 def task_facts(task: Task) -> TaskFacts:
-    return TaskFacts(status=task.status, request_id=task.request_id, message=task.message)
+    return TaskFacts(
+        status=task.status,
+        request_id=task.request_id,
+        message=task.message,
+        updated_at=_epoch(task.updated_at),
+    )
+
+
+def _epoch(text: str | None) -> float | None:
+    """Glance's ISO time (UTC, with or without a zone) as epoch seconds."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _algorithms(state: ImageState) -> tuple[str, ...]:

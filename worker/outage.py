@@ -164,6 +164,7 @@ class Outages:
         self._probe_lock = asyncio.Lock()
         self._last_answer: dict[Service, float] = {}
         self._watchers: dict[Service, asyncio.Task[None]] = {}
+        self._ended: dict[Service, tuple[float, float]] = {}
 
     def now(self) -> float:
         return self._clock()
@@ -175,6 +176,10 @@ class Outages:
 
     def is_open(self, service: Service) -> bool:
         return service in self._open
+
+    def last_ended(self, service: Service) -> tuple[float, float] | None:
+        """(start, end) in epoch seconds of the last outage of `service` that ended."""
+        return self._ended.get(service)
 
     def describe(self) -> str | None:
         """'paused: image service unreachable for 3 min 20 s', or None when all is well."""
@@ -242,6 +247,7 @@ class Outages:
         if outage is None:
             return
         duration_s = outage.duration_s(self._clock())
+        self._ended[service] = (outage.started_at.timestamp(), time.time())
         log.info(
             "outage.ended",
             service=str(service),

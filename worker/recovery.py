@@ -111,3 +111,6 @@ async def settling_owed_cleanups(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if outages.describe() is None:  # one last round for what the run itself left owed
+            with contextlib.suppress(Exception):
+                await settle_owed_cleanups(store, glance, outages, worker_id=worker_id)

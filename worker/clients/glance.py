@@ -98,6 +98,7 @@ class Task:
     request_id: str | None
     message: str | None
     created_at: str | None
+    updated_at: str | None = None
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> Task:
@@ -109,6 +110,7 @@ class Task:
             request_id=request_id,
             message=document.get("message"),
             created_at=document.get("created_at"),
+            updated_at=document.get("updated_at"),
         )
 
 

@@ -70,6 +70,7 @@ class TaskFacts:
     status: str
     request_id: str | None
     message: str | None = None
+    updated_at: float | None = None  # epoch seconds, Glance's clock
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,8 @@ class ImportAccepted(Outcome):
 class Observed(Outcome):
     facts: ImageFacts
     tasks: tuple[TaskFacts, ...] | None = None
+    # (start, end), epoch seconds, of an outage of the image service since the import began.
+    image_outage: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -410,6 +413,9 @@ def _poll(
         return _verify(state, facts, now)
     failure = _import_failure(facts, outcome.tasks, state)
     if failure is None:
+        lost = _import_lost(state, outcome, now, policy)
+        if lost is not None:
+            return _recreate(state, lost, now)  # Glance never takes a second import
         failure = _import_overdue(state, facts, now, policy)
     if failure is not None:
         return _fail(state, failure, now, glance_status=facts.status)
@@ -439,6 +445,28 @@ def _import_failure(
     for task in tasks or ():
         if task.status == "failure" and task.request_id == state.import_request_id:
             return ImportFailed(f"import task failed: {task.message or 'no message'}")
+    return None
+
+
+def _import_lost(
+    state: ImageState, outcome: Observed, now: float, policy: PollPolicy
+) -> str | None:
+    """Our import task froze across an outage of the image service: its API process died."""
+    if outcome.image_outage is None or outcome.facts.status != "importing":
+        return None
+    started, ended = outcome.image_outage
+    ours = [
+        task
+        for task in outcome.tasks or ()
+        if task.request_id == state.import_request_id and task.status in ("pending", "processing")
+    ]
+    if not ours or now - ended < policy.lost_import_s:
+        return None
+    if all(task.updated_at is not None and task.updated_at < started for task in ours):
+        return (
+            f"import task still {ours[-1].status} and unchanged since before the image "
+            f"service's outage, {now - ended:.0f} s after it ended: the import was lost"
+        )
     return None
 
 

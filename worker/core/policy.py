@@ -31,6 +31,10 @@ class PollPolicy:
     deadline_rate_bytes_per_s: float = 10 * MIB  # ... plus its size at this copy rate
     stall_s: float = 300.0  # still `uploading` this long after a 202: the task never started
     tasks_every: int = 4  # look at the image's tasks every Nth poll while importing
+    # After an outage of the image service, an import whose task has not changed since before
+    # the outage began, and still not this long after it ended, died with a Glance API process
+    # (Glance touches a running task at least once a minute while it copies data).
+    lost_import_s: float = 120.0
 
 
 @dataclass(frozen=True)

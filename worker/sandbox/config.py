@@ -29,6 +29,9 @@ class SandboxConfig:
     # bytes while the stage still answers 204 (the old short-body hazard, glance-semantics 1.3).
     corrupt_names: tuple[str, ...] = ()
     truncate_stage_names: tuple[str, ...] = ()
+    # Imports stop once `processing` until `Sandbox.release_imports()`: a test can hold them
+    # there (to lose them, say) without racing a timer.
+    hold_imports: bool = False
 
 
 @dataclass

@@ -97,6 +97,7 @@ class ImportFlow:
         if quota_message:
             self._end_queued(image, quota_message, delete_staged=False)
             return
+        await self.state.imports_released.wait()
         await asyncio.sleep(latency_s)
         image = self._image()
         if image is None:

@@ -170,6 +170,15 @@ class Sandbox:
         self.state.user = dataclasses.replace(self.state.user, password=new_password)
         self.state.tokens.clear()
 
+    async def lose_imports(self) -> None:
+        """What a restart of Glance's API process does to imports in flight: they stop where
+        they are, the image `importing`, the task `processing`, the lock held, for good."""
+        await self._stop_background()
+
+    def release_imports(self) -> None:
+        """Let imports held with `hold_imports` (and every later one) run to their end."""
+        self.state.imports_released.set()
+
     def set_outage(self, service: str, mode: str = "down") -> None:
         """Take `service` (identity or image) down, or make it answer 503 to everything."""
         self.outages.set(service, mode)

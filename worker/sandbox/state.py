@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -212,6 +213,9 @@ class CloudState:
             secret=secrets.token_urlsafe(32),
         )
         self.tokens: dict[str, Token] = {}
+        self.imports_released = asyncio.Event()
+        if not config.hold_imports:
+            self.imports_released.set()
         self.images: dict[str, Image] = {}
         self.deleted_ids: set[str] = set()
         self.tasks: dict[str, Task] = {}

@@ -76,7 +76,9 @@ WITH picked AS (
     SET worker_id = $1,
         lease_expires_at = now() + make_interval(secs => $3),
         claimed_at = coalesce(r.claimed_at, now()),
-        attempts = r.attempts + 1,
+        -- A claim handed back because its answer was lost is the same attempt.
+        attempts = CASE WHEN r.worker_id = $1 AND r.lease_expires_at >= now()
+                        THEN r.attempts ELSE r.attempts + 1 END,
         updated_at = now()
     FROM picked
     WHERE r.id = picked.id
