@@ -1,10 +1,11 @@
 """Chaos: three `python -m worker run` processes on ~100 disks, SIGKILLed at chosen phases.
 
-The sandbox cloud runs in this process and the workers share this test's database. A seeded
-killer watches the results table and SIGKILLs the worker holding an image while it is
-creating, staging, requesting the import or polling it, then starts a new worker in its
-place. At the end every row must be terminal and the cloud must hold exactly one verified
-image per done row: no duplicate, no orphan, no lost row.
+The sandbox cloud runs in this process and the workers share this test's database. The killer
+has the sandbox hold a worker's call while it is creating, staging, requesting the import
+or polling, checks in the results table that the call is of that step, SIGKILLs the worker
+while the call is held (so every phase is hit, whatever the machine's load), then starts a
+new worker in its place after a seeded pause. At the end every row must be terminal and the
+cloud must hold exactly one verified image per done row: no duplicate, no orphan, no lost row.
 
 Re-run with a given seed: CHAOS_SEED=1234 pytest tests/test_chaos.py -s
 """
@@ -33,18 +34,26 @@ PROJECT = Path(__file__).parent.parent
 DISKS = 100
 WORKERS = 3
 LEASE_S = 2.0
-KILLS = 16
+KILLS = 8  # two in each phase
 DEADLINE_S = 80.0
 
-# What to kill in, as the database shows it: the phase, and a condition telling apart the
-# import request (not accepted yet) from the polling that follows.
+# What to kill in: the call a worker is held inside, and the condition its row must meet
+# then (the database says which step the call belongs to: a GET may be a size check or a
+# poll, an import request is told apart from the polls that follow it).
 TARGETS = {
-    "create": "phase = 'creating'",
-    "stage": "phase = 'staging' AND staged_at IS NULL",
-    "import": "phase = 'importing' AND import_requested_at IS NULL",
-    "poll": "phase = 'importing' AND import_requested_at IS NOT NULL",
+    "create": (("POST", r"/v2/images"), "phase = 'creating'"),
+    "stage": (("PUT", r"/v2/images/[^/]+/stage"), "phase = 'staging' AND staged_at IS NULL"),
+    "import": (
+        ("POST", r"/v2/images/[^/]+/import"),
+        "phase = 'importing' AND import_requested_at IS NULL",
+    ),
+    "poll": (
+        ("GET", r"/v2/images/[^/]+"),
+        "phase = 'importing' AND import_requested_at IS NOT NULL",
+    ),
 }
-# ~0.5 s per stage; stalls stretch create and import requests so they can be hit.
+HOLD_TIMEOUT_S = 10.0
+# ~0.5 s per stage.
 CHAOS_CLOUD = SandboxConfig(import_latency_s=0.1, stage_rate_bytes_per_s=96 << 10)
 
 
@@ -103,20 +112,18 @@ class Fleet:
 
 
 async def kill_at_phases(
-    conn: asyncpg.Connection, fleet: Fleet, rng: random.Random, deadline: float
+    conn: asyncpg.Connection, fleet: Fleet, sandbox: Sandbox, rng: random.Random
 ) -> list[tuple[str, str]]:
-    """SIGKILL a worker holding an image in each target phase in turn; restart the slot."""
+    """SIGKILL a worker while it is inside a call of each target phase in turn; restart it.
+
+    The sandbox holds the call until the kill has landed, so each phase is hit for sure.
+    """
     kills: list[tuple[str, str]] = []
-    targets = list(TARGETS)
-    while len(kills) < KILLS and time.monotonic() < deadline:
-        target = targets[len(kills) % len(targets)]
-        worker_id = await _holder(conn, TARGETS[target], fleet, time.monotonic() + 4.0)
+    while len(kills) < KILLS:
+        target = list(TARGETS)[len(kills) % len(TARGETS)]
+        worker_id = await _held_worker(conn, fleet, sandbox, *TARGETS[target])
         if worker_id is None:
-            targets.remove(target)  # that phase is over for this run
-            if not targets:
-                break
-            continue
-        await fleet.kill(worker_id)
+            break  # the batch is over: nothing is making that call any more
         kills.append((target, worker_id))
         await asyncio.sleep(rng.uniform(0.0, 0.4))
         await fleet.start(int(worker_id[1]))
@@ -124,19 +131,50 @@ async def kill_at_phases(
     return kills
 
 
-async def _holder(
-    conn: asyncpg.Connection, condition: str, fleet: Fleet, give_up_at: float
+async def _held_worker(
+    conn: asyncpg.Connection,
+    fleet: Fleet,
+    sandbox: Sandbox,
+    call: tuple[str, str],
+    condition: str,
 ) -> str | None:
-    """A live worker holding an image that matches `condition`, as soon as there is one."""
-    while time.monotonic() < give_up_at:
-        held = await conn.fetch(
-            f"SELECT worker_id FROM results WHERE {condition} AND lease_expires_at > now()"
-        )
-        alive = [r["worker_id"] for r in held if r["worker_id"] in fleet.processes]
-        if alive:
-            return str(alive[0])
-        await asyncio.sleep(0.01)
-    return None
+    """Hold the next matching call; if its row meets `condition`, kill its worker meanwhile.
+
+    Returns the killed worker, or None when no such call came for HOLD_TIMEOUT_S.
+    """
+    while True:
+        release = asyncio.Event()
+        fault = Fault(*call, hold=release)
+        sandbox.inject(fault)
+        try:
+            await asyncio.wait_for(fault.reached.wait(), timeout=HOLD_TIMEOUT_S)
+        except TimeoutError:
+            sandbox.withdraw(fault)
+            return None
+        try:
+            # /v2/images/{id}/...: the held call names its image; a create's id is in its body.
+            parts = (fault.held_path or "").split("/")
+            image_id = parts[3] if len(parts) > 3 else None
+            worker_id = await _holder_of(conn, condition, image_id, fleet)
+            if worker_id is not None:
+                await fleet.kill(worker_id)
+                return worker_id
+        finally:
+            release.set()
+
+
+async def _holder_of(
+    conn: asyncpg.Connection, condition: str, image_id: str | None, fleet: Fleet
+) -> str | None:
+    """The live worker holding the row of `image_id` (any row, for a create) if it meets
+    `condition`."""
+    held = await conn.fetch(
+        f"SELECT worker_id FROM results WHERE {condition} AND lease_expires_at > now()"
+        " AND ($1::uuid IS NULL OR glance_image_id = $1::uuid)",
+        image_id,
+    )
+    alive = [r["worker_id"] for r in held if r["worker_id"] in fleet.processes]
+    return str(alive[0]) if alive else None
 
 
 async def _all_terminal(conn: asyncpg.Connection, deadline: float) -> None:
@@ -157,8 +195,6 @@ async def test_chaos_workers_killed_at_every_phase_leave_no_duplicate_orphan_or_
     rng = random.Random(seed)
     print(f"\nchaos seed: {seed} (re-run: CHAOS_SEED={seed} pytest tests/test_chaos.py -s)")
     _job_id, sources = await submit_disks(database_url, tmp_path, DISKS, fill_bytes=48 << 10)
-    sandbox.inject(Fault("POST", r"/v2/images", stall_s=0.4, times=40))
-    sandbox.inject(Fault("POST", r"/v2/images/[^/]+/import", stall_s=0.4, times=40))
     sandbox.inject(Fault("GET", r"/v2/images/[^/]+", status=503, times=10))
     (tmp_path / "logs").mkdir()
     fleet = Fleet(cloud_env(sandbox, database_url), tmp_path / "logs")
@@ -167,7 +203,7 @@ async def test_chaos_workers_killed_at_every_phase_leave_no_duplicate_orphan_or_
     try:
         for slot in range(WORKERS):
             await fleet.start(slot)
-        kills = await kill_at_phases(conn, fleet, rng, started + DEADLINE_S / 2)
+        kills = await kill_at_phases(conn, fleet, sandbox, rng)
         await _all_terminal(conn, started + DEADLINE_S)
         elapsed_s = time.monotonic() - started
         await fleet.stop_all()
@@ -199,7 +235,7 @@ async def test_chaos_workers_killed_at_every_phase_leave_no_duplicate_orphan_or_
         f"verified {phases['done'] - len(unverified)}/{phases['done']}; duplicates {duplicates}; "
         f"orphans {len(orphans)}; lost rows {lost}; claims {sum(r['attempts'] for r in rows)}"
     )
-    assert len(kills) >= 8
+    assert len(kills) == KILLS
     assert {target for target, _ in kills} == set(TARGETS)
     assert set(phases) <= {"done", "failed"}
     assert phases["done"] == DISKS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,3 +48,8 @@ class Fault:
     stall_s: float | None = None
     drop_response: bool = False
     body: str | None = None
+    # Hold the matching request until this event is set; `reached` is set (and `held_path`
+    # filled in) when it arrives: a test acts while a client is known to be inside the call.
+    hold: asyncio.Event | None = None
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    held_path: str | None = None

@@ -37,6 +37,10 @@ class FaultBook:
         if fault.times > 0:
             self._rules.append(fault)
 
+    def remove(self, fault: Fault) -> None:
+        if fault in self._rules:
+            self._rules.remove(fault)
+
     def take(self, method: str, path: str) -> Fault | None:
         for fault in self._rules:
             if fault.method.upper() == method.upper() and re.fullmatch(fault.path_regex, path):
@@ -76,6 +80,10 @@ def fault_middleware(book: FaultBook) -> Any:
         if fault is None:
             response: web.StreamResponse = await handler(request)
             return response
+        if fault.hold is not None:
+            fault.held_path = service_path(request.path)
+            fault.reached.set()
+            await fault.hold.wait()
         if fault.stall_s:
             await asyncio.sleep(fault.stall_s)
         if fault.status is not None:

@@ -224,6 +224,10 @@ class Sandbox:
     def inject(self, fault: Fault) -> None:
         self._faults.add(fault)
 
+    def withdraw(self, fault: Fault) -> None:
+        """Take back a fault that has not fired (yet)."""
+        self._faults.remove(fault)
+
     def count(self, method: str, path_regex: str) -> int:
         """How many requests matched `method` and `path_regex` (full path, e.g. /image/v2/...)."""
         return sum(
