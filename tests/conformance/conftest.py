@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.conformance import report
+from tests.conformance.realstack import GlanceProfile, RealStack
 from worker.sandbox import Sandbox, SandboxConfig
 
 TARGETS = ["sandbox", "real-glance"]
@@ -155,6 +156,32 @@ async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
         yield sb
 
 
+@pytest.fixture
+def real_stack() -> Iterator[RealStack]:
+    """The real stack run.py started, to control from a scenario: stop and start Keystone or
+    Glance, make Glance answer 503, rotate a password, switch Glance's profile, list what is
+    left (see RealStack). Whatever the scenario did, the stack is whole again afterwards:
+    both servers up, no 503s, the default profile."""
+    base_dir = os.environ.get("REAL_GLANCE_BASE_DIR")
+    if not base_dir:
+        pytest.fail("no real stack (REAL_GLANCE_BASE_DIR unset): run `make conformance`")
+    stack = RealStack.attach(Path(base_dir))
+    yield stack
+    stack.set_glance_unavailable(False)
+    stack.start_keystone()
+    if stack.profile != GlanceProfile():
+        stack.restart_glance(None)
+    stack.start_glance()
+
+
+def mariadb_only() -> None:
+    """Skip, saying why, when the real Glance runs on the SQLite fallback: its concurrent
+    imports get lost, so a concurrent scenario there proves nothing (and claims nothing)."""
+    database = os.environ.get("REAL_GLANCE_DATABASE", "")
+    if database != "mariadb":
+        pytest.skip(f"Glance runs on {database or 'no'} database, not MariaDB: not claimed")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test in this folder is a conformance test (deselected from the default run)."""
@@ -196,6 +223,10 @@ def scenario_lines() -> list[str]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the sandbox vs real Glance comparison table the contract tests recorded, and
     which scenario ran on which target."""
+    database = os.environ.get("REAL_GLANCE_DATABASE_DESCRIPTION")
+    if database and SCENARIO_OUTCOMES:
+        terminalreporter.section("real Glance")
+        terminalreporter.write_line(f"Glance 33.0.0 database: {database}")
     for title, lines in (
         ("conformance: sandbox vs real Glance", report.summary_lines()),
         ("conformance scenarios by target", scenario_lines()),

@@ -34,6 +34,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--token-expiration-s", type=int, default=DEFAULT_TOKEN_EXPIRATION_S)
     parser.add_argument("--keystone-port", type=int, default=15000)
     parser.add_argument("--glance-port", type=int, default=19292)
+    # auto: MariaDB when it answers on 127.0.0.1:3306, else SQLite (said in the summary).
+    parser.add_argument("--glance-database", choices=("auto", "mariadb", "sqlite"), default="auto")
     # Alone: the cloud OS_CLOUD or the OS_* variables describe; with a name: that clouds.yaml entry.
     parser.add_argument("--cloud", nargs="?", const="", default=None)
     return parser.parse_known_args(list(argv))
@@ -70,6 +72,7 @@ def main(argv: Sequence[str]) -> int:
         keystone_port=options.keystone_port,
         glance_port=options.glance_port,
         token_expiration_s=options.token_expiration_s,
+        database=options.glance_database,
     )
     started = time.monotonic()
     print(f"== real Glance + Keystone: state in {stack.base_dir}", flush=True)
@@ -81,11 +84,18 @@ def main(argv: Sequence[str]) -> int:
                 f"token expiration {stack.token_expiration_s} s",
                 flush=True,
             )
+            print(f"== Glance database: {stack.database_description()}", flush=True)
             code = _pytest(stack, pytest_args)
     except RealStackError as exc:
         print(f"== the real stack failed: {exc}", file=sys.stderr)
         return 3
     print(f"== real stack stopped; logs in {stack.base_dir / 'log'}", flush=True)
+    print(
+        f"== conformance {'passed' if code == 0 else f'FAILED (pytest exit {code})'} in "
+        f"{time.monotonic() - started:.0f} s; Glance ran on {stack.database_description()}"
+        + ("" if stack.database_kind != "mariadb" else " (dropped)"),
+        flush=True,
+    )
     if code == NO_TESTS_COLLECTED:
         print("== pytest collected no conformance tests: that is a failure", file=sys.stderr)
     return code
