@@ -531,3 +531,16 @@ def test_an_import_frozen_across_an_outage_of_glance_is_made_again() -> None:
     touched = Observed(facts("importing"), alive, image_outage=(150.0, 200.0))
     going_on = decide(state, PollImport(), touched, now=261.0, jitter=0.0, policies=policies)
     assert isinstance(going_on.command, PollImport)  # Glance touched it after the outage
+
+
+def test_an_import_still_pending_across_an_outage_of_glance_is_made_again() -> None:
+    state = importing_state()
+    pending = (TaskFacts("pending", state.import_request_id, updated_at=100.0),)
+    locked = facts("uploading", size=state.size_bytes, import_locked=True)
+    lost = Observed(locked, pending, image_outage=(150.0, 200.0))
+    policies = Policies(poll=PollPolicy(lost_import_s=60.0))
+
+    redone = decide(state, PollImport(), lost, now=261.0, jitter=0.0, policies=policies)
+
+    assert isinstance(redone.command, DeleteImage)
+    assert redone.command.then_recreate

@@ -257,7 +257,9 @@ class ImageRunner:
         if outage is None or accepted_at is None or outage[1] < accepted_at:
             outage = None
         tasks: tuple[TaskFacts, ...] | None = None
-        if (with_tasks or outage is not None) and image.status == "importing":
+        if (with_tasks and image.status == "importing") or (
+            outage is not None and image.status in ("uploading", "importing")
+        ):
             tasks = tuple(task_facts(t) for t in await self.glance.image_tasks(image_id))
         return Observed(image_facts(image), tasks, image_outage=outage), image.request_id
 

@@ -451,8 +451,12 @@ def _import_failure(
 def _import_lost(
     state: ImageState, outcome: Observed, now: float, policy: PollPolicy
 ) -> str | None:
-    """Our import task froze across an outage of the image service: its API process died."""
-    if outcome.image_outage is None or outcome.facts.status != "importing":
+    """Our import task froze across an outage of the image service: its API process died.
+
+    A task still `pending` leaves the image `uploading` (locked), one `processing` leaves
+    it `importing`; either stays so for good.
+    """
+    if outcome.image_outage is None or outcome.facts.status not in ("uploading", "importing"):
         return None
     started, ended = outcome.image_outage
     ours = [
