@@ -55,6 +55,7 @@ async def test_off_a_terminal_a_worker_logs_throttled_progress_lines(store: Stor
     progress.observe({"event": "image.creating", "result_id": 1, "phase": "creating"})
     progress.observe({"event": "image.staging", "result_id": 2, "phase": "staging"})
     progress.observe({"event": "image.finished", "result_id": 3, "phase": "done"})
+    progress.observe({"event": "image.summary", "result_id": 3, "phase": "done"})
 
     with capture_logs() as logs:
         async with progress.showing():
@@ -88,12 +89,18 @@ async def test_status_watch_prints_snapshots_off_a_terminal(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    await asyncio.sleep(2.0)
+    # Interrupt once two snapshots are out, however long the start took on a loaded machine.
+    assert process.stdout is not None
+    seen: list[bytes] = []
+    while sum(line.startswith(b"fleet at") for line in seen) < 2:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+        assert line, "status --watch ended before its second snapshot"
+        seen.append(line)
     process.send_signal(signal.SIGINT)
     out, err = await asyncio.wait_for(process.communicate(), timeout=10)
 
     assert process.returncode == 0, err.decode()
-    text = out.decode()
+    text = b"".join(seen).decode() + out.decode()
     assert text.count("fleet at") >= 2
     assert "2 image(s) in flight on 2 worker(s)" in text
     assert "worker-a  test-job/d0" in text

@@ -35,7 +35,7 @@ from worker.outage import (
     is_systemic_kind,
     service_of,
 )
-from worker.progress import RunProgress
+from worker.progress import RunProgress, wants_bars
 from worker.recovery import PauseBoard, settling_owed_cleanups
 from worker.store.store import Store
 
@@ -163,6 +163,9 @@ async def _consume(
             hash_algorithm=settings.hash_algorithm,
             verify_md5=settings.verify_md5,
             policies=settings.policies,
+            step_log_level=logging.DEBUG
+            if wants_bars(settings.progress, sys.stderr)
+            else logging.INFO,
         ),
         stage_slots=asyncio.Semaphore(settings.stage_concurrency),
         on_progress=ops.on_progress,

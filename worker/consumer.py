@@ -188,23 +188,48 @@ class Consumer:
             # the lease runs out and another worker resumes the image from its real status.
             log.error("image.abandoned", result_id=claim.row.id, error=str(exc))
         except Exception as exc:
-            log.exception("image.crashed", result_id=claim.row.id, image=claim.spec.name)
+            log.exception(
+                "image.crashed",
+                result_id=claim.row.id,
+                image=claim.spec.name,
+                job_id=str(claim.row.job_id),
+                worker_id=self._settings.worker_id,
+            )
             await self._record_crash(claim, exc)
 
     async def _record_crash(self, claim: Claim, exc: Exception) -> None:
-        """An unexpected error is this image's failure, recorded, not the worker's."""
+        """An unexpected error is this image's failure, recorded, not the worker's.
+
+        It ends like any failed image: one `image.summary`, which webhooks and the
+        completion check follow.
+        """
+        message = f"{type(exc).__name__}: {exc}"
         try:
-            await self._store.record(
+            row = await self._store.record(
                 claim.row.id,
                 worker_id=self._settings.worker_id,
                 event="image.finished",
                 phase=Phase.FAILED,
                 error_code="internal_error",
-                error_message=f"{type(exc).__name__}: {exc}",
+                error_message=message,
             )
-            self._summary.by_phase[Phase.FAILED] += 1
         except Exception:
             log.exception("image.crash_not_recorded", result_id=claim.row.id)
+            return
+        self._summary.by_phase[Phase.FAILED] += 1
+        log.warning(
+            "image.summary",
+            job_id=str(row.job_id),
+            image=row.image_name,
+            result_id=row.id,
+            image_id=str(row.glance_image_id),
+            phase=row.phase,
+            size_bytes=row.source_size_bytes,
+            attempts=row.attempts,
+            error_code=row.error_code,
+            error=message,
+            worker_id=self._settings.worker_id,
+        )
 
     async def _heartbeat(self) -> None:
         settings = self._settings

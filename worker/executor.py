@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +65,8 @@ class ExecutorSettings:
     hash_algorithm: str = "sha512"
     verify_md5: bool = False  # also hash md5 and compare Glance's legacy `checksum`
     policies: Policies = field(default_factory=Policies)
+    # Level of the per-step lines (created, staged, ...): debug while bars show the progress.
+    step_log_level: int = logging.INFO
 
 
 @dataclass
@@ -98,7 +101,10 @@ class ImageRunner:
         )
         started = self.clock()
         with structlog.contextvars.bound_contextvars(
-            job_id=str(claim.row.job_id), image=claim.spec.name, result_id=claim.row.id
+            job_id=str(claim.row.job_id),
+            image=claim.spec.name,
+            result_id=claim.row.id,
+            worker_id=self.settings.worker_id,
         ):
             cleaning_up = cancelled.is_set()
             step = cancel(state, now=self.clock()) if cleaning_up else begin(state)
@@ -154,7 +160,7 @@ class ImageRunner:
         work.cancel()  # an upload in flight is cut off; Glance puts the image back to queued
         with contextlib.suppress(asyncio.CancelledError):
             await work
-        log.info("image.cancelling", image_id=str(state.image_id), step=command.name)
+        log.warning("image.cancelling", image_id=str(state.image_id), step=command.name)
         return None
 
     async def _perform(
@@ -168,7 +174,8 @@ class ImageRunner:
             except MigrationError as error:
                 if not await self.outages.holds(error, failed_at=self.outages.now()):
                     return Errored(error), error.request_id
-                log.info(
+                log.log(
+                    self.settings.step_log_level,
                     "image.waiting",
                     image_id=str(state.image_id),
                     phase=str(state.phase),
@@ -228,7 +235,12 @@ class ImageRunner:
                 write.add_done_callback(self._progress_writes.discard)
 
         async with self.stage_slots:
-            log.info("image.staging", image_id=str(state.image_id), phase=Phase.STAGING)
+            log.log(
+                self.settings.step_log_level,
+                "image.staging",
+                image_id=str(state.image_id),
+                phase=Phase.STAGING,
+            )
             result = await self.glance.stage(
                 str(state.image_id),
                 Path(claim.spec.source),
@@ -290,11 +302,13 @@ class ImageRunner:
         )
         if step.event is not None:
             fields: dict[str, Any] = {"phase": str(step.state.phase), **detail}
-            log.info(step.event, image_id=str(step.state.image_id), **fields)
+            level = _level_of(step, self.settings.step_log_level)
+            log.log(level, step.event, image_id=str(step.state.image_id), **fields)
         return row
 
     def _summarise(self, row: ResultRow, *, duration_s: float) -> None:
-        log.info(
+        log.log(
+            logging.WARNING if row.phase == Phase.FAILED else logging.INFO,
             "image.summary",
             phase=row.phase,
             image_id=str(row.glance_image_id),
@@ -306,6 +320,16 @@ class ImageRunner:
             error_code=row.error_code,
             error=row.error_message,
         )
+
+
+def _level_of(step: Step, step_level: int) -> int:
+    """Failures and retries are warnings; a cleanup that failed for good is an error."""
+    if step.event in ("image.retry_scheduled", "image.failing", "image.recreating"):
+        return logging.WARNING
+    if step.state.phase is Phase.FAILED:
+        refused = step.columns.get("cleanup") == "kept" and not step.state.keep_on_failure
+        return logging.ERROR if refused else logging.WARNING
+    return step_level
 
 
 def initial_state(claim: Claim, *, hash_algorithm: str, verify_md5: bool = False) -> ImageState:

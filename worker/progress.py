@@ -129,13 +129,12 @@ class RunProgress:
             self._stages[result_id] = _Stage(job_id, str(event.get("image", result_id)))
             self._last_bytes[result_id] = 0
         phase = event.get("phase")
-        if name in ("image.finished", "image.lease_lost", "image.crashed"):
+        if name in ("image.summary", "image.finished", "image.lease_lost", "image.crashed"):
             self._phases.pop(result_id, None)
             self._last_bytes.pop(result_id, None)
-            if name != "image.lease_lost":
-                crashed = name == "image.crashed"
-                self._finished[Phase.FAILED if crashed else str(phase)] += 1
-        elif isinstance(phase, str) and phase:
+            if name == "image.summary":  # said exactly once per image that ended here
+                self._finished[str(phase)] += 1
+        elif isinstance(phase, str) and phase and not Phase(phase).terminal:
             self._phases[result_id] = phase
 
     def by_phase(self) -> dict[str, int]:
@@ -182,21 +181,38 @@ class RunProgress:
         tasks: dict[int, TaskID] = {}
         sizes: dict[int, int] = {}
         known_jobs: set[str] = set()
-        refreshed = 0.0
         with Live(bars, console=console, auto_refresh=False, redirect_stderr=True) as live:
             self._jobs.update(await _unfinished_job_ids(self.store))
             with _logs_through_live_display():
-                while True:
-                    if self.clock() - refreshed >= _REFRESH_DB_S:
-                        refreshed = self.clock()
+                try:
+                    await self._draw(live, bars, overall, tasks, sizes, known_jobs)
+                finally:
+                    # The last frame stays on the terminal: it must show how the run ended.
+                    _drop_bars(bars, tasks, set())
+                    with contextlib.suppress(Exception):
                         await self._refresh_batch(bars, overall, sizes, known_jobs)
-                    for result_id, stage in self._stages.items():
-                        size = sizes.get(result_id, 0)
-                        text = f"  {stage.image}"
-                        _sync_bar(bars, tasks, result_id, text, stage.done_bytes, size)
-                    _drop_bars(bars, tasks, set(self._stages))
                     live.refresh()
-                    await asyncio.sleep(_REDRAW_S)
+
+    async def _draw(
+        self,
+        live: Live,
+        bars: Progress,
+        overall: TaskID,
+        tasks: dict[int, TaskID],
+        sizes: dict[int, int],
+        known_jobs: set[str],
+    ) -> None:
+        refreshed = 0.0
+        while True:
+            if self.clock() - refreshed >= _REFRESH_DB_S:
+                refreshed = self.clock()
+                await self._refresh_batch(bars, overall, sizes, known_jobs)
+            for result_id, stage in self._stages.items():
+                size = sizes.get(result_id, 0)
+                _sync_bar(bars, tasks, result_id, f"  {stage.image}", stage.done_bytes, size)
+            _drop_bars(bars, tasks, set(self._stages))
+            live.refresh()
+            await asyncio.sleep(_REDRAW_S)
 
     async def _refresh_batch(
         self, bars: Progress, overall: TaskID, sizes: dict[int, int], known_jobs: set[str]

@@ -1,0 +1,252 @@
+"""Outages against the real Keystone and Glance: each costs zero images.
+
+A batch of real qemu-img disks runs with the default retry policy (one step gives up after
+about 30 s of failures); while images are in flight, a service goes away for 90 s, three
+times that budget, and comes back. Every disk must end `done` and verified, claimed once,
+with nothing left in Glance but the rows' images and nothing in its staging directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from tests.conformance.conftest import Target
+from tests.conformance.realstack import RealStack
+from tests.conformance.test_scenarios import cloud_of, qemu_vmdk, rows_of, sha512_of, submit
+from tests.test_faults import DatabaseLink
+from worker.app import WorkerSettings, run_worker
+from worker.config import CloudSettings, load_cloud_settings
+from worker.consumer import RunSummary
+from worker.core.machine import Policies
+from worker.core.policy import PollPolicy, RetryPolicy
+from worker.outage import OutagePolicy
+
+pytestmark = [
+    pytest.mark.conformance,
+    pytest.mark.parametrize("target", ["real-glance"], indirect=True),
+]
+
+MIB = 1 << 20
+OUTAGE_S = 90.0
+DISKS = 6
+# The production retry policy, so "longer than one image's retry budget" means what it says;
+# polls and the lost-import wait are shortened to keep the suite quick.
+POLICIES = Policies(
+    retry=RetryPolicy(),
+    poll=PollPolicy(first_delay_s=0.2, max_delay_s=2.0, tasks_every=2, lost_import_s=15.0),
+)
+PROBING = OutagePolicy(probe_first_s=1.0, probe_max_s=5.0, warn_every_s=30.0)
+RUN_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="module")
+def disk_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Six real disks, both accepted subformats, 24 MiB of random data each."""
+    directory = tmp_path_factory.mktemp("outage-disks")
+    return [
+        qemu_vmdk(
+            directory / f"d{n}.vmdk",
+            "streamOptimized" if n % 2 else "monolithicSparse",
+            data_bytes=24 * MIB,
+            virtual_bytes=64 * MIB,
+        )
+        for n in range(DISKS)
+    ]
+
+
+def start_worker(database_url: str, load: Callable[[], CloudSettings]) -> asyncio.Task[RunSummary]:
+    settings = WorkerSettings(
+        once=True,
+        concurrency=4,
+        stage_concurrency=2,
+        idle_poll_s=0.1,
+        heartbeat_s=1.0,
+        policies=POLICIES,
+        outage=PROBING,
+        progress="off",
+    )
+    return asyncio.create_task(
+        asyncio.wait_for(
+            run_worker(
+                database_url=database_url,
+                cloud=load(),
+                settings=settings,
+                stop=asyncio.Event(),
+                reload_cloud=load,
+            ),
+            timeout=RUN_TIMEOUT_S,
+        )
+    )
+
+
+async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def in_flight(database_url: str, job_id: uuid.UUID) -> None:
+    """Hold until an image is staging or importing while most of the job is left."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows = await fetch(database_url, "SELECT phase FROM results WHERE job_id = $1", job_id)
+        phases = [row["phase"] for row in rows]
+        if any(phase in ("staging", "importing") for phase in phases):
+            break
+        assert time.monotonic() < deadline, f"the batch never started: {phases}"
+        await asyncio.sleep(0.05)
+    assert sum(phase not in ("done", "failed") for phase in phases) >= 3, phases
+
+
+async def paused_services(database_url: str) -> set[str]:
+    return {
+        row["service"] for row in await fetch(database_url, "SELECT service FROM worker_pauses")
+    }
+
+
+async def assert_nothing_lost(
+    database_url: str, stack: RealStack, job_id: uuid.UUID, prefix: str, disks: dict[str, Path]
+) -> None:
+    rows = await rows_of(database_url, job_id)
+    assert {row.phase for row in rows.values()} == {"done"}
+    assert {row.verification for row in rows.values()} == {"verified"}
+    assert {row.attempts for row in rows.values()} == {1}
+    for name, row in rows.items():
+        assert row.glance_os_hash_value == sha512_of(disks[name])
+    left = stack.leftovers(prefix)
+    assert sorted(image["id"] for image in left.images) == sorted(
+        str(row.glance_image_id) for row in rows.values()
+    )
+    assert {image["status"] for image in left.images} == {"active"}
+    assert left.staged_files == []
+    assert await fetch(database_url, "SELECT * FROM worker_pauses") == []
+
+
+async def submit_batch(
+    database_url: str, tmp_path: Path, disk_files: list[Path]
+) -> tuple[uuid.UUID, str, dict[str, Path]]:
+    prefix = f"conformance-outage-{uuid.uuid4().hex[:8]}"
+    disks = {f"{prefix}-{n}": path for n, path in enumerate(disk_files)}
+    return await submit(database_url, tmp_path, disks), prefix, disks
+
+
+OUTAGES: dict[str, tuple[Callable[[RealStack], Any], Callable[[RealStack], Any]]] = {
+    "keystone-down": (RealStack.stop_keystone, RealStack.start_keystone),
+    "glance-down": (RealStack.stop_glance, RealStack.start_glance),
+    "both-down": (
+        lambda stack: (stack.stop_keystone(), stack.stop_glance()),
+        lambda stack: (stack.start_keystone(), stack.start_glance()),
+    ),
+    "glance-503": (
+        lambda stack: stack.set_glance_unavailable(True),
+        lambda stack: stack.set_glance_unavailable(False),
+    ),
+}
+
+
+@pytest.mark.parametrize("outage", list(OUTAGES))
+async def test_a_90_s_outage_costs_no_image(
+    target: Target,
+    real_stack: RealStack,
+    database_url: str,
+    tmp_path: Path,
+    disk_files: list[Path],
+    outage: str,
+) -> None:
+    begin, end = OUTAGES[outage]
+    job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
+    worker = start_worker(database_url, lambda: cloud_of(target))
+    await in_flight(database_url, job_id)
+
+    await asyncio.to_thread(begin, real_stack)
+    await asyncio.sleep(OUTAGE_S)
+    paused = await paused_services(database_url)
+    await asyncio.to_thread(end, real_stack)
+    summary = await worker
+
+    assert summary.by_phase == {"done": DISKS}
+    # Keystone down alone may pass unnoticed while Glance's cached tokens last; anything
+    # else must have paused the worker.
+    if outage != "keystone-down":
+        assert paused, "the worker never paused"
+    await assert_nothing_lost(database_url, real_stack, job_id, prefix, disks)
+
+
+async def test_credentials_rotated_mid_run_and_fixed_in_clouds_yaml_60_s_later(
+    target: Target,
+    real_stack: RealStack,
+    database_url: str,
+    tmp_path: Path,
+    disk_files: list[Path],
+) -> None:
+    user = f"conformance-rotated-{uuid.uuid4().hex[:8]}"
+    real_stack.add_user(user, "first-secret", role="admin")
+    clouds_yaml = tmp_path / "clouds.yaml"
+
+    def write_clouds(password: str) -> None:
+        auth = {
+            "auth_url": target.auth_url,
+            "username": user,
+            "password": password,
+            "project_name": target.project_name,
+            "user_domain_name": target.domain,
+            "project_domain_name": target.domain,
+        }
+        clouds_yaml.write_text(yaml.safe_dump({"clouds": {"rotated": {"auth": auth}}}))
+
+    def load() -> CloudSettings:
+        env = {"OS_CLOUD": "rotated", "OS_CLIENT_CONFIG_FILE": str(clouds_yaml)}
+        return load_cloud_settings(env, cloud="rotated")
+
+    write_clouds("first-secret")
+    job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
+    worker = start_worker(database_url, load)
+    await in_flight(database_url, job_id)
+
+    await asyncio.to_thread(real_stack.set_password, user, "second-secret")
+    deadline = time.monotonic() + 120  # tokens live 60 s here: the next renewal is refused
+    while "identity" not in await paused_services(database_url):
+        assert not worker.done(), "the batch ended without noticing the rotation"
+        assert time.monotonic() < deadline, "the rotated password never paused the worker"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(60.0)
+    write_clouds("second-secret")
+    summary = await worker
+
+    assert summary.by_phase == {"done": DISKS}
+    await assert_nothing_lost(database_url, real_stack, job_id, prefix, disks)
+
+
+async def test_a_postgresql_restart_costs_no_image(
+    target: Target,
+    real_stack: RealStack,
+    database_url: str,
+    tmp_path: Path,
+    disk_files: list[Path],
+) -> None:
+    job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
+    link = DatabaseLink(database_url)
+    await link.up()
+    try:
+        worker = start_worker(link.dsn, lambda: cloud_of(target))
+        await in_flight(database_url, job_id)
+        await link.down()  # every connection reset and new ones refused, as in a restart
+        await asyncio.sleep(10.0)
+        await link.up()
+        summary = await worker
+    finally:
+        await link.down()
+
+    assert summary.by_phase == {"done": DISKS}
+    await assert_nothing_lost(database_url, real_stack, job_id, prefix, disks)
