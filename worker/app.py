@@ -22,10 +22,12 @@ from worker.config import CloudSettings
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.controls import following_bandwidth
 from worker.core.machine import Policies
+from worker.errors import ConfigError
 from worker.executor import ExecutorSettings, ImageRunner
 from worker.metrics import WorkerMetrics, serving_metrics
 from worker.notify import WebhookNotifier, WebhookSettings, notifying
 from worker.progress import RunProgress
+from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -60,10 +62,19 @@ class WorkerSettings:
 
 @asynccontextmanager
 async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[Store]:
-    """A connected store with the schema brought up to date (migrations run on start)."""
-    store = await Store.connect(database_url, max_size=max_size)
+    """A connected store with the schema brought up to date (migrations run on start).
+
+    A database that cannot be reached or used is a ConfigError naming DATABASE_URL.
+    """
     try:
-        applied = await store.upgrade()
+        store = await Store.connect(database_url, max_size=max_size)
+    except DATABASE_ERRORS as exc:
+        raise ConfigError(describe_database_error(exc, database_url)) from exc
+    try:
+        try:
+            applied = await store.upgrade()
+        except DATABASE_ERRORS as exc:
+            raise ConfigError(describe_database_error(exc, database_url)) from exc
         if applied:
             log.info("db.upgraded", versions=applied)
         yield store
