@@ -499,7 +499,9 @@ def dashboard(database_url: str | None, host: str, port: int) -> None:
 
     async def go() -> None:
         stop = _stop_on_signals()
-        async with running_dashboard(_database_url(database_url), host=host, port=port) as url:
+        async with running_dashboard(
+            _database_url(database_url, reading=True), host=host, port=port
+        ) as url:
             click.echo(f"dashboard: {url}")
             await stop.wait()
 
