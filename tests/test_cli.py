@@ -441,6 +441,34 @@ async def test_a_taken_dashboard_port_names_the_port_and_the_option(database_url
     assert "--port" in result.err
 
 
+async def test_a_taken_metrics_port_names_the_port_and_the_option(
+    database_url: str, sandbox: Sandbox
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = cloud_env(sandbox, database_url)
+        result = await run_cli("run", "--once", "--metrics-port", str(port), env=env)
+    assert result.code == 0, result.err
+    (line,) = [json.loads(x) for x in result.err.splitlines() if "metrics.port_unavailable" in x]
+    assert line["port"] == port
+    assert "--metrics-port" in line["hint"]
+
+
+async def test_a_taken_sandbox_port_names_the_port_and_the_option() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await run_cli("sandbox", "--port", str(port), env=dict(os.environ))
+    assert result.code == 3
+    assert (
+        f"cannot serve the sandbox on 127.0.0.1 port {port}: address already in use" in result.err
+    )
+    assert "--port" in result.err
+
+
 # The sandbox's instructions work as printed ----------------------------------------------------
 
 

@@ -175,7 +175,7 @@ class Operations:
         observers: list[EventObserver] = [self.metrics.observe, self.progress.observe]
         async with AsyncExitStack() as stack:
             if settings.metrics_port is not None:
-                await stack.enter_async_context(
+                served = await stack.enter_async_context(
                     serving_metrics(
                         self.metrics,
                         store.outstanding,
@@ -183,6 +183,14 @@ class Operations:
                         port=settings.metrics_port,
                     )
                 )
+                if served is None:  # the worker runs on without its endpoints
+                    log.warning(
+                        "metrics.port_unavailable",
+                        host=settings.metrics_host,
+                        port=settings.metrics_port,
+                        hint="choose another port with --metrics-port (0 turns the endpoints "
+                        "off) or another address with --metrics-host",
+                    )
             if settings.webhook is not None:
                 self.notifier = WebhookNotifier(
                     settings.webhook, store.job_summaries, worker_id=settings.worker_id

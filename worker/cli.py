@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -620,14 +621,28 @@ def sandbox(host: str, port: int, virtio_fail: tuple[str, ...], import_latency_s
     config = SandboxConfig(virtio_fail_names=virtio_fail, import_latency_s=import_latency_s)
 
     async def serve() -> None:
-        async with Sandbox(config).serve(host=host, port=port) as cloud:
-            click.echo(_sandbox_banner(cloud))
-            await asyncio.Event().wait()
+        listening = False
+        try:
+            async with Sandbox(config).serve(host=host, port=port) as cloud:
+                listening = True
+                click.echo(_sandbox_banner(cloud))
+                await asyncio.Event().wait()
+        except OSError as exc:
+            if listening:
+                raise
+            raise ConfigError(
+                f"cannot serve the sandbox on {host} port {port}: {_os_reason(exc)}; "
+                "choose another port with --port"
+            ) from exc
 
     try:
         _run(serve())
     except KeyboardInterrupt:
         sys.exit(EXIT_OK)
+
+
+def _os_reason(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def _sandbox_banner(cloud: Sandbox) -> str:
