@@ -27,7 +27,7 @@ import click
 from worker import logs
 from worker.app import WorkerSettings, default_worker_id, environment, open_store, run_worker
 from worker.config import load_cloud_settings
-from worker.core.model import Phase
+from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
 from worker.notify import WebhookSettings
@@ -211,20 +211,34 @@ def submit(
 
     async def go() -> str:
         async with open_store(_database_url(database_url)) as store:
-            submit_job = store.submit_job if again else store.submit_job_once
-            submitted = await submit_job(
-                loaded.job,
-                manifest=loaded.document,
-                manifest_sha256=loaded.sha256,
-                not_before=not_before or loaded.not_before,
-            )
-            job_id, created = submitted if isinstance(submitted, tuple) else (submitted, True)
+            submission = loaded.job, loaded.document, loaded.sha256, not_before or loaded.not_before
+            job_id, created = await _submit(store, *submission, again=again)
             if not created:
                 (summary,) = await store.job_summaries(str(job_id))
                 click.echo(_already_submitted(summary), err=True)
             return str(job_id)
 
     click.echo(_run(go()))
+
+
+async def _submit(
+    store: Store,
+    job: JobSpec,
+    manifest: dict[str, object],
+    manifest_sha256: str,
+    not_before: datetime | None,
+    *,
+    again: bool,
+) -> tuple[UUID, bool]:
+    """(job id, whether it is new): a new job with `again`, else unless one has this manifest."""
+    if again:
+        job_id = await store.submit_job(
+            job, manifest=manifest, manifest_sha256=manifest_sha256, not_before=not_before
+        )
+        return job_id, True
+    return await store.submit_job_once(
+        job, manifest=manifest, manifest_sha256=manifest_sha256, not_before=not_before
+    )
 
 
 def _already_submitted(summary: JobSummary) -> str:
