@@ -28,8 +28,13 @@ tools:
 	  echo "== installing chromium (headless) for the dashboard tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# The demo keeps its database in .data/pg beside the project, not in the user's data
+# directory, so that it stays self-contained and `make clean` removes it.
 demo: $(STAMP)
-	$(BIN)/python -m worker demo
+	VMDK_MIGRATE_DATA_DIR="$(CURDIR)/.data" $(BIN)/python -m worker demo
+	@echo
+	@echo "To use the command from this shell:  . $(VENV)/bin/activate"
+	@echo "then, for the demo's database:        export VMDK_MIGRATE_DATA_DIR=\"$(CURDIR)/.data\"; vmdk-migrate jobs"
 
 # The whole suite against the local server when one answers, then the embedded-database
 # tests with no DATABASE_URL, so both database paths run on every `make test`.

@@ -26,7 +26,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.test_cli import cloud_env
+from tests.fixtures.cli import cloud_env
 from tests.test_multiworker import submit_disks
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 

@@ -190,6 +190,13 @@ def test_every_command_and_option_used_exists_in_the_cli() -> None:
         check_invocation(argv)
 
 
+def test_scheduled_submits_use_the_idempotent_form() -> None:
+    submits = [argv for argv in invocations() if argv[1:2] == ["submit"]]
+    assert submits
+    for argv in submits:
+        assert "--again" not in argv, argv
+
+
 @pytest.mark.parametrize(
     "argv",
     [

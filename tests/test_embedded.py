@@ -18,12 +18,15 @@ import asyncpg
 import psutil
 import pytest
 
+from tests.fixtures.cli import run_cli, submit, write_job
 from worker.store.embedded import (
+    DATA_DIR_ENV,
     drop_dead_pids,
     install_sigterm_exit,
     release_embedded,
     resolve_database_url,
 )
+from worker.store.embedded import data_dir as user_data_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,3 +222,51 @@ async def test_sigterm_exit_is_installed_only_where_no_handler_is_set() -> None:
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_data_directory_is_the_users_not_the_working_directory() -> None:
+    home = {"HOME": "/home/op"}
+    assert user_data_dir(home) == Path("/home/op/.local/share/vmdk-migrate")
+    assert user_data_dir({**home, "XDG_DATA_HOME": "/srv/data"}) == Path("/srv/data/vmdk-migrate")
+    # A relative XDG_DATA_HOME is invalid by the specification and ignored.
+    assert user_data_dir({**home, "XDG_DATA_HOME": "data"}) == Path(
+        "/home/op/.local/share/vmdk-migrate"
+    )
+    override = {**home, "XDG_DATA_HOME": "/srv/data", "VMDK_MIGRATE_DATA_DIR": "/var/lib/vm"}
+    assert user_data_dir(override) == Path("/var/lib/vm")
+
+
+@pytest.fixture
+def xdg_data_home() -> Iterator[Path]:
+    """An XDG_DATA_HOME of its own (under /tmp, see data_dir); its server stopped after."""
+    parent = Path(tempfile.mkdtemp(prefix="vmdk-xdg-"))
+    yield parent
+    pid = postmaster_pid(parent / "vmdk-migrate" / "pg")
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+async def test_two_shells_in_different_directories_see_the_same_jobs(
+    xdg_data_home: Path, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", DATA_DIR_ENV)}
+    env["XDG_DATA_HOME"] = str(xdg_data_home)
+    first_shell, second_shell = tmp_path / "one", tmp_path / "two"
+    second_shell.mkdir()
+    manifest = write_job(first_shell, 2, name="shared")
+
+    job_id = await submit(Path(manifest.name), env=env, cwd=first_shell)
+
+    listed = await run_cli("jobs", "-f", "json", env=env, cwd=second_shell)
+    assert listed.code == 0, listed.err
+    assert [job["id"] for job in listed.json()] == [job_id]  # type: ignore[index]
+    pgdata = xdg_data_home / "vmdk-migrate" / "pg"
+    assert f"database: the embedded PostgreSQL in {pgdata}" in listed.err
+    status = await run_cli("status", "shared", env=env, cwd=second_shell)
+    assert status.code == 0
+    assert f"job shared {job_id}" in status.out
+    assert not (first_shell / ".data").exists()
+    assert not (second_shell / ".data").exists()
+    assert not server_running(pgdata), "the last command to exit stops the server"

@@ -17,7 +17,8 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from tests.test_cli import cloud_env, vmdk_migrate, write_job
+from tests.fixtures.cli import cloud_env, write_job
+from tests.fixtures.cli import run_cli as vmdk_migrate
 from tests.test_pipeline import FAST, cloud_for, migrate, rows_of, submit
 from worker.app import WorkerSettings, open_store, run_worker
 from worker.consumer import RunSummary

@@ -186,9 +186,13 @@ async def test_an_unreachable_keystone_is_blocking(sandbox: Sandbox) -> None:
     findings = await run_preflight(job_of(1), unreachable)
 
     assert [(f.check, f.status) for f in findings] == [
-        ("credentials", BLOCKING),
-        ("image endpoint", WARN),
+        ("identity service", BLOCKING),
+        ("credentials", WARN),
     ]
+    assert findings[0].detail == (
+        "cannot connect to the identity service (Keystone) at http://127.0.0.1:9/v3: "
+        "connection refused"
+    )
 
 
 # The command ----------------------------------------------------------------------------------
@@ -241,21 +245,22 @@ async def test_validate_online_passes_on_a_healthy_cloud_and_prints_warnings(
 
 
 @pytest.mark.parametrize(
-    ("sandbox_config", "check", "detail"),
+    ("sandbox_config", "check", "detail", "exit_code"),
     [
         (config(quota={**QUOTA, "image_size_total": 5}), "quota image_size_total",
-         "0 of 5 MiB used, 5 free; the job needs"),
+         "0 of 5 MiB used, 5 free; the job needs", 2),
+        # The cloud, not the job, is the problem: a configuration error.
         (config(import_methods=("web-download",)), "import method",
-         "glance-direct is not enabled (enabled: web-download)"),
+         "glance-direct is not enabled (enabled: web-download)", 3),
     ],
     indirect=["sandbox_config"],
 )  # fmt: skip
-async def test_validate_online_exits_2_on_a_blocking_finding(
-    sandbox: Sandbox, tmp_path: Path, check: str, detail: str
+async def test_validate_online_exits_2_or_3_on_a_blocking_finding(
+    sandbox: Sandbox, tmp_path: Path, check: str, detail: str, exit_code: int
 ) -> None:
     code, out, _ = await validate(str(write_job(tmp_path)), "--online", env=cloud_env(sandbox))
 
-    assert code == 2
+    assert code == exit_code
     line = line_of(out, check)
     assert BLOCKING in line
     assert detail in line

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from structlog.testing import capture_logs
 
-from tests.test_cli import PROJECT, cloud_env
+from tests.fixtures.cli import PROJECT, cloud_env
 from tests.test_pipeline import submit
 from worker.progress import FleetBars, RunProgress, fleet_snapshot, format_fleet
 from worker.sandbox import Sandbox

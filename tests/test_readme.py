@@ -41,3 +41,22 @@ def test_every_command_is_in_the_readme() -> None:
             assert "make demo" in README
         else:
             assert f"vmdk-migrate {command}" in README, command
+
+
+def test_using_it_documents_listings_idempotent_submit_and_the_data_directory() -> None:
+    using_it = README.split("## Using it", 1)[1].split("\n## ", 1)[0]
+    for needed in (
+        "vmdk-migrate jobs",
+        "--format table|json|csv",
+        "--phase",
+        "--limit",
+        "Submitting is idempotent",
+        "submit --again",
+        "$XDG_DATA_HOME/vmdk-migrate",
+        "VMDK_MIGRATE_DATA_DIR",
+        "pipx install .",
+        "uv tool install .",
+        ". .venv/bin/activate",
+        "_VMDK_MIGRATE_COMPLETE",
+    ):
+        assert needed in using_it, needed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -12,6 +13,7 @@ import pytest
 
 from worker.core.model import ImageSpec, JobSpec, Phase, Verification, image_id_for
 from worker.store import LeaseLost, Store
+from worker.store.store import job_state
 
 
 def make_job(disk_count: int, *, name: str = "job", size_bytes: int = 100) -> JobSpec:
@@ -476,3 +478,68 @@ def test_every_recordable_column_is_set_by_the_record_query() -> None:
         c for c in sorted(RECORDABLE_COLUMNS) if f"$9::jsonb ? '{c}'" not in QUERIES["record"]
     ]
     assert missing == []
+
+
+# job states and idempotent submission
+
+
+@pytest.mark.parametrize(
+    ("counts", "cancelled", "started", "may_start", "state"),
+    [
+        ({"pending": 3}, False, False, True, "scheduled"),
+        ({"pending": 3}, False, False, False, "scheduled"),
+        ({"pending": 2, "staging": 1}, False, True, True, "running"),
+        ({"pending": 2, "staging": 1}, False, True, False, "running"),  # in flight goes on
+        ({"pending": 2, "done": 1}, False, True, True, "running"),
+        ({"pending": 2, "done": 1}, False, True, False, "paused"),
+        ({"done": 2, "failed": 1}, False, True, True, "finished"),
+        ({"done": 1, "failed": 2}, True, True, True, "cancelled"),
+    ],
+)
+def test_job_state(
+    counts: dict[str, int], cancelled: bool, started: bool, may_start: bool, state: str
+) -> None:
+    full = {phase.value: counts.get(phase.value, 0) for phase in Phase}
+    assert job_state(full, cancelled=cancelled, started=started, may_start=may_start) == state
+
+
+async def test_a_job_outside_its_window_after_it_started_is_paused(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    job_id = await submit(store, make_job(2))
+    await store.claim(worker_id="w", limit=1, lease_s=30)
+    (summary,) = await store.job_summaries(str(job_id))
+    assert summary.state == "running"
+    closed = {"start": "00:00", "end": "00:00", "time_zone": "UTC", "days": []}
+    await conn.execute(
+        "UPDATE jobs SET manifest = manifest || jsonb_build_object('window', $2::jsonb) "
+        "WHERE id = $1",
+        job_id,
+        json.dumps(closed),
+    )
+    await conn.execute(
+        "UPDATE results SET phase = 'done', lease_expires_at = NULL WHERE disk_index = 0"
+    )
+    (summary,) = await store.job_summaries(str(job_id))
+    assert (summary.state, summary.bytes_done) == ("paused", 100)
+
+
+async def test_submitting_one_manifest_twice_at_once_makes_one_job(store: Store) -> None:
+    job = make_job(2)
+    manifest = {"job": job.name, "disks": [{"source": d.source} for d in job.disks]}
+
+    results = await asyncio.gather(
+        *(
+            store.submit_job_once(job, manifest=manifest, manifest_sha256="cd" * 32)
+            for _ in range(4)
+        )
+    )
+
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sorted(created for _, created in results) == [False, False, False, True]
+    reordered = {"disks": manifest["disks"], "job": job.name}
+    assert await store.submit_job_once(job, manifest=reordered, manifest_sha256="ef" * 32) == (
+        results[0][0],
+        False,
+    )
+    assert len(await store.job_summaries()) == 1

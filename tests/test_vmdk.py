@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import io
 import json
 import os
 import random
@@ -11,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -485,7 +488,12 @@ def test_warnings_do_not_refuse(qemu_img: str, tmp_path: Path) -> None:
         ("vhdx", (), "a VHDX image (set disk_format: vhdx"),
         ("vdi", (), "a VirtualBox VDI image (set disk_format: vdi"),
         ("qed", (), "a QED image"),
-        ("raw", (), "raw data with no disk image signature (set disk_format: raw"),
+        (
+            "raw",
+            (),
+            "not a disk image (data with no disk image signature); if it is a raw disk all "
+            "the same, set disk_format: raw",
+        ),
     ],
 )
 def test_other_qemu_formats_are_named(
@@ -521,7 +529,11 @@ def mbr_bytes() -> bytes:
     [
         (b"", "not a VMDK: the file is empty"),
         (b"KD", "truncated VMDK header: the file has 2 bytes"),
-        (random_bytes(1 << 20), "not a VMDK: the file is raw data with no disk image signature"),
+        (
+            random_bytes(1 << 20),
+            "not a VMDK: the file is not a disk image (random data); if it is a raw disk all "
+            "the same, set disk_format: raw",
+        ),
         (iso_bytes(), "not a VMDK: the file is an ISO 9660/UDF image (set disk_format: iso"),
         (mbr_bytes(), "not a VMDK: the file is raw data with a partition table"),
         (b"LUKS\xba\xbe" + bytes(600), "not a VMDK: the file is a LUKS-encrypted volume"),
@@ -537,6 +549,53 @@ def test_files_that_are_not_vmdks_are_named(tmp_path: Path, content: bytes, expe
     path.write_bytes(content)
 
     assert refusal(path).startswith(expected)
+
+
+def tar_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+OVF = b"""<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1">
+  <References><File ovf:href="web01-disk1.vmdk" ovf:id="file1"/></References>
+</Envelope>
+"""
+RAW_ADVICE = "set disk_format: raw"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected", "raw_advised"),
+    [
+        (b"hello, this is a text file\n" * 40, "not a disk image (text)", False),
+        (b"just text, and 512 bytes of it" + b"." * 482, "not a disk image (text)", False),
+        (OVF, "not a disk image (an OVF descriptor", False),
+        (tar_of({"web01.ovf": OVF, "web01-disk1.vmdk": bytes(1024)}), "an OVA", False),
+        (tar_of({"notes.txt": b"x"}), "not a disk image (a tar archive)", False),
+        (gzip.compress(bytes(4096)), "not a disk image (a gzip-compressed file)", False),
+        (random_bytes(100_000), "not a disk image (random data; 100000 bytes", False),
+        (random_bytes(64 << 10), "not a disk image (random data)", True),
+        (bytes(1 << 20), "not a disk image (data with no disk image signature)", True),
+    ],
+)
+def test_a_file_with_no_disk_image_signature_is_told_what_it_is(
+    tmp_path: Path, content: bytes, expected: str, raw_advised: bool
+) -> None:
+    path = tmp_path / "disk.vmdk"
+    path.write_bytes(content)
+
+    message = refusal(path)
+
+    assert message.startswith("not a VMDK: the file is ")
+    assert expected in message
+    assert (RAW_ADVICE in message) == raw_advised
+    if b"ustar" in content:
+        assert f"tar xf {path}" in message
 
 
 def test_a_missing_file_is_a_source_error(tmp_path: Path) -> None:
@@ -585,7 +644,7 @@ def bad_and_good_disks(qemu_img: str, directory: Path) -> dict[str, Path]:
         "flat extent 'monolithicFlat-flat.vmdk'": flat,
         "CVE-2024-32498": hostile,
         "not a VMDK: the file is a qcow2 image": qcow2,
-        "not a VMDK: the file is raw data": noise,
+        "not a VMDK: the file is not a disk image (random data)": noise,
         " ": directory / "good-1.vmdk",
     }
 

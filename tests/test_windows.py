@@ -12,7 +12,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from tests.test_cli import cloud_env, vmdk_migrate, write_job
+from tests.fixtures.cli import cloud_env, write_job
+from tests.fixtures.cli import run_cli as vmdk_migrate
 from tests.test_pipeline import FAST, cloud_for, make_disks, rows_of
 from worker.app import WorkerSettings, open_store, run_worker
 from worker.errors import InvalidManifest

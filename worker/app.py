@@ -37,6 +37,7 @@ from worker.outage import (
 )
 from worker.progress import RunProgress, wants_bars
 from worker.recovery import PauseBoard, settling_owed_cleanups
+from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -72,10 +73,19 @@ class WorkerSettings:
 
 @asynccontextmanager
 async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[Store]:
-    """A connected store with the schema brought up to date (migrations run on start)."""
-    store = await Store.connect(database_url, max_size=max_size)
+    """A connected store with the schema brought up to date (migrations run on start).
+
+    A database that cannot be reached or used is a ConfigError naming DATABASE_URL.
+    """
     try:
-        applied = await store.upgrade()
+        store = await Store.connect(database_url, max_size=max_size)
+    except DATABASE_ERRORS as exc:
+        raise ConfigError(describe_database_error(exc, database_url)) from exc
+    try:
+        try:
+            applied = await store.upgrade()
+        except DATABASE_ERRORS as exc:
+            raise ConfigError(describe_database_error(exc, database_url)) from exc
         if applied:
             log.info("db.upgraded", versions=applied)
         yield store
@@ -248,7 +258,7 @@ class Operations:
         observers: list[EventObserver] = [self.metrics.observe, self.progress.observe]
         async with AsyncExitStack() as stack:
             if settings.metrics_port is not None:
-                await stack.enter_async_context(
+                served = await stack.enter_async_context(
                     serving_metrics(
                         self.metrics,
                         store.outstanding,
@@ -257,6 +267,14 @@ class Operations:
                         port=settings.metrics_port,
                     )
                 )
+                if served is None:  # the worker runs on without its endpoints
+                    log.warning(
+                        "metrics.port_unavailable",
+                        host=settings.metrics_host,
+                        port=settings.metrics_port,
+                        hint="choose another port with --metrics-port (0 turns the endpoints "
+                        "off) or another address with --metrics-host",
+                    )
             if settings.webhook is not None:
                 self.notifier = WebhookNotifier(
                     settings.webhook, store.job_summaries, worker_id=settings.worker_id

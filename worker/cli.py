@@ -13,40 +13,63 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
+import asyncpg
 import click
 
 from worker import logs
 from worker.app import WorkerSettings, default_worker_id, environment, open_store, run_worker
 from worker.config import CloudSettings, load_cloud_settings, read_env_file
+from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
 from worker.notify import WebhookSettings
 from worker.outage import OutagePolicy, OutageTooLong
-from worker.preflight import format_findings, run_preflight
+from worker.preflight import ENVIRONMENT_CHECKS, format_findings, run_preflight
 from worker.progress import watch_fleet
-from worker.report import pause_lines, print_job_status, print_problems, write_report
-from worker.store.store import Store
+from worker.report import (
+    FORMATS,
+    pause_lines,
+    print_job_status,
+    print_problems,
+    write_jobs,
+    write_rows,
+    write_status,
+)
+from worker.store.store import JobSummary, ResultRow, Store
+
+if TYPE_CHECKING:
+    from worker.sandbox import Sandbox
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_STATUS_ROWS = 20
 # `run --once` serves cron and batch runs: an outage longer than this ends the run (exit 3).
 _ONCE_MAX_OUTAGE_S = 900.0
 T = TypeVar("T")
 
 
-def _database_url(explicit: str | None) -> str:
+def _database_url(explicit: str | None, *, reading: bool = False) -> str:
+    """--database-url (or DATABASE_URL); else the embedded server, which read commands name."""
     if explicit:
         return explicit
-    from worker.store.embedded import resolve_database_url
+    from worker.store.embedded import DATA_DIR_ENV, embedded_pgdata, resolve_database_url
 
-    return resolve_database_url(environment())
+    env = environment()
+    if reading:
+        click.echo(
+            f"database: the embedded PostgreSQL in {embedded_pgdata(env)} "
+            f"(DATABASE_URL or {DATA_DIR_ENV} chooses another)",
+            err=True,
+        )
+    return resolve_database_url(env)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -58,7 +81,14 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except OutageTooLong as exc:
         click.echo(f"gave up waiting: {exc}; unfinished images were left to the next run", err=True)
         sys.exit(EXIT_CONFIG)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if logs.debugging():
+            raise
+        click.echo(f"database error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     except OSError as exc:
+        if logs.debugging():
+            raise
         click.echo(f"cannot reach a service: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
 
@@ -72,11 +102,22 @@ source_root_option = click.option(
 database_option = click.option(
     "--database-url",
     envvar="DATABASE_URL",
-    help="PostgreSQL DSN. Unset: an embedded PostgreSQL under .data/ (VMDK_MIGRATE_DATA_DIR).",
+    help="PostgreSQL DSN. Unset: an embedded PostgreSQL in $XDG_DATA_HOME/vmdk-migrate "
+    "(~/.local/share/vmdk-migrate; VMDK_MIGRATE_DATA_DIR overrides it).",
+)
+format_option = click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="table for people; json and csv, with the database's column names, for scripts.",
 )
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vmdk-migrate", prog_name="vmdk-migrate")
 @click.option(
     "--log-level",
     default="info",
@@ -91,7 +132,11 @@ database_option = click.option(
     help="auto: readable on a terminal, JSON lines otherwise.",
 )
 def cli(log_level: str, log_format: str) -> None:
-    """Migrate VMware VMDK disks into OpenStack Glance images, in bulk."""
+    """Migrate VMware VMDK disks into OpenStack Glance images, in bulk.
+
+    Shell completion: eval "$(_VMDK_MIGRATE_COMPLETE=bash_source vmdk-migrate)" (zsh_source,
+    fish_source for those shells).
+    """
     json_logs = None if log_format == "auto" else log_format == "json"
     logs.configure(level=log_level, json=json_logs)
 
@@ -131,6 +176,8 @@ def validate(
             sys.exit(EXIT_CONFIG)
         findings = _run(run_preflight(job, cloud, concurrency=concurrency))
         click.echo(format_findings(findings))
+        if any(f.blocking and f.check in ENVIRONMENT_CHECKS for f in findings):
+            sys.exit(EXIT_CONFIG)  # the cloud or its settings, not the job, are the problem
         sys.exit(EXIT_BAD_INPUT if any(f.blocking for f in findings) else EXIT_OK)
 
 
@@ -145,10 +192,24 @@ def validate(
     help="Start no disk before this RFC 3339 time, e.g. 2025-03-01T22:00:00+01:00 "
     "(overrides the manifest's not_before).",
 )
+@click.option(
+    "--again",
+    is_flag=True,
+    help="Make a new job even when a job of the same manifest exists (migrates every disk "
+    "once more).",
+)
 def submit(
-    manifest: Path, source_root: Path | None, database_url: str | None, at_time: str | None
+    manifest: Path,
+    source_root: Path | None,
+    database_url: str | None,
+    at_time: str | None,
+    again: bool,
 ) -> None:
-    """Validate a manifest and queue its disks; prints the job id."""
+    """Validate a manifest and queue its disks; prints the job id.
+
+    A manifest whose normalized content equals that of an existing job queues nothing: the
+    id of that job is printed (and stderr says so). --again makes a new job all the same.
+    """
     not_before = _parse_at(at_time)
     try:
         loaded = load_manifest(manifest, source_root=source_root)
@@ -158,15 +219,50 @@ def submit(
 
     async def go() -> str:
         async with open_store(_database_url(database_url)) as store:
-            job_id = await store.submit_job(
-                loaded.job,
-                manifest=loaded.document,
-                manifest_sha256=loaded.sha256,
-                not_before=not_before or loaded.not_before,
-            )
+            submission = loaded.job, loaded.document, loaded.sha256, not_before or loaded.not_before
+            job_id, created = await _submit(store, *submission, again=again)
+            if not created:
+                (summary,) = await store.job_summaries(str(job_id))
+                click.echo(_already_submitted(summary), err=True)
             return str(job_id)
 
     click.echo(_run(go()))
+
+
+async def _submit(
+    store: Store,
+    job: JobSpec,
+    manifest: dict[str, object],
+    manifest_sha256: str,
+    not_before: datetime | None,
+    *,
+    again: bool,
+) -> tuple[UUID, bool]:
+    """(job id, whether it is new): a new job with `again`, else unless one has this manifest."""
+    if again:
+        job_id = await store.submit_job(
+            job, manifest=manifest, manifest_sha256=manifest_sha256, not_before=not_before
+        )
+        return job_id, True
+    return await store.submit_job_once(
+        job, manifest=manifest, manifest_sha256=manifest_sha256, not_before=not_before
+    )
+
+
+def _already_submitted(summary: JobSummary) -> str:
+    """What submit says when the manifest is that of an existing job."""
+    job_id = summary.job_id
+    said = f"job {job_id} ({summary.name}, {summary.state}) has the same manifest: nothing queued"
+    if summary.state == "cancelled":
+        return f"{said}; `retry {job_id}` lifts the cancel, `submit --again` makes a new job"
+    if summary.state == "finished" and summary.counts.get("failed"):
+        return (
+            f"{said}; `retry {job_id}` queues its failed images again, "
+            "`submit --again` migrates every disk once more"
+        )
+    if summary.state == "finished":
+        return f"{said}; `submit --again` migrates every disk once more"
+    return f"{said}; `submit --again` makes a second job of the same disks"
 
 
 @cli.command()
@@ -330,6 +426,24 @@ def run(
 
 
 @cli.command()
+@database_option
+@format_option
+def jobs(database_url: str | None, fmt: str) -> None:
+    """One line per job, newest first: counts by phase, bytes done of total, state."""
+
+    async def go() -> int:
+        async with open_store(_database_url(database_url, reading=True)) as store:
+            summaries = await store.job_summaries()
+        if not summaries and fmt == "table":
+            click.echo("no jobs", err=True)
+            return EXIT_OK
+        write_jobs(summaries, fmt=fmt, stream=sys.stdout)
+        return EXIT_OK
+
+    sys.exit(_run(go()))
+
+
+@cli.command()
 @click.argument("job", required=False)
 @database_option
 @click.option(
@@ -338,6 +452,21 @@ def run(
     show_default=True,
     help="Show the per-image table under each job.",
 )
+@click.option(
+    "--phase",
+    "phases",
+    multiple=True,
+    type=click.Choice([phase.value for phase in Phase]),
+    help="Only images in this phase; repeat for several.",
+)
+@click.option(
+    "--limit",
+    default=DEFAULT_STATUS_ROWS,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Image rows shown per job (0: all); a last line says how many more there are.",
+)
+@format_option
 @click.option("--watch", is_flag=True, help="Follow every job and worker live until Ctrl-C.")
 @click.option(
     "--interval",
@@ -348,12 +477,19 @@ def run(
     help="Seconds between redraws with --watch.",
 )
 def status(
-    job: str | None, database_url: str | None, images: bool, watch: bool, interval_s: float
+    job: str | None,
+    database_url: str | None,
+    images: bool,
+    phases: tuple[str, ...],
+    limit: int,
+    fmt: str,
+    watch: bool,
+    interval_s: float,
 ) -> None:
-    """Counts by phase per job, and a table of its images; --watch follows the whole fleet."""
+    """Counts by phase per job, and its first images; --watch follows the whole fleet."""
 
     async def go() -> int:
-        async with open_store(_database_url(database_url)) as store:
+        async with open_store(_database_url(database_url, reading=True)) as store:
             if watch:
                 await watch_fleet(store, interval_s=interval_s, stop=_stop_on_signals())
                 return EXIT_OK
@@ -361,12 +497,23 @@ def status(
             if job and not summaries:
                 click.echo(f"no job {job!r}", err=True)
                 return EXIT_BAD_INPUT
+            if not summaries:
+                click.echo("no jobs", err=True)
+            # Said on stderr in the json and csv formats, so their output stays parseable.
             for line in pause_lines(await store.pauses()):
-                click.echo(line)
+                click.echo(line, err=fmt != "table")
+            pages: list[tuple[JobSummary, Sequence[ResultRow], int]] = []
             for summary in summaries:
-                rows = await store.result_rows(summary.job_id) if images else []
-                print_job_status(summary, rows)
+                rows, matched = await store.result_page(
+                    summary.job_id, phases=phases or None, limit=limit or None
+                )
+                pages.append((summary, rows if images else (), matched))
+        if fmt != "table":
+            write_status(pages, fmt=fmt, stream=sys.stdout)
             return EXIT_OK
+        for summary, shown, matched in pages:
+            print_job_status(summary, shown, matched=matched if images else 0)
+        return EXIT_OK
 
     sys.exit(_run(go()))
 
@@ -375,20 +522,26 @@ def status(
 @click.argument("job")
 @database_option
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="csv",
+    show_default=True,
+    help="csv and json hold every column, named as in the results table.",
 )
 @click.option("--output", "-o", type=click.File("w"), default="-", help="Default: stdout.")
 def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
-    """Export every image row of a job (no cap) as CSV or JSON."""
+    """Export every image row of a job (no cap) as CSV, JSON or a table."""
 
     async def go() -> int:
-        async with open_store(_database_url(database_url)) as store:
+        async with open_store(_database_url(database_url, reading=True)) as store:
             job_ids = await store.find_job_ids(job)
             if not job_ids:
                 click.echo(f"no job {job!r}", err=True)
                 return EXIT_BAD_INPUT
             rows = [row for job_id in job_ids for row in await store.result_rows(job_id)]
-            write_report(rows, fmt=fmt, stream=output)
+            write_rows(rows, fmt=fmt, stream=output)
             return EXIT_OK
 
     sys.exit(_run(go()))
@@ -404,7 +557,9 @@ def dashboard(database_url: str | None, host: str, port: int) -> None:
 
     async def go() -> None:
         stop = _stop_on_signals()
-        async with running_dashboard(_database_url(database_url), host=host, port=port) as url:
+        async with running_dashboard(
+            _database_url(database_url, reading=True), host=host, port=port
+        ) as url:
             click.echo(f"dashboard: {url}")
             await stop.wait()
 
@@ -449,15 +604,19 @@ def cancel(job: str, database_url: str | None) -> None:
 @click.argument("job")
 @database_option
 def retry(job: str, database_url: str | None) -> None:
-    """Queue a job's failed images again; images already done are never migrated twice."""
+    """Queue a job's failed images again (lifting a cancel); done images never move again."""
 
     async def go() -> int:
         async with open_store(_database_url(database_url)) as store:
             job_id = await _one_job_id(store, job)
-            requeued = await store.retry_job(job_id, by=default_worker_id()) if job_id else None
+            if job_id is None:
+                return EXIT_BAD_INPUT
+            (before,) = await store.job_summaries(str(job_id))
+            requeued = await store.retry_job(job_id, by=default_worker_id())
             if requeued is None:
                 return EXIT_BAD_INPUT
-            click.echo(f"job {job_id}: {requeued} failed image(s) queued again")
+            lifted = "the cancel is lifted, " if before.cancelled else ""
+            click.echo(f"job {job_id}: {lifted}{requeued} failed image(s) queued again")
             return EXIT_OK
 
     sys.exit(_run(go()))
@@ -514,17 +673,49 @@ def limit(database_url: str | None, bandwidth: str | None) -> None:
 @click.option("--import-latency", "import_latency_s", default=0.5, show_default=True, type=float)
 def sandbox(host: str, port: int, virtio_fail: tuple[str, ...], import_latency_s: float) -> None:
     """Serve the sandbox cloud (Keystone + Glance) for trying the tool locally."""
-    from worker.sandbox import SandboxConfig, serve_forever
+    from worker.sandbox import Sandbox, SandboxConfig
 
     config = SandboxConfig(virtio_fail_names=virtio_fail, import_latency_s=import_latency_s)
-    click.echo(
-        f"sandbox: OS_AUTH_URL=http://{host}:{port}/identity/v3 "
-        "OS_USERNAME=admin OS_PASSWORD=secret OS_PROJECT_NAME=admin"
-    )
+
+    async def serve() -> None:
+        listening = False
+        try:
+            async with Sandbox(config).serve(host=host, port=port) as cloud:
+                listening = True
+                click.echo(_sandbox_banner(cloud))
+                await asyncio.Event().wait()
+        except OSError as exc:
+            if listening:
+                raise
+            raise ConfigError(
+                f"cannot serve the sandbox on {host} port {port}: {_os_reason(exc)}; "
+                "choose another port with --port"
+            ) from exc
+
     try:
-        asyncio.run(serve_forever(host, port, config))
+        _run(serve())
     except KeyboardInterrupt:
         sys.exit(EXIT_OK)
+
+
+def _os_reason(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+def _sandbox_banner(cloud: Sandbox) -> str:
+    """How to use the sandbox: an OS_* block to paste, or the equivalent clouds.yaml entry."""
+    import yaml
+
+    exports = "\n".join(f"export {k}={v}" for k, v in cloud.os_environment().items())
+    entry = yaml.safe_dump({"clouds": {"sandbox": cloud.clouds_yaml_entry()}}, sort_keys=False)
+    return (
+        f"sandbox cloud (Keystone + Glance) at {cloud.auth_url} (Ctrl-C stops it)\n"
+        "In another shell, either paste:\n\n"
+        f"{exports}\n\n"
+        "or add this to clouds.yaml (./clouds.yaml or ~/.config/openstack/clouds.yaml) "
+        "and use --cloud sandbox (or export OS_CLOUD=sandbox):\n\n"
+        f"{entry}"
+    )
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,9 +238,7 @@ def _from_clouds_yaml(
         raise ConfigError(f"OS_CLOUD={cloud_name}: no clouds.yaml found (searched: {searched})")
     entry = _cloud_entry(found, cloud_name)
     if entry is None:
-        raise ConfigError(
-            f"OS_CLOUD={cloud_name}: no such cloud in clouds.yaml (searched: {searched})"
-        )
+        raise ConfigError(f"{_no_such_cloud(found, cloud_name)} (searched: {searched})")
     secure = _secure_yaml(env, found)
     if secure is not None:
         entry = _deep_merge(entry, _cloud_entry(secure, cloud_name) or {})
@@ -287,6 +286,17 @@ def _cloud_entry(path: Path, cloud_name: str) -> dict[str, Any] | None:
     if not isinstance(entry, dict):
         raise ConfigError(f"{path}: cloud {cloud_name!r} is not a mapping")
     return entry
+
+
+def _no_such_cloud(path: Path, cloud_name: str) -> str:
+    """No entry `cloud_name` in `path`: suggest the closest names, or list those there are."""
+    clouds = yaml.safe_load(path.read_text(encoding="utf-8"))["clouds"]
+    names = sorted(str(name) for name in clouds)
+    close = difflib.get_close_matches(cloud_name, names, n=3, cutoff=0.6)
+    said = f"OS_CLOUD={cloud_name}: no such cloud in clouds.yaml"
+    if close:
+        return f"{said}; did you mean {' or '.join(repr(name) for name in close)}?"
+    return f"{said}; it has {', '.join(repr(name) for name in names) or 'none'}"
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from worker.app import open_store
 from worker.core.model import Phase
+from worker.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +89,14 @@ async def running_dashboard(
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise ConfigError(
+                f"cannot serve the dashboard on {host} port {port}: {reason}; "
+                "choose another port with --port (or another address with --host)"
+            ) from exc
         url = f"http://{host}:{runner.addresses[0][1]}/"
         log.info("dashboard.started", url=url)
         yield url

@@ -41,10 +41,20 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+_configured_level = "info"
+
+
+def debugging() -> bool:
+    """Whether the process logs at debug level (then errors may show their traceback)."""
+    return _configured_level == "debug"
+
+
 def configure(
     *, level: str = "info", stream: TextIO | None = None, json: bool | None = None
 ) -> None:
     """Configure structlog once per process. `json=None` chooses by whether `stream` is a TTY."""
+    global _configured_level
+    _configured_level = level.lower()
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()

@@ -173,7 +173,20 @@ def _parse_json(text: str) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        raise ValueError(
+            f"line {exc.lineno}, column {exc.colno}: {exc.msg}{_json_hint(exc)}"
+        ) from exc
+
+
+def _json_hint(exc: json.JSONDecodeError) -> str:
+    """JSON allows no comma before ] or }; say so when that is what stopped the parser."""
+    before = exc.doc[: exc.pos].rstrip()
+    if before.endswith(",") and exc.doc[exc.pos : exc.pos + 1] in ("]", "}"):
+        comma = before.rfind(",")
+        line = exc.doc.count("\n", 0, comma) + 1
+        column = comma - exc.doc.rfind("\n", 0, comma)
+        return f" (a trailing comma at line {line}, column {column}: JSON allows none; remove it)"
+    return ""
 
 
 def _parse_yaml(text: str) -> object:

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+
+import aiohttp
 
 from worker.app import open_glance
 from worker.clients.glance import GlanceClient, Quota
 from worker.config import CloudSettings
 from worker.core.model import JobSpec
-from worker.errors import AuthExpired, EndpointNotFound, MigrationError
+from worker.errors import (
+    AuthExpired,
+    ConnectionFailed,
+    EndpointNotFound,
+    MigrationError,
+    RequestTimeout,
+)
 
 OK, WARN, BLOCKING = "ok", "warn", "BLOCKING"
+# Checks whose blocking finding is about the cloud or its settings rather than the job:
+# `validate --online` exits 3 (configuration) for them, 2 for the others.
+ENVIRONMENT_CHECKS = frozenset(
+    {"credentials", "identity service", "image endpoint", "import method"}
+)
 MIB = 1 << 20
 IMPORT_METHOD = "glance-direct"
 # Up to this many names are looked up one by one; more, and one listing of every image is cheaper.
@@ -52,15 +67,17 @@ async def run_preflight(
 ) -> list[Finding]:
     """Every finding about `cloud` for running `job` with `concurrency` images in flight."""
     async with open_glance(cloud) as glance:
-        return await check_cloud(glance, job, concurrency=concurrency)
+        return await check_cloud(glance, job, concurrency=concurrency, cloud=cloud)
 
 
-async def check_cloud(glance: GlanceClient, job: JobSpec, *, concurrency: int) -> list[Finding]:
+async def check_cloud(
+    glance: GlanceClient, job: JobSpec, *, concurrency: int, cloud: CloudSettings | None = None
+) -> list[Finding]:
     """The checks, in order; when the cloud cannot be reached the later ones are not run."""
     try:
         methods = await glance.import_methods()
     except MigrationError as exc:
-        return _access_findings(exc)
+        return _access_findings(exc, cloud or CloudSettings())
     findings = [
         Finding("credentials", OK, "the cloud accepted them (a token was issued)"),
         Finding("image endpoint", OK, "answered GET /v2/info/import"),
@@ -91,17 +108,54 @@ def format_findings(findings: Sequence[Finding]) -> str:
     return "\n".join(lines)
 
 
-def _access_findings(exc: MigrationError) -> list[Finding]:
+def _access_findings(exc: MigrationError, cloud: CloudSettings) -> list[Finding]:
+    unreachable = describe_unreachable(exc, cloud)
+    if exc.operation == "authenticate" and unreachable:
+        return [
+            Finding("identity service", BLOCKING, unreachable),
+            Finding("credentials", WARN, "not checked: Keystone did not answer"),
+        ]
     if exc.operation == "authenticate" or isinstance(exc, AuthExpired):
         return [
             Finding("credentials", BLOCKING, str(exc)),
             Finding("image endpoint", WARN, "not checked: no token"),
         ]
     detail = str(exc) if isinstance(exc, EndpointNotFound) else f"GET /v2/info/import: {exc}"
+    detail = unreachable or detail
     return [
         Finding("credentials", OK, "the cloud accepted them (a token was issued)"),
         Finding("image endpoint", BLOCKING, detail),
     ]
+
+
+def describe_unreachable(exc: MigrationError, cloud: CloudSettings) -> str | None:
+    """For a cloud that did not answer: the service, its URL and the OS's reason; else None."""
+    if not isinstance(exc, ConnectionFailed | RequestTimeout):
+        return None
+    cause = exc.__cause__
+    if exc.operation == "authenticate":
+        service, url = "identity service (Keystone)", cloud.auth_url or "OS_AUTH_URL"
+    else:
+        service = "image service (Glance)"
+        url = cloud.image_endpoint or "the image endpoint of the catalog"
+        if isinstance(cause, aiohttp.ClientConnectorError) and not cloud.image_endpoint:
+            url = f"the catalog's image endpoint, {cause.host}:{cause.port}"
+    if isinstance(exc, RequestTimeout):
+        return f"no answer in time from the {service} at {url}"
+    reason = "the connection failed"
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        reason = _os_reason(cause.os_error)
+    elif isinstance(cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        reason = "the server closed the connection"
+    return f"cannot connect to the {service} at {url}: {reason}"
+
+
+def _os_reason(error: OSError) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"host name not resolved ({error.strerror})"
+    if error.errno:
+        return os.strerror(error.errno).lower()
+    return error.strerror or "the connection failed"
 
 
 def _import_finding(methods: Sequence[str]) -> Finding:

@@ -1,4 +1,15 @@
-"""What the CLI prints: manifest problems, job status tables, CSV and JSON reports."""
+"""What the CLI prints: manifest problems, and jobs and their images as tables, JSON or CSV.
+
+JSON and CSV use the column names of the jobs and results tables. The shapes:
+
+- `jobs`: one object per job: id, name, state, submitted_at, disk_count, one count per phase
+  (pending ... failed), bytes_done, bytes_staged, total_bytes.
+- `status`: one object per job, the same fields, plus `images` (results rows, every column)
+  and `images_matched` (rows in the chosen phases; more than `images` holds when capped).
+- `report`: an array of results rows, every column.
+
+CSV has one line per object, without the nested `images` (status CSV lists the image rows).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +27,8 @@ from worker.core.model import Phase
 from worker.errors import InvalidManifest
 from worker.outage import Service, format_duration
 from worker.store.store import JobSummary, Pause, ResultRow
+
+FORMATS = ("table", "json", "csv")
 
 # Columns of the per-image table in `status`, in order: (header, attribute).
 _STATUS_COLUMNS = (
@@ -50,19 +63,21 @@ def print_problems(error: InvalidManifest) -> None:
         click.echo(f"  {problem.location}: {problem.message}", err=True)
 
 
-def print_job_status(summary: JobSummary, rows: Sequence[ResultRow]) -> None:
-    """A job's counts by phase, then a table of its images with failures explained."""
+def print_job_status(summary: JobSummary, rows: Sequence[ResultRow], *, matched: int = 0) -> None:
+    """A job's counts by phase, then a table of its images with failures explained.
+
+    `matched` > len(rows): the table was capped; a last line says how many rows were left out.
+    """
     counts = "  ".join(
         f"{phase}={summary.counts.get(phase, 0)}" for phase in Phase if summary.counts.get(phase, 0)
     )
     state = " (cancelled)" if summary.cancelled else ""
-    owed = sum(1 for row in rows if row.cleanup == "owed")
     click.echo(
         f"job {summary.name} {summary.job_id}{state}: {summary.disk_count} image(s), "
         f"{summary.bytes_staged}/{summary.total_bytes} bytes staged  {counts}"
     )
-    if owed:
-        click.echo(f"  {owed} image deletion(s) owed: done once Glance answers")
+    if summary.cleanups_owed:
+        click.echo(f"  {summary.cleanups_owed} image deletion(s) owed: done once Glance answers")
     if not rows:
         return
     table = [[_cell(getattr(row, attr)) for _, attr in _STATUS_COLUMNS] for row in rows]
@@ -73,20 +88,113 @@ def print_job_status(summary: JobSummary, rows: Sequence[ResultRow]) -> None:
         click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
         if row.error_message:
             click.echo(f"      {row.error_code}: {row.error_message}")
+    if matched > len(rows):
+        click.echo(
+            f"  ... and {matched - len(rows)} more (--limit 0 shows all; "
+            f"report {summary.job_id} exports every row)"
+        )
 
 
-def write_report(rows: Sequence[ResultRow], *, fmt: str, stream: IO[str]) -> None:
-    """Every column of every row, as CSV (header first) or a JSON array."""
-    records = [{k: _jsonable(v) for k, v in dataclasses.asdict(row).items()} for row in rows]
-    if fmt == "json":
-        json.dump(records, stream, indent=2)
-        stream.write("\n")
+def job_record(summary: JobSummary) -> dict[str, Any]:
+    """A job as JSON and CSV show it: jobs columns, counts by phase, bytes, state."""
+    record: dict[str, Any] = {
+        "id": str(summary.job_id),
+        "name": summary.name,
+        "state": summary.state,
+        "submitted_at": summary.submitted_at.isoformat(),
+        "disk_count": summary.disk_count,
+    }
+    record.update({phase.value: summary.counts.get(phase.value, 0) for phase in Phase})
+    record.update(
+        bytes_done=summary.bytes_done,
+        bytes_staged=summary.bytes_staged,
+        total_bytes=summary.total_bytes,
+    )
+    return record
+
+
+def row_record(row: ResultRow) -> dict[str, Any]:
+    """A results row with every column, as JSON values."""
+    return {k: _jsonable(v) for k, v in dataclasses.asdict(row).items()}
+
+
+def write_jobs(summaries: Sequence[JobSummary], *, fmt: str, stream: IO[str]) -> None:
+    """One line per job: id, name, submitted, counts by phase, bytes done of total, state."""
+    records = [job_record(summary) for summary in summaries]
+    if fmt != "table":
+        _write_records(records, fmt=fmt, stream=stream, fields=_JOB_FIELDS)
+        return
+    headers = ["id", "name", "submitted_at", *(p.value for p in Phase), "bytes", "state"]
+    table = [
+        [
+            r["id"],
+            r["name"],
+            summary.submitted_at.strftime("%Y-%m-%d %H:%M:%S"),
+            *(str(r[p.value]) for p in Phase),
+            f"{r['bytes_done']}/{r['total_bytes']}",
+            r["state"],
+        ]
+        for r, summary in zip(records, summaries, strict=True)
+    ]
+    _write_table(headers, table, stream)
+
+
+def write_status(
+    pages: Sequence[tuple[JobSummary, Sequence[ResultRow], int]], *, fmt: str, stream: IO[str]
+) -> None:
+    """status -f json|csv: jobs with their (capped) image rows; CSV lists the image rows."""
+    if fmt == "csv":
+        write_rows([row for _, rows, _ in pages for row in rows], fmt="csv", stream=stream)
+        return
+    records = [
+        {**job_record(s), "images": [row_record(r) for r in rows], "images_matched": matched}
+        for s, rows, matched in pages
+    ]
+    json.dump(records, stream, indent=2)
+    stream.write("\n")
+
+
+def write_rows(rows: Sequence[ResultRow], *, fmt: str, stream: IO[str]) -> None:
+    """A table of the main columns, or every column as a JSON array or CSV with a header."""
+    if fmt == "table":
+        cells = [[_cell(getattr(row, attr)) for _, attr in _STATUS_COLUMNS] for row in rows]
+        _write_table([header for header, _ in _STATUS_COLUMNS], cells, stream)
         return
     names = [f.name for f in dataclasses.fields(ResultRow)]
-    writer = csv.DictWriter(stream, fieldnames=names)
+    _write_records([row_record(row) for row in rows], fmt=fmt, stream=stream, fields=names)
+
+
+_JOB_FIELDS = [
+    "id",
+    "name",
+    "state",
+    "submitted_at",
+    "disk_count",
+    *(phase.value for phase in Phase),
+    "bytes_done",
+    "bytes_staged",
+    "total_bytes",
+]
+
+
+def _write_records(
+    records: Sequence[dict[str, Any]], *, fmt: str, stream: IO[str], fields: Sequence[str]
+) -> None:
+    if fmt == "json":
+        json.dump(list(records), stream, indent=2)
+        stream.write("\n")
+        return
+    writer = csv.DictWriter(stream, fieldnames=list(fields))
     writer.writeheader()
     for record in records:
         writer.writerow({k: _csv_cell(v) for k, v in record.items()})
+
+
+def _write_table(headers: Sequence[str], table: Sequence[Sequence[str]], stream: IO[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
+    for cells in [headers, *table]:
+        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+        stream.write(line.rstrip() + "\n")
 
 
 def _cell(value: object) -> str:

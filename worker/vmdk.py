@@ -461,17 +461,21 @@ def _not_a_vmdk(path: Path, reader: _Reader, head: bytes) -> str:
     if b"KDMV".startswith(head[:4]) and len(head) < 4:
         return f"truncated VMDK header: the file has {len(head)} bytes"
     found, disk_format = _identify(reader, head)
-    if disk_format == "raw" and _FLAT_EXTENT_NAME.search(path.name):
+    if disk_format in ("raw", None) and _FLAT_EXTENT_NAME.search(path.name):
         return (
-            f"not a VMDK: the file is {found}, the flat extent of a descriptor-based VMDK; "
+            f"not a VMDK: the file is {found or 'raw data'}, the flat extent of a "
+            "descriptor-based VMDK; "
             "use the descriptor .vmdk as the source with flat_as_raw: true, or set "
             "disk_format: raw"
         )
+    if found is None:
+        return f"not a VMDK: the file is {_not_a_disk_image(path, reader)}"
     advice = f" (set disk_format: {disk_format} to upload it as it is)" if disk_format else ""
     return f"not a VMDK: the file is {found}{advice}"
 
 
-def _identify(reader: _Reader, head: bytes) -> tuple[str, str | None]:
+def _identify(reader: _Reader, head: bytes) -> tuple[str | None, str | None]:
+    """What a file with a known disk image signature is, and the disk_format that takes it."""
     for signature, found, disk_format in _SIGNATURES:
         if head.startswith(signature):
             return found, disk_format
@@ -484,4 +488,67 @@ def _identify(reader: _Reader, head: bytes) -> tuple[str, str | None]:
         return "an ISO 9660/UDF image", "iso"
     if len(head) == SECTOR_BYTES and head[510:512] == b"\x55\xaa":
         return "raw data with a partition table (a raw disk image)", "raw"
-    return "raw data with no disk image signature", "raw"
+    return None, None
+
+
+# What a file without any disk image signature holds: archives, then text, then bytes.
+_ARCHIVES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x1f\x8b", "a gzip-compressed file"),
+    (0, b"\xfd7zXZ\x00", "an xz-compressed file"),
+    (0, b"BZh", "a bzip2-compressed file"),
+    (0, b"\x28\xb5\x2f\xfd", "a zstd-compressed file"),
+    (0, b"PK\x03\x04", "a zip archive"),
+)
+_TAR_MAGIC_OFFSET = 257
+_SNIFF_BYTES = 4096
+_OVF_NAMESPACE = b"schemas.dmtf.org/ovf/envelope"
+_EXTRACT_HINT = "extract the .vmdk files it holds (tar xf {path}) and list those as sources"
+
+
+def _not_a_disk_image(path: Path, reader: _Reader) -> str:
+    """'not a disk image (what it is)', with the way out; raw only where it could be a disk."""
+    sniff = reader.read_at(0, _SNIFF_BYTES)
+    for offset, magic, what in _ARCHIVES:
+        if sniff[offset:].startswith(magic):
+            return f"not a disk image ({what}); unpack it and list the disk inside as the source"
+    if sniff[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] == b"ustar":
+        first_member = sniff[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if first_member.lower().endswith(".ovf"):
+            return (
+                f"not a disk image (an OVA: a tar archive of an OVF appliance, {first_member} "
+                f"first); {_EXTRACT_HINT.format(path=path)}"
+            )
+        return f"not a disk image (a tar archive); {_EXTRACT_HINT.format(path=path)}"
+    if _is_text(sniff):
+        if _OVF_NAMESPACE in sniff or b"<Envelope" in sniff or b"<ovf:Envelope" in sniff:
+            return (
+                "not a disk image (an OVF descriptor: XML that describes an appliance); "
+                "list the .vmdk files it names as sources"
+            )
+        return "not a disk image (text)"
+    what = "random data" if _looks_random(sniff) else "data with no disk image signature"
+    if reader.size_bytes % SECTOR_BYTES:
+        return (
+            f"not a disk image ({what}; {reader.size_bytes} bytes, not a whole number "
+            f"of {SECTOR_BYTES}-byte sectors)"
+        )
+    return (
+        f"not a disk image ({what}); if it is a raw disk all the same, set disk_format: raw "
+        "to upload it as it is"
+    )
+
+
+def _is_text(sample: bytes) -> bool:
+    """UTF-8 with no control characters but tab, newline, carriage return and form feed."""
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(sample) - 3:  # a character cut at the end of the sample is fine
+            return False
+        text = sample[: exc.start].decode("utf-8")
+    return all(ch.isprintable() or ch in "\t\n\r\f" for ch in text)
+
+
+def _looks_random(sample: bytes) -> bool:
+    """Nearly every byte value occurs, as in encrypted, compressed or random data."""
+    return len(sample) >= SECTOR_BYTES and len(set(sample)) > 200

