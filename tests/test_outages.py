@@ -23,7 +23,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from tests.test_cli import cloud_env, vmdk_migrate, write_job
+from tests.fixtures.cli import cloud_env, run_cli, write_job
 from tests.test_faults import DatabaseLink
 from tests.test_pipeline import rows_of, submit
 from worker.app import WorkerSettings, run_worker
@@ -217,7 +217,7 @@ async def test_a_breaker_shows_in_readyz_the_gauge_the_logs_and_status(
                 ready_status, ready = response.status, await response.json()
             async with http.get(f"{base}/metrics") as response:
                 exposition = await response.text()
-        code, status_out, _ = await vmdk_migrate("status", "--no-images", env=env)
+        code, status_out, _ = await run_cli("status", "--no-images", env=env)
         sandbox.clear_outage()
         await asyncio.wait_for(worker, timeout=60)
 
@@ -332,13 +332,13 @@ async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     env = cloud_env(sandbox, database_url)
-    code, out, _ = await vmdk_migrate("submit", str(write_job(tmp_path, 4)), env=env)
+    code, out, _ = await run_cli("submit", str(write_job(tmp_path, 4)), env=env)
     assert code == 0
     job_id = out.strip()
     env["OS_PASSWORD"] = "not-the-password"
 
     started = time.monotonic()
-    code, _, err = await vmdk_migrate("run", "--once", "--metrics-port", "0", env=env)
+    code, _, err = await run_cli("run", "--once", "--metrics-port", "0", env=env)
     took_s = time.monotonic() - started
 
     assert code == 3
@@ -400,7 +400,7 @@ async def test_a_deletion_glance_could_not_make_is_owed_and_made_by_the_next_run
     (row,) = (await rows_of(database_url, job_id)).values()
     assert (row.error_code, row.cleanup) == ("virtio_failed", "owed")
     assert [image["id"] for image in sandbox.images()] == [str(row.glance_image_id)]
-    code, out, _ = await vmdk_migrate("status", env=cloud_env(sandbox, database_url))
+    code, out, _ = await run_cli("status", env=cloud_env(sandbox, database_url))
     assert code == 0
     assert "1 image deletion(s) owed" in out
 
