@@ -36,6 +36,8 @@ _EXTENT_TYPES = frozenset(
     {"FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFSRAW", "SESPARSE"}
 )
 _EXTENT_ACCESS = ("rw", "rdonly", "noaccess")
+# 2**64 sectors has 20 digits; a longer number is hostile (and int() refuses 4,300 digits).
+_MAX_SECTOR_DIGITS = 20
 # ACCESS SIZE_IN_SECTORS TYPE ["file name" [OFFSET]]; ZERO extents name no file.
 _EXTENT_LINE = re.compile(
     r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?$', re.IGNORECASE
@@ -284,6 +286,13 @@ def _inspect_descriptor(
         )
     # Most descriptors fit in the first sector, already read.
     raw = head if len(head) == reader.size_bytes else reader.read_at(0, reader.size_bytes)
+    # qemu-img convert pads the descriptor file with NULs to a whole sector; qemu reads the
+    # text up to the first NUL. Anything but padding after it would be hidden from a reader.
+    raw, _, padding = raw.partition(b"\0")
+    if padding.strip(b"\0"):
+        raise UnsupportedDisk(
+            f"invalid VMDK descriptor: data follows the NUL padding at byte {len(raw)}"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -412,6 +421,12 @@ def _extent(line: str, number: int) -> Extent:
     access, sectors, kind, name, offset = match.groups()
     if name is not None and (name in ("", ".", "..") or "\0" in name):
         raise UnsupportedDisk(_unsafe_name(line))
+    for value in (sectors, offset or ""):
+        if len(value) > _MAX_SECTOR_DIGITS:
+            raise UnsupportedDisk(
+                f"invalid VMDK descriptor: line {number} gives a sector count of {len(value)} "
+                f"digits, more than any disk has: {line[:60]!r}"
+            )
     return Extent(
         access=access.upper(),
         size_sectors=int(sectors),
