@@ -13,7 +13,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from worker.clients.http import SAFE_REDIRECTS
 from worker.core.model import Phase
+from worker.errors import RedirectRefused
 from worker.logs import redact_url
 from worker.store.store import JobSummary
 
@@ -165,10 +167,20 @@ class WebhookNotifier:
         timeout = aiohttp.ClientTimeout(total=self._settings.timeout_s)
         try:
             async with session.post(
-                self._settings.url, json=body, headers=headers, timeout=timeout
+                self._settings.url,
+                json=body,
+                headers=headers,
+                timeout=timeout,
+                middlewares=SAFE_REDIRECTS,
             ) as response:
                 await response.read()
                 status = response.status
+        except RedirectRefused as exc:
+            # Origins only: a webhook's path and query often carry its secret.
+            return (
+                f"refused: HTTP {exc.status} redirect {exc.why}, from {safe_target(exc.from_url)} "
+                f"to {safe_target(exc.to_url)}"
+            )
         except TimeoutError:
             return "retry: timeout"
         except aiohttp.ClientError as exc:

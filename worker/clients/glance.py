@@ -19,6 +19,7 @@ from aiohttp.payload import Payload
 
 from worker.clients.http import (
     REQUEST_ID_HEADER,
+    SAFE_REDIRECTS,
     error_from_response,
     header,
     translate_transport_errors,
@@ -353,6 +354,7 @@ class GlanceClient:
                     json=json_body,
                     data=body,
                     timeout=self._timeout,
+                    middlewares=SAFE_REDIRECTS,
                 ) as response,
             ):
                 answer = _Answer(response.status, await response.read(), dict(response.headers))
