@@ -229,7 +229,13 @@ def submit(
     type=click.IntRange(0, 65535),
     help="Port of /metrics, /healthz and /readyz; 0 turns them off.",
 )
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--metrics-host",
+    envvar="VMDK_MIGRATE_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics server binds: 0.0.0.0 for probes from outside the host or pod.",
+)
 @click.option(
     "--webhook",
     "webhook_url",
