@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import difflib
 import functools
@@ -47,7 +48,20 @@ _GLANCE_ATTRIBUTES = frozenset(
         "schema", "stores", "os_hidden",
     }
 )  # fmt: skip
+# Reserved words of Glance's image API: setting one is refused with 403.
+_GLANCE_RESERVED = frozenset({"location", "deleted", "deleted_at"})
 _MAX_PROPERTY_KEY = 255
+# Glance refuses characters outside the Basic Multilingual Plane (4 bytes in UTF-8) in the
+# strings of a create request (400): its database columns hold 3-byte UTF-8 only.
+_FOUR_BYTE = re.compile("[\U00010000-\U0010ffff]")
+# What the create body carries as strings that Glance checks; tags (a list) and the source
+# path (never sent) are not among them.
+_NOT_SENT_AS_STRINGS = frozenset({"source", "tags", "properties", "flat_as_raw"})
+# A manifest is four levels deep (disks[3].properties.key); anything much deeper is hostile.
+_MAX_DEPTH = 32
+# Values YAML aliases may add to a document. Reuse in a real manifest adds a few per disk; an
+# alias bomb adds billions, which the schema's error messages would then try to print.
+_MAX_ALIAS_VALUES = 100_000
 _TOP_LEVEL_ORDER = {
     "job": "1", "on_failure": "2", "not_before": "2a", "window": "2b", "defaults": "3", "disks": "4"
 }  # fmt: skip
@@ -132,9 +146,10 @@ def _root(source_root: Path | None) -> str | None:
 def _load(text: str, raw: bytes, *, checked: _Checked, fmt: str, source: str) -> LoadedManifest:
     try:
         document = _times_as_text(_parse(text, fmt))
+        found = _Shape().problems_of(document)
     except ValueError as exc:
         raise InvalidManifest([Problem("<file>", str(exc))], source=source) from exc
-    found = _schema_problems(document) + _semantic_problems(document, checked)
+    found += _schema_problems(document) + _semantic_problems(document, checked)
     found += _schedule_problems(document)
     if found:
         found.sort(key=lambda item: item[0])
@@ -171,22 +186,123 @@ def _parse(text: str, fmt: str) -> object:
 
 def _parse_json(text: str) -> object:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_json_mapping)
     except json.JSONDecodeError as exc:
         raise ValueError(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise ValueError(f"nested more than {_MAX_DEPTH} levels deep") from exc
 
 
 def _parse_yaml(text: str) -> object:
-    # The C loader is ~10x faster, which matters for manifests listing thousands of disks.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.load(text, Loader=loader)
+        return yaml.load(text, Loader=_YamlLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ValueError(f"{where}{exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from exc
+
+
+class _Mapping(dict[Any, Any]):
+    """A parsed mapping that remembers the keys it was given more than once (JSON and YAML
+    both keep the last one silently)."""
+
+    duplicates: tuple[object, ...] = ()
+
+
+def _json_mapping(pairs: list[tuple[str, Any]]) -> _Mapping:
+    mapping = _Mapping(pairs)
+    if len(mapping) < len(pairs):
+        counts = collections.Counter(key for key, _ in pairs)
+        mapping.duplicates = tuple(key for key, count in counts.items() if count > 1)
+    return mapping
+
+
+# The C loader is ~10x faster, which matters for manifests listing thousands of disks.
+_YamlBase: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _YamlLoader(_YamlBase):  # type: ignore[misc]  # the base is chosen at import time
+    """The safe loader, with mappings that remember their repeated keys."""
+
+
+def _yaml_mapping(loader: Any, node: yaml.MappingNode) -> Iterator[_Mapping]:
+    mapping = _Mapping()
+    yield mapping  # first, as PyYAML does, so that a mapping may contain itself through an alias
+    # Explicit keys only: `<<: *defaults` followed by a key that overrides it is no repeat.
+    keys = [
+        loader.construct_object(key) if isinstance(key, yaml.ScalarNode) else id(key)
+        for key, _ in node.value
+        if key.tag != _MERGE_TAG
+    ]
+    mapping.duplicates = tuple(k for k, n in collections.Counter(keys).items() if n > 1)
+    mapping.update(loader.construct_mapping(node))
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:map", _yaml_mapping)
+
+
+class _Shape:
+    """One walk over a parsed document before anything else reads it.
+
+    Refuses (ValueError) documents too deep, cyclic or expanded by aliases beyond a small
+    bound; reports repeated keys and NUL characters (which PostgreSQL cannot store) where
+    they are. Shared values are visited once, so an alias bomb costs its size, not its
+    expansion.
+    """
+
+    def __init__(self) -> None:
+        self._sizes: dict[int, int] = {}
+        self._open: set[int] = set()
+        self._slots = 1  # values as written: one per container entry, plus the document
+        self._found: list[_Found] = []
+
+    def problems_of(self, document: object) -> list[_Found]:
+        expanded = self._size(document, ())
+        if expanded - self._slots > _MAX_ALIAS_VALUES:
+            raise ValueError(
+                f"YAML aliases expand the document by more than {_MAX_ALIAS_VALUES} values "
+                f"(to {expanded}): refused"
+            )
+        return self._found
+
+    def _size(self, value: object, path: _Path) -> int:
+        if isinstance(value, str):
+            self._check_text(value, path)
+        if not isinstance(value, dict | list):
+            return 1
+        known = self._sizes.get(id(value))
+        if known is not None:
+            return known
+        if id(value) in self._open:
+            raise ValueError(f"{_location(path)}: an alias refers to a value that contains it")
+        if len(path) >= _MAX_DEPTH:
+            raise ValueError(f"{_location(path)}: nested more than {_MAX_DEPTH} levels deep")
+        self._open.add(id(value))
+        total = 1
+        if isinstance(value, dict):
+            for key in getattr(value, "duplicates", ()):
+                self._add((*path, str(key)), "duplicate key: it is given more than once")
+            for key, child in value.items():
+                if isinstance(key, str):
+                    self._check_text(key, (*path, key))
+                total += self._size(child, (*path, str(key)))
+        else:
+            for index, child in enumerate(value):
+                total += self._size(child, (*path, index))
+        self._slots += len(value)
+        self._open.discard(id(value))
+        self._sizes[id(value)] = total
+        return total
+
+    def _check_text(self, text: str, path: _Path) -> None:
+        if "\0" in text:
+            self._add(path, "contains a NUL character (\\u0000), which cannot be stored")
+
+    def _add(self, path: _Path, message: str) -> None:
+        self._found.append((_sort_key(path), Problem(_location(path), message)))
 
 
 # Structure: the JSON Schema, with its errors told in our words --------------------------------
@@ -235,6 +351,8 @@ def _translate(error: jsonschema.ValidationError) -> Iterator[tuple[_Path, str]]
                 yield path, f"missing required key {key!r}"
     elif error.validator == "minItems":
         yield path, f"must list at least {error.validator_value} item(s)"
+    elif error.validator == "maxItems":
+        yield path, f"must list at most {error.validator_value} item(s), got {len(instance)}"
     elif isinstance(rules, dict):
         yield path, f"must be {_expectation(rules)}, got {_show(instance)}{_hint(rules, instance)}"
 
@@ -270,6 +388,13 @@ def _hint(rules: Mapping[str, Any], instance: object) -> str:
 
 
 def _show(value: object) -> str:
+    """A short view of a value: containers by their size, never serialized whole."""
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} key(s)"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, str) and len(value) > 60:
+        value = value[:60]
     text = json.dumps(value, default=str, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -347,6 +472,7 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
     defaults = document.get("defaults")
     if isinstance(defaults, dict):
         found += _property_key_problems(("defaults",), defaults)
+        found += _four_byte_problems(("defaults",), defaults)
     else:
         defaults = {}
     disks = document.get("disks")
@@ -355,6 +481,7 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
     for index, disk in enumerate(disks if isinstance(disks, list) else []):
         if isinstance(disk, dict):
             found += _property_key_problems(("disks", index), disk)
+            found += _four_byte_problems(("disks", index), disk)
             found += _source_problems(index, disk, checked)
             found += _duplicate_problems(index, disk, first_of_name)
             if index in checked.files and _setting(disk, defaults, "disk_format") == "vmdk":
@@ -385,9 +512,33 @@ def _property_key_message(key: object) -> str | None:
         return f"{key!r} is a named field: set it beside 'properties', not inside"
     if key in _GLANCE_ATTRIBUTES:
         return f"{key!r} is an attribute Glance maintains itself"
+    if key in _GLANCE_RESERVED:
+        return f"{key!r} is reserved by Glance, which answers 403"
     if not key or len(key) > _MAX_PROPERTY_KEY:
         return f"property names must be 1 to {_MAX_PROPERTY_KEY} characters"
     return None
+
+
+def _four_byte_problems(path: _Path, target: Mapping[str, object]) -> Iterator[_Found]:
+    """Strings of the create request that Glance refuses for a 4-byte UTF-8 character."""
+    texts: list[tuple[_Path, object]] = [
+        ((*path, key), value) for key, value in target.items() if key not in _NOT_SENT_AS_STRINGS
+    ]
+    properties = target.get("properties")
+    for key, value in properties.items() if isinstance(properties, dict) else ():
+        where = (*path, "properties", str(key))
+        texts += [(where, key), (where, value)]
+    if "name" not in target and path[0] == "disks":
+        texts.append(((*path, "source"), _image_name(target)))
+    for where, text in texts:
+        found = _FOUR_BYTE.search(text) if isinstance(text, str) else None
+        if found:
+            what = "the image name taken from the file name" if where[-1] == "source" else "it"
+            message = (
+                f"{what} contains {found.group()!r} (U+{ord(found.group()):04X}), a 4-byte "
+                "UTF-8 character, which Glance refuses (400)"
+            )
+            yield _sort_key(where), Problem(_location(where), message)
 
 
 @functools.cache
