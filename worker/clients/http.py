@@ -53,6 +53,9 @@ _STATUS_CLASSES: dict[int, type[MigrationError]] = {
 # Glance's size-cap answer ("The incoming image is too large") as opposed to a quota or a full
 # staging area, which are worth waiting for.
 _SIZE_CAP = re.compile(r"image is too large|image_size_cap|size cap", re.IGNORECASE)
+# Glance's per-image limits (image_tag_quota, image_property_quota ...): the request itself is
+# too big, and waiting will not shrink it.
+_PER_IMAGE_LIMIT = re.compile(r"number of allowed image \w+", re.IGNORECASE)
 _TAG = re.compile(r"<[^>]+>")
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _HEAD = re.compile(r"<head>.*?</head>|<h1>.*?</h1>|<title>.*?</title>", re.IGNORECASE | re.DOTALL)
@@ -81,6 +84,8 @@ def error_from_response(
 
 def _error_class(status: int, message: str) -> type[MigrationError]:
     if status == 413:
+        if _PER_IMAGE_LIMIT.search(message):
+            return BadRequest
         return ImageTooLarge if _SIZE_CAP.search(message) else QuotaExceeded
     if status in _STATUS_CLASSES:
         return _STATUS_CLASSES[status]
