@@ -363,13 +363,25 @@ def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
 @database_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8780, show_default=True, type=click.IntRange(0, 65535))
-def dashboard(database_url: str | None, host: str, port: int) -> None:
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    envvar="VMDK_MIGRATE_DASHBOARD_HOSTS",
+    help="A host name the page may be reached by, besides loopback and --host (repeatable; "
+    "the variable takes several separated by spaces).",
+)
+def dashboard(
+    database_url: str | None, host: str, port: int, allowed_hosts: tuple[str, ...]
+) -> None:
     """Serve a read-only web page of jobs and images that refreshes itself every 2 s."""
     from worker.dashboard import running_dashboard
 
     async def go() -> None:
         stop = _stop_on_signals()
-        async with running_dashboard(_database_url(database_url), host=host, port=port) as url:
+        async with running_dashboard(
+            _database_url(database_url), host=host, port=port, extra_hosts=allowed_hosts
+        ) as url:
             click.echo(f"dashboard: {url}")
             await stop.wait()
 
