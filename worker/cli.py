@@ -24,7 +24,7 @@ import click
 
 from worker import logs
 from worker.app import WorkerSettings, default_worker_id, environment, open_store, run_worker
-from worker.config import load_cloud_settings
+from worker.config import Secret, load_cloud_settings
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
 from worker.notify import WebhookSettings
@@ -43,6 +43,12 @@ def _database_url(explicit: str | None) -> str:
     from worker.store.embedded import resolve_database_url
 
     return resolve_database_url(environment())
+
+
+def _webhook_settings(url: str | None, secret: str | None) -> WebhookSettings | None:
+    if not url:
+        return None
+    return WebhookSettings(url, secret=Secret(secret) if secret else None)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -243,6 +249,12 @@ def submit(
     default=None,
     help="POST a JSON notice here on each failed image and each completed job.",
 )
+@click.option(
+    "--webhook-secret",
+    envvar="VMDK_MIGRATE_WEBHOOK_SECRET",
+    default=None,
+    help="Sign each notice: X-Vmdk-Migrate-Signature is sha256=HMAC-SHA256(secret, body).",
+)
 def run(
     database_url: str | None,
     once: bool,
@@ -259,6 +271,7 @@ def run(
     metrics_port: int,
     metrics_host: str,
     webhook_url: str | None,
+    webhook_secret: str | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
     try:
@@ -279,7 +292,7 @@ def run(
         progress=progress,
         metrics_host=metrics_host,
         metrics_port=metrics_port or None,
-        webhook=WebhookSettings(webhook_url) if webhook_url else None,
+        webhook=_webhook_settings(webhook_url, webhook_secret),
     )
     if worker_id:
         settings = dataclasses.replace(settings, worker_id=worker_id)
