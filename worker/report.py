@@ -14,6 +14,7 @@ import click
 
 from worker.core.model import Phase
 from worker.errors import InvalidManifest
+from worker.logs import printable
 from worker.store.store import JobSummary, ResultRow
 
 # Columns of the per-image table in `status`, in order: (header, attribute).
@@ -36,7 +37,7 @@ def print_problems(error: InvalidManifest) -> None:
     source = error.source or "manifest"
     click.echo(f"{source}: invalid: {len(error.problems)} problem(s)", err=True)
     for problem in error.problems:
-        click.echo(f"  {problem.location}: {problem.message}", err=True)
+        click.echo(printable(f"  {problem.location}: {problem.message}"), err=True)
 
 
 def print_job_status(summary: JobSummary, rows: Sequence[ResultRow]) -> None:
@@ -46,7 +47,7 @@ def print_job_status(summary: JobSummary, rows: Sequence[ResultRow]) -> None:
     )
     state = " (cancelled)" if summary.cancelled else ""
     click.echo(
-        f"job {summary.name} {summary.job_id}{state}: {summary.disk_count} image(s), "
+        f"job {printable(summary.name)} {summary.job_id}{state}: {summary.disk_count} image(s), "
         f"{summary.bytes_staged}/{summary.total_bytes} bytes staged  {counts}"
     )
     if not rows:
@@ -58,7 +59,7 @@ def print_job_status(summary: JobSummary, rows: Sequence[ResultRow]) -> None:
     for row, cells in zip(rows, table, strict=True):
         click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
         if row.error_message:
-            click.echo(f"      {row.error_code}: {row.error_message}")
+            click.echo(f"      {row.error_code}: {printable(row.error_message)}")
 
 
 def write_report(rows: Sequence[ResultRow], *, fmt: str, stream: IO[str]) -> None:
@@ -78,7 +79,7 @@ def write_report(rows: Sequence[ResultRow], *, fmt: str, stream: IO[str]) -> Non
 def _cell(value: object) -> str:
     if value is None:
         return "-"
-    text = str(value)
+    text = printable(str(value))  # names are data: an ESC or a newline must not reach the TTY
     return text[:12] + "…" if len(text) > 40 else text  # long hashes: a prefix identifies them
 
 
