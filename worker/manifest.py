@@ -25,6 +25,7 @@ import yaml
 
 from worker.core.model import ImageSpec, JobSpec
 from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
+from worker.source import identity_of
 from worker.vmdk import Inspection, inspect_vmdk, min_disk_warning
 
 # What a disk gets when neither it nor `defaults` says otherwise.
@@ -82,6 +83,8 @@ class _Checked:
     base_dir: Path
     source_root: str | None
     files: _Files = field(default_factory=dict)
+    # What each file was when checked (see worker.source): the worker uploads only that file.
+    identities: dict[int, dict[str, int]] = field(default_factory=dict)
     inspections: dict[int, Inspection] = field(default_factory=dict)
     warnings: list[_Found] = field(default_factory=list)
 
@@ -552,11 +555,12 @@ def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) 
         return  # the schema reports it
     # os.path rather than pathlib: this runs once per disk, and manifests list thousands.
     path = os.path.realpath(os.path.join(checked.base_dir, source))
-    size_bytes = _outside(path, checked.source_root) or _file_size(path)
-    if isinstance(size_bytes, int):
-        checked.files[index] = (path, size_bytes)
+    status = _outside(path, checked.source_root) or _file_status(path)
+    if isinstance(status, os.stat_result):
+        checked.files[index] = (path, status.st_size)
+        checked.identities[index] = identity_of(status)
     else:
-        yield _source_problem(index, f"{size_bytes}: {path}")
+        yield _source_problem(index, f"{status}: {path}")
 
 
 def _source_problem(index: int, message: str) -> _Found:
@@ -619,8 +623,8 @@ def _inspection_warnings(
         yield _sort_key(where), Problem(_location(where), too_small)
 
 
-def _file_size(path: str) -> int | str:
-    """The size of a file we can migrate, or why we cannot; one stat and one open per file."""
+def _file_status(path: str) -> os.stat_result | str:
+    """The stat of a file we can migrate, or why we cannot; one stat and one open per file."""
     try:
         status = os.stat(path)
     except FileNotFoundError:
@@ -637,7 +641,7 @@ def _file_size(path: str) -> int | str:
             pass
     except OSError as exc:
         return f"unreadable ({exc.strerror})"
-    return status.st_size
+    return status
 
 
 def _duplicate_problems(
@@ -672,15 +676,21 @@ def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dic
     defaults: dict[str, Any] = {**BUILTIN_DEFAULTS, **document.get("defaults", {})}
     files = dict(checked.files)
     merged = [_merge(defaults, disk, files[i][0]) for i, disk in enumerate(document["disks"])]
+    identities = dict(checked.identities)
     for index, inspection in checked.inspections.items():
         if inspection.disk_format != merged[index]["disk_format"]:
             # A flat extent uploaded as raw: the image is made of the extent, not the descriptor.
             files[index] = (str(inspection.upload_path), inspection.upload_size_bytes)
             merged[index]["source"] = str(inspection.upload_path)
             merged[index]["disk_format"] = inspection.disk_format
+            identities.pop(index, None)  # the descriptor's identity is not the extent's
+            if inspection.upload_status is not None:
+                identities[index] = identity_of(inspection.upload_status)
     job = JobSpec(
         name=document["job"],
-        disks=tuple(_image_spec(i, disk, files[i][1]) for i, disk in enumerate(merged)),
+        disks=tuple(
+            _image_spec(i, disk, files[i][1], identities.get(i)) for i, disk in enumerate(merged)
+        ),
         on_failure=document.get("on_failure", "delete"),
     )
     normalized: dict[str, object] = {
@@ -707,7 +717,9 @@ def _merge(defaults: Mapping[str, Any], disk: Mapping[str, Any], source: str) ->
     return merged
 
 
-def _image_spec(index: int, disk: Mapping[str, Any], size_bytes: int) -> ImageSpec:
+def _image_spec(
+    index: int, disk: Mapping[str, Any], size_bytes: int, identity: Mapping[str, int] | None
+) -> ImageSpec:
     named = {k: v for k, v in disk.items() if k in _PROPERTY_FIELDS or _HW_KEY.match(k)}
     return ImageSpec(
         index=index,
@@ -722,4 +734,5 @@ def _image_spec(index: int, disk: Mapping[str, Any], size_bytes: int) -> ImageSp
         protected=disk["protected"],
         tags=tuple(disk.get("tags", ())),
         properties={**disk["properties"], **named},
+        source_identity=identity,
     )

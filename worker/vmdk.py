@@ -6,7 +6,7 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -75,6 +75,8 @@ class Inspection:
     upload_size_bytes: int
     bytes_read: int
     warnings: tuple[str, ...] = ()
+    # The stat of a flat extent to upload, taken when it was checked (None: the file itself).
+    upload_status: os.stat_result | None = field(default=None, compare=False, repr=False)
 
 
 def inspect_vmdk(path: Path, *, flat_as_raw: bool = False) -> Inspection:
@@ -86,10 +88,15 @@ def inspect_vmdk(path: Path, *, flat_as_raw: bool = False) -> Inspection:
     """
     try:
         with open(path, "rb") as file:
-            reader = _Reader(file, os.fstat(file.fileno()).st_size)
-            return _inspect(path, reader, flat_as_raw=flat_as_raw)
+            return inspect_open_vmdk(file, path, flat_as_raw=flat_as_raw)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def inspect_open_vmdk(file: BinaryIO, path: Path, *, flat_as_raw: bool = False) -> Inspection:
+    """The same inspection of a file already open (its position is not kept)."""
+    reader = _Reader(file, os.fstat(file.fileno()).st_size)
+    return _inspect(path, reader, flat_as_raw=flat_as_raw)
 
 
 def min_disk_warning(virtual_size_bytes: int, min_disk_gib: int) -> str | None:
@@ -332,7 +339,6 @@ def _flat_extent(
             f"it cannot be uploaded as raw; convert it first with {convert_hint(path)}"
         )
     extent_path = Path(os.path.realpath(path.parent / name))
-    _check_flat_file(extent_path, name, size_bytes)
     return Inspection(
         subformat=subformat,
         virtual_size_bytes=size_bytes,
@@ -340,10 +346,11 @@ def _flat_extent(
         upload_path=extent_path,
         upload_size_bytes=size_bytes,
         bytes_read=reader.bytes_read,
+        upload_status=_check_flat_file(extent_path, name, size_bytes),
     )
 
 
-def _check_flat_file(extent_path: Path, name: str, size_bytes: int) -> None:
+def _check_flat_file(extent_path: Path, name: str, size_bytes: int) -> os.stat_result:
     try:
         status = os.stat(extent_path)
     except OSError as exc:
@@ -357,6 +364,7 @@ def _check_flat_file(extent_path: Path, name: str, size_bytes: int) -> None:
             f"the flat extent '{name}' has {status.st_size} bytes, the descriptor says "
             f"{size_bytes}: {extent_path}"
         )
+    return status
 
 
 def _check_not_delta(descriptor: Descriptor, path: Path) -> None:
