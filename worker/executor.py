@@ -213,7 +213,10 @@ class ImageRunner:
                 hash_algorithms=_algorithms(state),
                 progress=progress,
                 identity=claim.spec.source_identity,
-                reinspect=claim.spec.disk_format == "vmdk",
+                # Only a disk inspected at submit is inspected again (a row with no identity
+                # recorded was queued past the manifest checks).
+                reinspect=claim.spec.disk_format == "vmdk"
+                and claim.spec.source_identity is not None,
             )
         digests = result.digests
         staged = Staged(result.size_bytes, digests[state.hash_algo], digests.get("md5"))
