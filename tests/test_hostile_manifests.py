@@ -143,7 +143,7 @@ def test_a_nul_character_is_a_problem_of_its_field(tmp_path: Path) -> None:
 
     nul = "contains a NUL character (\\u0000), which cannot be stored"
     assert f"disks[0].name: {nul}" in lines
-    assert f"disks[1].properties.owner\u0000: {nul}" in lines
+    assert f"disks[1].properties.owner\\x00: {nul}" in lines  # shown escaped
     assert f"disks[1].properties.k: {nul}" in lines
 
 
