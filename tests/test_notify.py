@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from tests.test_pipeline import FAST, cloud_for, rows_of, submit
 from worker.app import WorkerSettings, run_worker
+from worker.cli import _webhook_settings, cli
 from worker.config import Secret
 from worker.consumer import RunSummary
 from worker.notify import WebhookNotifier, WebhookSettings, notifying, safe_target
@@ -212,3 +213,19 @@ async def test_every_notice_dropped_at_exit_is_logged_when_the_receiver_hangs() 
     assert notifier.dropped == 4
     assert notifier.sent == 0
     assert all(entry["target"] == safe_target(url) for entry in dropped)
+
+
+def test_the_secret_comes_from_the_option_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VMDK_MIGRATE_WEBHOOK_SECRET", "from-env")
+    run = cli.commands["run"]
+    from_env = run.make_context("run", ["--webhook", "https://h.example/x"]).params
+    from_flag = run.make_context("run", ["--webhook-secret", "from-flag"]).params
+
+    assert from_env["webhook_secret"] == "from-env"
+    assert from_flag["webhook_secret"] == "from-flag"
+    settings = _webhook_settings(from_env["webhook_url"], from_env["webhook_secret"])
+    assert settings is not None
+    assert settings.secret == Secret("from-env")
+    assert _webhook_settings(None, "from-env") is None
