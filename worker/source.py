@@ -165,22 +165,26 @@ async def hash_source(
     it is not the file expected, ends early, goes on past that size, or changes meanwhile."""
     hashers = [hashlib.new(name) for name in algorithms]
 
-    def digest() -> list[str]:
-        with Source.open(path, size_bytes=size_bytes, identity=identity) as source:
-            remaining = size_bytes
-            while remaining > 0:
-                chunk = source.read(min(chunk_bytes, remaining))
-                if not chunk:
-                    raise SourceError(
-                        f"source changed: {path} ended after {size_bytes - remaining} of "
-                        f"{size_bytes} bytes"
-                    )
-                remaining -= len(chunk)
-                for hasher in hashers:
-                    hasher.update(chunk)
-            if source.read(1):
-                raise SourceError(f"source changed: {path} grew past {size_bytes} bytes")
-            source.check_unchanged()
-        return [hasher.hexdigest() for hasher in hashers]
+    def update(chunk: bytes) -> None:
+        for hasher in hashers:
+            hasher.update(chunk)
 
-    return dict(zip(algorithms, await asyncio.to_thread(digest), strict=True))
+    # One thread call per chunk, so that a cancelled hash stops at the next chunk.
+    source = await asyncio.to_thread(Source.open, path, size_bytes=size_bytes, identity=identity)
+    try:
+        remaining = size_bytes
+        while remaining > 0:
+            chunk = await asyncio.to_thread(source.read, min(chunk_bytes, remaining))
+            if not chunk:
+                raise SourceError(
+                    f"source changed: {path} ended after {size_bytes - remaining} of "
+                    f"{size_bytes} bytes"
+                )
+            remaining -= len(chunk)
+            await asyncio.to_thread(update, chunk)
+        if await asyncio.to_thread(source.read, 1):
+            raise SourceError(f"source changed: {path} grew past {size_bytes} bytes")
+        await asyncio.to_thread(source.check_unchanged)
+    finally:
+        source.close()
+    return {name: hasher.hexdigest() for name, hasher in zip(algorithms, hashers, strict=True)}
