@@ -250,3 +250,32 @@ def test_settings_are_frozen() -> None:
 
     with pytest.raises(AttributeError):
         settings.auth_url = "http://other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("file_name", "broken"),
+    [
+        # An unclosed quote: PyYAML's snippet would quote the password's line.
+        ("secure.yaml", 'clouds:\n  prod:\n    auth:\n      password: "hunter2-s3cret\n'),
+        # A tab where YAML wants spaces, on the password's line.
+        ("secure.yaml", "clouds:\n  prod:\n    auth:\n\tpassword: hunter2-s3cret\n"),
+        # A mapping value where none may be, in clouds.yaml itself.
+        ("clouds.yaml", "clouds:\n  prod:\n    auth: password: hunter2-s3cret: x\n"),
+    ],
+)
+def test_a_malformed_clouds_or_secure_yaml_never_shows_the_password(
+    clouds_dir: Path, file_name: str, broken: str
+) -> None:
+    (clouds_dir / file_name).write_text(broken)
+    env = {"OS_CLOUD": "prod", "OS_CLIENT_CONFIG_FILE": str(clouds_dir / "clouds.yaml")}
+
+    with pytest.raises(ConfigError) as caught:
+        load_cloud_settings(env)
+
+    shown = str(caught.value)
+    assert shown.startswith(f"cannot read {clouds_dir / file_name}: ")
+    assert "hunter2" not in shown
+    assert " at line " in shown
+    # Nor does a traceback: PyYAML's exception, snippet included, is not chained.
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__

@@ -15,6 +15,7 @@ from uuid import UUID
 import aiohttp
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from tests.test_views import Disk, seed_job
 from worker.core.model import Phase
@@ -134,6 +135,9 @@ async def test_images_endpoint_lists_a_jobs_images_and_filters_by_phase(
         ("api/jobs/{job}/images?phase=flying", 400),
         ("api/jobs/{job}/images?limit=0", 400),
         ("api/jobs/{job}/images?limit=ten", 400),
+        # str.isdigit() takes these, and int() refuses the first (a 500) and reads the second.
+        ("api/jobs/{job}/images?limit=\u00b2", 400),
+        ("api/jobs/{job}/images?limit=\uff15", 400),
     ],
 )
 async def test_bad_requests_get_json_errors(
@@ -143,6 +147,43 @@ async def test_bad_requests_get_json_errors(
     assert status == expected_status
     assert isinstance(body, dict)
     assert body["error"]
+
+
+async def get_as(url: str, host: str) -> tuple[int, object]:
+    """GET `url` with the Host header a browser would send for `host`."""
+    async with aiohttp.ClientSession() as session, session.get(url, headers={"Host": host}) as r:
+        return r.status, await r.json()
+
+
+async def test_only_loopback_host_names_are_answered_by_default(
+    dashboard_url: str, job_ids: dict[str, UUID]
+) -> None:
+    port = dashboard_url.rsplit(":", 1)[1].rstrip("/")
+    with capture_logs() as logs:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+            status, _ = await get_as(dashboard_url + "api/jobs", host)
+            assert status == 200, host
+        # What a DNS-rebinding page makes the browser send: its own name, resolved to us.
+        for host in (f"rebind.attacker.example:{port}", "127.0.0.1.nip.io", ""):
+            status, body = await get_as(dashboard_url + "api/jobs", host)
+            assert status == 421, host
+            assert isinstance(body, dict)
+            assert "does not answer to host" in body["error"]
+            assert "--allowed-host" in body["error"]
+
+    refused = [entry["host"] for entry in logs if entry["event"] == "dashboard.host_refused"]
+    assert refused == [f"rebind.attacker.example:{port}", "127.0.0.1.nip.io", ""]
+
+
+async def test_configured_host_names_are_answered_too(
+    database_url: str, job_ids: dict[str, UUID]
+) -> None:
+    async with running_dashboard(database_url, port=0, extra_hosts=("Dash.Example",)) as url:
+        accepted, _ = await get_as(url + "api/jobs", "dash.example:8780")
+        page, _ = await get_as(url + "api/jobs", "127.0.0.1")
+        refused, _ = await get_as(url + "api/jobs", "other.example")
+
+    assert (accepted, page, refused) == (200, 200, 421)
 
 
 async def run_chromium(chromium: Path, profile: Path, url: str, *options: str) -> str:

@@ -337,3 +337,27 @@ def test_systemd_units_run_the_worker_and_a_timed_batch() -> None:
         assert settings["User"] != "root"
         assert settings["EnvironmentFile"].endswith("vmdk-migrate.env")
         assert int(settings["TimeoutStopSec"]) > 60
+
+
+def test_kubernetes_probes_reach_the_metrics_server_on_the_pod_ip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kubelet's httpGet probes go to the pod IP: a server bound to loopback fails them all.
+    config = {c["metadata"]["name"]: c for c in k8s_kind("ConfigMap")}
+    (deployment,) = k8s_kind("Deployment")
+    (worker,) = pod_spec(deployment)["containers"]
+    for ref in worker["envFrom"]:
+        for name, value in config[ref["configMapRef"]["name"]]["data"].items():
+            monkeypatch.setenv(name, value)
+    for env in worker["env"]:
+        if "value" in env:
+            monkeypatch.setenv(env["name"], env["value"])
+    assert worker["args"][0] == "run"
+
+    # Resolved as `run` resolves its options: flags first, then the environment, then defaults.
+    params = cli.commands["run"].make_context("run", worker["args"][1:]).params
+
+    assert params["metrics_host"] in ("0.0.0.0", "::")
+    probes = [worker[probe]["httpGet"] for probe in ("livenessProbe", "readinessProbe")]
+    assert {probe["port"] for probe in probes} == {params["metrics_port"]}
+    assert all("host" not in probe for probe in probes)

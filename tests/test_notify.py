@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from tests.test_pipeline import FAST, cloud_for, rows_of, submit
 from worker.app import WorkerSettings, run_worker
+from worker.cli import _webhook_settings, cli
+from worker.config import Secret
 from worker.consumer import RunSummary
-from worker.notify import WebhookSettings, safe_target
+from worker.notify import WebhookNotifier, WebhookSettings, notifying, safe_target
 from worker.sandbox import Sandbox, SandboxConfig
 
 SECRET_PATH = "/hooks/T0-sEcReT-path"
@@ -33,10 +36,12 @@ class Receiver:
     accepted: list[dict[str, Any]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.text()
         self.raw.append(body)
+        self.headers.append(dict(request.headers))
         self.seen += 1
         await asyncio.sleep(self.delay_s)
         if self.seen <= self.failures_first:
@@ -129,3 +134,98 @@ def test_log_lines_name_the_receiver_without_its_secret_path() -> None:
     assert safe_target(f"https://hooks.example.com:8443{SECRET_PATH}?token=x") == (
         "https://hooks.example.com:8443"
     )
+
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def readme_verify() -> Any:
+    """The `verify` function of the README's webhook section, as a receiver would copy it."""
+    section = README.split("### Webhooks", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # the documentation is the code under test here
+    return namespace["verify"]
+
+
+def failed_event(image: str, result_id: int) -> dict[str, Any]:
+    return {"event": "image.summary", "job_id": "j1", "phase": "failed", "image": image,
+            "result_id": result_id, "error_code": "virtio_failed"}  # fmt: skip
+
+
+async def no_jobs(job_id: str) -> list[Any]:
+    return []
+
+
+async def test_each_notice_is_signed_and_the_readme_snippet_verifies_it() -> None:
+    receiver = Receiver()
+    async with serving(receiver) as url:
+        settings = WebhookSettings(url, secret=Secret("wh-s3cret"))
+        notifier = WebhookNotifier(settings, no_jobs, worker_id="w1")
+        with capture_logs() as logs:
+            async with notifying(notifier):
+                notifier.observe(failed_event("a", 1))
+                notifier.observe(failed_event("b", 2))
+
+    verify = readme_verify()
+    assert len(receiver.raw) == 2
+    for body, headers in zip(receiver.raw, receiver.headers, strict=True):
+        header = headers["X-Vmdk-Migrate-Signature"]
+        assert header.startswith("sha256=")
+        assert verify(b"wh-s3cret", body.encode(), header)
+        assert not verify(b"another-secret", body.encode(), header)
+        assert not verify(b"wh-s3cret", body.replace("virtio_failed", "none").encode(), header)
+    assert "wh-s3cret" not in repr(logs)
+    assert "wh-s3cret" not in repr(settings)
+
+
+async def test_unsigned_without_a_secret() -> None:
+    receiver = Receiver()
+    async with serving(receiver) as url:
+        notifier = WebhookNotifier(WebhookSettings(url), no_jobs, worker_id="w1")
+        async with notifying(notifier):
+            notifier.observe(failed_event("a", 1))
+
+    (headers,) = receiver.headers
+    assert "X-Vmdk-Migrate-Signature" not in headers
+
+
+async def test_every_notice_dropped_at_exit_is_logged_when_the_receiver_hangs() -> None:
+    receiver = Receiver(delay_s=30.0)
+    async with serving(receiver) as url:
+        settings = WebhookSettings(url, timeout_s=10.0, drain_s=0.3)
+        notifier = WebhookNotifier(settings, no_jobs, worker_id="w1")
+        with capture_logs() as logs:
+            async with notifying(notifier):
+                notifier.observe(failed_event("a", 1))
+                notifier.observe(failed_event("b", 2))
+
+    dropped = [entry for entry in logs if entry["event"] == "notify.dropped"]
+    assert all(entry["log_level"] == "warning" for entry in dropped)
+    # Each image.summary queues its failure notice and a job completion check.
+    assert sorted((e["kind"], e["result_id"]) for e in dropped) == [
+        ("image.failed", 1),
+        ("image.failed", 2),
+        ("job.check", None),
+        ("job.check", None),
+    ]
+    assert {e["reason"] for e in dropped} <= {"shutdown: in flight", "shutdown: still queued"}
+    assert notifier.dropped == 4
+    assert notifier.sent == 0
+    assert all(entry["target"] == safe_target(url) for entry in dropped)
+
+
+def test_the_secret_comes_from_the_option_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VMDK_MIGRATE_WEBHOOK_SECRET", "from-env")
+    run = cli.commands["run"]
+    from_env = run.make_context("run", ["--webhook", "https://h.example/x"]).params
+    from_flag = run.make_context("run", ["--webhook-secret", "from-flag"]).params
+
+    assert from_env["webhook_secret"] == "from-env"
+    assert from_flag["webhook_secret"] == "from-flag"
+    settings = _webhook_settings(from_env["webhook_url"], from_env["webhook_secret"])
+    assert settings is not None
+    assert settings.secret == Secret("from-env")
+    assert _webhook_settings(None, "from-env") is None

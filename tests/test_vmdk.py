@@ -50,6 +50,21 @@ def qemu_vmdk(qemu_img: str, directory: Path, subformat: str, *options: str) -> 
     return qemu_create(qemu_img, path, "vmdk", "4M", f"subformat={subformat}", *options)
 
 
+def qemu_convert(qemu_img: str, directory: Path, subformat: str) -> Path:
+    """A VMDK as `qemu-img convert` writes it from 4 MiB of data (create writes no data)."""
+    source = directory / "source.raw"
+    if not source.exists():
+        source.write_bytes(random.Random(7).randbytes(4 * MIB))
+    path = directory / f"{subformat}.vmdk"
+    command = [qemu_img, "convert", "-q", "-f", "raw", "-O", "vmdk", "-o"]
+    subprocess.run(
+        [*command, f"subformat={subformat}", str(source), str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
 def qemu_info(qemu_img: str, path: Path) -> dict[str, object]:
     answer = subprocess.run(
         [qemu_img, "info", "--output=json", str(path)], check=True, capture_output=True
@@ -125,6 +140,19 @@ def test_qemu_sparse_and_stream_files_are_accepted(
     assert inspection.bytes_read == 512 + 20 * 512
 
 
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized"])
+def test_qemu_convert_sparse_and_stream_outputs_are_accepted(
+    qemu_img: str, tmp_path: Path, subformat: str
+) -> None:
+    path = qemu_convert(qemu_img, tmp_path, subformat)
+
+    inspection = inspect_vmdk(path)
+
+    assert (inspection.subformat, inspection.disk_format) == (subformat, "vmdk")
+    assert inspection.virtual_size_bytes == 4 * MIB == qemu_info(qemu_img, path)["virtual-size"]
+    assert inspection.upload_size_bytes == path.stat().st_size
+
+
 def test_vmware_style_stream_with_footer_is_accepted_from_header_and_footer(
     qemu_img: str, tmp_path: Path
 ) -> None:
@@ -174,6 +202,19 @@ def test_split_disks_are_refused_with_the_convert_command(
     assert refusal(path, flat_as_raw=True) == message
 
 
+@pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
+def test_split_disks_from_qemu_convert_are_refused_with_the_convert_command(
+    qemu_img: str, tmp_path: Path, subformat: str
+) -> None:
+    # convert pads the descriptor file with NULs to a whole sector.
+    path = qemu_convert(qemu_img, tmp_path, subformat)
+    assert path.read_bytes().endswith(b"\0")
+
+    message = refusal(path)
+
+    assert message.startswith(f"unsupported VMDK subformat {subformat}: {CONVERT} {path} ")
+
+
 def test_a_piece_of_a_split_sparse_disk_is_refused(qemu_img: str, tmp_path: Path) -> None:
     qemu_vmdk(qemu_img, tmp_path, "twoGbMaxExtentSparse")
 
@@ -210,6 +251,48 @@ def test_monolithic_flat_with_flat_as_raw_uploads_its_extent_as_raw(
         upload_size_bytes=extent.stat().st_size,
         bytes_read=path.stat().st_size,
     )
+
+
+def test_monolithic_flat_from_qemu_convert_uploads_its_extent_as_raw(
+    qemu_img: str, tmp_path: Path
+) -> None:
+    path = qemu_convert(qemu_img, tmp_path, "monolithicFlat")
+    extent = tmp_path / "monolithicFlat-flat.vmdk"
+    assert path.stat().st_size == 512
+    assert path.read_bytes().endswith(b"\0" * 16)
+
+    assert "flat extent 'monolithicFlat-flat.vmdk'" in refusal(path)
+    inspection = inspect_vmdk(path, flat_as_raw=True)
+
+    assert (inspection.subformat, inspection.disk_format) == ("monolithicFlat", "raw")
+    assert (inspection.upload_path, inspection.upload_size_bytes) == (extent, 4 * MIB)
+    assert extent.read_bytes() == (tmp_path / "source.raw").read_bytes()
+
+
+def test_text_after_the_nul_padding_of_a_descriptor_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "disk-flat.vmdk").write_bytes(b"\0" * 8192)
+    path = flat_descriptor(tmp_path, "monolithicFlat", 'RW 16 FLAT "disk-flat.vmdk" 0')
+    text = path.read_bytes()
+    path.write_bytes(text + b"\0" * 40 + b'RW 16 FLAT "other-flat.vmdk" 0\n')
+
+    message = refusal(path, flat_as_raw=True)
+
+    assert message == f"invalid VMDK descriptor: data follows the NUL padding at byte {len(text)}"
+
+
+@pytest.mark.parametrize("field", ["size", "offset"])
+def test_an_extent_number_of_thousands_of_digits_is_refused(tmp_path: Path, field: str) -> None:
+    huge = "9" * 5000
+    extent = (
+        f'RW {huge} FLAT "disk-flat.vmdk" 0'
+        if field == "size"
+        else (f'RW 16 FLAT "disk-flat.vmdk" {huge}')
+    )
+    path = flat_descriptor(tmp_path, "monolithicFlat", extent)
+
+    message = refusal(path, flat_as_raw=True)
+
+    assert message.startswith("invalid VMDK descriptor: line 8 gives a sector count of 5000 digits")
 
 
 def test_the_flat_extent_itself_is_not_a_vmdk(qemu_img: str, tmp_path: Path) -> None:

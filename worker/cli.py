@@ -27,7 +27,7 @@ import click
 
 from worker import logs
 from worker.app import WorkerSettings, default_worker_id, environment, open_store, run_worker
-from worker.config import CloudSettings, load_cloud_settings, read_env_file
+from worker.config import CloudSettings, Secret, load_cloud_settings, read_env_file
 from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest
 from worker.manifest import load_manifest
@@ -70,6 +70,12 @@ def _database_url(explicit: str | None, *, reading: bool = False) -> str:
             err=True,
         )
     return resolve_database_url(env)
+
+
+def _webhook_settings(url: str | None, secret: str | None) -> WebhookSettings | None:
+    if not url:
+        return None
+    return WebhookSettings(url, secret=Secret(secret) if secret else None)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -332,7 +338,13 @@ def _already_submitted(summary: JobSummary) -> str:
     type=click.IntRange(0, 65535),
     help="Port of /metrics, /healthz and /readyz; 0 turns them off.",
 )
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--metrics-host",
+    envvar="VMDK_MIGRATE_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics server binds: 0.0.0.0 for probes from outside the host or pod.",
+)
 @click.option(
     "--webhook",
     "webhook_url",
@@ -356,6 +368,12 @@ def _already_submitted(summary: JobSummary) -> str:
     help="KEY=VALUE lines (OS_* variables) laid over the environment; read again, with "
     "clouds.yaml and secure.yaml, when the credentials are refused.",
 )
+@click.option(
+    "--webhook-secret",
+    envvar="VMDK_MIGRATE_WEBHOOK_SECRET",
+    default=None,
+    help="Sign each notice: X-Vmdk-Migrate-Signature is sha256=HMAC-SHA256(secret, body).",
+)
 def run(
     database_url: str | None,
     once: bool,
@@ -374,6 +392,7 @@ def run(
     webhook_url: str | None,
     max_outage_s: float | None,
     env_file: Path | None,
+    webhook_secret: str | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
 
@@ -403,7 +422,7 @@ def run(
         progress=progress,
         metrics_host=metrics_host,
         metrics_port=metrics_port or None,
-        webhook=WebhookSettings(webhook_url) if webhook_url else None,
+        webhook=_webhook_settings(webhook_url, webhook_secret),
         outage=OutagePolicy(max_outage_s=max_outage_s),
     )
     if worker_id:
@@ -551,14 +570,27 @@ def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
 @database_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8780, show_default=True, type=click.IntRange(0, 65535))
-def dashboard(database_url: str | None, host: str, port: int) -> None:
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    envvar="VMDK_MIGRATE_DASHBOARD_HOSTS",
+    help="A host name the page may be reached by, besides loopback and --host (repeatable; "
+    "the variable takes several separated by spaces).",
+)
+def dashboard(
+    database_url: str | None, host: str, port: int, allowed_hosts: tuple[str, ...]
+) -> None:
     """Serve a read-only web page of jobs and images that refreshes itself every 2 s."""
     from worker.dashboard import running_dashboard
 
     async def go() -> None:
         stop = _stop_on_signals()
         async with running_dashboard(
-            _database_url(database_url, reading=True), host=host, port=port
+            _database_url(database_url, reading=True),
+            host=host,
+            port=port,
+            extra_hosts=allowed_hosts,
         ) as url:
             click.echo(f"dashboard: {url}")
             await stop.wait()

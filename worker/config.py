@@ -275,8 +275,10 @@ def _secure_yaml(env: Mapping[str, str], clouds_file: Path) -> Path | None:
 def _cloud_entry(path: Path, cloud_name: str) -> dict[str, Any] | None:
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read {path}: {yaml_problem(exc)}") from None
     clouds = document.get("clouds") if isinstance(document, dict) else None
     if not isinstance(clouds, dict):
         raise ConfigError(f"{path}: no top-level 'clouds:' mapping")
@@ -297,6 +299,21 @@ def _no_such_cloud(path: Path, cloud_name: str) -> str:
     if close:
         return f"{said}; did you mean {' or '.join(repr(name) for name in close)}?"
     return f"{said}; it has {', '.join(repr(name) for name in names) or 'none'}"
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error without PyYAML's snippet, which quotes the offending line: in clouds.yaml
+    and secure.yaml that line is often the one holding the password."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return " ".join(str(exc).split())  # names one character and its position
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    parts = []
+    for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if text:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            parts.append(f"{text}{where}")
+    return "; ".join(parts) or type(exc).__name__
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

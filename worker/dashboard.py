@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from importlib import resources
@@ -58,10 +60,54 @@ WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text)
 """
 
 
-def build_app(pool: asyncpg.Pool) -> web.Application:
-    """The page and its JSON endpoints, reading through `pool`."""
-    app = web.Application()
+ALLOWED_HOSTS_KEY = web.AppKey("allowed_hosts", frozenset)
+# Host names a browser on this machine uses; any other Host header is refused.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_LIMIT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes '²'
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def allowed_hosts(bind_host: str, extra: Collection[str] = ()) -> frozenset[str]:
+    """Loopback names, the bind address when it names one interface, and `extra`."""
+    names = set(LOOPBACK_HOSTS) | {_bare(name) for name in extra if name.strip()}
+    if bind_host not in ("", "0.0.0.0", "::"):
+        names.add(_bare(bind_host))
+    return frozenset(names)
+
+
+def _bare(host: str) -> str:
+    """A host name as compared: lower case, without a port, IPv6 without brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return host.rsplit(":", 1)[0]
+    return host
+
+
+@web.middleware
+async def _check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # A page on another site can make a browser send requests here under its own name (DNS
+    # rebinding); the Host header gives it away.
+    host = request.headers.get("Host", "")
+    if _bare(host) not in request.app[ALLOWED_HOSTS_KEY]:
+        log.warning("dashboard.host_refused", host=host[:100])
+        message = (
+            f"this dashboard does not answer to host {host[:100]!r}: "
+            "start it with --allowed-host NAME to add a name"
+        )
+        return web.Response(status=421, text=json.dumps({"error": message}), **_JSON_TYPE)
+    return await handler(request)
+
+
+def build_app(pool: asyncpg.Pool, *, hosts: frozenset[str] = LOOPBACK_HOSTS) -> web.Application:
+    """The page and its JSON endpoints, reading through `pool`, for requests naming `hosts`."""
+    app = web.Application(middlewares=[_check_host])
     app[POOL_KEY] = pool
+    app[ALLOWED_HOSTS_KEY] = hosts
     app.router.add_get("/", _page)
     app.router.add_get("/api/jobs", _jobs)
     app.router.add_get("/api/jobs/{job_id}/images", _images)
@@ -70,9 +116,17 @@ def build_app(pool: asyncpg.Pool) -> web.Application:
 
 @asynccontextmanager
 async def running_dashboard(
-    database_url: str, *, host: str = "127.0.0.1", port: int = 0
+    database_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    extra_hosts: Collection[str] = (),
 ) -> AsyncIterator[str]:
-    """Serve the dashboard while the block runs; yields its base URL (port 0 picks a free one)."""
+    """Serve the dashboard while the block runs; yields its base URL (port 0 picks a free one).
+
+    It answers requests whose Host header is a loopback name, the bind address, or one of
+    `extra_hosts`.
+    """
     async with open_store(database_url, max_size=1):
         pass  # brings the schema, and so the views, up to date before serving
     pool = await asyncpg.create_pool(
@@ -85,7 +139,8 @@ async def running_dashboard(
             "application_name": "vmdk-migrate-dashboard",
         },
     )
-    runner = web.AppRunner(build_app(pool), access_log=None)
+    app = build_app(pool, hosts=allowed_hosts(host, extra_hosts))
+    runner = web.AppRunner(app, access_log=None)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -155,7 +210,7 @@ def _parse_phase(text: str | None) -> str | None:
 def _parse_limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_IMAGE_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_IMAGE_LIMIT:
+    if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= MAX_IMAGE_LIMIT:
         raise _bad_request(f"limit must be an integer from 1 to {MAX_IMAGE_LIMIT}")
     return int(text)
 

@@ -18,6 +18,7 @@ The type of an exception *is* the retry decision; never flatten one into a strin
         ├── UnsupportedDisk             the source is not a VMDK Glance accepts (subformat, safety)
         ├── AuthFailed                  Keystone refused the credentials (401 on /v3/auth/tokens)
         ├── EndpointNotFound            no image endpoint in the catalog for interface/region
+        ├── RedirectRefused             a redirect would take credentials to another origin
         ├── Forbidden                   403
         ├── BadRequest                  400, 405, 406, 415, 431, 501 and other 4xx
         ├── NotFound                    404
@@ -187,6 +188,28 @@ class EndpointNotFound(PermanentError):
     """The service catalog has no image endpoint for the configured interface and region."""
 
     code = "endpoint_not_found"
+
+
+class RedirectRefused(PermanentError):
+    """A redirect would send credentials to another origin, or from https to http."""
+
+    code = "redirect_refused"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        from_url: str = "",
+        to_url: str = "",
+        why: str = "",
+        status: int | None = None,
+        request_id: str | None = None,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, request_id=request_id, operation=operation)
+        self.from_url = from_url
+        self.to_url = to_url
+        self.why = why  # "to another origin" or "from https to http"
 
 
 class Forbidden(PermanentError):

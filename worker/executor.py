@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiofiles
 import structlog
 
 from worker.clients.glance import GlanceClient, Image, Task
@@ -46,8 +44,9 @@ from worker.core.machine import (
     decide,
 )
 from worker.core.model import Phase
-from worker.errors import MigrationError, SourceError
+from worker.errors import MigrationError
 from worker.outage import Outages, Service
+from worker.source import hash_source
 from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
 
 log = structlog.get_logger(__name__)
@@ -216,7 +215,12 @@ class ImageRunner:
             await self.glance.delete_image(image_id)
             return Deleted(), None
         if isinstance(command, HashSource):
-            digests = await hash_file(Path(claim.spec.source), _algorithms(state))
+            digests = await hash_source(
+                Path(claim.spec.source),
+                _algorithms(state),
+                size_bytes=claim.spec.size_bytes,
+                identity=claim.spec.source_identity,
+            )
             return Hashed(digests[state.hash_algo], digests.get("md5")), None
         raise TypeError(f"unknown command {command!r}")
 
@@ -247,6 +251,11 @@ class ImageRunner:
                 size_bytes=claim.spec.size_bytes,
                 hash_algorithms=_algorithms(state),
                 progress=progress,
+                identity=claim.spec.source_identity,
+                # Only a disk inspected at submit is inspected again (a row with no identity
+                # recorded was queued past the manifest checks).
+                reinspect=claim.spec.disk_format == "vmdk"
+                and claim.spec.source_identity is not None,
             )
         digests = result.digests
         staged = Staged(result.size_bytes, digests[state.hash_algo], digests.get("md5"))
@@ -419,22 +428,3 @@ def _epoch(text: str | None) -> float | None:
 def _algorithms(state: ImageState) -> tuple[str, ...]:
     """The hashes to compute of the source: the cloud's algorithm, and md5 when asked for."""
     return (state.hash_algo, "md5") if state.verify_md5 else (state.hash_algo,)
-
-
-async def hash_file(
-    path: Path, algorithms: Sequence[str], *, chunk_bytes: int = 4 << 20
-) -> dict[str, str]:
-    """Hash a file without blocking the loop: reads are async, hashing runs in a thread."""
-    hashers = {name: hashlib.new(name) for name in algorithms}
-
-    def update(chunk: bytes) -> None:
-        for hasher in hashers.values():
-            hasher.update(chunk)
-
-    try:
-        async with aiofiles.open(path, "rb") as source:
-            while chunk := await source.read(chunk_bytes):
-                await asyncio.to_thread(update, chunk)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
-    return {name: hasher.hexdigest() for name, hasher in hashers.items()}

@@ -27,6 +27,31 @@ SECRET_KEYS = frozenset(
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
 
 
+# What a terminal acts on rather than shows: C0 controls (ESC, BEL, CR, LF, ...), DEL, C1
+# controls, line separators and bidirectional overrides. Names from manifests and Glance are
+# data and may hold any of them.
+_OTHER_CONTROLS = "\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNPRINTABLE = re.compile(f"[\x00-\x1f{_OTHER_CONTROLS}]")
+_UNPRINTABLE_BUT_NEWLINE = re.compile(f"[\x00-\x09\x0b-\x1f{_OTHER_CONTROLS}]")
+# Multi-line by nature: a traceback keeps its line breaks (its other controls are escaped).
+_MULTI_LINE_KEYS = frozenset({"exception", "stack"})
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` safe to show on a terminal: every control character written as its escape."""
+    pattern = _UNPRINTABLE_BUT_NEWLINE if keep_newlines else _UNPRINTABLE
+    return pattern.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
+
+
+def _printable(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Console lines only: JSON lines escape control characters themselves.
+    for key, value in list(event.items()):
+        # Other values are shown by their repr, which escapes control characters already.
+        if isinstance(value, str):
+            event[key] = printable(value, keep_newlines=key in _MULTI_LINE_KEYS)
+    return event
+
+
 def redact_url(text: str) -> str:
     """Mask the password in any URL inside `text`."""
     return _URL_PASSWORD.sub(r"\g<scheme>***@", text)
@@ -70,6 +95,7 @@ def configure(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
+            *([] if json else [_printable]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import difflib
 import functools
@@ -24,6 +25,7 @@ import yaml
 
 from worker.core.model import ImageSpec, JobSpec
 from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
+from worker.source import identity_of
 from worker.vmdk import Inspection, inspect_vmdk, min_disk_warning
 
 # What a disk gets when neither it nor `defaults` says otherwise.
@@ -47,7 +49,20 @@ _GLANCE_ATTRIBUTES = frozenset(
         "schema", "stores", "os_hidden",
     }
 )  # fmt: skip
+# Reserved words of Glance's image API: setting one is refused with 403.
+_GLANCE_RESERVED = frozenset({"location", "deleted", "deleted_at"})
 _MAX_PROPERTY_KEY = 255
+# Glance refuses characters outside the Basic Multilingual Plane (4 bytes in UTF-8) in the
+# strings of a create request (400): its database columns hold 3-byte UTF-8 only.
+_FOUR_BYTE = re.compile("[\U00010000-\U0010ffff]")
+# What the create body carries as strings that Glance checks; tags (a list) and the source
+# path (never sent) are not among them.
+_NOT_SENT_AS_STRINGS = frozenset({"source", "tags", "properties", "flat_as_raw"})
+# A manifest is four levels deep (disks[3].properties.key); anything much deeper is hostile.
+_MAX_DEPTH = 32
+# Values YAML aliases may add to a document. Reuse in a real manifest adds a few per disk; an
+# alias bomb adds billions, which the schema's error messages would then try to print.
+_MAX_ALIAS_VALUES = 100_000
 _TOP_LEVEL_ORDER = {
     "job": "1", "on_failure": "2", "not_before": "2a", "window": "2b", "defaults": "3", "disks": "4"
 }  # fmt: skip
@@ -68,6 +83,8 @@ class _Checked:
     base_dir: Path
     source_root: str | None
     files: _Files = field(default_factory=dict)
+    # What each file was when checked (see worker.source): the worker uploads only that file.
+    identities: dict[int, dict[str, int]] = field(default_factory=dict)
     inspections: dict[int, Inspection] = field(default_factory=dict)
     warnings: list[_Found] = field(default_factory=list)
 
@@ -132,9 +149,10 @@ def _root(source_root: Path | None) -> str | None:
 def _load(text: str, raw: bytes, *, checked: _Checked, fmt: str, source: str) -> LoadedManifest:
     try:
         document = _times_as_text(_parse(text, fmt))
+        found = _Shape().problems_of(document)
     except ValueError as exc:
         raise InvalidManifest([Problem("<file>", str(exc))], source=source) from exc
-    found = _schema_problems(document) + _semantic_problems(document, checked)
+    found += _schema_problems(document) + _semantic_problems(document, checked)
     found += _schedule_problems(document)
     if found:
         found.sort(key=lambda item: item[0])
@@ -171,11 +189,13 @@ def _parse(text: str, fmt: str) -> object:
 
 def _parse_json(text: str) -> object:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_json_mapping)
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"line {exc.lineno}, column {exc.colno}: {exc.msg}{_json_hint(exc)}"
         ) from exc
+    except RecursionError as exc:
+        raise ValueError(f"nested more than {_MAX_DEPTH} levels deep") from exc
 
 
 def _json_hint(exc: json.JSONDecodeError) -> str:
@@ -190,16 +210,115 @@ def _json_hint(exc: json.JSONDecodeError) -> str:
 
 
 def _parse_yaml(text: str) -> object:
-    # The C loader is ~10x faster, which matters for manifests listing thousands of disks.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.load(text, Loader=loader)
+        return yaml.load(text, Loader=_YamlLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ValueError(f"{where}{exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from exc
+
+
+class _Mapping(dict[Any, Any]):
+    """A parsed mapping that remembers the keys it was given more than once (JSON and YAML
+    both keep the last one silently)."""
+
+    duplicates: tuple[object, ...] = ()
+
+
+def _json_mapping(pairs: list[tuple[str, Any]]) -> _Mapping:
+    mapping = _Mapping(pairs)
+    if len(mapping) < len(pairs):
+        counts = collections.Counter(key for key, _ in pairs)
+        mapping.duplicates = tuple(key for key, count in counts.items() if count > 1)
+    return mapping
+
+
+# The C loader is ~10x faster, which matters for manifests listing thousands of disks.
+_YamlBase: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _YamlLoader(_YamlBase):  # type: ignore[misc]  # the base is chosen at import time
+    """The safe loader, with mappings that remember their repeated keys."""
+
+
+def _yaml_mapping(loader: Any, node: yaml.MappingNode) -> Iterator[_Mapping]:
+    mapping = _Mapping()
+    yield mapping  # first, as PyYAML does, so that a mapping may contain itself through an alias
+    # Explicit keys only: `<<: *defaults` followed by a key that overrides it is no repeat.
+    keys = [
+        loader.construct_object(key) if isinstance(key, yaml.ScalarNode) else id(key)
+        for key, _ in node.value
+        if key.tag != _MERGE_TAG
+    ]
+    mapping.duplicates = tuple(k for k, n in collections.Counter(keys).items() if n > 1)
+    mapping.update(loader.construct_mapping(node))
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:map", _yaml_mapping)
+
+
+class _Shape:
+    """One walk over a parsed document before anything else reads it.
+
+    Refuses (ValueError) documents too deep, cyclic or expanded by aliases beyond a small
+    bound; reports repeated keys and NUL characters (which PostgreSQL cannot store) where
+    they are. Shared values are visited once, so an alias bomb costs its size, not its
+    expansion.
+    """
+
+    def __init__(self) -> None:
+        self._sizes: dict[int, int] = {}
+        self._open: set[int] = set()
+        self._slots = 1  # values as written: one per container entry, plus the document
+        self._found: list[_Found] = []
+
+    def problems_of(self, document: object) -> list[_Found]:
+        expanded = self._size(document, ())
+        if expanded - self._slots > _MAX_ALIAS_VALUES:
+            raise ValueError(
+                f"YAML aliases expand the document by more than {_MAX_ALIAS_VALUES} values "
+                f"(to {expanded}): refused"
+            )
+        return self._found
+
+    def _size(self, value: object, path: _Path) -> int:
+        if isinstance(value, str):
+            self._check_text(value, path)
+        if not isinstance(value, dict | list):
+            return 1
+        known = self._sizes.get(id(value))
+        if known is not None:
+            return known
+        if id(value) in self._open:
+            raise ValueError(f"{_location(path)}: an alias refers to a value that contains it")
+        if len(path) >= _MAX_DEPTH:
+            raise ValueError(f"{_location(path)}: nested more than {_MAX_DEPTH} levels deep")
+        self._open.add(id(value))
+        total = 1
+        if isinstance(value, dict):
+            for key in getattr(value, "duplicates", ()):
+                self._add((*path, str(key)), "duplicate key: it is given more than once")
+            for key, child in value.items():
+                if isinstance(key, str):
+                    self._check_text(key, (*path, key))
+                total += self._size(child, (*path, str(key)))
+        else:
+            for index, child in enumerate(value):
+                total += self._size(child, (*path, index))
+        self._slots += len(value)
+        self._open.discard(id(value))
+        self._sizes[id(value)] = total
+        return total
+
+    def _check_text(self, text: str, path: _Path) -> None:
+        if "\0" in text:
+            self._add(path, "contains a NUL character (\\u0000), which cannot be stored")
+
+    def _add(self, path: _Path, message: str) -> None:
+        self._found.append((_sort_key(path), Problem(_location(path), message)))
 
 
 # Structure: the JSON Schema, with its errors told in our words --------------------------------
@@ -248,6 +367,8 @@ def _translate(error: jsonschema.ValidationError) -> Iterator[tuple[_Path, str]]
                 yield path, f"missing required key {key!r}"
     elif error.validator == "minItems":
         yield path, f"must list at least {error.validator_value} item(s)"
+    elif error.validator == "maxItems":
+        yield path, f"must list at most {error.validator_value} item(s), got {len(instance)}"
     elif isinstance(rules, dict):
         yield path, f"must be {_expectation(rules)}, got {_show(instance)}{_hint(rules, instance)}"
 
@@ -283,6 +404,13 @@ def _hint(rules: Mapping[str, Any], instance: object) -> str:
 
 
 def _show(value: object) -> str:
+    """A short view of a value: containers by their size, never serialized whole."""
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} key(s)"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, str) and len(value) > 60:
+        value = value[:60]
     text = json.dumps(value, default=str, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -360,6 +488,7 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
     defaults = document.get("defaults")
     if isinstance(defaults, dict):
         found += _property_key_problems(("defaults",), defaults)
+        found += _four_byte_problems(("defaults",), defaults)
     else:
         defaults = {}
     disks = document.get("disks")
@@ -368,6 +497,7 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
     for index, disk in enumerate(disks if isinstance(disks, list) else []):
         if isinstance(disk, dict):
             found += _property_key_problems(("disks", index), disk)
+            found += _four_byte_problems(("disks", index), disk)
             found += _source_problems(index, disk, checked)
             found += _duplicate_problems(index, disk, first_of_name)
             if index in checked.files and _setting(disk, defaults, "disk_format") == "vmdk":
@@ -398,9 +528,33 @@ def _property_key_message(key: object) -> str | None:
         return f"{key!r} is a named field: set it beside 'properties', not inside"
     if key in _GLANCE_ATTRIBUTES:
         return f"{key!r} is an attribute Glance maintains itself"
+    if key in _GLANCE_RESERVED:
+        return f"{key!r} is reserved by Glance, which answers 403"
     if not key or len(key) > _MAX_PROPERTY_KEY:
         return f"property names must be 1 to {_MAX_PROPERTY_KEY} characters"
     return None
+
+
+def _four_byte_problems(path: _Path, target: Mapping[str, object]) -> Iterator[_Found]:
+    """Strings of the create request that Glance refuses for a 4-byte UTF-8 character."""
+    texts: list[tuple[_Path, object]] = [
+        ((*path, key), value) for key, value in target.items() if key not in _NOT_SENT_AS_STRINGS
+    ]
+    properties = target.get("properties")
+    for key, value in properties.items() if isinstance(properties, dict) else ():
+        where = (*path, "properties", str(key))
+        texts += [(where, key), (where, value)]
+    if "name" not in target and path[0] == "disks":
+        texts.append(((*path, "source"), _image_name(target)))
+    for where, text in texts:
+        found = _FOUR_BYTE.search(text) if isinstance(text, str) else None
+        if found:
+            what = "the image name taken from the file name" if where[-1] == "source" else "it"
+            message = (
+                f"{what} contains {found.group()!r} (U+{ord(found.group()):04X}), a 4-byte "
+                "UTF-8 character, which Glance refuses (400)"
+            )
+            yield _sort_key(where), Problem(_location(where), message)
 
 
 @functools.cache
@@ -414,11 +568,12 @@ def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) 
         return  # the schema reports it
     # os.path rather than pathlib: this runs once per disk, and manifests list thousands.
     path = os.path.realpath(os.path.join(checked.base_dir, source))
-    size_bytes = _outside(path, checked.source_root) or _file_size(path)
-    if isinstance(size_bytes, int):
-        checked.files[index] = (path, size_bytes)
+    status = _outside(path, checked.source_root) or _file_status(path)
+    if isinstance(status, os.stat_result):
+        checked.files[index] = (path, status.st_size)
+        checked.identities[index] = identity_of(status)
     else:
-        yield _source_problem(index, f"{size_bytes}: {path}")
+        yield _source_problem(index, f"{status}: {path}")
 
 
 def _source_problem(index: int, message: str) -> _Found:
@@ -481,8 +636,8 @@ def _inspection_warnings(
         yield _sort_key(where), Problem(_location(where), too_small)
 
 
-def _file_size(path: str) -> int | str:
-    """The size of a file we can migrate, or why we cannot; one stat and one open per file."""
+def _file_status(path: str) -> os.stat_result | str:
+    """The stat of a file we can migrate, or why we cannot; one stat and one open per file."""
     try:
         status = os.stat(path)
     except FileNotFoundError:
@@ -499,7 +654,7 @@ def _file_size(path: str) -> int | str:
             pass
     except OSError as exc:
         return f"unreadable ({exc.strerror})"
-    return status.st_size
+    return status
 
 
 def _duplicate_problems(
@@ -534,15 +689,21 @@ def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dic
     defaults: dict[str, Any] = {**BUILTIN_DEFAULTS, **document.get("defaults", {})}
     files = dict(checked.files)
     merged = [_merge(defaults, disk, files[i][0]) for i, disk in enumerate(document["disks"])]
+    identities = dict(checked.identities)
     for index, inspection in checked.inspections.items():
         if inspection.disk_format != merged[index]["disk_format"]:
             # A flat extent uploaded as raw: the image is made of the extent, not the descriptor.
             files[index] = (str(inspection.upload_path), inspection.upload_size_bytes)
             merged[index]["source"] = str(inspection.upload_path)
             merged[index]["disk_format"] = inspection.disk_format
+            identities.pop(index, None)  # the descriptor's identity is not the extent's
+            if inspection.upload_status is not None:
+                identities[index] = identity_of(inspection.upload_status)
     job = JobSpec(
         name=document["job"],
-        disks=tuple(_image_spec(i, disk, files[i][1]) for i, disk in enumerate(merged)),
+        disks=tuple(
+            _image_spec(i, disk, files[i][1], identities.get(i)) for i, disk in enumerate(merged)
+        ),
         on_failure=document.get("on_failure", "delete"),
     )
     normalized: dict[str, object] = {
@@ -569,7 +730,9 @@ def _merge(defaults: Mapping[str, Any], disk: Mapping[str, Any], source: str) ->
     return merged
 
 
-def _image_spec(index: int, disk: Mapping[str, Any], size_bytes: int) -> ImageSpec:
+def _image_spec(
+    index: int, disk: Mapping[str, Any], size_bytes: int, identity: Mapping[str, int] | None
+) -> ImageSpec:
     named = {k: v for k, v in disk.items() if k in _PROPERTY_FIELDS or _HW_KEY.match(k)}
     return ImageSpec(
         index=index,
@@ -584,4 +747,5 @@ def _image_spec(index: int, disk: Mapping[str, Any], size_bytes: int) -> ImageSp
         protected=disk["protected"],
         tags=tuple(disk.get("tags", ())),
         properties={**disk["properties"], **named},
+        source_identity=identity,
     )

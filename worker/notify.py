@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,7 +16,10 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from worker.clients.http import SAFE_REDIRECTS
+from worker.config import Secret
 from worker.core.model import Phase
+from worker.errors import RedirectRefused
 from worker.logs import redact_url
 from worker.store.store import JobSummary
 
@@ -37,6 +43,7 @@ _OUTAGE_EVENTS = frozenset({"outage.started", "outage.ended"})
 _OUTAGE_KEYS = ("service", "reason", "since", "duration_s", "message")
 
 JobSummaries = Callable[[str], Awaitable[Sequence[JobSummary]]]
+SIGNATURE_HEADER = "X-Vmdk-Migrate-Signature"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,13 @@ class WebhookSettings:
     max_backoff_s: float = 30.0
     queue_size: int = 10_000  # notices beyond this are dropped (and logged), not awaited
     drain_s: float = 15.0  # at shutdown, time given to notices still queued
+    secret: Secret | None = None  # signs each body: X-Vmdk-Migrate-Signature: sha256=<hex>
+
+
+def signature(secret: Secret, body: bytes) -> str:
+    """The signature header's value: HMAC-SHA256 of the exact body bytes, in hex."""
+    digest = hmac.new(secret.reveal().encode(), body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
 
 
 def safe_target(url: str) -> str:
@@ -73,6 +87,7 @@ class WebhookNotifier:
         self._completed: set[str] = set()
         self.sent = 0
         self.given_up = 0
+        self.dropped = 0
 
     def observe(self, event: Mapping[str, Any]) -> None:
         """Queue a failure notice and a completion check for each finished image, and one
@@ -92,7 +107,19 @@ class WebhookNotifier:
         try:
             self._queue.put_nowait((kind, payload))
         except asyncio.QueueFull:
-            log.warning("notify.dropped", kind=kind, queued=self._queue.qsize())
+            self._dropped(kind, payload, reason="queue_full")
+
+    def _dropped(self, kind: str, payload: Mapping[str, Any], *, reason: str) -> None:
+        """Every notice that will never be sent gets this one warning."""
+        self.dropped += 1
+        log.warning(
+            "notify.dropped",
+            kind=kind,
+            job_id=payload.get("job_id"),
+            result_id=payload.get("result_id"),
+            reason=reason,
+            target=safe_target(self._settings.url),
+        )
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Send queued notices one at a time, forever (cancel to stop)."""
@@ -103,8 +130,12 @@ class WebhookNotifier:
                     await self._check_job(session, payload["job_id"])
                 else:
                     await self._send(session, kind, payload)
+            except asyncio.CancelledError:
+                self._dropped(kind, payload, reason="shutdown: in flight")
+                raise
             except Exception:
                 log.exception("notify.error", kind=kind)
+                self._dropped(kind, payload, reason="error")
             finally:
                 self._queue.task_done()
 
@@ -112,6 +143,13 @@ class WebhookNotifier:
         """Wait for the queued notices, at most `drain_s`."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout=self._settings.drain_s)
+
+    def drop_queued(self) -> None:
+        """Log the notices still queued once the sender has stopped; they are not sent."""
+        while not self._queue.empty():
+            kind, payload = self._queue.get_nowait()
+            self._dropped(kind, payload, reason="shutdown: still queued")
+            self._queue.task_done()
 
     async def _check_job(self, session: aiohttp.ClientSession, job_id: str) -> None:
         if job_id in self._completed:
@@ -144,10 +182,17 @@ class WebhookNotifier:
         # once): this key names the notice so they can drop repeats.
         subject = payload.get("job_id") or f"{payload.get('service')}@{payload.get('since')}"
         key = f"{kind}:{subject}:{payload.get('result_id', '')}"
-        headers = {"Idempotency-Key": key, "User-Agent": "vmdk-migrate"}
+        data = json.dumps(body).encode()
+        headers = {
+            "Idempotency-Key": key,
+            "User-Agent": "vmdk-migrate",
+            "Content-Type": "application/json",
+        }
+        if settings.secret is not None:
+            headers[SIGNATURE_HEADER] = signature(settings.secret, data)
         delay_s = settings.backoff_s
         for attempt in range(1, settings.attempts + 1):
-            outcome = await self._post(session, body, headers)
+            outcome = await self._post(session, data, headers)
             if outcome == "ok":
                 self.sent += 1
                 log.info("notify.sent", kind=kind, target=safe_target(settings.url))
@@ -166,18 +211,29 @@ class WebhookNotifier:
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, settings.max_backoff_s)
         self.given_up += 1
+        self._dropped(kind, payload, reason=f"gave up: {outcome}")
 
     async def _post(
-        self, session: aiohttp.ClientSession, body: dict[str, Any], headers: dict[str, str]
+        self, session: aiohttp.ClientSession, data: bytes, headers: dict[str, str]
     ) -> str:
         """'ok', 'retry: ...' or 'refused: ...' (a 4xx other than 408/429 is not retried)."""
         timeout = aiohttp.ClientTimeout(total=self._settings.timeout_s)
         try:
             async with session.post(
-                self._settings.url, json=body, headers=headers, timeout=timeout
+                self._settings.url,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                middlewares=SAFE_REDIRECTS,
             ) as response:
                 await response.read()
                 status = response.status
+        except RedirectRefused as exc:
+            # Origins only: a webhook's path and query often carry its secret.
+            return (
+                f"refused: HTTP {exc.status} redirect {exc.why}, from {safe_target(exc.from_url)} "
+                f"to {safe_target(exc.to_url)}"
+            )
         except TimeoutError:
             return "retry: timeout"
         except aiohttp.ClientError as exc:
@@ -208,3 +264,4 @@ async def notifying(notifier: WebhookNotifier) -> AsyncIterator[WebhookNotifier]
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            notifier.drop_queued()

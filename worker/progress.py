@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from worker.core.model import Phase
+from worker.logs import printable
 from worker.report import pause_lines
 from worker.store.store import JobSummary, Pause, ResultRow, Store
 
@@ -62,7 +63,7 @@ def new_bars(console: Console) -> Progress:
 def _sync_bar(
     bars: Progress, tasks: dict[Any, TaskID], key: Any, text: str, done: int, total: int
 ) -> None:
-    text = escape(text)  # image names are data, not rich markup
+    text = escape(printable(text))  # image names are data: not rich markup, nor terminal codes
     task = tasks.get(key)
     if task is None:
         tasks[key] = bars.add_task(text, total=total or None, completed=done)
@@ -327,7 +328,7 @@ def format_fleet(snapshot: FleetSnapshot) -> str:
             f"  {flight.worker_id}  {flight.job_name}/{row.image_name}  {row.phase}  "
             f"{row.bytes_staged}/{size} bytes ({percent}%)"
         )
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 class FleetBars:

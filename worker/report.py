@@ -25,6 +25,7 @@ import click
 
 from worker.core.model import Phase
 from worker.errors import InvalidManifest
+from worker.logs import printable
 from worker.outage import Service, format_duration
 from worker.store.store import JobSummary, Pause, ResultRow
 
@@ -60,7 +61,7 @@ def print_problems(error: InvalidManifest) -> None:
     source = error.source or "manifest"
     click.echo(f"{source}: invalid: {len(error.problems)} problem(s)", err=True)
     for problem in error.problems:
-        click.echo(f"  {problem.location}: {problem.message}", err=True)
+        click.echo(printable(f"  {problem.location}: {problem.message}"), err=True)
 
 
 def print_job_status(summary: JobSummary, rows: Sequence[ResultRow], *, matched: int = 0) -> None:
@@ -73,7 +74,7 @@ def print_job_status(summary: JobSummary, rows: Sequence[ResultRow], *, matched:
     )
     state = " (cancelled)" if summary.cancelled else ""
     click.echo(
-        f"job {summary.name} {summary.job_id}{state}: {summary.disk_count} image(s), "
+        f"job {printable(summary.name)} {summary.job_id}{state}: {summary.disk_count} image(s), "
         f"{summary.bytes_staged}/{summary.total_bytes} bytes staged  {counts}"
     )
     if summary.cleanups_owed:
@@ -87,7 +88,7 @@ def print_job_status(summary: JobSummary, rows: Sequence[ResultRow], *, matched:
     for row, cells in zip(rows, table, strict=True):
         click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
         if row.error_message:
-            click.echo(f"      {row.error_code}: {row.error_message}")
+            click.echo(f"      {row.error_code}: {printable(row.error_message)}")
     if matched > len(rows):
         click.echo(
             f"  ... and {matched - len(rows)} more (--limit 0 shows all; "
@@ -200,7 +201,7 @@ def _write_table(headers: Sequence[str], table: Sequence[Sequence[str]], stream:
 def _cell(value: object) -> str:
     if value is None:
         return "-"
-    text = str(value)
+    text = printable(str(value))  # names are data: an ESC or a newline must not reach the TTY
     return text[:12] + "…" if len(text) > 40 else text  # long hashes: a prefix identifies them
 
 

@@ -6,7 +6,7 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,6 +36,8 @@ _EXTENT_TYPES = frozenset(
     {"FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFSRAW", "SESPARSE"}
 )
 _EXTENT_ACCESS = ("rw", "rdonly", "noaccess")
+# 2**64 sectors has 20 digits; a longer number is hostile (and int() refuses 4,300 digits).
+_MAX_SECTOR_DIGITS = 20
 # ACCESS SIZE_IN_SECTORS TYPE ["file name" [OFFSET]]; ZERO extents name no file.
 _EXTENT_LINE = re.compile(
     r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?$', re.IGNORECASE
@@ -73,6 +75,8 @@ class Inspection:
     upload_size_bytes: int
     bytes_read: int
     warnings: tuple[str, ...] = ()
+    # The stat of a flat extent to upload, taken when it was checked (None: the file itself).
+    upload_status: os.stat_result | None = field(default=None, compare=False, repr=False)
 
 
 def inspect_vmdk(path: Path, *, flat_as_raw: bool = False) -> Inspection:
@@ -84,10 +88,15 @@ def inspect_vmdk(path: Path, *, flat_as_raw: bool = False) -> Inspection:
     """
     try:
         with open(path, "rb") as file:
-            reader = _Reader(file, os.fstat(file.fileno()).st_size)
-            return _inspect(path, reader, flat_as_raw=flat_as_raw)
+            return inspect_open_vmdk(file, path, flat_as_raw=flat_as_raw)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def inspect_open_vmdk(file: BinaryIO, path: Path, *, flat_as_raw: bool = False) -> Inspection:
+    """The same inspection of a file already open (its position is not kept)."""
+    reader = _Reader(file, os.fstat(file.fileno()).st_size)
+    return _inspect(path, reader, flat_as_raw=flat_as_raw)
 
 
 def min_disk_warning(virtual_size_bytes: int, min_disk_gib: int) -> str | None:
@@ -284,6 +293,13 @@ def _inspect_descriptor(
         )
     # Most descriptors fit in the first sector, already read.
     raw = head if len(head) == reader.size_bytes else reader.read_at(0, reader.size_bytes)
+    # qemu-img convert pads the descriptor file with NULs to a whole sector; qemu reads the
+    # text up to the first NUL. Anything but padding after it would be hidden from a reader.
+    raw, _, padding = raw.partition(b"\0")
+    if padding.strip(b"\0"):
+        raise UnsupportedDisk(
+            f"invalid VMDK descriptor: data follows the NUL padding at byte {len(raw)}"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -323,7 +339,6 @@ def _flat_extent(
             f"it cannot be uploaded as raw; convert it first with {convert_hint(path)}"
         )
     extent_path = Path(os.path.realpath(path.parent / name))
-    _check_flat_file(extent_path, name, size_bytes)
     return Inspection(
         subformat=subformat,
         virtual_size_bytes=size_bytes,
@@ -331,10 +346,11 @@ def _flat_extent(
         upload_path=extent_path,
         upload_size_bytes=size_bytes,
         bytes_read=reader.bytes_read,
+        upload_status=_check_flat_file(extent_path, name, size_bytes),
     )
 
 
-def _check_flat_file(extent_path: Path, name: str, size_bytes: int) -> None:
+def _check_flat_file(extent_path: Path, name: str, size_bytes: int) -> os.stat_result:
     try:
         status = os.stat(extent_path)
     except OSError as exc:
@@ -348,6 +364,7 @@ def _check_flat_file(extent_path: Path, name: str, size_bytes: int) -> None:
             f"the flat extent '{name}' has {status.st_size} bytes, the descriptor says "
             f"{size_bytes}: {extent_path}"
         )
+    return status
 
 
 def _check_not_delta(descriptor: Descriptor, path: Path) -> None:
@@ -412,6 +429,12 @@ def _extent(line: str, number: int) -> Extent:
     access, sectors, kind, name, offset = match.groups()
     if name is not None and (name in ("", ".", "..") or "\0" in name):
         raise UnsupportedDisk(_unsafe_name(line))
+    for value in (sectors, offset or ""):
+        if len(value) > _MAX_SECTOR_DIGITS:
+            raise UnsupportedDisk(
+                f"invalid VMDK descriptor: line {number} gives a sector count of {len(value)} "
+                f"digits, more than any disk has: {line[:60]!r}"
+            )
     return Extent(
         access=access.upper(),
         size_sectors=int(sectors),

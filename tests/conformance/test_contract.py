@@ -395,6 +395,15 @@ CASES = [
         "create-bad-disk-format", 400, "POST", "/v2/images", json=IMAGE | {"disk_format": "vmdkx"}
     ),
     Case("create-os-glance-property", 403, "POST", "/v2/images", json=IMAGE | {"os_glance_x": "1"}),
+    Case("create-reserved-property", 403, "POST", "/v2/images", json=IMAGE | {"deleted": "no"}),
+    Case("create-4-byte-name", 400, "POST", "/v2/images", json=IMAGE | {"name": "disk \U0001f680"}),
+    Case(
+        "create-129-tags",
+        413,
+        "POST",
+        "/v2/images",
+        json=IMAGE | {"tags": [f"t{n}" for n in range(129)]},
+    ),
     Case(
         "create-duplicate-id", 409, "POST", "/v2/images", given_queued, json=IMAGE | {"id": "{id}"}
     ),

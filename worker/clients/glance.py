@@ -10,15 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-import aiofiles.os
 import aiohttp
-from aiofiles.threadpool.binary import AsyncBufferedReader
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
 from worker.clients.http import (
     REQUEST_ID_HEADER,
+    SAFE_REDIRECTS,
     error_from_response,
     header,
     translate_transport_errors,
@@ -32,6 +30,7 @@ from worker.errors import (
     RequestTimeout,
     SourceError,
 )
+from worker.source import Source
 
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 # File data one process holds in flight across all its uploads: with many uploads at once each
@@ -201,14 +200,22 @@ class GlanceClient:
         size_bytes: int,
         hash_algorithms: Sequence[str] = ("sha512",),
         progress: Callable[[int], None] | None = None,
+        identity: Mapping[str, int] | None = None,
+        reinspect: bool = False,
     ) -> StageResult:
-        """Stream the file as the image's data; on a 401 the whole stream restarts once."""
-        await _check_source(path, size_bytes)
+        """Stream the file as the image's data; on a 401 the whole stream restarts once.
+
+        With `identity` (see worker.source) only that very file is sent, and `reinspect`
+        checks its VMDK header again first.
+        """
+        async with translate_transport_errors("stage"):  # names the operation of our errors
+            await asyncio.to_thread(_check_source, path, size_bytes, identity, reinspect)
         bodies: list[_FileBody] = []
 
         def new_body() -> _FileBody:
             body = _FileBody(
                 path,
+                identity=identity,
                 size_bytes=size_bytes,
                 chunk_bytes=self._chunk_bytes,
                 hash_algorithms=hash_algorithms,
@@ -363,6 +370,7 @@ class GlanceClient:
                     json=json_body,
                     data=body,
                     timeout=self._timeout,
+                    middlewares=SAFE_REDIRECTS,
                 ) as response,
             ):
                 answer = _Answer(response.status, await response.read(), dict(response.headers))
@@ -377,16 +385,13 @@ class GlanceClient:
         raise AssertionError("unreachable: the second attempt returns or raises")
 
 
-async def _check_source(path: Path, size_bytes: int) -> None:
-    try:
-        stat = await aiofiles.os.stat(path)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}", operation="stage") from exc
-    if stat.st_size != size_bytes:
-        raise SourceError(
-            f"source changed: {path} has {stat.st_size} bytes, expected {size_bytes}",
-            operation="stage",
-        )
+def _check_source(
+    path: Path, size_bytes: int, identity: Mapping[str, int] | None, reinspect: bool
+) -> None:
+    """Before any request: the source is there, is the file expected, and (if asked) still
+    the VMDK that was inspected."""
+    with Source.open(path, size_bytes=size_bytes, identity=identity, reinspect=reinspect):
+        pass
 
 
 def _truthy(value: object) -> bool:
@@ -411,6 +416,7 @@ class _FileBody(Payload):
         self,
         path: Path,
         *,
+        identity: Mapping[str, int] | None,
         size_bytes: int,
         chunk_bytes: int,
         hash_algorithms: Sequence[str],
@@ -422,6 +428,7 @@ class _FileBody(Payload):
         # A known size makes aiohttp send Content-Length instead of chunked encoding.
         self._size = size_bytes
         self._path = path
+        self._identity = identity
         self._chunk_bytes = chunk_bytes
         self._hashers = {name: hashlib.new(name) for name in hash_algorithms}
         self._progress = progress
@@ -445,6 +452,7 @@ class _FileBody(Payload):
             await self._stream(writer)
         except MigrationError as exc:
             # aiohttp wraps whatever a body raises; keep ours so stage() can raise it as is.
+            exc.operation = exc.operation or "stage"
             self.failure = exc
             raise
 
@@ -456,32 +464,28 @@ class _FileBody(Payload):
 
     async def _stream(self, writer: AbstractStreamWriter) -> None:
         remaining = self._size or 0
-        try:
-            source = await aiofiles.open(self._path, "rb")
-        except OSError as exc:
-            raise self._unreadable(exc) from exc
+        # Opened and checked again for each attempt: the file may have been swapped meanwhile.
+        source = await asyncio.to_thread(
+            Source.open, self._path, size_bytes=remaining, identity=self._identity
+        )
         try:
             while remaining > 0:
-                chunk = await self._read(source, min(self._chunk_size(), remaining))
+                chunk = await asyncio.to_thread(source.read, min(self._chunk_size(), remaining))
                 if not chunk:
                     raise self._changed(f"it ended after {self._size_done(remaining)} bytes")
                 remaining -= len(chunk)
-                # Checked before the last chunk leaves, so a grown file is never staged.
-                if remaining == 0 and await self._read(source, 1):
-                    raise self._changed("it grew past the declared size")
+                # Checked before the last chunk leaves, so a grown or rewritten file is never
+                # staged whole.
+                if remaining == 0:
+                    if await asyncio.to_thread(source.read, 1):
+                        raise self._changed("it grew past the declared size")
+                    await asyncio.to_thread(source.check_unchanged)
                 await self._send(writer, chunk)
         finally:
-            await source.close()
+            source.close()
 
     def _chunk_size(self) -> int:
         return chunk_size_for(self._chunk_bytes, uploads=self._throttle.streams)
-
-    async def _read(self, source: AsyncBufferedReader, size_bytes: int) -> bytes:
-        # Only file errors are the source's fault; socket errors stay transport errors.
-        try:
-            return await source.read(size_bytes)
-        except OSError as exc:
-            raise self._unreadable(exc) from exc
 
     async def _send(self, writer: AbstractStreamWriter, chunk: bytes) -> None:
         # Hash chunk n in a thread while it is being sent: hashlib releases the GIL.
@@ -515,9 +519,6 @@ class _FileBody(Payload):
 
     def _size_done(self, remaining: int) -> int:
         return (self._size or 0) - remaining
-
-    def _unreadable(self, exc: OSError) -> SourceError:
-        return SourceError(f"cannot read {self._path}: {exc}", operation="stage")
 
     def _changed(self, how: str) -> SourceError:
         return SourceError(

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+from yarl import URL
 
 from worker import __version__
 from worker.config import CloudSettings
@@ -30,6 +31,7 @@ from worker.errors import (
     NotFound,
     QuotaExceeded,
     RateLimited,
+    RedirectRefused,
     RequestTimeout,
     RetryableError,
 )
@@ -51,11 +53,15 @@ _STATUS_CLASSES: dict[int, type[MigrationError]] = {
 # Glance's size-cap answer ("The incoming image is too large") as opposed to a quota or a full
 # staging area, which are worth waiting for.
 _SIZE_CAP = re.compile(r"image is too large|image_size_cap|size cap", re.IGNORECASE)
+# Glance's per-image limits (image_tag_quota, image_property_quota ...): the request itself is
+# too big, and waiting will not shrink it.
+_PER_IMAGE_LIMIT = re.compile(r"number of allowed image \w+", re.IGNORECASE)
 _TAG = re.compile(r"<[^>]+>")
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _HEAD = re.compile(r"<head>.*?</head>|<h1>.*?</h1>|<title>.*?</title>", re.IGNORECASE | re.DOTALL)
 _SPACE = re.compile(r"\s+")
 _STATUS_LINE = re.compile(r"^\d{3}\s+\S")
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 def error_from_response(
@@ -78,6 +84,8 @@ def error_from_response(
 
 def _error_class(status: int, message: str) -> type[MigrationError]:
     if status == 413:
+        if _PER_IMAGE_LIMIT.search(message):
+            return BadRequest
         return ImageTooLarge if _SIZE_CAP.search(message) else QuotaExceeded
     if status in _STATUS_CLASSES:
         return _STATUS_CLASSES[status]
@@ -177,12 +185,66 @@ def _limit(text: str) -> str:
     return text[: _MESSAGE_LIMIT_CHARS - 1] + "…"
 
 
+def redirect_refusal(origin_url: URL, location: str) -> tuple[URL, str] | None:
+    """Where a redirect goes and why it must not be followed, or None when it may be.
+
+    Every request we make carries a credential (a token, a password, a signed notice), and
+    aiohttp only drops `Authorization` and cookies when it leaves the origin: `X-Auth-Token`
+    and a re-POSTed body would go along.
+    """
+    try:
+        target = origin_url.join(URL(location))
+        target_origin = target.origin()
+    except ValueError:
+        return None  # aiohttp refuses such a Location itself
+    if origin_url.scheme == "https" and target.scheme == "http":
+        return target, "from https to http"
+    if target_origin != origin_url.origin():
+        return target, "to another origin"
+    return None
+
+
+async def refuse_unsafe_redirects(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware: a redirect that would leave the origin (or TLS) is RedirectRefused."""
+    response = await handler(request)
+    location = response.headers.get("Location")
+    if response.status not in _REDIRECT_STATUSES or location is None:
+        return response
+    refusal = redirect_refusal(request.url, location)
+    if refusal is None:
+        return response
+    target, why = refusal
+    response.release()
+    raise RedirectRefused(
+        f"refused to follow a redirect {why}: {shown_url(request.url)} answered "
+        f"{response.status} to {shown_url(target)}, and the request carries credentials",
+        from_url=str(request.url),
+        to_url=str(target),
+        why=why,
+        status=response.status,
+        request_id=header(response.headers, REQUEST_ID_HEADER),
+    )
+
+
+# Per request rather than per session: every session a caller hands in gets the rule.
+SAFE_REDIRECTS = (refuse_unsafe_redirects,)
+
+
+def shown_url(url: URL) -> str:
+    """A URL without its user information or query, which may carry secrets."""
+    return str(url.with_user(None).with_query(None).with_fragment(None))
+
+
 @asynccontextmanager
 async def translate_transport_errors(operation: str) -> AsyncIterator[None]:
     """Turn aiohttp and timeout exceptions raised inside the block into our errors, once."""
     try:
         yield
-    except MigrationError:
+    except MigrationError as exc:
+        if exc.operation is None:
+            exc.operation = operation
         raise
     except TimeoutError as exc:
         # Checked first: aiohttp's ServerTimeoutError is also a connection error.

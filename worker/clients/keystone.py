@@ -16,6 +16,7 @@ import structlog
 
 from worker.clients.http import (
     REQUEST_ID_HEADER,
+    SAFE_REDIRECTS,
     error_from_response,
     header,
     request_timeout,
@@ -163,6 +164,7 @@ class KeystoneAuth:
                 json=body,
                 headers={"Accept": "application/json"},
                 timeout=request_timeout(self._settings),
+                middlewares=SAFE_REDIRECTS,
             ) as response,
         ):
             raw = await response.read()

@@ -49,6 +49,8 @@ class ImageSpec:
     protected: bool = False
     tags: tuple[str, ...] = ()
     properties: Mapping[str, str] = field(default_factory=dict)
+    # The file as inspected at submit (device, inode, size_bytes, mtime_ns); None if unknown.
+    source_identity: Mapping[str, int] | None = None
 
     @property
     def asks_for_rewrite(self) -> bool:

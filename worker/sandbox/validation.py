@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -21,6 +22,12 @@ READ_ONLY = frozenset(
         "virtual_size",
     }
 )  # fmt: skip
+# Glance's _reserved_properties: refused with 403 on create and PATCH.
+RESERVED = frozenset({"location", "deleted", "deleted_at"})
+# Glance's default image_tag_quota.
+MAX_TAGS = 128
+# no_4byte_params: characters outside the Basic Multilingual Plane in a create body's strings.
+_FOUR_BYTE = re.compile("[\U00010000-\U0010ffff]")
 INTEGER_FIELDS = ("min_ram", "min_disk")
 BOOLEAN_FIELDS = ("protected", "os_hidden")
 # Changing these is allowed only while the image holds no data yet (or mid-import).
@@ -51,7 +58,7 @@ def check_attribute(key: str, value: Any) -> None:
     """Refuse one key/value pair the way Glance does (400 schema, 403 read-only or reserved)."""
     if key in READ_ONLY:
         raise InvalidImage(403, f"Attribute '{key}' is read-only.")
-    if key.startswith("os_glance"):
+    if key.startswith("os_glance") or key in RESERVED:
         raise InvalidImage(403, f"Attribute '{key}' is reserved.")
     enum = ENUMS.get(key)
     if enum is not None:
@@ -108,7 +115,28 @@ def validate_create(body: Any) -> dict[str, Any]:
             _check_uuid(value)
         else:
             check_attribute(key, value)
+    _check_no_4byte(body)
+    check_tag_count(body.get("tags") or ())
     return body
+
+
+def check_tag_count(tags: Any) -> None:
+    """The image_tag_quota check of Glance's quota layer (413)."""
+    if len(tags) > MAX_TAGS:
+        raise InvalidImage(
+            413,
+            "The limit has been exceeded on the number of allowed image tags. "
+            f"Attempted: {len(tags)}, Maximum: {MAX_TAGS}",
+        )
+
+
+def _check_no_4byte(body: dict[str, Any]) -> None:
+    # As no_4byte_params: string keys and values of the body (lists such as tags unchecked).
+    for key, value in body.items():
+        if isinstance(key, str) and _FOUR_BYTE.search(key):
+            raise InvalidImage(400, "Property names can't contain 4 byte unicode.")
+        if isinstance(value, str) and _FOUR_BYTE.search(value):
+            raise InvalidImage(400, f"{key.title()} can't contain 4 byte unicode characters.")
 
 
 def _check_uuid(value: Any) -> None:
@@ -152,6 +180,9 @@ def _apply_operation(image: Image, operation: Any) -> None:
     if "value" not in operation:
         raise InvalidImage(400, "Operation objects must contain a 'value' member.")
     check_attribute(key, operation["value"])
+    _check_no_4byte({key: operation["value"]})
+    if key == "tags":
+        check_tag_count(operation["value"])
     if operation["op"] == "replace" and key not in CORE_FIELDS and key not in image.properties:
         raise InvalidImage(409, f"Property {key} does not exist.")
     apply_attribute(image, key, operation["value"])
@@ -160,7 +191,7 @@ def _apply_operation(image: Image, operation: Any) -> None:
 def _remove(image: Image, key: str) -> None:
     if key in READ_ONLY:
         raise InvalidImage(403, f"Attribute '{key}' is read-only.")
-    if key.startswith("os_glance"):
+    if key.startswith("os_glance") or key in RESERVED:
         raise InvalidImage(403, f"Attribute '{key}' is reserved.")
     if key in CORE_FIELDS:
         raise InvalidImage(403, f"Properties {key} is a core property and cannot be removed.")

@@ -144,6 +144,7 @@ class ResultRow:
             name=self.image_name,
             source=self.source_path,
             size_bytes=self.source_size_bytes,
+            source_identity=self.spec.get("source_identity"),
             **extra,
         )
 
@@ -614,6 +615,8 @@ def _disk_row(job_id: UUID, disk: ImageSpec) -> dict[str, object]:
     spec = {name: getattr(disk, name) for name in SPEC_FIELDS}
     spec["tags"] = list(disk.tags)
     spec["properties"] = dict(disk.properties)
+    if disk.source_identity is not None:
+        spec["source_identity"] = dict(disk.source_identity)
     return {
         "disk_index": disk.index,
         "image_name": disk.name,

@@ -1,0 +1,190 @@
+"""A disk's bytes as the worker reads them: the file inspected at submit, and nothing else.
+
+At submit the manifest records each source's identity (device, inode, size, mtime). To upload
+or hash it, the worker opens the path without following a symbolic link in its last
+component, checks on the open file that it is still a regular file with that identity (and,
+for a VMDK, re-inspects its header), reads no further than the recorded size, and checks when
+it has read everything that nothing was written meanwhile. A disk swapped for a link to
+another file, rewritten in place, or replaced by a device such as /dev/zero is a SourceError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from worker.errors import SourceError, UnsupportedDisk
+from worker.vmdk import inspect_open_vmdk
+
+IDENTITY_KEYS = ("device", "inode", "size_bytes", "mtime_ns")
+# No link followed in the last component; a FIFO swapped in must not block the open.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def identity_of(status: os.stat_result) -> dict[str, int]:
+    """What a file is, as recorded at submit and compared at upload."""
+    return {
+        "device": status.st_dev,
+        "inode": status.st_ino,
+        "size_bytes": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+    }
+
+
+class Source:
+    """One source file, open and checked; its calls block (async callers use a thread)."""
+
+    def __init__(self, path: Path, file: BinaryIO, opened: os.stat_result, size_bytes: int):
+        self.path = path
+        self._file = file
+        self._opened = opened
+        self._size_bytes = size_bytes
+        self._read_bytes = 0
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        size_bytes: int,
+        identity: Mapping[str, int] | None = None,
+        reinspect: bool = False,
+    ) -> Source:
+        """Open `path` and check it is the file expected, or raise SourceError."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SourceError(
+                    f"source changed: {path} is now a symbolic link, which is not followed"
+                ) from exc
+            raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        file = os.fdopen(fd, "rb")
+        try:
+            opened = os.fstat(fd)
+            _check(path, opened, size_bytes, identity)
+            if reinspect:
+                _reinspect(path, file)
+                file.seek(0)
+        except BaseException:
+            file.close()
+            raise
+        return cls(path, file, opened, size_bytes)
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes, never more than the recorded size and one byte (a grown file)."""
+        allowed = self._size_bytes + 1 - self._read_bytes
+        try:
+            chunk = self._file.read(max(0, min(size, allowed)))
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path}: {exc}") from exc
+        self._read_bytes += len(chunk)
+        return chunk
+
+    def check_unchanged(self) -> None:
+        """SourceError if the file was written to (or its inode changed) since it was opened."""
+        now = os.fstat(self._file.fileno())
+        before = self._opened
+        if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+            before.st_size,
+            before.st_mtime_ns,
+            before.st_ctime_ns,
+        ):
+            raise SourceError(
+                f"source changed while it was read: {self.path} was written to meanwhile, "
+                "so the bytes sent may mix old and new data"
+            )
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _check(
+    path: Path, status: os.stat_result, size_bytes: int, identity: Mapping[str, int] | None
+) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise SourceError(f"source changed: {path} is not a regular file any more")
+    if identity is not None:
+        found = identity_of(status)
+        if (found["device"], found["inode"]) != (identity.get("device"), identity.get("inode")):
+            raise SourceError(
+                f"source changed since it was inspected: {path} is another file now "
+                f"(device {found['device']} inode {found['inode']}, inspected: device "
+                f"{identity.get('device')} inode {identity.get('inode')})"
+            )
+        changed = [key for key in ("size_bytes", "mtime_ns") if found[key] != identity.get(key)]
+        if changed:
+            raise SourceError(
+                f"source changed since it was inspected: {path} was modified "
+                f"({', '.join(f'{key} {identity.get(key)} -> {found[key]}' for key in changed)})"
+            )
+    if status.st_size != size_bytes:
+        raise SourceError(
+            f"source changed: {path} has {status.st_size} bytes, expected {size_bytes}"
+        )
+
+
+def _reinspect(path: Path, file: BinaryIO) -> None:
+    try:
+        inspect_open_vmdk(file, path)
+    except UnsupportedDisk as exc:
+        raise SourceError(
+            f"source changed: {path} is no longer the VMDK that was inspected: {exc.message}"
+        ) from exc
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+async def hash_source(
+    path: Path,
+    algorithms: Sequence[str],
+    *,
+    size_bytes: int,
+    identity: Mapping[str, int] | None = None,
+    chunk_bytes: int = 4 << 20,
+) -> dict[str, str]:
+    """The digests of exactly `size_bytes` of the source, off the event loop; SourceError when
+    it is not the file expected, ends early, goes on past that size, or changes meanwhile."""
+    hashers = [hashlib.new(name) for name in algorithms]
+
+    def update(chunk: bytes) -> None:
+        for hasher in hashers:
+            hasher.update(chunk)
+
+    # One thread call per chunk, so that a cancelled hash stops at the next chunk.
+    source = await asyncio.to_thread(Source.open, path, size_bytes=size_bytes, identity=identity)
+    try:
+        remaining = size_bytes
+        while remaining > 0:
+            chunk = await asyncio.to_thread(source.read, min(chunk_bytes, remaining))
+            if not chunk:
+                raise SourceError(
+                    f"source changed: {path} ended after {size_bytes - remaining} of "
+                    f"{size_bytes} bytes"
+                )
+            remaining -= len(chunk)
+            await asyncio.to_thread(update, chunk)
+        if await asyncio.to_thread(source.read, 1):
+            raise SourceError(f"source changed: {path} grew past {size_bytes} bytes")
+        await asyncio.to_thread(source.check_unchanged)
+    finally:
+        source.close()
+    return {name: hasher.hexdigest() for name, hasher in zip(algorithms, hashers, strict=True)}
