@@ -184,7 +184,9 @@ async def test_concurrent_upgrades_from_two_pools_apply_each_migration_once(
 
 def test_every_named_query_belongs_to_a_store_method_of_the_same_name() -> None:
     # A query is a method's, or a step of one (`<method>_<step>`), like the upgrade's.
-    helpers = {name for name in QUERIES if name.startswith(("upgrade_", "retry_job_"))}
+    helpers = {
+        name for name in QUERIES if name.startswith(("upgrade_", "retry_job_", "submit_job_"))
+    }
     assert {name for name in QUERIES if name not in helpers} <= set(dir(Store))
     assert helpers <= {
         "upgrade_lock",
@@ -192,6 +194,8 @@ def test_every_named_query_belongs_to_a_store_method_of_the_same_name() -> None:
         "upgrade_applied_versions",
         "upgrade_record_version",
         "retry_job_failed_rows",
+        "submit_job_lock",
+        "submit_job_same_manifest",
     }
 
 

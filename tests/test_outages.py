@@ -439,3 +439,23 @@ async def test_images_in_flight_when_the_grace_runs_out_are_handed_back(
     assert all(row.lease_expires_at is None for row in unfinished)
     released = await fetch(database_url, "SELECT event FROM events WHERE event = 'image.released'")
     assert len(released) == summary.released
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def test_the_image_of_a_row_deleted_in_mid_stage_is_deleted_too(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    with capture_logs() as logs:
+        worker = start_worker(database_url, sandbox)
+        await some_images_in_flight(database_url, job_id)
+        await fetch(database_url, "DELETE FROM jobs WHERE id = $1", uuid.UUID(job_id))
+        await asyncio.wait_for(worker, timeout=60)
+
+    assert sandbox.images() == []
+    assert not any(sandbox.has_staged_data(e["image_id"]) for e in by_name(logs, "orphan_deleted"))
+    assert by_name(logs, "image.orphan_deleted")
+
+
+def by_name(logs: list[dict[str, Any]], suffix: str) -> list[dict[str, Any]]:
+    return [entry for entry in logs if str(entry["event"]).endswith(suffix)]

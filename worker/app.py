@@ -36,7 +36,7 @@ from worker.outage import (
     service_of,
 )
 from worker.progress import RunProgress, wants_bars
-from worker.recovery import PauseBoard, settling_owed_cleanups
+from worker.recovery import PauseBoard, discard_if_orphaned, settling_owed_cleanups
 from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.store import Store
 
@@ -194,6 +194,9 @@ async def _consume(
             once=settings.once,
         ),
         outages=outages,
+        on_lost=lambda result_id: discard_if_orphaned(
+            store, glance, result_id, runner.take_image_of(result_id)
+        ),
     )
     async with (
         ops.running(store, settings, outages),

@@ -55,6 +55,8 @@ class RunSummary:
 
 # Runs one image; the event asks it to stop and clean up (its job was cancelled).
 RunImage = Callable[[Claim, asyncio.Event], Awaitable[ResultRow]]
+# Told of a row this worker lost in mid-work (the row's id): its image may need cleaning up.
+OnLost = Callable[[int], Awaitable[None]]
 
 
 class Consumer:
@@ -67,11 +69,15 @@ class Consumer:
         settings: ConsumerSettings,
         *,
         outages: Outages | None = None,
+        on_lost: OnLost | None = None,
     ) -> None:
         self._store = store
         self._run_image = run_image
         self._settings = settings
         self._outages = outages or Outages({})
+        self._on_lost = on_lost
+        self._lost_checks: set[asyncio.Task[None]] = set()
+        self._abandoned: dict[int, float] = {}  # result id -> when its lease has run out
         self._queue: asyncio.Queue[Claim | None] = asyncio.Queue(maxsize=settings.concurrency)
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._cancel_requests: dict[int, asyncio.Event] = {}
@@ -106,6 +112,7 @@ class Consumer:
                 task.cancel()
             await asyncio.gather(heartbeat, giving_up, *pipelines, return_exceptions=True)
             await self._release_unfinished(unfinished)
+            await asyncio.gather(*self._lost_checks, return_exceptions=True)
         log.info(
             "worker.stopped",
             worker_id=settings.worker_id,
@@ -132,7 +139,7 @@ class Consumer:
                 worker_id=settings.worker_id,
                 limit=1,
                 lease_s=settings.lease_s,
-                working_on=[*self._held_until, *self._in_flight],
+                working_on=[*self._held_until, *self._in_flight, *self._still_abandoned()],
             )
             if not claims:
                 self._idle.release()
@@ -142,6 +149,13 @@ class Consumer:
                 continue
             self._held_until[claims[0].row.id] = asked_at + self._lease_margin_s()
             await self._queue.put(claims[0])
+
+    def _still_abandoned(self) -> list[int]:
+        now = time.monotonic()
+        for result_id, until in list(self._abandoned.items()):
+            if now >= until:
+                del self._abandoned[result_id]
+        return list(self._abandoned)
 
     def _lease_margin_s(self) -> float:
         """How long after asking for a lease this worker may rely on holding it."""
@@ -181,11 +195,14 @@ class Consumer:
         except LeaseLost:
             self._summary.lost += 1
             log.warning("image.lease_lost", result_id=claim.row.id, image=claim.spec.name)
+            self._check_lost(claim.row.id)
         except asyncio.CancelledError:
             raise
         except CONNECTION_ERRORS as exc:
             # The database stayed away past the store's patience: nothing can be recorded;
             # the lease runs out and another worker resumes the image from its real status.
+            # Until then it is not ours to take back as a claim whose answer was lost.
+            self._abandoned[claim.row.id] = time.monotonic() + self._settings.lease_s
             log.error("image.abandoned", result_id=claim.row.id, error=str(exc))
         except Exception as exc:
             log.exception(
@@ -278,6 +295,14 @@ class Consumer:
             task.cancel()
             self._summary.lost += 1
             log.warning(event, result_id=result_id)
+            self._check_lost(result_id)
+
+    def _check_lost(self, result_id: int) -> None:
+        if self._on_lost is None:
+            return
+        check = asyncio.ensure_future(self._on_lost(result_id))
+        self._lost_checks.add(check)
+        check.add_done_callback(self._lost_checks.discard)
 
     async def _release_unfinished(self, unfinished: dict[int, asyncio.Task[None]]) -> None:
         for task in unfinished.values():

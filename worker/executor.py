@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +83,8 @@ class ImageRunner:
     # The process's breakers: a step that failed because its service is down waits and is
     # tried again, spending no attempt. The default has no probes: every failure is the image's.
     outages: Outages = field(default_factory=lambda: Outages({}))
+    # The Glance image each row in flight works on now, kept when its run is cut off.
+    _images: dict[int, uuid.UUID] = field(default_factory=dict, init=False)
     _progress_writes: set[asyncio.Future[None]] = field(default_factory=set, init=False)
 
     async def run(self, claim: Claim, cancelled: asyncio.Event | None = None) -> ResultRow:
@@ -128,8 +131,13 @@ class ImageRunner:
                     policies=self.settings.policies,
                 )
                 row = await self._record(claim, previous_phase, step, request_id=request_id)
+            self._images.pop(claim.row.id, None)
             self._summarise(row, duration_s=self.clock() - started)
             return row
+
+    def take_image_of(self, result_id: int) -> uuid.UUID | None:
+        """The image a run that was cut off worked on last (once: it is forgotten here)."""
+        return self._images.pop(result_id, None)
 
     # --- performing ---------------------------------------------------------------------------
 
@@ -290,6 +298,8 @@ class ImageRunner:
         self, claim: Claim, previous_phase: Phase, step: Step, *, request_id: str | None
     ) -> ResultRow:
         """Persist the step (row columns + an event) and log it, before the next command runs."""
+        if step.state.image_exists or step.command is not None:
+            self._images[claim.row.id] = step.state.image_id
         columns, detail = split_columns(step.columns)
         error_code = columns.pop("error_code", None)
         error_message = columns.pop("error_message", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 import structlog
@@ -54,6 +55,25 @@ class PauseBoard:
         await asyncio.gather(*self._writes, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._store.clear_pause(worker_id=self._worker_id)
+
+
+async def discard_if_orphaned(
+    store: Store, glance: GlanceClient, result_id: int, image_id: uuid.UUID | None
+) -> None:
+    """A row lost in mid-work: if another worker took it over, its image is theirs; if the row
+    itself is gone (its job deleted), nobody will ever clean its image up but us."""
+    if image_id is None:
+        return
+    try:
+        if await store.result_exists(result_id):
+            return
+        await glance.delete_image(str(image_id))
+    except NotFound:
+        pass
+    except Exception as exc:  # the database or Glance is away: say what is left, for an operator
+        log.error("image.orphan_left", result_id=result_id, image_id=str(image_id), error=str(exc))
+        return
+    log.warning("image.orphan_deleted", result_id=result_id, image_id=str(image_id))
 
 
 async def settle_owed_cleanups(

@@ -66,10 +66,16 @@ class Source:
                     f"source changed: {path} is now a symbolic link, which is not followed"
                 ) from exc
             raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        file = os.fdopen(fd, "rb")
         try:
+            # Checked on the descriptor, before it becomes a file object: a directory in the
+            # file's place opens, but fdopen would raise a bare IsADirectoryError.
             opened = os.fstat(fd)
             _check(path, opened, size_bytes, identity)
+        except BaseException:
+            os.close(fd)
+            raise
+        file = os.fdopen(fd, "rb")
+        try:
             if reinspect:
                 _reinspect(path, file)
                 file.seek(0)

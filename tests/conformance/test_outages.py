@@ -9,9 +9,11 @@ with nothing left in Glance but the rows' images and nothing in its staging dire
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ from worker.outage import OutagePolicy
 pytestmark = [
     pytest.mark.conformance,
     pytest.mark.parametrize("target", ["real-glance"], indirect=True),
+    # A 90 s outage and the batch around it: well past the suite's default ceiling.
+    pytest.mark.timeout(480),
 ]
 
 MIB = 1 << 20
@@ -86,6 +90,18 @@ def start_worker(database_url: str, load: Callable[[], CloudSettings]) -> asynci
             timeout=RUN_TIMEOUT_S,
         )
     )
+
+
+@asynccontextmanager
+async def running(worker: asyncio.Task[RunSummary]) -> AsyncIterator[asyncio.Task[RunSummary]]:
+    """The worker task, cancelled if the scenario fails before it ends."""
+    try:
+        yield worker
+    finally:
+        if not worker.done():
+            worker.cancel()
+            with contextlib.suppress(BaseException):
+                await worker
 
 
 async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
@@ -166,14 +182,13 @@ async def test_a_90_s_outage_costs_no_image(
 ) -> None:
     begin, end = OUTAGES[outage]
     job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
-    worker = start_worker(database_url, lambda: cloud_of(target))
-    await in_flight(database_url, job_id)
-
-    await asyncio.to_thread(begin, real_stack)
-    await asyncio.sleep(OUTAGE_S)
-    paused = await paused_services(database_url)
-    await asyncio.to_thread(end, real_stack)
-    summary = await worker
+    async with running(start_worker(database_url, lambda: cloud_of(target))) as worker:
+        await in_flight(database_url, job_id)
+        await asyncio.to_thread(begin, real_stack)
+        await asyncio.sleep(OUTAGE_S)
+        paused = await paused_services(database_url)
+        await asyncio.to_thread(end, real_stack)
+        summary = await worker
 
     assert summary.by_phase == {"done": DISKS}
     # Keystone down alone may pass unnoticed while Glance's cached tokens last; anything
@@ -211,18 +226,17 @@ async def test_credentials_rotated_mid_run_and_fixed_in_clouds_yaml_60_s_later(
 
     write_clouds("first-secret")
     job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
-    worker = start_worker(database_url, load)
-    await in_flight(database_url, job_id)
-
-    await asyncio.to_thread(real_stack.set_password, user, "second-secret")
-    deadline = time.monotonic() + 120  # tokens live 60 s here: the next renewal is refused
-    while "identity" not in await paused_services(database_url):
-        assert not worker.done(), "the batch ended without noticing the rotation"
-        assert time.monotonic() < deadline, "the rotated password never paused the worker"
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(60.0)
-    write_clouds("second-secret")
-    summary = await worker
+    async with running(start_worker(database_url, load)) as worker:
+        await in_flight(database_url, job_id)
+        await asyncio.to_thread(real_stack.set_password, user, "second-secret")
+        deadline = time.monotonic() + 120  # tokens live 60 s here: the next renewal is refused
+        while "identity" not in await paused_services(database_url):
+            assert not worker.done(), "the batch ended without noticing the rotation"
+            assert time.monotonic() < deadline, "the rotated password never paused the worker"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(60.0)
+        write_clouds("second-secret")
+        summary = await worker
 
     assert summary.by_phase == {"done": DISKS}
     await assert_nothing_lost(database_url, real_stack, job_id, prefix, disks)
@@ -239,12 +253,12 @@ async def test_a_postgresql_restart_costs_no_image(
     link = DatabaseLink(database_url)
     await link.up()
     try:
-        worker = start_worker(link.dsn, lambda: cloud_of(target))
-        await in_flight(database_url, job_id)
-        await link.down()  # every connection reset and new ones refused, as in a restart
-        await asyncio.sleep(10.0)
-        await link.up()
-        summary = await worker
+        async with running(start_worker(link.dsn, lambda: cloud_of(target))) as worker:
+            await in_flight(database_url, job_id)
+            await link.down()  # every connection reset and new ones refused, as in a restart
+            await asyncio.sleep(10.0)
+            await link.up()
+            summary = await worker
     finally:
         await link.down()
 

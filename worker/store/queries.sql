@@ -261,7 +261,7 @@ ORDER BY j.submitted_at DESC, j.id;
 -- $1 job id
 SELECT * FROM results WHERE job_id = $1 ORDER BY disk_index;
 
--- name: result_rows_page
+-- name: result_page
 -- $1 job id, $2 phases to keep (NULL: every phase), $3 most rows to return (NULL: no cap).
 -- `matched` is the number of rows that match before the cap.
 SELECT r.*, count(*) OVER () AS matched
@@ -270,12 +270,12 @@ WHERE r.job_id = $1 AND ($2::text[] IS NULL OR r.phase = ANY($2::text[]))
 ORDER BY r.disk_index
 LIMIT $3;
 
--- name: submit_lock
+-- name: submit_job_lock
 -- Serializes submissions until the transaction ends, so that two submits of one manifest at
 -- the same moment make one job.
 SELECT pg_advisory_xact_lock(7146226081391004418);
 
--- name: same_manifest_job
+-- name: submit_job_same_manifest
 -- $1 normalized manifest. The newest job submitted with the same normalized manifest (jsonb
 -- equality: key order, spacing and comments do not count).
 SELECT id FROM jobs WHERE manifest = $1::jsonb ORDER BY submitted_at DESC, id LIMIT 1;
@@ -422,3 +422,7 @@ WITH done AS (
 )
 INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id)
 SELECT job_id, id, 'image.cleanup_done', phase, phase, $2 FROM done;
+
+-- name: result_exists
+-- $1 result id.
+SELECT EXISTS (SELECT 1 FROM results WHERE id = $1);

@@ -320,8 +320,8 @@ class Store:
         Submissions are serialized, so two at once of one manifest make a single job.
         """
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(QUERIES["submit_lock"])
-            existing = await conn.fetchval(QUERIES["same_manifest_job"], dict(manifest))
+            await conn.execute(QUERIES["submit_job_lock"])
+            existing = await conn.fetchval(QUERIES["submit_job_same_manifest"], dict(manifest))
             if existing is not None:
                 return existing, False
             job_id = await self._insert_job(
@@ -531,7 +531,7 @@ class Store:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         wanted = None if phases is None else [Phase(phase).value for phase in phases]
-        records = await self._pool.fetch(QUERIES["result_rows_page"], job_id, wanted, limit)
+        records = await self._pool.fetch(QUERIES["result_page"], job_id, wanted, limit)
         matched = int(records[0]["matched"]) if records else 0
         return [ResultRow.from_record(record) for record in records], matched
 
@@ -547,6 +547,10 @@ class Store:
         """Events of a job and/or one image (every event when neither is given), oldest first."""
         records = await self._pool.fetch(QUERIES["events"], job_id, result_id)
         return [dict(record) for record in records]
+
+    async def result_exists(self, result_id: int) -> bool:
+        """Whether the row is still there (an operator may have deleted its job)."""
+        return bool(await self._pool.fetchval(QUERIES["result_exists"], result_id))
 
     async def set_pause(
         self, *, worker_id: str, service: str, reason: str, since: datetime
