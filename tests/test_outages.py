@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import yaml
 from structlog.testing import capture_logs
 
 from tests.fixtures.cli import cloud_env, run_cli, write_job
+from tests.fixtures.db import fetch_rows
 from tests.test_faults import DatabaseLink
 from tests.test_pipeline import rows_of, submit
 from worker.app import WorkerSettings, run_worker
@@ -54,14 +54,6 @@ async def until(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 60.0
     while not await check():
         assert time.monotonic() < deadline, "condition never held"
         await asyncio.sleep(0.02)
-
-
-async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
 
 
 def free_port() -> int:
@@ -110,13 +102,13 @@ async def some_images_in_flight(database_url: str, job_id: str) -> None:
     """Hold until the batch is under way: an image is made, and most of the job is left."""
 
     async def under_way() -> bool:
-        rows = await fetch(database_url, "SELECT phase FROM results WHERE job_id = $1", job)
+        rows = await fetch_rows(database_url, "SELECT phase FROM results WHERE job_id = $1", job)
         phases = [r["phase"] for r in rows]
         return any(p in ("staging", "importing") for p in phases)
 
     job = uuid.UUID(job_id)
     await until(under_way)
-    unfinished = await fetch(
+    unfinished = await fetch_rows(
         database_url,
         "SELECT id FROM results WHERE job_id = $1 AND phase NOT IN ('done', 'failed')",
         job,
@@ -131,7 +123,7 @@ async def outage_seen(sandbox: Sandbox, database_url: str, service: str) -> None
     seen_before = len(sandbox.requests)
 
     async def paused() -> bool:
-        rows = await fetch(database_url, "SELECT service FROM worker_pauses")
+        rows = await fetch_rows(database_url, "SELECT service FROM worker_pauses")
         return service in {r["service"] for r in rows}
 
     await until(paused)
@@ -155,7 +147,7 @@ async def assert_nothing_lost(database_url: str, sandbox: Sandbox, job_id: str) 
     assert sorted(images) == sorted(str(row.glance_image_id) for row in rows.values())
     assert {image["status"] for image in images.values()} == {"active"}
     assert not any(sandbox.has_staged_data(image_id) for image_id in images)
-    assert await fetch(database_url, "SELECT * FROM worker_pauses") == []
+    assert await fetch_rows(database_url, "SELECT * FROM worker_pauses") == []
 
 
 @pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
@@ -376,7 +368,7 @@ async def test_imports_lost_with_a_restarted_image_service_are_made_again(
     assert summary.by_phase == {"done": len(names)}
     await assert_nothing_lost(database_url, sandbox, job_id)
     assert not lost & {image["id"] for image in sandbox.images()}  # made again, new ids
-    recreated = await fetch(
+    recreated = await fetch_rows(
         database_url, "SELECT detail FROM events WHERE event = 'image.recreating'"
     )
     assert len(recreated) == len(names)
@@ -410,7 +402,9 @@ async def test_a_deletion_glance_could_not_make_is_owed_and_made_by_the_next_run
     (row,) = (await rows_of(database_url, job_id)).values()
     assert (row.phase, row.cleanup) == ("failed", "deleted")
     assert sandbox.images() == []
-    done = await fetch(database_url, "SELECT event FROM events WHERE event = 'image.cleanup_done'")
+    done = await fetch_rows(
+        database_url, "SELECT event FROM events WHERE event = 'image.cleanup_done'"
+    )
     assert len(done) == 1
 
 
@@ -437,7 +431,9 @@ async def test_images_in_flight_when_the_grace_runs_out_are_handed_back(
     unfinished = [row for row in rows.values() if row.phase not in ("done", "failed")]
     assert len(unfinished) >= summary.released
     assert all(row.lease_expires_at is None for row in unfinished)
-    released = await fetch(database_url, "SELECT event FROM events WHERE event = 'image.released'")
+    released = await fetch_rows(
+        database_url, "SELECT event FROM events WHERE event = 'image.released'"
+    )
     assert len(released) == summary.released
 
 
@@ -449,7 +445,7 @@ async def test_the_image_of_a_row_deleted_in_mid_stage_is_deleted_too(
     with capture_logs() as logs:
         worker = start_worker(database_url, sandbox)
         await some_images_in_flight(database_url, job_id)
-        await fetch(database_url, "DELETE FROM jobs WHERE id = $1", uuid.UUID(job_id))
+        await fetch_rows(database_url, "DELETE FROM jobs WHERE id = $1", uuid.UUID(job_id))
         await asyncio.wait_for(worker, timeout=60)
 
     assert sandbox.images() == []

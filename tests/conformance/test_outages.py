@@ -17,13 +17,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import yaml
 
 from tests.conformance.conftest import Target
 from tests.conformance.realstack import RealStack
 from tests.conformance.test_scenarios import cloud_of, qemu_vmdk, rows_of, sha512_of, submit
+from tests.fixtures.db import fetch_rows
 from tests.test_faults import DatabaseLink
 from worker.app import WorkerSettings, run_worker
 from worker.config import CloudSettings, load_cloud_settings
@@ -104,19 +104,11 @@ async def running(worker: asyncio.Task[RunSummary]) -> AsyncIterator[asyncio.Tas
                 await worker
 
 
-async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
 async def in_flight(database_url: str, job_id: uuid.UUID) -> None:
     """Hold until an image is staging or importing while most of the job is left."""
     deadline = time.monotonic() + 60
     while True:
-        rows = await fetch(database_url, "SELECT phase FROM results WHERE job_id = $1", job_id)
+        rows = await fetch_rows(database_url, "SELECT phase FROM results WHERE job_id = $1", job_id)
         phases = [row["phase"] for row in rows]
         if any(phase in ("staging", "importing") for phase in phases):
             break
@@ -127,7 +119,8 @@ async def in_flight(database_url: str, job_id: uuid.UUID) -> None:
 
 async def paused_services(database_url: str) -> set[str]:
     return {
-        row["service"] for row in await fetch(database_url, "SELECT service FROM worker_pauses")
+        row["service"]
+        for row in await fetch_rows(database_url, "SELECT service FROM worker_pauses")
     }
 
 
@@ -146,7 +139,7 @@ async def assert_nothing_lost(
     )
     assert {image["status"] for image in left.images} == {"active"}
     assert left.staged_files == []
-    assert await fetch(database_url, "SELECT * FROM worker_pauses") == []
+    assert await fetch_rows(database_url, "SELECT * FROM worker_pauses") == []
 
 
 async def submit_batch(
