@@ -17,7 +17,7 @@ from worker.clients.glance import GlanceClient, Image
 from worker.clients.http import new_session
 from worker.clients.keystone import Authenticator, authenticator_for
 from worker.config import CloudSettings, load_cloud_settings
-from worker.errors import ConfigError, MigrationError, NotFound
+from worker.errors import ConfigError, MigrationError, NotFound, RetryableError
 from worker.sampledisks import write_stream_optimized
 
 NAME_PREFIX = "vmdk-migrate-conformance-"
@@ -28,6 +28,8 @@ FIRST_POLL_S = 0.2
 MAX_POLL_S = 5.0
 TASKS_EVERY = 3  # polls between looks at the import task
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 3
+DELETE_ATTEMPTS = 3
+DELETE_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -191,14 +193,28 @@ class TinyImage:
         return f"size and {algorithm} equal the file's"
 
     async def delete(self) -> Check:
-        """Delete the image whatever happened before; a 404 means there is nothing left."""
-        try:
-            await self.glance.delete_image(self.image_id)
-        except NotFound:
-            return Check("image delete", True, "nothing left to delete")
-        except MigrationError as exc:
-            return Check("image delete", False, f"{exc}: delete image {self.image_id} by hand")
+        """Delete the image whatever happened before; a 404 means there is nothing left.
+
+        A retryable answer is tried again: Glance on MySQL answers 500 to a DELETE that races
+        the end of the image's own import task (the task drops its lock property while the
+        delete updates the properties it read: "expected to update 1 row(s); 0 were matched")."""
+        for attempt in range(DELETE_ATTEMPTS):
+            try:
+                await self.glance.delete_image(self.image_id)
+            except NotFound:
+                return Check("image delete", True, "nothing left to delete")
+            except RetryableError as exc:
+                if attempt + 1 == DELETE_ATTEMPTS:
+                    return self._delete_failed(exc)
+                await asyncio.sleep(DELETE_RETRY_S)
+            except MigrationError as exc:
+                return self._delete_failed(exc)
+            else:
+                break
         return Check("image delete", True, f"{self.image_id} deleted")
+
+    def _delete_failed(self, exc: MigrationError) -> Check:
+        return Check("image delete", False, f"{exc}: delete image {self.image_id} by hand")
 
 
 async def check_cloud(

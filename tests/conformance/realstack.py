@@ -42,6 +42,7 @@ MARIADB_USER = "root"
 DATABASE_PREFIX = "glance_cf_"
 GLANCE_WORKERS = 2
 STATE_FILE = "stack.json"
+LIMITS_TOKEN_EXPIRATION_S = 3600
 # The pipelines of the stock paste ini's [composite:api] (the `keystone` one serves requests).
 PIPELINES = frozenset(
     {
@@ -462,7 +463,7 @@ use_stderr = false
 connection = sqlite:///{base}/keystone.sqlite
 [token]
 provider = fernet
-expiration = {self.token_expiration_s}
+expiration = {self._keystone_token_expiration_s()}
 [fernet_tokens]
 key_repository = {base}/keystone/fernet-keys/
 [fernet_receipts]
@@ -471,7 +472,20 @@ key_repository = {base}/keystone/fernet-keys/
 key_repository = {base}/keystone/credential-keys/
 [oslo_concurrency]
 lock_path = {base}/run
+[identity]
+# bcrypt's cheapest cost: with unified limits on, Glance authenticates to Keystone for
+# nearly every quota check, and the default cost (12) makes each of those take most of a
+# second of a 2-core machine.
+password_hash_rounds = 4
 """
+
+    def _keystone_token_expiration_s(self) -> int:
+        # keystoneauth re-authenticates whenever its token expires within 120 s: with the
+        # short tokens of the renewal scenario, oslo.limit would ask Keystone for a new token
+        # on every quota check. The quota profile gets tokens that outlive it.
+        if self.profile.keystone_limits:
+            return max(self.token_expiration_s, LIMITS_TOKEN_EXPIRATION_S)
+        return self.token_expiration_s
 
     def _glance_conf(self) -> str:
         base = self.base_dir
@@ -703,7 +717,7 @@ endpoint_id = {self.image_endpoint_id}
 
     def _keystone_argv(self) -> list[str]:
         return [
-            *self._gunicorn_argv("keystone", self.keystone_port, threads=4, timeout_s=120),
+            *self._gunicorn_argv("keystone", self.keystone_port, threads=8, timeout_s=120),
             "--pythonpath",
             str(self._path("wsgi")),
             "keystone_app:application",
@@ -868,7 +882,12 @@ endpoint_id = {self.image_endpoint_id}
         """Stop Glance, rewrite its configuration for `profile` (the default one when None),
         and start it again; with keystone_limits, the registered limits exist first."""
         self.stop_glance()
+        expiration_s = self._keystone_token_expiration_s()
         self.profile = profile or GlanceProfile()
+        if expiration_s != self._keystone_token_expiration_s():
+            self.stop_keystone()
+            self._path("etc/keystone/keystone.conf").write_text(self._keystone_conf())
+            self.start_keystone()
         if self.profile.keystone_limits:
             self.set_limits()
         self._path("etc/glance/glance-api.conf").write_text(self._glance_conf())

@@ -283,8 +283,9 @@ async def test_a_batch_of_qemu_img_disks_ends_done_with_sizes_and_hashes_verifie
     made.extend(disks)
     job_id = await submit(database_url, tmp_path, disks)
 
-    # One image at a time: two imports at once can hang an import task of the test bed's
-    # SQLite-backed Glance for good (seen: a task stuck in `processing`, nothing logged).
+    # One image at a time, so that this also holds on the SQLite fallback, where two imports
+    # at once can hang an import task for good; test_production.py runs batches at
+    # --concurrency 8 when Glance is on MariaDB.
     summary = await run_batch(database_url, target, concurrency=1)
 
     assert summary.by_phase == {"done": len(disks)}

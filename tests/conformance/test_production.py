@@ -1,0 +1,623 @@
+"""Scenarios a production-shaped Glance (MariaDB, two API workers) can show and the sandbox alone
+cannot: many imports at once, several workers, server-side conversion, unified-limit quotas, and
+the refusals Glance itself makes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conformance.conftest import Target, mariadb_only
+from tests.conformance.realstack import GlanceProfile, RealStack
+from tests.conformance.test_scenarios import (
+    FAST,
+    MIB,
+    PROJECT_ROOT,
+    VIRTUAL_SIZE_BYTES,
+    cloud_of,
+    finished,
+    image_answer,
+    os_environment,
+    preflight_table,
+    qemu_vmdk,
+    rows_of,
+    run_batch,
+    sha512_of,
+    start_worker,
+    submit,
+    unique,
+    wait_for_row,
+)
+from worker.app import WorkerSettings, open_glance, open_store, run_worker
+from worker.core.machine import Policies
+from worker.core.model import ImageSpec, JobSpec
+from worker.core.policy import RetryPolicy
+from worker.errors import Conflict
+from worker.manifest import load_manifest
+from worker.store.store import ResultRow
+
+pytestmark = pytest.mark.conformance
+REAL = pytest.mark.parametrize("target", ["real-glance"], indirect=True)
+
+SUBFORMATS = ("monolithicSparse", "streamOptimized")
+BATCH_DISKS = 16
+BATCH_CONCURRENCY = 8
+BATCH_WORKERS = 3
+BATCH_TIMEOUT_S = 240.0
+QUOTA_DISKS = 8
+QUOTA_DATA_BYTES = 6 * MIB
+QUOTA_FITS = 3  # disks the stage quota lets stage at once
+QUOTA_POLICIES = Policies(
+    retry=RetryPolicy(base_delay_s=0.5, max_delay_s=2.0, quota_delay_s=1.0), poll=FAST.poll
+)
+LOCKED_DATA_BYTES = 384 * MIB  # long enough an import that a second one meets the lock
+LOCKED_VIRTUAL_BYTES = 512 * MIB
+
+
+def batch_names(tag: str, files: list[Path]) -> dict[str, Path]:
+    return {unique(f"{tag}-{number:02d}"): path for number, path in enumerate(files)}
+
+
+@pytest.fixture(scope="module")
+def batch_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """16 qemu-img VMDKs, both subformats, each with 2 to 8 MiB of random data."""
+    directory = tmp_path_factory.mktemp("batch")
+    files = []
+    for number in range(BATCH_DISKS):
+        files.append(
+            qemu_vmdk(
+                directory / f"disk-{number:02d}.vmdk",
+                SUBFORMATS[number % 2],
+                data_bytes=(2 + number % 7) * MIB,
+                virtual_bytes=VIRTUAL_SIZE_BYTES,
+            )
+        )
+    return files
+
+
+def prefix_of(names: Mapping[str, object]) -> str:
+    """What the names of one scenario share: `conformance-<tag>-`."""
+    first = next(iter(names))
+    return first[: first.index("-", len("conformance-")) + 1]
+
+
+async def assert_all_migrated(
+    database_url: str,
+    job_ids: list[uuid.UUID],
+    disks: Mapping[str, Path],
+    target: Target,
+    stack: RealStack,
+) -> dict[str, ResultRow]:
+    """Every row done and verified against sha512 of its file, one active image per name, and
+    nothing else with the scenario's name prefix in Glance or its staging area."""
+    rows = {}
+    for job_id in job_ids:
+        rows.update(await rows_of(database_url, job_id))
+    assert sorted(rows) == sorted(disks)
+    for name, path in disks.items():
+        row, digest = rows[name], sha512_of(path)
+        assert (row.phase, row.verification, row.error_code) == ("done", "verified", None), row
+        assert row.source_hash_value == row.glance_os_hash_value == digest
+        assert row.glance_size == path.stat().st_size
+        status, image = await image_answer(target, row.glance_image_id)
+        assert (status, image["status"], image["os_hash_value"]) == (200, "active", digest)
+    left = stack.leftovers(prefix_of(disks))
+    assert sorted((image["name"], image["id"], image["status"]) for image in left.images) == sorted(
+        (name, str(row.glance_image_id), "active") for name, row in rows.items()
+    )
+    ours = {str(row.glance_image_id) for row in rows.values()}
+    assert not ours & set(left.staged_files), left.staged_files
+    return rows
+
+
+async def delete_images(target: Target, stack: RealStack, prefix: str) -> None:
+    async with target.session() as http:
+        for image in stack.leftovers(prefix).images:
+            async with http.delete(target.glance(f"/v2/images/{image['id']}")):
+                pass
+
+
+@pytest.fixture
+async def cleanup(target: Target, real_stack: RealStack) -> AsyncIterator[list[str]]:
+    """Name prefixes whose images are deleted after the scenario, whatever happened."""
+    prefixes: list[str] = []
+    yield prefixes
+    for prefix in prefixes:
+        await delete_images(target, real_stack, prefix)
+
+
+# ---- many at once ---------------------------------------------------------------------------
+
+
+@REAL
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
+async def test_sixteen_disks_at_concurrency_8_all_end_active_and_verified(
+    target: Target,
+    real_stack: RealStack,
+    database_url: str,
+    tmp_path: Path,
+    batch_files: list[Path],
+    cleanup: list[str],
+) -> None:
+    mariadb_only()
+    disks = batch_names(f"c8{uuid.uuid4().hex[:4]}", batch_files)
+    cleanup.append(prefix_of(disks))
+    job_id = await submit(database_url, tmp_path, disks)
+
+    async with asyncio.timeout(BATCH_TIMEOUT_S - 30):
+        summary = await run_worker(
+            database_url=database_url,
+            cloud=cloud_of(target),
+            settings=WorkerSettings(
+                concurrency=BATCH_CONCURRENCY,
+                once=True,
+                idle_poll_s=0.1,
+                heartbeat_s=1.0,
+                policies=FAST,
+                progress="off",
+            ),
+            stop=asyncio.Event(),
+        )
+
+    assert summary.by_phase == {"done": BATCH_DISKS}
+    rows = await assert_all_migrated(database_url, [job_id], disks, target, real_stack)
+    assert {row.attempts for row in rows.values()} == {1}
+
+
+@REAL
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
+async def test_the_same_batch_by_3_worker_processes_sharing_the_database(
+    target: Target,
+    real_stack: RealStack,
+    database_url: str,
+    tmp_path: Path,
+    batch_files: list[Path],
+    cleanup: list[str],
+) -> None:
+    mariadb_only()
+    disks = batch_names(f"w3{uuid.uuid4().hex[:4]}", batch_files)
+    cleanup.append(prefix_of(disks))
+    job_id = await submit(database_url, tmp_path, disks)
+    env = os_environment(target, database_url)
+    logs = [tmp_path / f"worker-{number}.log" for number in range(BATCH_WORKERS)]
+    concurrency = ["--concurrency", str(BATCH_CONCURRENCY)]
+
+    workers = [await start_worker(env, log, "--once", *concurrency) for log in logs]
+    codes = [await finished(worker, timeout_s=BATCH_TIMEOUT_S - 30) for worker in workers]
+
+    assert codes == [0] * BATCH_WORKERS, [log.read_text()[-2000:] for log in logs]
+    rows = await assert_all_migrated(database_url, [job_id], disks, target, real_stack)
+    assert {row.attempts for row in rows.values()} == {1}
+
+
+# ---- server-side conversion ------------------------------------------------------------------
+
+
+def raw_sha512(path: Path, directory: Path) -> str:
+    """sha512 of the disk as qemu-img converts it to raw, as Glance's image_conversion does."""
+    raw = directory / f"{path.stem}.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(path), str(raw)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        return sha512_of(raw)
+    finally:
+        raw.unlink()
+
+
+@asynccontextmanager
+async def rewriting(target: Target, stack: RealStack | None) -> AsyncIterator[str]:
+    """The target rewriting data during import, and the es_virtio_enabled value to ask with:
+    the real Glance with its image_conversion plugin (output raw), which ignores the property;
+    the sandbox playing the vendor's virtio injection, which the property asks for."""
+    if stack is None:
+        yield "yes"
+        return
+    with stack.glance_profile(GlanceProfile(conversion=True)):
+        yield "no"
+
+
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
+async def test_data_rewritten_during_import_ends_done_and_transformed(
+    target: Target, request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> None:
+    stack = request.getfixturevalue("real_stack") if target.name == "real-glance" else None
+    disks = {
+        unique(f"rewrite-{subformat}"): qemu_vmdk(
+            tmp_path / f"{subformat}.vmdk",
+            subformat,
+            data_bytes=3 * MIB,
+            virtual_bytes=VIRTUAL_SIZE_BYTES,
+        )
+        for subformat in SUBFORMATS
+    }
+    async with rewriting(target, stack) as virtio:
+        manifest = {
+            "job": unique("rewrite"),
+            "defaults": {"es_virtio_enabled": virtio},
+            "disks": [{"source": str(path), "name": name} for name, path in disks.items()],
+        }
+        path = tmp_path / "rewrite.json"
+        path.write_text(json.dumps(manifest))
+        loaded = load_manifest(path)
+        async with open_store(database_url) as store:
+            job_id = await store.submit_job(
+                loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
+            )
+        summary = await run_batch(database_url, target, concurrency=2)
+        rows = await rows_of(database_url, job_id)
+        images = {
+            name: (await image_answer(target, rows[name].glance_image_id))[1] for name in disks
+        }
+        async with target.session() as http:
+            for row in rows.values():
+                async with http.delete(target.glance(f"/v2/images/{row.glance_image_id}")):
+                    pass
+
+    assert summary.by_phase == {"done": len(disks)}
+    for name, disk in disks.items():
+        row, image = rows[name], images[name]
+        # What the worker reads and records, alike on both targets.
+        assert (row.phase, row.verification, row.error_code) == ("done", "transformed", None)
+        assert (row.glance_status, row.glance_os_hash_algo) == ("active", "sha512")
+        assert row.source_hash_value == sha512_of(disk)
+        assert row.glance_os_hash_value not in (None, row.source_hash_value)
+        assert row.glance_virtual_size == VIRTUAL_SIZE_BYTES
+        assert image["os_hash_value"] == row.glance_os_hash_value
+        if target.name == "real-glance":
+            # Converted to raw: the stored data is the whole virtual disk.
+            assert (image["disk_format"], row.glance_size) == ("raw", VIRTUAL_SIZE_BYTES)
+            assert row.glance_os_hash_value == raw_sha512(disk, tmp_path)
+        else:
+            assert image["disk_format"] == "vmdk"
+            assert row.glance_size not in (None, disk.stat().st_size)
+
+
+# ---- quotas ------------------------------------------------------------------------------
+
+
+async def usage_of(target: Target) -> dict[str, Any]:
+    async with target.session() as http, http.get(target.glance("/v2/info/usage")) as answer:
+        assert answer.status == 200
+        body: dict[str, Any] = await answer.json(content_type=None)
+    return dict(body["usage"])
+
+
+async def validate_online(manifest: Path, target: Target, concurrency: int) -> tuple[int, str]:
+    done = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "validate",
+        "--online",
+        "--concurrency",
+        str(concurrency),
+        str(manifest),
+        env=os_environment(target),
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(done.communicate(), timeout=60)
+    assert done.returncode is not None
+    return done.returncode, out.decode()
+
+
+def quota_manifest(directory: Path, disks: Mapping[str, Path]) -> Path:
+    manifest = {
+        "job": unique("quota"),
+        "defaults": {"es_virtio_enabled": "no"},
+        "disks": [{"source": str(path), "name": name} for name, path in disks.items()],
+    }
+    path = directory / f"{manifest['job']}.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+async def events_of(database_url: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def retries_of(database_url: str, job_id: uuid.UUID) -> list[str]:
+    """The error code of every retry the job's images scheduled (its reason starts with it)."""
+    rows = await events_of(
+        database_url,
+        "SELECT split_part(detail ->> 'reason', ',', 1) AS code FROM events"
+        " WHERE job_id = $1 AND event = 'image.retry_scheduled'",
+        job_id,
+    )
+    return [str(row["code"]) for row in rows]
+
+
+@REAL
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
+async def test_a_job_over_the_stage_quota_at_its_concurrency_is_throttled_not_failed(
+    target: Target, real_stack: RealStack, database_url: str, tmp_path: Path, cleanup: list[str]
+) -> None:
+    mariadb_only()
+    tag = f"quota{uuid.uuid4().hex[:4]}"
+    disks = {
+        unique(f"{tag}-{number}"): qemu_vmdk(
+            tmp_path / f"quota-{number}.vmdk",
+            SUBFORMATS[number % 2],
+            data_bytes=QUOTA_DATA_BYTES,
+            virtual_bytes=VIRTUAL_SIZE_BYTES,
+        )
+        for number in range(QUOTA_DISKS)
+    }
+    cleanup.append(prefix_of(disks))
+    largest_mib = max(-(-path.stat().st_size // MIB) for path in disks.values())
+    stage_limit_mib = QUOTA_FITS * largest_mib
+    manifest = quota_manifest(tmp_path, disks)
+    big = qemu_vmdk(
+        tmp_path / "big.vmdk", "streamOptimized", data_bytes=4 * MIB, virtual_bytes=64 * MIB
+    )
+    big_manifest = quota_manifest(tmp_path, {unique(f"{tag}-too-big"): big})
+    big_mib = -(-big.stat().st_size // MIB)
+
+    with real_stack.glance_profile(GlanceProfile(keystone_limits=True)):
+        real_stack.set_limits(image_stage_total=stage_limit_mib)
+        usage = await usage_of(target)
+        code, report = await validate_online(manifest, target, BATCH_CONCURRENCY)
+        loaded = load_manifest(manifest)
+        async with open_store(database_url) as store:
+            job_id = await store.submit_job(
+                loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
+            )
+        summary = await run_batch(
+            database_url, target, concurrency=BATCH_CONCURRENCY, policies=QUOTA_POLICIES
+        )
+        retries = await retries_of(database_url, job_id)
+        rows = await assert_all_migrated(database_url, [job_id], disks, target, real_stack)
+        # A disk larger than the whole stage quota can never be staged: validate refuses it.
+        real_stack.set_limits(image_stage_total=big_mib - 1)
+        blocked_code, blocked = await validate_online(big_manifest, target, 1)
+
+    assert set(usage) == {
+        "image_size_total",
+        "image_stage_total",
+        "image_count_total",
+        "image_count_uploading",
+    }
+    assert usage["image_stage_total"] == {"usage": 0, "limit": stage_limit_mib}
+    findings = preflight_table(report)
+    assert code == 0, report
+    stage = findings["quota image_stage_total"]
+    assert stage == (
+        "warn",
+        f"0 of {stage_limit_mib} MiB used, {stage_limit_mib} free; the job needs "
+        f"{BATCH_CONCURRENCY * largest_mib}: lower --concurrency to {QUOTA_FITS} or expect 413s",
+    )
+    count = usage["image_count_total"]
+    assert findings["quota image_count_total"] == (
+        "ok",
+        f"{count['usage']} of {count['limit']} image(s) used, "
+        f"{count['limit'] - count['usage']} free; the job needs {QUOTA_DISKS}",
+    )
+    assert summary.by_phase == {"done": QUOTA_DISKS}
+    assert "quota_exceeded" in retries, retries
+    # A refused stage also loses its pooled connection (Glance answers before reading the
+    # body, then drops it), so the next request on it may fail as connection_failed.
+    assert set(retries) <= {"quota_exceeded", "connection_failed"}, retries
+    assert all(row.phase == "done" for row in rows.values())
+    assert blocked_code != 0, blocked
+    assert preflight_table(blocked)["quota image_stage_total"] == (
+        "BLOCKING",
+        f"0 of {big_mib - 1} MiB used, {big_mib - 1} free; the job needs {big_mib}: "
+        "too small for this job",
+    )
+
+
+# ---- Glance's own refusals ------------------------------------------------------------------
+
+
+def non_ascii_extent(path: Path) -> Path:
+    """The monolithicSparse VMDK `extent.vmdk` with its embedded descriptor naming the extent
+    `éxtnt.vmdk` in UTF-8 instead (as many bytes, so nothing else moves)."""
+    old, new = b'"extent.vmdk"', '"éxtnt.vmdk"'.encode()
+    assert len(old) == len(new)
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+def safety_check_failures(stack: RealStack) -> int:
+    """How many imports Glance's log says its format inspector refused as unsafe."""
+    log = stack.base_dir / "log" / "glance-api.log"
+    return log.read_text(errors="replace").count("failed with exception Image failed safety")
+
+
+async def queue_unchecked(database_url: str, name: str, path: Path, size: int) -> uuid.UUID:
+    """Straight into the queue, past the manifest checks (which would refuse the file)."""
+    job = JobSpec(
+        name=unique("unchecked"),
+        disks=(
+            ImageSpec(
+                index=0,
+                name=name,
+                source=str(path),
+                size_bytes=size,
+                properties={"es_virtio_enabled": "no"},
+            ),
+        ),
+    )
+    async with open_store(database_url) as store:
+        return await store.submit_job(
+            job,
+            manifest={"job": job.name, "disks": [{"source": str(path), "name": name}]},
+            manifest_sha256=hashlib.sha256(name.encode()).hexdigest(),
+        )
+
+
+@REAL
+async def test_a_disk_glances_inspector_rejects_ends_failed_with_glances_reason(
+    target: Target, real_stack: RealStack, database_url: str, tmp_path: Path, cleanup: list[str]
+) -> None:
+    name = unique("inspector")
+    cleanup.append(name)
+    disk = qemu_vmdk(
+        tmp_path / "extent.vmdk", "monolithicSparse", data_bytes=MIB, virtual_bytes=64 * MIB
+    )
+    bad = non_ascii_extent(disk)
+    job_id = await queue_unchecked(database_url, name, bad, bad.stat().st_size)
+    rejections = safety_check_failures(real_stack)
+
+    summary = await run_batch(database_url, target)
+
+    assert summary.by_phase == {"failed": 1}
+    row = (await rows_of(database_url, job_id))[name]
+    assert (row.phase, row.error_code, row.cleanup) == ("failed", "import_failed", "deleted")
+    # All Glance's API says of the cause: the store that failed, a generic task message.
+    assert row.error_message in (
+        "import failed for store(s): fs",
+        "import task failed: Task failed due to Internal Error",
+    ), row.error_message
+    # The cause itself is only in Glance's log: its inspector refused the descriptor.
+    assert safety_check_failures(real_stack) == rejections + 1
+    assert (await image_answer(target, row.glance_image_id))[0] == 404
+    assert real_stack.leftovers(name).images == []
+    assert str(row.glance_image_id) not in real_stack.leftovers(name).staged_files
+
+
+async def stage_bytes(target: Target, image_id: str, data: bytes) -> tuple[int, str]:
+    async with (
+        target.session() as http,
+        http.put(
+            target.glance(f"/v2/images/{image_id}/stage"),
+            data=data,
+            headers={"Content-Type": "application/octet-stream", "Accept": "application/json"},
+        ) as answer,
+    ):
+        return answer.status, await answer.text()
+
+
+@REAL
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
+async def test_a_stage_refused_409_because_the_image_was_staged_meanwhile_still_ends_done(
+    target: Target, real_stack: RealStack, database_url: str, tmp_path: Path, cleanup: list[str]
+) -> None:
+    """One stage slot: while a big disk holds it, a small disk's image is created and waits.
+    Someone else stages the small disk's image meanwhile; the worker's own stage then gets
+    Glance's 409 (a second stage), looks, finds the right size staged, and imports it."""
+    tag = f"stage409{uuid.uuid4().hex[:4]}"
+    holder, small = unique(f"{tag}-holder"), unique(f"{tag}-small")
+    cleanup.append(f"conformance-{tag}-")
+    big = qemu_vmdk(
+        tmp_path / "holder.vmdk",
+        "monolithicSparse",
+        data_bytes=LOCKED_DATA_BYTES,
+        virtual_bytes=LOCKED_VIRTUAL_BYTES,
+    )
+    little = qemu_vmdk(
+        tmp_path / "small.vmdk", "streamOptimized", data_bytes=MIB, virtual_bytes=64 * MIB
+    )
+    stop = asyncio.Event()
+    worker = asyncio.create_task(
+        run_worker(
+            database_url=database_url,
+            cloud=cloud_of(target),
+            settings=WorkerSettings(
+                concurrency=2,
+                stage_concurrency=1,
+                idle_poll_s=0.1,
+                heartbeat_s=1.0,
+                policies=FAST,
+                progress="off",
+            ),
+            stop=stop,
+        )
+    )
+    try:
+        first = await submit(database_url, tmp_path, {holder: big})
+        await wait_for_row(
+            database_url, holder, "phase = 'staging' AND bytes_staged > 0", timeout_s=60.0
+        )
+        second = await submit(database_url, tmp_path, {small: little})
+        waiting = await wait_for_row(
+            database_url,
+            small,
+            "phase = 'staging' AND image_created_at IS NOT NULL AND bytes_staged = 0",
+            timeout_s=30.0,
+        )
+        ours = await stage_bytes(target, str(waiting["glance_image_id"]), little.read_bytes())
+        holder_row = await wait_for_row(database_url, holder, "true", timeout_s=1.0)
+        await wait_for_row(database_url, small, "phase IN ('done', 'failed')", timeout_s=120.0)
+        await wait_for_row(database_url, holder, "phase IN ('done', 'failed')", timeout_s=120.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, timeout=60.0)
+
+    assert ours == (204, "")
+    assert holder_row["phase"] == "staging", "the holder finished before the other stage"
+    events = await events_of(
+        database_url,
+        "SELECT e.event, e.detail ->> 'reason' AS reason FROM events e"
+        " JOIN results r ON r.id = e.result_id"
+        " WHERE r.image_name = $1 ORDER BY e.id",
+        small,
+    )
+    conflicts = [row["reason"] for row in events if row["event"] == "image.conflict_inspecting"]
+    assert conflicts, [dict(row) for row in events]
+    assert "uploading to uploading" in conflicts[0]
+    await assert_all_migrated(
+        database_url, [first, second], {holder: big, small: little}, target, real_stack
+    )
+
+
+@REAL
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
+async def test_an_image_whose_import_is_running_is_locked_and_the_worker_adopts_it(
+    target: Target, real_stack: RealStack, database_url: str, tmp_path: Path, cleanup: list[str]
+) -> None:
+    name = unique("locked")
+    cleanup.append(name)
+    disk = qemu_vmdk(
+        tmp_path / "locked.vmdk",
+        "monolithicSparse",
+        data_bytes=LOCKED_DATA_BYTES,
+        virtual_bytes=LOCKED_VIRTUAL_BYTES,
+    )
+    job_id = await submit(database_url, tmp_path, {name: disk})
+    image_id = str((await rows_of(database_url, job_id))[name].glance_image_id)
+    async with open_glance(cloud_of(target)) as glance:
+        body = {"id": image_id, "name": name, "disk_format": "vmdk", "container_format": "bare"}
+        await glance.create_image(body)
+        await glance.stage(image_id, disk, size_bytes=disk.stat().st_size)
+        await glance.import_image(image_id, request_id=f"req-{uuid.uuid4()}")
+        started = time.monotonic()
+        try:
+            await glance.import_image(image_id, request_id=f"req-{uuid.uuid4()}")
+        except Conflict as exc:
+            second: tuple[str, int | None, str] = ("Conflict", exc.status, exc.message)
+        else:
+            second = ("no error", None, "")
+        seen = await glance.get_image(image_id)
+    refused_after_s = time.monotonic() - started
+
+    summary = await run_batch(database_url, target)
+
+    assert second[:2] == ("Conflict", 409), second
+    assert seen.status in ("uploading", "importing"), "the first import had already ended"
+    assert refused_after_s < 30.0
+    assert summary.by_phase == {"done": 1}
+    row = await assert_all_migrated(database_url, [job_id], {name: disk}, target, real_stack)
+    assert row[name].attempts == 1
