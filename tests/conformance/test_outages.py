@@ -28,6 +28,7 @@ from tests.test_faults import DatabaseLink
 from worker.app import WorkerSettings, run_worker
 from worker.config import CloudSettings, load_cloud_settings
 from worker.consumer import RunSummary
+from worker.controls import set_bandwidth_limit
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.outage import OutagePolicy
@@ -219,6 +220,9 @@ async def test_credentials_rotated_mid_run_and_fixed_in_clouds_yaml_60_s_later(
 
     write_clouds("first-secret")
     job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
+    # The batch must outlast the token (60 s here, renewed 15 s before it ends): a cap of
+    # 2 MiB/s stretches its 144 MiB over more than a minute.
+    await set_bandwidth_limit(database_url, 2 * MIB, updated_by="conformance")
     async with running(start_worker(database_url, load)) as worker:
         await in_flight(database_url, job_id)
         await asyncio.to_thread(real_stack.set_password, user, "second-secret")
