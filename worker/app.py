@@ -22,7 +22,14 @@ from worker.config import CloudSettings
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.controls import following_bandwidth
 from worker.core.machine import Policies
-from worker.errors import AuthExpired, AuthFailed, ConfigError, EndpointNotFound, MigrationError
+from worker.errors import (
+    AuthExpired,
+    AuthFailed,
+    ConfigError,
+    ConnectionFailed,
+    EndpointNotFound,
+    MigrationError,
+)
 from worker.executor import ExecutorSettings, ImageRunner
 from worker.metrics import WorkerMetrics, serving_metrics
 from worker.notify import WebhookNotifier, WebhookSettings, notifying
@@ -38,7 +45,7 @@ from worker.outage import (
 from worker.progress import RunProgress, wants_bars
 from worker.recovery import PauseBoard, discard_if_orphaned, settling_owed_cleanups
 from worker.store.problems import DATABASE_ERRORS, describe_database_error
-from worker.store.store import Store
+from worker.store.store import CONNECTION_ERRORS, Store
 
 log = structlog.get_logger(__name__)
 
@@ -143,7 +150,11 @@ async def run_worker(
         ) as glance,
     ):
         pauses = PauseBoard(store, worker_id=settings.worker_id)
-        outages = Outages(probes_for(glance), policy=settings.outage, on_change=pauses.on_change)
+        outages = Outages(
+            {**probes_for(glance), Service.DATABASE: database_probe(store)},
+            policy=settings.outage,
+            on_change=pauses.on_change,
+        )
         store.on_connection = outages.report_database
         try:
             await authenticate_first(glance, outages)
@@ -211,6 +222,19 @@ def probes_for(glance: GlanceClient) -> dict[Service, Probe]:
     if isinstance(glance.auth, KeystoneAuth):
         probes[Service.IDENTITY] = glance.auth.reauthenticate
     return probes
+
+
+def database_probe(store: Store) -> Probe:
+    """The database breaker's probe: the store's calls outwait the server themselves, but an
+    idle worker also needs to hear that it is back."""
+
+    async def probe() -> None:
+        try:
+            await store.ping()
+        except CONNECTION_ERRORS as exc:
+            raise ConnectionFailed(str(exc) or type(exc).__name__, operation="database") from exc
+
+    return probe
 
 
 async def authenticate_first(glance: GlanceClient, outages: Outages) -> None:

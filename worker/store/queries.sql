@@ -426,3 +426,7 @@ SELECT job_id, id, 'image.cleanup_done', phase, phase, $2 FROM done;
 -- name: result_exists
 -- $1 result id.
 SELECT EXISTS (SELECT 1 FROM results WHERE id = $1);
+
+-- name: ping
+-- Does the server answer at all (the database breaker's probe)?
+SELECT 1;

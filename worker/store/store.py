@@ -548,6 +548,10 @@ class Store:
         records = await self._pool.fetch(QUERIES["events"], job_id, result_id)
         return [dict(record) for record in records]
 
+    async def ping(self) -> None:
+        """One round trip; raises one of CONNECTION_ERRORS while the server is away."""
+        await self._pool.fetchval(QUERIES["ping"])
+
     async def result_exists(self, result_id: int) -> bool:
         """Whether the row is still there (an operator may have deleted its job)."""
         return bool(await self._pool.fetchval(QUERIES["result_exists"], result_id))
