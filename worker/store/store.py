@@ -40,6 +40,12 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
 )
 
+# Statements PostgreSQL aborts to break a lock cycle or a serialization conflict.
+_CONFLICT_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
 # The columns record() may set besides phase, error and request ids; the rest are owned by
 # submit, claim and the lease methods.
 RECORDABLE_COLUMNS = frozenset(
@@ -241,6 +247,15 @@ class Store:
         while True:
             try:
                 result = await call()
+            except _CONFLICT_ERRORS as exc:
+                # PostgreSQL rolled the statement back to break a cycle of locks (an operator
+                # deleting a job while it runs, say): it is safe to send it again.
+                failures += 1
+                if failures > _MAX_CONFLICT_RETRIES:
+                    raise
+                log.warning("db.conflict_retried", operation=operation, error=str(exc))
+                await asyncio.sleep(_RECONNECT_BASE_DELAY_S * failures)
+                continue
             except CONNECTION_ERRORS as exc:
                 failures += 1
                 if self.on_connection is not None:
@@ -595,6 +610,7 @@ class Store:
 
 
 _RECONNECT_BASE_DELAY_S = 0.05
+_MAX_CONFLICT_RETRIES = 10
 _RECONNECT_MAX_DELAY_S = 2.0
 
 
