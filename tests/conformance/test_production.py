@@ -415,8 +415,11 @@ async def test_a_job_over_the_stage_quota_at_its_concurrency_is_throttled_not_fa
     assert summary.by_phase == {"done": QUOTA_DISKS}
     assert "quota_exceeded" in retries, retries
     # A refused stage also loses its pooled connection (Glance answers before reading the
-    # body, then drops it), so the next request on it may fail as connection_failed.
-    assert set(retries) <= {"quota_exceeded", "connection_failed"}, retries
+    # body, then drops it), so the next request on it may fail as connection_failed; and
+    # Glance answers 500 (cloud_unavailable) when its own call to Keystone's limits API is
+    # reset under this load (seen in CI: "Unable to establish connection to .../v3/limits/
+    # model"). Both are retried like any transient answer; nothing fails.
+    assert set(retries) <= {"quota_exceeded", "connection_failed", "cloud_unavailable"}, retries
     assert all(row.phase == "done" for row in rows.values())
     assert blocked_code != 0, blocked
     assert preflight_table(blocked)["quota image_stage_total"] == (
