@@ -47,7 +47,7 @@ DISKS = 6
 # polls and the lost-import wait are shortened to keep the suite quick.
 POLICIES = Policies(
     retry=RetryPolicy(),
-    poll=PollPolicy(first_delay_s=0.2, max_delay_s=2.0, tasks_every=2, lost_import_s=15.0),
+    poll=PollPolicy(first_delay_s=0.2, max_delay_s=2.0, tasks_every_s=1.0, lost_import_s=15.0),
 )
 PROBING = OutagePolicy(probe_first_s=1.0, probe_max_s=5.0, warn_every_s=30.0)
 RUN_TIMEOUT_S = 300.0
@@ -116,6 +116,27 @@ async def in_flight(database_url: str, job_id: uuid.UUID) -> None:
         assert time.monotonic() < deadline, f"the batch never started: {phases}"
         await asyncio.sleep(0.05)
     assert sum(phase not in ("done", "failed") for phase in phases) >= 3, phases
+
+
+async def outcomes(database_url: str, job_id: uuid.UUID) -> str:
+    """Each row's phase and error, and the events of the failed ones: what a failure shows."""
+    rows = await rows_of(database_url, job_id)
+    lines = [
+        f"{name}: {row.phase} {row.error_code or ''} {row.error_message or ''}"
+        for name, row in rows.items()
+    ]
+    failed = [row.id for row in rows.values() if row.phase == "failed"]
+    events = await fetch_rows(
+        database_url,
+        "SELECT result_id, event, error_code, message FROM events"
+        " WHERE result_id = ANY($1) ORDER BY id",
+        failed,
+    )
+    lines += [
+        f"  {e['result_id']} {e['event']} {e['error_code'] or ''} {e['message'] or ''}"
+        for e in events
+    ]
+    return "\n".join(lines)
 
 
 async def paused_services(database_url: str) -> set[str]:
@@ -198,7 +219,7 @@ async def test_a_90_s_outage_costs_no_image(
         await asyncio.to_thread(end, real_stack)
         summary = await worker
 
-    assert summary.by_phase == {"done": DISKS}
+    assert summary.by_phase == {"done": DISKS}, await outcomes(database_url, job_id)
     # Keystone down alone may pass unnoticed while Glance's cached tokens last; anything
     # else must have paused the worker.
     if outage != "keystone-down":
