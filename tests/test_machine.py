@@ -544,3 +544,25 @@ def test_an_import_still_pending_across_an_outage_of_glance_is_made_again() -> N
 
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
+
+
+def test_an_import_with_an_expected_duration_is_looked_at_by_that_expectation() -> None:
+    state = fresh(phase=Phase.IMPORTING, image_exists=True, source_hash=HASH)
+    accepted = step(state, RequestImport(request_id="req-x"), ImportAccepted("req-x", 20.0))
+    assert isinstance(accepted.command, PollImport)
+    assert accepted.command.delay_s == 10.0  # half the expected 20 s
+    near_end = step(
+        accepted.state, accepted.command, Observed(facts("importing", import_locked=True)), 119.6
+    )
+    assert isinstance(near_end.command, PollImport)
+    assert near_end.command.delay_s == PollPolicy().dense_s
+    # Tasks are read by time, not by the number of looks: every 10 s.
+    assert near_end.command.with_tasks
+    soon = step(
+        near_end.state, near_end.command, Observed(facts("importing", import_locked=True)), 120.1
+    )
+    assert isinstance(soon.command, PollImport)
+    assert not soon.command.with_tasks
+    later = step(soon.state, soon.command, Observed(facts("importing", import_locked=True)), 130.0)
+    assert isinstance(later.command, PollImport)
+    assert later.command.with_tasks

@@ -38,7 +38,7 @@ from worker.sandbox import Fault, Sandbox, SandboxConfig
 # One image's retry budget runs out in well under a second: 3 tries, 0.05 s then 0.1 s apart.
 TIGHT = Policies(
     retry=RetryPolicy(max_attempts=3, base_delay_s=0.05, max_delay_s=0.1, quota_delay_s=0.1),
-    poll=PollPolicy(first_delay_s=0.02, max_delay_s=0.1, tasks_every=2),
+    poll=PollPolicy(first_delay_s=0.02, max_delay_s=0.1, tasks_every_s=0.05),
 )
 BUDGET_S = 0.05 + 0.1
 PROBING = OutagePolicy(probe_first_s=0.05, probe_factor=2.0, probe_max_s=0.2, warn_every_s=0.3)

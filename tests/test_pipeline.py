@@ -25,7 +25,7 @@ from worker.store.store import ResultRow
 
 FAST = Policies(
     retry=RetryPolicy(base_delay_s=0.05, max_delay_s=0.2, quota_delay_s=0.1),
-    poll=PollPolicy(first_delay_s=0.02, max_delay_s=0.1, tasks_every=2),
+    poll=PollPolicy(first_delay_s=0.02, max_delay_s=0.1, tasks_every_s=0.05),
 )
 
 
@@ -132,6 +132,10 @@ async def test_a_batch_ends_active_with_sizes_and_hashes_verified(
         assert images[name]["id"] == str(row.glance_image_id)
         assert images[name]["status"] == "active"
     assert len(sandbox.images()) == 6
+    # Imports are watched with shared list calls: an image is looked at alone only once, to
+    # check its staged size.
+    assert sandbox.count("GET", r"/image/v2/images/[^/]+") == 6
+    assert sandbox.count("GET", r"/image/v2/images") >= 1
 
 
 @pytest.mark.parametrize(

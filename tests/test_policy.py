@@ -77,3 +77,22 @@ def test_poll_delay_grows_to_its_cap_and_deadline_scales_with_size() -> None:
     small = import_deadline_s(1 << 20, policy=PollPolicy())
     large = import_deadline_s(100 << 30, policy=PollPolicy())
     assert large > small >= PollPolicy().deadline_base_s
+
+
+def test_an_expected_import_is_looked_at_densely_around_its_end_and_sparsely_when_overrun() -> None:
+    policy = PollPolicy(dense_s=0.5, overrun_share=0.25, max_delay_s=15.0)
+
+    def delay(waited_s: float) -> float:
+        return poll_delay_s(3, policy=policy, jitter=0.5, waited_s=waited_s, expected_s=20.0)
+
+    assert delay(0.0) == 10.0  # half the time left
+    assert delay(16.0) == 2.0
+    assert delay(19.5) == 0.5  # around the expected end: every dense_s
+    assert delay(20.5) == 0.5 + 0.5 * 0.25
+    assert delay(60.0) == 10.5  # overrun by 40 s: a quarter of that
+    assert delay(600.0) == 15.0  # capped
+    # Every look before the end lands before it: the schedule never steps over the end.
+    waited = 0.0
+    while waited < 19.0:
+        waited += delay(waited)
+        assert waited <= 20.0

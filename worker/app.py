@@ -46,6 +46,7 @@ from worker.progress import RunProgress, wants_bars
 from worker.recovery import PauseBoard, discard_if_orphaned, settling_owed_cleanups
 from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.store import CONNECTION_ERRORS, Store
+from worker.watch import ImportWatch
 
 log = structlog.get_logger(__name__)
 
@@ -176,6 +177,7 @@ async def _consume(
     settings: WorkerSettings,
     stop: asyncio.Event,
 ) -> RunSummary:
+    watch = ImportWatch(glance)
     runner = ImageRunner(
         glance=glance,
         store=store,
@@ -191,6 +193,7 @@ async def _consume(
         stage_slots=asyncio.Semaphore(settings.stage_concurrency),
         on_progress=ops.on_progress,
         outages=outages,
+        watch=watch,
     )
     consumer = Consumer(
         store,
@@ -213,7 +216,10 @@ async def _consume(
         ops.running(store, settings, outages),
         settling_owed_cleanups(store, glance, outages, worker_id=settings.worker_id),
     ):
-        return await consumer.run(stop)
+        try:
+            return await consumer.run(stop)
+        finally:
+            await watch.close()
 
 
 def probes_for(glance: GlanceClient) -> dict[Service, Probe]:

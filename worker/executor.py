@@ -9,7 +9,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from worker.errors import MigrationError
 from worker.outage import Outages, Service
 from worker.source import hash_source
 from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
+from worker.watch import ImportWatch
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +84,8 @@ class ImageRunner:
     # The process's breakers: a step that failed because its service is down waits and is
     # tried again, spending no attempt. The default has no probes: every failure is the image's.
     outages: Outages = field(default_factory=lambda: Outages({}))
+    # Shares one list call among all importing images; without it each polls with its own GET.
+    watch: ImportWatch | None = None
     # The Glance image each row in flight works on now, kept when its run is cut off.
     _images: dict[int, uuid.UUID] = field(default_factory=dict, init=False)
     _progress_writes: set[asyncio.Future[None]] = field(default_factory=set, init=False)
@@ -132,6 +135,8 @@ class ImageRunner:
                 )
                 row = await self._record(claim, previous_phase, step, request_id=request_id)
             self._images.pop(claim.row.id, None)
+            if self.watch is not None:
+                self.watch.forget(str(state.image_id))
             self._summarise(row, duration_s=self.clock() - started)
             return row
 
@@ -147,7 +152,9 @@ class ImageRunner:
         """Wait the command's delay and perform it; None when `cancelled` was set first."""
 
         async def delayed() -> tuple[Outcome, str | None]:
-            if command.delay_s > 0:
+            # A watched poll waits inside the watch, which may hand the image over sooner.
+            watched = isinstance(command, PollImport) and self.watch is not None
+            if command.delay_s > 0 and not watched:
                 await asyncio.sleep(command.delay_s)
             return await self._perform(claim, state, command)
 
@@ -181,6 +188,7 @@ class ImageRunner:
             except MigrationError as error:
                 if not await self.outages.holds(error, failed_at=self.outages.now()):
                     return Errored(error), error.request_id
+                command = replace(command, delay_s=0.0)  # waited out: perform it at once
                 log.log(
                     self.settings.step_log_level,
                     "image.waiting",
@@ -213,12 +221,13 @@ class ImageRunner:
             return await self._stage(claim, state)
         if isinstance(command, RequestImport):
             echoed = await self.glance.import_image(image_id, request_id=command.request_id)
-            return ImportAccepted(command.request_id), echoed
+            expected_s = None if self.watch is None else self.watch.pace.expect_s(state.size_bytes)
+            return ImportAccepted(command.request_id, expected_s), echoed
         if isinstance(command, InspectImage | CheckStaged):
             image = await self.glance.get_image(image_id)
             return Observed(image_facts(image)), image.request_id
         if isinstance(command, PollImport):
-            return await self._poll(state, with_tasks=command.with_tasks)
+            return await self._poll(state, command)
         if isinstance(command, DeleteImage):
             await self.glance.delete_image(image_id)
             return Deleted(), None
@@ -277,9 +286,19 @@ class ImageRunner:
         except Exception as exc:  # progress is advisory; the stage must not fail for it
             log.warning("image.progress_not_saved", error=str(exc))
 
-    async def _poll(self, state: ImageState, *, with_tasks: bool) -> tuple[Outcome, str | None]:
+    async def _poll(self, state: ImageState, command: PollImport) -> tuple[Outcome, str | None]:
         image_id = str(state.image_id)
-        image = await self.glance.get_image(image_id)
+        if self.watch is None:
+            image = await self.glance.get_image(image_id)
+        else:
+            image = await self.watch.look(
+                image_id,
+                delay_s=command.delay_s,
+                seen_status=state.last_status,
+                size_bytes=state.size_bytes,
+                accepted_at=state.import_accepted_at,
+            )
+        with_tasks = command.with_tasks
         # An outage of Glance since the import began may have killed it: look at its task.
         outage = self.outages.last_ended(Service.IMAGE)
         accepted_at = state.import_accepted_at

@@ -157,8 +157,13 @@ async def given_queued(cloud: Cloud) -> str:
 
 
 async def given_two(cloud: Cloud) -> str:
-    await cloud.create()
-    return await cloud.create()
+    """Two images under a name of their own, returned in place of an id: the list is filtered
+    by it, so images other cases made in the same second (MariaDB keeps whole seconds, and the
+    list is ordered by created_at) cannot take the first page."""
+    name = f"conformance-list-{uuid.uuid4().hex[:8]}"
+    await cloud.create(name=name)
+    await cloud.create(name=name)
+    return name
 
 
 async def given_deleted(cloud: Cloud) -> str:
@@ -297,6 +302,15 @@ async def next_page(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
     }
 
 
+async def listed_by_ids(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
+    """`id=in:` lists exactly the images named that exist (the import watch relies on it)."""
+    listed = [image["id"] for image in exchange.body["images"]]
+    return {
+        "listed only the given image": listed == [exchange.image_id],
+        "next": "next" in exchange.body,
+    }
+
+
 async def catalog_image(cloud: Cloud, exchange: Exchange) -> dict[str, Any]:
     """Where the token's catalog says the image service is (the worker looks it up there)."""
     urls = {
@@ -412,7 +426,7 @@ CASES = [
     Case(
         "list-paging",
         200,
-        path="/v2/images?limit=1",
+        path="/v2/images?limit=1&name={id}",
         given=given_two,
         flow=next_page,
         expect_facts={
@@ -422,6 +436,14 @@ CASES = [
             "second page is new": True,
         },
         shape_depth=3,
+    ),
+    Case(
+        "list-by-ids",
+        200,
+        path="/v2/images?id=in:{id},{rid}&limit=3",
+        given=given_queued,
+        flow=listed_by_ids,
+        expect_facts={"listed only the given image": True, "next": False},
     ),
     Case(
         "patch-name",

@@ -40,7 +40,7 @@ MIB = 1 << 20
 VIRTUAL_SIZE_BYTES = 64 * MIB
 FAST = Policies(
     retry=RetryPolicy(base_delay_s=0.2, max_delay_s=1.0, quota_delay_s=0.5),
-    poll=PollPolicy(first_delay_s=0.05, max_delay_s=0.25, tasks_every=2),
+    poll=PollPolicy(first_delay_s=0.05, max_delay_s=0.25, tasks_every_s=0.3),
 )
 BATCH_TIMEOUT_S = 90.0
 POLL_INTERVAL_S = 0.02

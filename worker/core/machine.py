@@ -97,6 +97,8 @@ class ImageState:
     import_request_id: str | None = None
     import_accepted_at: float | None = None
     polls: int = 0
+    expected_import_s: float | None = None  # how long this cloud's imports of this size take
+    tasks_looked_at: float | None = None  # the last look at the import's tasks
     failures: int = 0  # failures in a row of the current command
     first_failure_at: float | None = None  # first failure of this image: the budget's start
     last_status: str | None = None
@@ -192,6 +194,7 @@ class Hashed(Outcome):
 @dataclass(frozen=True)
 class ImportAccepted(Outcome):
     request_id: str
+    expected_s: float | None = None  # the import's expected duration, when one can be told
 
 
 @dataclass(frozen=True)
@@ -323,8 +326,14 @@ def _import(state: ImageState) -> Step:
 def _on_import_accepted(
     state: ImageState, outcome: ImportAccepted, now: float, jitter: float, poll: PollPolicy
 ) -> Step:
-    state = replace(state, import_accepted_at=now, polls=0)
-    delay_s = poll_delay_s(0, policy=poll, jitter=jitter)
+    state = replace(
+        state,
+        import_accepted_at=now,
+        polls=0,
+        expected_import_s=outcome.expected_s,
+        tasks_looked_at=None,
+    )
+    delay_s = poll_delay_s(0, policy=poll, jitter=jitter, expected_s=outcome.expected_s)
     columns = {"import_requested_at": now, "import_request_id": outcome.request_id}
     return Step(state, PollImport(delay_s=delay_s), "image.import_requested", columns)
 
@@ -420,11 +429,19 @@ def _poll(
     if failure is not None:
         return _fail(state, failure, now, glance_status=facts.status)
     polls = state.polls + 1
-    state = replace(state, polls=polls)
-    with_tasks = facts.status == "importing" and (
-        polls % policy.tasks_every == 0 or not facts.import_locked
+    started = state.import_accepted_at if state.import_accepted_at is not None else now
+    tasks_due = now - (state.tasks_looked_at or started) >= policy.tasks_every_s
+    with_tasks = facts.status == "importing" and (tasks_due or not facts.import_locked)
+    state = replace(
+        state, polls=polls, tasks_looked_at=now if with_tasks else state.tasks_looked_at
     )
-    delay_s = poll_delay_s(polls, policy=policy, jitter=jitter)
+    delay_s = poll_delay_s(
+        polls,
+        policy=policy,
+        jitter=jitter,
+        waited_s=now - started,
+        expected_s=state.expected_import_s,
+    )
     return Step(state, PollImport(delay_s=delay_s, with_tasks=with_tasks))
 
 

@@ -22,15 +22,22 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class PollPolicy:
-    """How often to look at an importing image, and how long to wait for it."""
+    """How often to look at an importing image, and how long to wait for it.
+
+    With an expected duration (learned from this cloud's recent imports), looks halve the time
+    left until the expected end, come every `dense_s` around it, and once it is overrun, space
+    out in proportion to the overrun. Without one, they follow a geometric curve.
+    """
 
     first_delay_s: float = 0.5
     factor: float = 1.6
     max_delay_s: float = 15.0
+    dense_s: float = 0.5  # the spacing of looks around the expected end
+    overrun_share: float = 0.25  # past the expected end, wait this share of the overrun
     deadline_base_s: float = 600.0  # every import gets this long at least ...
     deadline_rate_bytes_per_s: float = 10 * MIB  # ... plus its size at this copy rate
     stall_s: float = 300.0  # still `uploading` this long after a 202: the task never started
-    tasks_every: int = 4  # look at the image's tasks every Nth poll while importing
+    tasks_every_s: float = 10.0  # while importing, look at the image's tasks this often
     # After an outage of the image service, an import whose task has not changed since before
     # the outage began, and still not this long after it ended, died with a Glance API process
     # (Glance touches a running task at least once a minute while it copies data).
@@ -82,10 +89,28 @@ def decide_retry(
     return RetryDecision(True, delay_s, reason)
 
 
-def poll_delay_s(polls: int, *, policy: PollPolicy, jitter: float) -> float:
-    """Delay before the next look at an importing image; grows with each poll, capped."""
-    delay_s = min(policy.max_delay_s, policy.first_delay_s * float(policy.factor**polls))
-    return delay_s * (0.75 + 0.5 * jitter)
+def poll_delay_s(
+    polls: int,
+    *,
+    policy: PollPolicy,
+    jitter: float,
+    waited_s: float = 0.0,
+    expected_s: float | None = None,
+) -> float:
+    """Delay before the next look at an importing image, `waited_s` after its import began.
+
+    `expected_s` is how long the import should take; without it the delay grows with each
+    poll along a capped geometric curve.
+    """
+    if expected_s is None:
+        delay_s = min(policy.max_delay_s, policy.first_delay_s * float(policy.factor**polls))
+        return delay_s * (0.75 + 0.5 * jitter)
+    left_s = expected_s - waited_s
+    if left_s > 2 * policy.dense_s:
+        delay_s = left_s / 2  # halve the time left: few looks early, more near the end
+    else:
+        delay_s = policy.dense_s + max(0.0, -left_s) * policy.overrun_share
+    return min(policy.max_delay_s, delay_s) * (0.9 + 0.2 * jitter)
 
 
 def import_deadline_s(size_bytes: int, *, policy: PollPolicy) -> float:
