@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import asyncpg
 import pytest
@@ -47,8 +48,9 @@ TARGETS = {
         ("POST", r"/v2/images/[^/]+/import"),
         "phase = 'importing' AND import_requested_at IS NULL",
     ),
+    # Imports are watched with list calls (?id=in:...) naming only the caller's images.
     "poll": (
-        ("GET", r"/v2/images/[^/]+"),
+        ("GET", r"/v2/images"),
         "phase = 'importing' AND import_requested_at IS NOT NULL",
     ),
 }
@@ -152,15 +154,25 @@ async def _held_worker(
             sandbox.withdraw(fault)
             return None
         try:
-            # /v2/images/{id}/...: the held call names its image; a create's id is in its body.
-            parts = (fault.held_path or "").split("/")
-            image_id = parts[3] if len(parts) > 3 else None
+            image_id = _image_of(fault)
+            if image_id is None and call[0] == "GET":
+                continue  # a list call not made for the import watch
             worker_id = await _holder_of(conn, condition, image_id, fleet)
             if worker_id is not None:
                 await fleet.kill(worker_id)
                 return worker_id
         finally:
             release.set()
+
+
+def _image_of(fault: Fault) -> str | None:
+    """The image a held call is about: /v2/images/{id}/... names it, a list call for the
+    import watch names its images in `id=in:` (the first will do); a create's is in its body."""
+    parts = (fault.held_path or "").split("/")
+    if len(parts) > 3:
+        return parts[3]
+    listed = parse_qs(fault.held_query or "").get("id", [""])[0]
+    return listed.removeprefix("in:").split(",")[0] or None
 
 
 async def _holder_of(

@@ -31,6 +31,7 @@ from worker.errors import (
     MigrationError,
 )
 from worker.executor import ExecutorSettings, ImageRunner
+from worker.gate import StageGate
 from worker.metrics import WorkerMetrics, serving_metrics
 from worker.notify import WebhookNotifier, WebhookSettings, notifying
 from worker.outage import (
@@ -62,7 +63,9 @@ class WorkerSettings:
 
     worker_id: str = field(default_factory=default_worker_id)
     concurrency: int = 8  # images in flight
-    stage_concurrency: int = 4  # of those, how many may be sending bytes at once
+    stage_concurrency: int = 4  # of those, how many may be sending bytes at once (at most)
+    # Start uploads at fewer and add one while the upload rate grows with it (worker/gate.py).
+    adaptive_stages: bool = True
     chunk_bytes: int = 1 << 20
     hash_algorithm: str = "sha512"
     verify_md5: bool = False  # also compare Glance's legacy md5 `checksum`
@@ -109,6 +112,7 @@ async def open_glance(
     connections: int = 16,
     throttle: Throttle | None = None,
     reload_cloud: Callable[[], CloudSettings] | None = None,
+    on_small_call: Callable[[float, int], None] | None = None,
 ) -> AsyncIterator[GlanceClient]:
     """A Glance client with its own HTTP session, closed on exit.
 
@@ -122,6 +126,7 @@ async def open_glance(
             chunk_bytes=chunk_bytes,
             request_timeout_s=cloud.read_timeout_s,
             throttle=throttle,
+            on_small_call=on_small_call,
         )
 
 
@@ -139,6 +144,7 @@ async def run_worker(
     OutageTooLong when an outage outlasted `settings.outage.max_outage_s`.
     """
     ops = Operations(settings)
+    gate = StageGate(settings.stage_concurrency, adaptive=settings.adaptive_stages)
     async with (
         open_store(database_url, max_size=min(settings.concurrency + 2, 20)) as store,
         following_bandwidth(database_url, worker_id=settings.worker_id) as throttle,
@@ -148,6 +154,7 @@ async def run_worker(
             connections=settings.concurrency + settings.stage_concurrency + 2,
             throttle=throttle,
             reload_cloud=reload_cloud,
+            on_small_call=gate.answered,
         ) as glance,
     ):
         pauses = PauseBoard(store, worker_id=settings.worker_id)
@@ -159,7 +166,7 @@ async def run_worker(
         store.on_connection = outages.report_database
         try:
             await authenticate_first(glance, outages)
-            summary = await _consume(store, glance, outages, ops, settings, stop)
+            summary = await _consume(store, glance, gate, outages, ops, settings, stop)
         finally:
             store.on_connection = None
             await outages.aclose()
@@ -172,6 +179,7 @@ async def run_worker(
 async def _consume(
     store: Store,
     glance: GlanceClient,
+    gate: StageGate,
     outages: Outages,
     ops: Operations,
     settings: WorkerSettings,
@@ -190,7 +198,7 @@ async def _consume(
             if wants_bars(settings.progress, sys.stderr)
             else logging.INFO,
         ),
-        stage_slots=asyncio.Semaphore(settings.stage_concurrency),
+        stage_slots=gate,
         on_progress=ops.on_progress,
         outages=outages,
         watch=watch,

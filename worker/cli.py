@@ -286,7 +286,13 @@ def _already_submitted(summary: JobSummary) -> str:
     default=4,
     show_default=True,
     type=click.IntRange(1, 256),
-    help="Of those, how many may be uploading bytes at once.",
+    help="Of those, how many may be uploading bytes at once (at most; see --fixed-stages).",
+)
+@click.option(
+    "--fixed-stages",
+    is_flag=True,
+    help="Upload --stage-concurrency at once from the start, instead of starting at 4 and "
+    "adding one while the upload rate grows with it.",
 )
 @click.option(
     "--chunk-mib",
@@ -379,6 +385,7 @@ def run(
     once: bool,
     concurrency: int,
     stage_concurrency: int,
+    fixed_stages: bool,
     chunk_mib: int,
     worker_id: str | None,
     lease_s: float,
@@ -412,6 +419,7 @@ def run(
     settings = WorkerSettings(
         concurrency=concurrency,
         stage_concurrency=min(stage_concurrency, concurrency),
+        adaptive_stages=not fixed_stages,
         chunk_bytes=chunk_mib << 20,
         hash_algorithm=hash_algorithm,
         verify_md5=verify_md5,

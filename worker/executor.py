@@ -46,6 +46,7 @@ from worker.core.machine import (
 )
 from worker.core.model import Phase
 from worker.errors import MigrationError
+from worker.gate import StageGate
 from worker.outage import Outages, Service
 from worker.source import hash_source
 from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
@@ -77,7 +78,7 @@ class ImageRunner:
     glance: GlanceClient
     store: Store
     settings: ExecutorSettings
-    stage_slots: asyncio.Semaphore
+    stage_slots: StageGate | asyncio.Semaphore  # admits uploads (the gate adapts its limit)
     clock: Callable[[], float] = time.time
     jitter: Callable[[], float] = random.random
     on_progress: Callable[[int, int], None] | None = None  # (result_id, bytes so far)
@@ -243,9 +244,13 @@ class ImageRunner:
 
     async def _stage(self, claim: Claim, state: ImageState) -> tuple[Outcome, str | None]:
         last_report = 0.0
+        last_bytes = 0
 
         def progress(done_bytes: int) -> None:
-            nonlocal last_report
+            nonlocal last_report, last_bytes
+            if isinstance(self.stage_slots, StageGate):
+                self.stage_slots.sent(max(0, done_bytes - last_bytes))
+            last_bytes = done_bytes
             if self.on_progress is not None:
                 self.on_progress(claim.row.id, done_bytes)
             now = self.clock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +175,11 @@ class GlanceClient:
         chunk_bytes: int = 1 << 20,
         request_timeout_s: float = 60.0,
         throttle: Throttle | None = None,
+        on_small_call: Callable[[float, int], None] | None = None,
     ) -> None:
         self._session = session
+        # Told the time and status of every answer but an upload's (the stage gate reads it).
+        self._on_small_call = on_small_call
         self._auth = auth
         self._chunk_bytes = chunk_bytes
         # One throttle for every stage of the process: the bandwidth cap is on the sum.
@@ -360,6 +364,7 @@ class GlanceClient:
             url = f"{await self._auth.image_endpoint()}{path}"
             all_headers = {"Accept": "application/json", "X-Auth-Token": token, **(headers or {})}
             body = body_factory() if body_factory is not None else data
+            sent_at = time.monotonic()
             async with (
                 translate_transport_errors(operation),
                 self._session.request(
@@ -374,6 +379,8 @@ class GlanceClient:
                 ) as response,
             ):
                 answer = _Answer(response.status, await response.read(), dict(response.headers))
+            if self._on_small_call is not None and body_factory is None:
+                self._on_small_call(time.monotonic() - sent_at, answer.status)
             if answer.status == 401 and attempt == 1:
                 await self._auth.renew(token)
                 continue

@@ -53,3 +53,4 @@ class Fault:
     hold: asyncio.Event | None = None
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     held_path: str | None = None
+    held_query: str | None = None

@@ -82,6 +82,7 @@ def fault_middleware(book: FaultBook) -> Any:
             return response
         if fault.hold is not None:
             fault.held_path = service_path(request.path)
+            fault.held_query = request.query_string
             fault.reached.set()
             await fault.hold.wait()
         if fault.stall_s:
