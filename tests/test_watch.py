@@ -12,7 +12,7 @@ import pytest
 from tests.fixtures.cloud import password_settings
 from worker.clients.glance import GlanceClient
 from worker.clients.keystone import KeystoneAuth
-from worker.errors import CloudUnavailable
+from worker.errors import CloudUnavailable, NotFound
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.watch import ImportPace, ImportWatch
 
@@ -161,3 +161,20 @@ def test_the_pace_scales_recent_imports_by_size() -> None:
     assert pace.expect_s(30) == pytest.approx(3.0)
     pace.record(100, 40.0)  # the oldest falls out of the window
     assert pace.expect_s(150) == pytest.approx(45.0 * 150 / 150)
+
+
+async def test_a_deleted_image_reaches_its_waiter_as_not_found(
+    sandbox: Sandbox, glance: GlanceClient
+) -> None:
+    image = await glance.create_image(
+        {"name": "d", "disk_format": "raw", "container_format": "bare"}
+    )
+    await glance.delete_image(image.id)
+    watch = ImportWatch(glance)
+    try:
+        with pytest.raises(NotFound):
+            await watch.look(
+                image.id, delay_s=0.0, seen_status="importing", size_bytes=1, accepted_at=None
+            )
+    finally:
+        await watch.close()

@@ -150,6 +150,9 @@ class ImportWatch:
             except MigrationError as error:
                 self._fail_due(chunk, error)
                 continue
+            except Exception as error:  # a bug, not the cloud: no waiter may hang on it
+                self._fail_all(chunk, error)
+                continue
             await self._deliver(chunk, found)
 
     async def _list(self, ids: list[str]) -> dict[str, Image]:
@@ -179,7 +182,7 @@ class ImportWatch:
     async def _look_alone(self, image_id: str, waiter: _Waiter) -> None:
         try:
             image = await self._glance.get_image(image_id)
-        except MigrationError as error:
+        except Exception as error:  # NotFound for a deleted image, or any failure: the waiter's
             if not waiter.answer.done():
                 waiter.answer.set_exception(error)
             return
@@ -191,6 +194,12 @@ class ImportWatch:
         for image_id in ids:
             waiter = self._waiters.get(image_id)
             if waiter is not None and not waiter.answer.done() and waiter.due_at <= now:
+                waiter.answer.set_exception(error)
+
+    def _fail_all(self, ids: list[str], error: Exception) -> None:
+        for image_id in ids:
+            waiter = self._waiters.get(image_id)
+            if waiter is not None and not waiter.answer.done():
                 waiter.answer.set_exception(error)
 
     def _note(self, image_id: str, image: Image, waiter: _Waiter, now: float) -> None:
