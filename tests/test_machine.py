@@ -566,3 +566,18 @@ def test_an_import_with_an_expected_duration_is_looked_at_by_that_expectation() 
     later = step(soon.state, soon.command, Observed(facts("importing", import_locked=True)), 130.0)
     assert isinstance(later.command, PollImport)
     assert later.command.with_tasks
+
+
+def test_an_import_task_that_failed_across_an_outage_of_the_cloud_is_made_again() -> None:
+    state = importing_state()
+    failed = (TaskFacts("failure", state.import_request_id, "Task failed due to Internal Error"),)
+    across = Observed(facts("importing"), failed, cloud_outage=(150.0, 200.0))
+    redone = step(state, PollImport(), across, now=210.0)
+    assert isinstance(redone.command, DeleteImage)
+    assert redone.command.then_recreate
+    assert "across an outage of the cloud" in str(redone.columns["reason"])
+    assert redone.state.restarts == 1
+
+    # With no outage in the import's time, the same failure is the image's own.
+    alone = step(state, PollImport(), Observed(facts("importing"), failed), now=210.0)
+    assert alone.columns["error_code"] == "import_failed"

@@ -304,17 +304,39 @@ class ImageRunner:
                 accepted_at=state.import_accepted_at,
             )
         with_tasks = command.with_tasks
-        # An outage of Glance since the import began may have killed it: look at its task.
-        outage = self.outages.last_ended(Service.IMAGE)
-        accepted_at = state.import_accepted_at
-        if outage is None or accepted_at is None or outage[1] < accepted_at:
-            outage = None
+        # An outage of Glance since the import began may have killed it, and one of Keystone
+        # may have failed it: look at its task.
+        outage = self._outage_since(Service.IMAGE, state.import_accepted_at)
+        cloud_outage = max(
+            (
+                found
+                for found in (
+                    outage,
+                    self._outage_since(Service.IDENTITY, state.import_accepted_at),
+                )
+                if found is not None
+            ),
+            key=lambda found: found[1],
+            default=None,
+        )
         tasks: tuple[TaskFacts, ...] | None = None
         if (with_tasks and image.status == "importing") or (
-            outage is not None and image.status in ("uploading", "importing")
+            cloud_outage is not None and image.status in ("uploading", "importing")
         ):
             tasks = tuple(task_facts(t) for t in await self.glance.image_tasks(image_id))
-        return Observed(image_facts(image), tasks, image_outage=outage), image.request_id
+        observed = Observed(
+            image_facts(image), tasks, image_outage=outage, cloud_outage=cloud_outage
+        )
+        return observed, image.request_id
+
+    def _outage_since(
+        self, service: Service, accepted_at: float | None
+    ) -> tuple[float, float] | None:
+        """The last outage of `service`, if it ended after the import was accepted."""
+        outage = self.outages.last_ended(service)
+        if outage is None or accepted_at is None or outage[1] < accepted_at:
+            return None
+        return outage
 
     # --- recording ----------------------------------------------------------------------------
 

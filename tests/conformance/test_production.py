@@ -382,8 +382,13 @@ async def test_a_job_over_the_stage_quota_at_its_concurrency_is_throttled_not_fa
             job_id = await store.submit_job(
                 loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
             )
+        # A fixed upload limit: the scenario is about a known number of stages at once.
         summary = await run_batch(
-            database_url, target, concurrency=BATCH_CONCURRENCY, policies=QUOTA_POLICIES
+            database_url,
+            target,
+            concurrency=BATCH_CONCURRENCY,
+            policies=QUOTA_POLICIES,
+            adaptive_stages=False,
         )
         retries = await retries_of(database_url, job_id)
         rows = await assert_all_migrated(database_url, [job_id], disks, target, real_stack)

@@ -203,6 +203,9 @@ class Observed(Outcome):
     tasks: tuple[TaskFacts, ...] | None = None
     # (start, end), epoch seconds, of an outage of the image service since the import began.
     image_outage: tuple[float, float] | None = None
+    # The same of the last outage of the identity or the image service: Glance's import task
+    # calls Keystone (the limits API, say), and fails with "Internal Error" while it is down.
+    cloud_outage: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -426,6 +429,10 @@ def _poll(
         if lost is not None:
             return _recreate(state, lost, now)  # Glance never takes a second import
         failure = _import_overdue(state, facts, now, policy)
+    if isinstance(failure, ImportFailed) and outcome.cloud_outage is not None:
+        # An outage says nothing about this disk: import it again (bounded by the restarts).
+        reason = f"{failure.message}, across an outage of the cloud"
+        return _recreate(state, reason, now)
     if failure is not None:
         return _fail(state, failure, now, glance_status=facts.status)
     polls = state.polls + 1
