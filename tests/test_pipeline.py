@@ -278,3 +278,15 @@ async def test_secrets_reach_no_log_line_and_no_table(
     for token in sandbox.token_values():
         assert token not in text
         assert not any(token in line for line in dump)
+
+
+async def test_a_once_run_ends_when_its_last_image_does_not_at_the_next_idle_poll(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    names = [f"drained-{n}" for n in range(3)]
+    await submit(database_url, tmp_path, names)
+    # An idle poll an hour away: only the end of the last image can end the run in time.
+    summary = await asyncio.wait_for(
+        migrate(database_url, sandbox, concurrency=2, idle_poll_s=3600.0), timeout=60
+    )
+    assert summary.by_phase == {"done": 3}

@@ -85,6 +85,9 @@ class Consumer:
         # heartbeat or claim started at t makes it t + lease - one heartbeat of margin.
         self._held_until: dict[int, float] = {}
         self._idle = asyncio.Semaphore(settings.concurrency)
+        # Set when an image ends: a --once run with nothing left to claim exits then, not
+        # at the next idle poll.
+        self._image_ended = asyncio.Event()
         self._summary = RunSummary()
         self._grace_s = settings.grace_s
 
@@ -145,7 +148,10 @@ class Consumer:
                 self._idle.release()
                 if settings.once and not self._in_flight and self._queue.empty():
                     return
-                await _wait(stop, settings.idle_poll_s)
+                self._image_ended.clear()
+                await _wait(
+                    stop, settings.idle_poll_s, self._image_ended if settings.once else None
+                )
                 continue
             self._held_until[claims[0].row.id] = asked_at + self._lease_margin_s()
             await self._queue.put(claims[0])
@@ -185,6 +191,7 @@ class Consumer:
                 self._cancel_requests.pop(result_id, None)
                 self._held_until.pop(result_id, None)
                 self._idle.release()
+                self._image_ended.set()
 
     async def _run_one(self, claim: Claim) -> None:
         """Run one image; whatever goes wrong stays with this image and never stops the others."""
@@ -351,6 +358,12 @@ async def _clear_unless_stopped(outages: Outages, stop: asyncio.Event) -> bool:
     return not stop.is_set()
 
 
-async def _wait(stop: asyncio.Event, timeout_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=timeout_s)
+async def _wait(stop: asyncio.Event, timeout_s: float, also: asyncio.Event | None = None) -> None:
+    """Wait until `stop` (or `also`) is set, or `timeout_s` has passed."""
+    events = [stop] if also is None else [stop, also]
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
