@@ -32,3 +32,21 @@ def test_building_the_wheel_prints_no_deprecation_warning(tmp_path: Path) -> Non
     with zipfile.ZipFile(wheel) as archive:
         metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         assert "License-Expression: Apache-2.0" in archive.read(metadata).decode()
+
+
+def test_help_imports_none_of_the_heavy_libraries() -> None:
+    """`--help`, `--version` and completion start in a fraction of a second: aiohttp, asyncpg,
+    structlog and the sandbox are imported by the commands that use them."""
+    probe = (
+        "import sys\n"
+        "from worker.cli import cli\n"
+        "try:\n"
+        "    cli.main(['--help'], standalone_mode=False)\n"
+        "finally:\n"
+        "    heavy = {'aiohttp', 'asyncpg', 'structlog', 'rich', 'jsonschema', 'worker.sandbox'}\n"
+        "    print(sorted(heavy & set(sys.modules)))\n"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert answer.stdout.strip().splitlines()[-1] == "[]"

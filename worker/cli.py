@@ -22,42 +22,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-import asyncpg
 import click
 
-from worker import logs
-from worker.app import WorkerSettings, default_worker_id, environment, open_store, run_worker
+# Only light modules at the top: `--help`, `--version` and shell completion import nothing
+# else; each command imports what it needs (aiohttp, asyncpg and structlog take most of a
+# second to import).
 from worker.config import CloudSettings, Secret, load_cloud_settings, read_env_file
 from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest
-from worker.manifest import load_manifest
-from worker.notify import WebhookSettings
-from worker.outage import OutagePolicy, OutageTooLong
-from worker.preflight import ENVIRONMENT_CHECKS, format_findings, run_preflight
-from worker.progress import watch_fleet
-from worker.report import (
-    FORMATS,
-    pause_lines,
-    print_job_status,
-    print_problems,
-    write_jobs,
-    write_rows,
-    write_status,
-)
-from worker.store.store import JobSummary, ResultRow, Store
 
 if TYPE_CHECKING:
+    from worker.notify import WebhookSettings
     from worker.sandbox import Sandbox
+    from worker.store.store import JobSummary, ResultRow, Store
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_STATUS_ROWS = 20
 # `run --once` serves cron and batch runs: an outage longer than this ends the run (exit 3).
 _ONCE_MAX_OUTAGE_S = 900.0
 T = TypeVar("T")
+FORMATS = ("table", "json", "csv")  # what worker.report writes
 
 
 def _database_url(explicit: str | None, *, reading: bool = False) -> str:
     """--database-url (or DATABASE_URL); else the embedded server, which read commands name."""
+    from worker.app import environment
+
     if explicit:
         return explicit
     from worker.store.embedded import DATA_DIR_ENV, embedded_pgdata, resolve_database_url
@@ -73,12 +63,19 @@ def _database_url(explicit: str | None, *, reading: bool = False) -> str:
 
 
 def _webhook_settings(url: str | None, secret: str | None) -> WebhookSettings | None:
+    from worker.notify import WebhookSettings
+
     if not url:
         return None
     return WebhookSettings(url, secret=Secret(secret) if secret else None)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncpg
+
+    from worker import logs
+    from worker.outage import OutageTooLong
+
     try:
         return asyncio.run(coro)
     except ConfigError as exc:
@@ -143,6 +140,8 @@ def cli(log_level: str, log_format: str) -> None:
     Shell completion: eval "$(_VMDK_MIGRATE_COMPLETE=bash_source vmdk-migrate)" (zsh_source,
     fish_source for those shells).
     """
+    from worker import logs
+
     json_logs = None if log_format == "auto" else log_format == "json"
     logs.configure(level=log_level, json=json_logs)
 
@@ -163,6 +162,11 @@ def validate(
     manifest: Path, source_root: Path | None, online: bool, cloud_name: str | None, concurrency: int
 ) -> None:
     """Check a job manifest without writing anything; --online also checks the cloud."""
+    from worker.app import environment
+    from worker.manifest import load_manifest
+    from worker.preflight import ENVIRONMENT_CHECKS, format_findings, run_preflight
+    from worker.report import print_problems
+
     try:
         loaded = load_manifest(manifest, source_root=source_root)
     except InvalidManifest as exc:
@@ -216,6 +220,10 @@ def submit(
     A manifest whose normalized content equals that of an existing job queues nothing: the
     id of that job is printed (and stderr says so). --again makes a new job all the same.
     """
+    from worker.app import open_store
+    from worker.manifest import load_manifest
+    from worker.report import print_problems
+
     not_before = _parse_at(at_time)
     try:
         loaded = load_manifest(manifest, source_root=source_root)
@@ -402,6 +410,8 @@ def run(
     webhook_secret: str | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
+    from worker.app import WorkerSettings, environment, run_worker
+    from worker.outage import OutagePolicy
 
     def load_cloud() -> CloudSettings:
         env = environment()
@@ -457,6 +467,8 @@ def run(
 @format_option
 def jobs(database_url: str | None, fmt: str) -> None:
     """One line per job, newest first: counts by phase, bytes done of total, state."""
+    from worker.app import open_store
+    from worker.report import write_jobs
 
     async def go() -> int:
         async with open_store(_database_url(database_url, reading=True)) as store:
@@ -514,6 +526,9 @@ def status(
     interval_s: float,
 ) -> None:
     """Counts by phase per job, and its first images; --watch follows the whole fleet."""
+    from worker.app import open_store
+    from worker.progress import watch_fleet
+    from worker.report import pause_lines, print_job_status, write_status
 
     async def go() -> int:
         async with open_store(_database_url(database_url, reading=True)) as store:
@@ -560,6 +575,8 @@ def status(
 @click.option("--output", "-o", type=click.File("w"), default="-", help="Default: stdout.")
 def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
     """Export every image row of a job (no cap) as CSV, JSON or a table."""
+    from worker.app import open_store
+    from worker.report import write_rows
 
     async def go() -> int:
         async with open_store(_database_url(database_url, reading=True)) as store:
@@ -624,6 +641,7 @@ async def _one_job_id(store: Store, job: str) -> UUID | None:
 @database_option
 def cancel(job: str, database_url: str | None) -> None:
     """Cancel a job: no new image starts; images in flight stop and are cleaned up."""
+    from worker.app import default_worker_id, open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url)) as store:
@@ -645,6 +663,7 @@ def cancel(job: str, database_url: str | None) -> None:
 @database_option
 def retry(job: str, database_url: str | None) -> None:
     """Queue a job's failed images again (lifting a cancel); done images never move again."""
+    from worker.app import default_worker_id, open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url)) as store:
@@ -671,6 +690,7 @@ def db() -> None:
 @database_option
 def upgrade(database_url: str | None) -> None:
     """Apply pending schema migrations (run also happens on every start)."""
+    from worker.app import open_store
 
     async def go() -> None:
         async with open_store(_database_url(database_url)):
@@ -689,6 +709,7 @@ def upgrade(database_url: str | None) -> None:
 )
 def limit(database_url: str | None, bandwidth: str | None) -> None:
     """Show or change the bandwidth cap; running workers follow it within two seconds."""
+    from worker.app import default_worker_id, open_store
     from worker.controls import format_rate, get_bandwidth_limit, parse_rate, set_bandwidth_limit
 
     try:
@@ -786,6 +807,8 @@ def _parse_at(text: str | None) -> datetime | None:
 
 def _stop_on_signals() -> asyncio.Event:
     """SIGINT/SIGTERM: stop claiming and let images in flight finish; a second one: exit now."""
+    from worker import logs
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
