@@ -20,12 +20,12 @@ from structlog.testing import capture_logs
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
 from tests.test_pipeline import FAST, cloud_for, migrate, rows_of, submit
-from worker.app import WorkerSettings, open_store, run_worker
+from worker.app import WorkerSettings, run_worker
 from worker.consumer import RunSummary
 from worker.core.model import next_image_id
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.store.sql import QUERIES
-from worker.store.store import ResultRow
+from worker.store.store import ResultRow, open_store
 
 STAGE = r"/v2/images/[^/]+/stage"
 IMPORT = r"/v2/images/[^/]+/import"

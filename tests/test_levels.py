@@ -16,11 +16,10 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from tests.test_pipeline import migrate, rows_of, submit
-from worker.app import open_store
 from worker.consumer import Consumer, ConsumerSettings
 from worker.progress import RunProgress
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.store.store import Claim, ResultRow
+from worker.store.store import Claim, ResultRow, open_store
 
 
 def by_event(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

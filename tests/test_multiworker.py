@@ -12,10 +12,11 @@ import asyncpg
 import pytest
 
 from tests.test_pipeline import FAST, cloud_for
-from worker.app import WorkerSettings, open_store, run_worker
+from worker.app import WorkerSettings, run_worker
 from worker.manifest import load_manifest
 from worker.sampledisks import write_monolithic_sparse
 from worker.sandbox import Sandbox, SandboxConfig
+from worker.store.store import open_store
 
 
 async def submit_disks(

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from worker.app import WorkerSettings, open_store, run_worker
+from worker.app import WorkerSettings, run_worker
 from worker.config import CloudSettings, load_cloud_settings
 from worker.consumer import RunSummary
 from worker.core.machine import Policies
@@ -21,7 +21,7 @@ from worker.core.policy import PollPolicy, RetryPolicy
 from worker.manifest import load_manifest
 from worker.sampledisks import write_monolithic_sparse, write_stream_optimized
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.store.store import ResultRow
+from worker.store.store import ResultRow, open_store
 
 FAST = Policies(
     retry=RetryPolicy(base_delay_s=0.05, max_delay_s=0.2, quota_delay_s=0.1),

@@ -21,13 +21,13 @@ import pytest
 from aiohttp import web
 
 from tests.test_pipeline import make_disks, migrate, rows_of, sha512_of
-from worker.app import open_store
 from worker.clients.glance import GlanceClient
 from worker.clients.keystone import StaticTokenAuth
 from worker.errors import SourceError
 from worker.manifest import load_manifest
 from worker.sandbox import Sandbox
 from worker.source import Source, hash_source, identity_of
+from worker.store.store import open_store
 
 MIB = 1 << 20
 

@@ -15,11 +15,12 @@ import pytest
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
 from tests.test_pipeline import FAST, cloud_for, make_disks, rows_of
-from worker.app import WorkerSettings, open_store, run_worker
+from worker.app import WorkerSettings, run_worker
 from worker.errors import InvalidManifest
 from worker.manifest import load_manifest, parse_manifest
 from worker.sandbox import Sandbox
 from worker.store import Store
+from worker.store.store import open_store
 
 WINDOW_OPENS_IN_S = 10
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

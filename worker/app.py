@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -18,7 +16,7 @@ from worker.clients.glance import GlanceClient
 from worker.clients.http import new_session
 from worker.clients.keystone import KeystoneAuth, authenticator_for
 from worker.clients.throttle import Throttle
-from worker.config import CloudSettings
+from worker.config import CloudSettings, default_worker_id
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.controls import following_bandwidth
 from worker.core.machine import Policies
@@ -45,16 +43,10 @@ from worker.outage import (
 )
 from worker.progress import RunProgress, wants_bars
 from worker.recovery import PauseBoard, discard_if_orphaned, settling_owed_cleanups
-from worker.store.problems import DATABASE_ERRORS, describe_database_error
-from worker.store.store import CONNECTION_ERRORS, Store
+from worker.store.store import CONNECTION_ERRORS, Store, open_store
 from worker.watch import ImportWatch
 
 log = structlog.get_logger(__name__)
-
-
-def default_worker_id() -> str:
-    """host:pid identifies a worker process in rows, events and logs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -80,28 +72,6 @@ class WorkerSettings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no endpoint; 0: any free port
     webhook: WebhookSettings | None = None
-
-
-@asynccontextmanager
-async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[Store]:
-    """A connected store with the schema brought up to date (migrations run on start).
-
-    A database that cannot be reached or used is a ConfigError naming DATABASE_URL.
-    """
-    try:
-        store = await Store.connect(database_url, max_size=max_size)
-    except DATABASE_ERRORS as exc:
-        raise ConfigError(describe_database_error(exc, database_url)) from exc
-    try:
-        try:
-            applied = await store.upgrade()
-        except DATABASE_ERRORS as exc:
-            raise ConfigError(describe_database_error(exc, database_url)) from exc
-        if applied:
-            log.info("db.upgraded", versions=applied)
-        yield store
-    finally:
-        await store.close()
 
 
 @asynccontextmanager
@@ -357,8 +327,3 @@ def observing_events(observers: list[EventObserver]) -> Iterator[None]:
         yield
     finally:
         structlog.configure(processors=config["processors"], wrapper_class=wrapper)
-
-
-def environment() -> Mapping[str, str]:
-    """The process environment, the one place the app reads it."""
-    return dict(os.environ)

@@ -27,7 +27,14 @@ import click
 # Only light modules at the top: `--help`, `--version` and shell completion import nothing
 # else; each command imports what it needs (aiohttp, asyncpg and structlog take most of a
 # second to import).
-from worker.config import CloudSettings, Secret, load_cloud_settings, read_env_file
+from worker.config import (
+    CloudSettings,
+    Secret,
+    default_worker_id,
+    environment,
+    load_cloud_settings,
+    read_env_file,
+)
 from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest
 
@@ -46,8 +53,6 @@ FORMATS = ("table", "json", "csv")  # what worker.report writes
 
 def _database_url(explicit: str | None, *, reading: bool = False) -> str:
     """--database-url (or DATABASE_URL); else the embedded server, which read commands name."""
-    from worker.app import environment
-
     if explicit:
         return explicit
     from worker.store.embedded import DATA_DIR_ENV, embedded_pgdata, resolve_database_url
@@ -162,7 +167,6 @@ def validate(
     manifest: Path, source_root: Path | None, online: bool, cloud_name: str | None, concurrency: int
 ) -> None:
     """Check a job manifest without writing anything; --online also checks the cloud."""
-    from worker.app import environment
     from worker.manifest import load_manifest
     from worker.preflight import ENVIRONMENT_CHECKS, format_findings, run_preflight
     from worker.report import print_problems
@@ -220,9 +224,9 @@ def submit(
     A manifest whose normalized content equals that of an existing job queues nothing: the
     id of that job is printed (and stderr says so). --again makes a new job all the same.
     """
-    from worker.app import open_store
     from worker.manifest import load_manifest
     from worker.report import print_problems
+    from worker.store.store import open_store
 
     not_before = _parse_at(at_time)
     try:
@@ -410,7 +414,7 @@ def run(
     webhook_secret: str | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
-    from worker.app import WorkerSettings, environment, run_worker
+    from worker.app import WorkerSettings, run_worker
     from worker.outage import OutagePolicy
 
     def load_cloud() -> CloudSettings:
@@ -467,8 +471,8 @@ def run(
 @format_option
 def jobs(database_url: str | None, fmt: str) -> None:
     """One line per job, newest first: counts by phase, bytes done of total, state."""
-    from worker.app import open_store
     from worker.report import write_jobs
+    from worker.store.store import open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url, reading=True)) as store:
@@ -526,9 +530,9 @@ def status(
     interval_s: float,
 ) -> None:
     """Counts by phase per job, and its first images; --watch follows the whole fleet."""
-    from worker.app import open_store
     from worker.progress import watch_fleet
     from worker.report import pause_lines, print_job_status, write_status
+    from worker.store.store import open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url, reading=True)) as store:
@@ -575,8 +579,8 @@ def status(
 @click.option("--output", "-o", type=click.File("w"), default="-", help="Default: stdout.")
 def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
     """Export every image row of a job (no cap) as CSV, JSON or a table."""
-    from worker.app import open_store
     from worker.report import write_rows
+    from worker.store.store import open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url, reading=True)) as store:
@@ -641,7 +645,7 @@ async def _one_job_id(store: Store, job: str) -> UUID | None:
 @database_option
 def cancel(job: str, database_url: str | None) -> None:
     """Cancel a job: no new image starts; images in flight stop and are cleaned up."""
-    from worker.app import default_worker_id, open_store
+    from worker.store.store import open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url)) as store:
@@ -663,7 +667,7 @@ def cancel(job: str, database_url: str | None) -> None:
 @database_option
 def retry(job: str, database_url: str | None) -> None:
     """Queue a job's failed images again (lifting a cancel); done images never move again."""
-    from worker.app import default_worker_id, open_store
+    from worker.store.store import open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url)) as store:
@@ -690,7 +694,7 @@ def db() -> None:
 @database_option
 def upgrade(database_url: str | None) -> None:
     """Apply pending schema migrations (run also happens on every start)."""
-    from worker.app import open_store
+    from worker.store.store import open_store
 
     async def go() -> None:
         async with open_store(_database_url(database_url)):
@@ -709,8 +713,8 @@ def upgrade(database_url: str | None) -> None:
 )
 def limit(database_url: str | None, bandwidth: str | None) -> None:
     """Show or change the bandwidth cap; running workers follow it within two seconds."""
-    from worker.app import default_worker_id, open_store
     from worker.controls import format_rate, get_bandwidth_limit, parse_rate, set_bandwidth_limit
+    from worker.store.store import open_store
 
     try:
         rate = parse_rate(bandwidth) if bandwidth is not None else None

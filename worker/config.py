@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,3 +480,13 @@ def _spelling(piece: str, from_cloud: str | None) -> str:
     else:
         spelled = [_ENV_NAMES[name] for name in names]
     return " or ".join(spelled)
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment, the one place the app reads it."""
+    return dict(os.environ)
+
+
+def default_worker_id() -> str:
+    """host:pid identifies a worker process in rows, events and logs."""
+    return f"{socket.gethostname()}:{os.getpid()}"

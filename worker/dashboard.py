@@ -17,9 +17,9 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from worker.app import open_store
 from worker.core.model import Phase
 from worker.errors import ConfigError
+from worker.store.store import open_store
 
 log = structlog.get_logger(__name__)
 

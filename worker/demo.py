@@ -14,13 +14,14 @@ from pathlib import Path
 
 import click
 
-from worker.app import WorkerSettings, environment, open_store, run_worker
-from worker.config import load_cloud_settings
+from worker.app import WorkerSettings, run_worker
+from worker.config import environment, load_cloud_settings
 from worker.manifest import load_manifest
 from worker.report import print_job_status
 from worker.sampledisks import write_sample_batch
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.store.embedded import resolve_database_url
+from worker.store.store import open_store
 
 FAILING_SUFFIX = "-virtio-broken"
 FILL_BYTES = 4 << 20  # real data per sample disk, so every disk has its own hash

@@ -40,13 +40,13 @@ from tests.conformance.test_scenarios import (
     unique,
     wait_for_row,
 )
-from worker.app import WorkerSettings, open_glance, open_store, run_worker
+from worker.app import WorkerSettings, open_glance, run_worker
 from worker.core.machine import Policies
 from worker.core.model import ImageSpec, JobSpec
 from worker.core.policy import RetryPolicy
 from worker.errors import Conflict
 from worker.manifest import load_manifest
-from worker.store.store import ResultRow
+from worker.store.store import ResultRow, open_store
 
 pytestmark = pytest.mark.conformance
 REAL = pytest.mark.parametrize("target", ["real-glance"], indirect=True)

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
-from worker.app import WorkerSettings, open_glance, open_store, run_worker
+from worker.app import WorkerSettings, open_glance, run_worker
 from worker.clients.glance import GlanceClient
 from worker.config import CloudSettings, load_cloud_settings
 from worker.consumer import RunSummary
@@ -31,7 +31,7 @@ from worker.core.policy import PollPolicy, RetryPolicy
 from worker.errors import MigrationError
 from worker.manifest import load_manifest
 from worker.sandbox import SandboxConfig
-from worker.store.store import ResultRow
+from worker.store.store import ResultRow, open_store
 
 pytestmark = pytest.mark.conformance
 

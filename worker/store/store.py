@@ -7,7 +7,8 @@ import enum
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar, cast
@@ -24,6 +25,8 @@ from worker.core.model import (
     image_id_for,
     next_image_id,
 )
+from worker.errors import ConfigError
+from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.sql import QUERIES, load_migrations
 
 log = structlog.get_logger(__name__)
@@ -713,3 +716,25 @@ def job_state(counts: Mapping[str, int], *, cancelled: bool, started: bool, may_
     if not in_flight and not may_start:
         return "paused"
     return "running"
+
+
+@asynccontextmanager
+async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[Store]:
+    """A connected store with the schema brought up to date (migrations run on start).
+
+    A database that cannot be reached or used is a ConfigError naming DATABASE_URL.
+    """
+    try:
+        store = await Store.connect(database_url, max_size=max_size)
+    except DATABASE_ERRORS as exc:
+        raise ConfigError(describe_database_error(exc, database_url)) from exc
+    try:
+        try:
+            applied = await store.upgrade()
+        except DATABASE_ERRORS as exc:
+            raise ConfigError(describe_database_error(exc, database_url)) from exc
+        if applied:
+            log.info("db.upgraded", versions=applied)
+        yield store
+    finally:
+        await store.close()
