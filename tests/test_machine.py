@@ -162,6 +162,11 @@ def test_every_terminal_failure_signal_is_recognised(
     observed: ImageFacts, tasks: tuple[TaskFacts, ...] | None, code: str
 ) -> None:
     result = step(importing_state(), PollImport(), Observed(observed, tasks))
+    if tasks is not None:
+        # A failed task alone is read again with the image, which may say why by then.
+        assert isinstance(result.command, PollImport)
+        assert result.command.with_tasks
+        result = step(result.state, result.command, Observed(observed, tasks))
     # The half-made image is deleted first, then the row fails with the signal's code.
     assert isinstance(result.command, DeleteImage)
     assert result.columns["error_code"] == code
@@ -572,12 +577,23 @@ def test_an_import_task_that_failed_across_an_outage_of_the_cloud_is_made_again(
     state = importing_state()
     failed = (TaskFacts("failure", state.import_request_id, "Task failed due to Internal Error"),)
     across = Observed(facts("importing"), failed, cloud_outage=(150.0, 200.0))
-    redone = step(state, PollImport(), across, now=210.0)
+    looked = step(state, PollImport(), across, now=210.0)
+    redone = step(looked.state, PollImport(), across, now=211.0)
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
     assert "across an outage of the cloud" in str(redone.columns["reason"])
     assert redone.state.restarts == 1
 
     # With no outage in the import's time, the same failure is the image's own.
-    alone = step(state, PollImport(), Observed(facts("importing"), failed), now=210.0)
+    again = step(state, PollImport(), Observed(facts("importing"), failed), now=210.0)
+    alone = step(again.state, PollImport(), Observed(facts("importing"), failed), now=211.0)
     assert alone.columns["error_code"] == "import_failed"
+
+
+def test_a_failed_task_is_read_again_with_the_image_which_then_says_why() -> None:
+    failed = (TaskFacts("failure", "req-ours", "Internal Error"),)
+    first = step(importing_state(), PollImport(), Observed(facts("importing"), failed))
+    assert isinstance(first.command, PollImport)  # not decided on a task alone
+    why = Observed(facts("importing", es_failed_reason="virtio error"), failed)
+    decided = step(first.state, first.command, why)
+    assert decided.columns["error_code"] == "virtio_failed"

@@ -99,6 +99,7 @@ class ImageState:
     polls: int = 0
     expected_import_s: float | None = None  # how long this cloud's imports of this size take
     tasks_looked_at: float | None = None  # the last look at the import's tasks
+    task_failure_seen: bool = False  # our task failed: the next look decides why
     failures: int = 0  # failures in a row of the current command
     first_failure_at: float | None = None  # first failure of this image: the budget's start
     last_status: str | None = None
@@ -335,6 +336,7 @@ def _on_import_accepted(
         polls=0,
         expected_import_s=outcome.expected_s,
         tasks_looked_at=None,
+        task_failure_seen=False,
     )
     delay_s = poll_delay_s(0, policy=poll, jitter=jitter, expected_s=outcome.expected_s)
     columns = {"import_requested_at": now, "import_request_id": outcome.request_id}
@@ -423,7 +425,14 @@ def _poll(
     facts = outcome.facts
     if facts.status == "active":
         return _verify(state, facts, now)
-    failure = _import_failure(facts, outcome.tasks, state)
+    failure = _import_failure(facts, None, state)
+    if failure is None:
+        failure = _task_failure(outcome.tasks, state)
+        if failure is not None and not state.task_failure_seen:
+            # The image was read before the tasks: the signal saying why (the vendor's
+            # reason, a failed store) may have landed between. Read the image once more.
+            state = replace(state, task_failure_seen=True)
+            return Step(state, PollImport(delay_s=policy.dense_s, with_tasks=True))
     if failure is None:
         lost = _import_lost(state, outcome, now, policy)
         if lost is not None:
@@ -466,6 +475,10 @@ def _import_failure(
         return VirtioInjectionFailed(f"os_glance_es_failed_reason: {facts.es_failed_reason}")
     if facts.failed_import:
         return ImportFailed(f"import failed for store(s): {facts.failed_import}")
+    return _task_failure(tasks, state)
+
+
+def _task_failure(tasks: tuple[TaskFacts, ...] | None, state: ImageState) -> ImportFailed | None:
     for task in tasks or ():
         if task.status == "failure" and task.request_id == state.import_request_id:
             return ImportFailed(f"import task failed: {task.message or 'no message'}")
