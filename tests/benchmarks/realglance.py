@@ -155,6 +155,7 @@ class Run:
     wall_s: float
     cpu_s: float
     peak_rss_mib: float
+    glance_requests: int
     active_to_done_s: list[float] = field(default_factory=list)
 
 
@@ -241,6 +242,12 @@ class Glance:
         """Delete every image of the project, so that each contender starts from nothing."""
         for image in self.images():
             self._call("DELETE", f"/v2/images/{image['id']}")
+
+    def requests_seen(self) -> int:
+        """Requests in Glance's access log so far, less this benchmark's own (urllib's)."""
+        log = self.stack.base_dir / "log" / "glance-api-access.log"
+        with log.open(errors="replace") as lines:
+            return sum(1 for line in lines if "Python-urllib/" not in line)
 
     def wait_active(self, prefix: str, count: int) -> list[dict[str, Any]]:
         """Poll until `count` images named `prefix`… are active (a failed one raises)."""
@@ -385,12 +392,13 @@ class Bench:
         else:
             parallel = "1" if contender.key == "recipe" else str(PARALLEL)
             argv = ["bash", "-c", RECIPE_BATCH, "recipe", "recipe-one.sh", parallel]
+        requests_before = self.glance.requests_seen()
         started = time.perf_counter()
         cpu_s, rss = await asyncio.to_thread(measured, argv + files, env, self.workdir, self.log)
         images = await asyncio.to_thread(self.glance.wait_active, prefix, len(self.disks))
         wall_s = time.perf_counter() - started
         check_images(images, prefix, self.disks)
-        return Run(wall_s, cpu_s, rss)
+        return Run(wall_s, cpu_s, rss, self.glance.requests_seen() - requests_before)
 
     async def _run_worker(self, contender: Contender, prefix: str, env: dict[str, str]) -> Run:
         async with fresh_database(self.settings.server_dsn) as database_url:
@@ -404,13 +412,15 @@ class Bench:
             argv = ["bash", "-c", script, "worker", str(manifest)]
             bin_dir = str(Path(sys.executable).parent)
             env = {**env, "DATABASE_URL": database_url, "PATH": f"{bin_dir}:{env['PATH']}"}
+            requests_before = self.glance.requests_seen()
             started = time.perf_counter()
             cpu_s, rss = await asyncio.to_thread(measured, argv, env, self.workdir, self.log)
             images = await asyncio.to_thread(self.glance.wait_active, prefix, len(self.disks))
             wall_s = time.perf_counter() - started
             check_images(images, prefix, self.disks)
+            requests = self.glance.requests_seen() - requests_before
             gaps = await _active_to_done(database_url, images)
-        return Run(wall_s, cpu_s, rss, gaps)
+        return Run(wall_s, cpu_s, rss, requests, gaps)
 
     def measure_ceiling(self, round_no: int) -> float:
         """MB/s of PARALLEL concurrent `curl -T` stages of the batch: Glance's ingest alone."""
