@@ -58,7 +58,9 @@ lint: $(STAMP)
 conformance: $(STAMP) tools
 	$(BIN)/python -m tests.conformance.run
 
-# Throughput, memory, bandwidth cap and scale against their peers (minutes; not part of test).
+# Throughput, memory, bandwidth cap and scale against their peers, and the same batch into a
+# real Glance by every contender (minutes; not part of test). `python -m tests.benchmarks.run
+# real-glance` (or `sandbox`) runs one part.
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.run
 
