@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -15,13 +15,14 @@ from structlog.testing import capture_logs
 
 from worker.app import WorkerSettings, run_worker
 from worker.config import CloudSettings, load_cloud_settings
-from worker.consumer import RunSummary
+from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.core.machine import Policies
+from worker.core.model import Phase
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.manifest import load_manifest
 from worker.sampledisks import write_monolithic_sparse, write_stream_optimized
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.store.store import ResultRow, open_store
+from worker.store.store import Claim, ResultRow, Store, open_store
 
 FAST = Policies(
     retry=RetryPolicy(base_delay_s=0.05, max_delay_s=0.2, quota_delay_s=0.1),
@@ -290,3 +291,57 @@ async def test_a_once_run_ends_when_its_last_image_does_not_at_the_next_idle_pol
         migrate(database_url, sandbox, concurrency=2, idle_poll_s=3600.0), timeout=60
     )
     assert summary.by_phase == {"done": 3}
+
+
+class _ImageEndsDuringTheEmptyClaim:
+    """A store whose first claim that finds nothing lets the image in flight end meanwhile."""
+
+    def __init__(self, store: Store, image_may_end: asyncio.Event, image_ended: asyncio.Event):
+        self._store = store
+        self._image_may_end = image_may_end
+        self._image_ended = image_ended
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim(self, **kwargs: Any) -> list[Claim]:
+        claims = await self._store.claim(**kwargs)
+        if not claims and not self._image_may_end.is_set():
+            self._image_may_end.set()
+            await self._image_ended.wait()
+            await asyncio.sleep(0.2)  # the consumer takes note of the end meanwhile
+        return claims
+
+
+async def test_a_once_run_takes_a_row_left_claimable_by_an_image_that_ended_during_a_claim(
+    database_url: str, tmp_path: Path
+) -> None:
+    # The image gives its row back (as one whose lease ran out would) while the worker asks
+    # for more work: the empty answer is stale, and the run must not end on it.
+    job_id, _ = await submit(database_url, tmp_path, ["given-back"])
+    image_may_end, image_ended = asyncio.Event(), asyncio.Event()
+    attempts = 0
+
+    async with open_store(database_url) as store:
+
+        async def run_image(claim: Claim, _: asyncio.Event) -> ResultRow:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                await image_may_end.wait()
+                await store.release(worker_id="w-once", result_ids=[claim.row.id])
+                image_ended.set()
+                return claim.row
+            return await store.record(
+                claim.row.id, worker_id="w-once", event="image.finished", phase=Phase.DONE
+            )
+
+        consumer = Consumer(
+            cast(Store, _ImageEndsDuringTheEmptyClaim(store, image_may_end, image_ended)),
+            run_image,
+            ConsumerSettings(worker_id="w-once", concurrency=2, once=True, idle_poll_s=3600.0),
+        )
+        await asyncio.wait_for(consumer.run(asyncio.Event()), timeout=60)
+
+    rows = await rows_of(database_url, job_id)
+    assert rows["given-back"].phase == "done"

@@ -138,6 +138,9 @@ class Consumer:
                 self._idle.release()
                 return
             asked_at = time.monotonic()
+            # Cleared before asking, so an image that ends during the claim (and may leave a
+            # row claimable again) is seen below rather than missed.
+            self._image_ended.clear()
             claims = await self._store.claim(
                 worker_id=settings.worker_id,
                 limit=1,
@@ -146,9 +149,9 @@ class Consumer:
             )
             if not claims:
                 self._idle.release()
-                if settings.once and not self._in_flight and self._queue.empty():
+                drained = not self._in_flight and self._queue.empty()
+                if settings.once and drained and not self._image_ended.is_set():
                     return
-                self._image_ended.clear()
                 await _wait(
                     stop, settings.idle_poll_s, self._image_ended if settings.once else None
                 )
