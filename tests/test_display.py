@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from worker import logs
 from worker.cli import cli
+from worker.preflight import Finding, format_findings
 from worker.sampledisks import write_monolithic_sparse
 
 # Sets the terminal's title, clears the screen, and starts a line that looks like another row.
@@ -84,3 +85,13 @@ def test_status_rows_stay_one_line_each_whatever_the_names(
     assert len(rows) == 2
     assert rows[0].startswith("  0  web\\x1b]0;ow")
     assert not any(line.lstrip().startswith("1  fake-row") for line in result.output.splitlines())
+
+
+def test_validate_online_findings_escape_control_characters() -> None:
+    # Findings quote image names, from the manifest or already taken in Glance.
+    table = format_findings([Finding("image names", "warn", f"{HOSTILE} exists in Glance")])
+
+    for control in ("\x1b", "\r", "\u202e"):
+        assert control not in table
+    assert len(table.splitlines()) == 3  # header, the finding, the verdict
+    assert "\\x1b]0;owned" in table

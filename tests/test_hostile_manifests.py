@@ -69,6 +69,29 @@ def test_an_alias_bomb_where_the_schema_reports_a_type_error_is_refused_at_once(
     ), lines
 
 
+def test_an_alias_bomb_of_long_strings_under_the_value_bound_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    # 9**5 = 59,049 copies of a 4,000-character string: under the bound on values, but 236
+    # million characters, which the schema's message for the type error would format.
+    lines = ["s: &s " + "x" * 4000, "l0: &l0 [" + ",".join(["*s"] * 9) + "]"]
+    lines += [f"l{n}: &l{n} [" + ",".join([f"*l{n - 1}"] * 9) + "]" for n in range(1, 4)]
+    lines.append("job: [" + ",".join(["*l3"] * 9) + "]")
+    text = "\n".join(lines) + f"\ndisks: [{{source: {disk(tmp_path)}}}]\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    assert len(text) < 5000
+
+    started = time.process_time()
+    lines = problem_lines(path)
+
+    assert time.process_time() - started < 5
+    assert any(
+        line.startswith("<file>: YAML aliases expand the document by more than 4000000 characters")
+        for line in lines
+    ), lines
+
+
 def test_an_alias_that_contains_itself_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "cycle.yaml"
     path.write_text(f"job: &j [a, *j]\ndisks: [{{source: {disk(tmp_path)}}}]\n")

@@ -167,6 +167,7 @@ def validate(
     manifest: Path, source_root: Path | None, online: bool, cloud_name: str | None, concurrency: int
 ) -> None:
     """Check a job manifest without writing anything; --online also checks the cloud."""
+    from worker.logs import printable
     from worker.manifest import load_manifest
     from worker.preflight import ENVIRONMENT_CHECKS, format_findings, run_preflight
     from worker.report import print_problems
@@ -178,7 +179,7 @@ def validate(
         sys.exit(EXIT_BAD_INPUT)
     job = loaded.job
     for warning in loaded.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(str(warning))}", err=True)
     click.echo(
         f"{manifest}: valid: job {job.name!r}, {len(job.disks)} disk(s), {job.total_bytes} bytes"
     )

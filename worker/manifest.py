@@ -63,6 +63,8 @@ _MAX_DEPTH = 32
 # Values YAML aliases may add to a document. Reuse in a real manifest adds a few per disk; an
 # alias bomb adds billions, which the schema's error messages would then try to print.
 _MAX_ALIAS_VALUES = 100_000
+# Aliases of long strings cost by their length (jsonschema formats whole values in its errors).
+_MAX_ALIAS_CHARACTERS = 4_000_000
 _TOP_LEVEL_ORDER = {
     "job": "1", "on_failure": "2", "not_before": "2a", "window": "2b", "defaults": "3", "disks": "4"
 }  # fmt: skip
@@ -270,25 +272,34 @@ class _Shape:
     """
 
     def __init__(self) -> None:
-        self._sizes: dict[int, int] = {}
+        self._sizes: dict[int, tuple[int, int]] = {}
         self._open: set[int] = set()
         self._slots = 1  # values as written: one per container entry, plus the document
+        self._written_chars = 0  # characters of the strings as written, each once
+        self._strings: set[int] = set()
         self._found: list[_Found] = []
 
     def problems_of(self, document: object) -> list[_Found]:
-        expanded = self._size(document, ())
+        expanded, chars = self._size(document, ())
         if expanded - self._slots > _MAX_ALIAS_VALUES:
             raise ValueError(
                 f"YAML aliases expand the document by more than {_MAX_ALIAS_VALUES} values "
                 f"(to {expanded}): refused"
             )
+        if chars - self._written_chars > _MAX_ALIAS_CHARACTERS:
+            raise ValueError(
+                f"YAML aliases expand the document by more than {_MAX_ALIAS_CHARACTERS} "
+                f"characters (to {chars}): refused"
+            )
         return self._found
 
-    def _size(self, value: object, path: _Path) -> int:
+    def _size(self, value: object, path: _Path) -> tuple[int, int]:
+        """(values, characters of strings) of `value` once every alias is expanded."""
         if isinstance(value, str):
             self._check_text(value, path)
+            return 1, len(value)
         if not isinstance(value, dict | list):
-            return 1
+            return 1, 0
         known = self._sizes.get(id(value))
         if known is not None:
             return known
@@ -297,21 +308,32 @@ class _Shape:
         if len(path) >= _MAX_DEPTH:
             raise ValueError(f"{_location(path)}: nested more than {_MAX_DEPTH} levels deep")
         self._open.add(id(value))
-        total = 1
+        values, chars, written = 1, 0, 0
+        children: list[tuple[object, _Path]]
         if isinstance(value, dict):
             for key in getattr(value, "duplicates", ()):
                 self._add((*path, str(key)), "duplicate key: it is given more than once")
+            children = []
             for key, child in value.items():
                 if isinstance(key, str):
                     self._check_text(key, (*path, key))
-                total += self._size(child, (*path, str(key)))
+                    chars += len(key)
+                    written += len(key)
+                children.append((child, (*path, str(key))))
         else:
-            for index, child in enumerate(value):
-                total += self._size(child, (*path, index))
+            children = [(child, (*path, index)) for index, child in enumerate(value)]
+        for child, child_path in children:
+            child_values, child_chars = self._size(child, child_path)
+            values += child_values
+            chars += child_chars
+            if isinstance(child, str) and id(child) not in self._strings:
+                self._strings.add(id(child))  # an alias of a scalar is the same object
+                written += len(child)
         self._slots += len(value)
+        self._written_chars += written
         self._open.discard(id(value))
-        self._sizes[id(value)] = total
-        return total
+        self._sizes[id(value)] = (values, chars)
+        return values, chars
 
     def _check_text(self, text: str, path: _Path) -> None:
         if "\0" in text:

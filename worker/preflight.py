@@ -21,6 +21,7 @@ from worker.errors import (
     MigrationError,
     RequestTimeout,
 )
+from worker.logs import printable
 
 OK, WARN, BLOCKING = "ok", "warn", "BLOCKING"
 # Checks whose blocking finding is about the cloud or its settings rather than the job:
@@ -99,7 +100,9 @@ async def check_cloud(
 
 def format_findings(findings: Sequence[Finding]) -> str:
     """A table: check, status, detail; the last line counts what blocks the job."""
-    rows = [("CHECK", "STATUS", "DETAIL")] + [(f.check, f.status, f.detail) for f in findings]
+    # Details quote names from the manifest and from Glance: escaped for the terminal.
+    rows = [("CHECK", "STATUS", "DETAIL")]
+    rows += [(f.check, f.status, printable(f.detail)) for f in findings]
     check_width = max(len(row[0]) for row in rows)
     status_width = max(len(row[1]) for row in rows)
     lines = [f"{c:<{check_width}}  {s:<{status_width}}  {d}" for c, s, d in rows]
