@@ -430,10 +430,15 @@ class DatabaseLink:
         await self._server.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)  # a connection still being relayed when cut is cut too
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
             writer.transport.abort()
+            return
+        if writer not in self._writers:  # cut while the relay was connecting
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
         await asyncio.gather(

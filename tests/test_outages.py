@@ -134,6 +134,16 @@ async def outage_seen(sandbox: Sandbox, database_url: str, service: str) -> None
         await asyncio.sleep(left_s)  # a lower bound on the outage's length, not a race
 
 
+async def leases_expired(database_url: str, job_id: str) -> bool:
+    """Whether every lease of the job's unfinished rows has run out in the database."""
+    rows = await fetch_rows(
+        database_url,
+        "SELECT id FROM results WHERE job_id = $1 AND lease_expires_at >= now()",
+        uuid.UUID(job_id),
+    )
+    return not rows
+
+
 async def _true(value: bool) -> bool:
     return value
 
@@ -292,6 +302,34 @@ async def test_a_postgresql_restart_costs_no_image_and_no_attempt(
     started = [e for e in logs if e["event"] == "outage.started"]
     assert {e["service"] for e in started} == {"database"}
     assert any(e["event"] == "outage.ended" and e["service"] == "database" for e in logs)
+
+
+@pytest.mark.parametrize(
+    "sandbox_config", [SandboxConfig(stage_rate_bytes_per_s=256 << 10)], indirect=True
+)
+async def test_a_database_outage_longer_than_the_lease_costs_no_attempt(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    # The leases run out while the database is away: the images in flight are stopped (another
+    # worker may take them once it is back), and taking them up again is not a new attempt.
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    link = DatabaseLink(database_url)
+    await link.up()
+    try:
+        with capture_logs() as logs:
+            worker = start_worker(link.dsn, sandbox, lease_s=2.0)
+            await some_images_in_flight(database_url, job_id)
+            await link.down()
+            await until(lambda: _true(any(e["event"] == "image.lease_expired" for e in logs)))
+            await until(lambda: leases_expired(database_url, job_id))
+            await link.up()
+            summary = await asyncio.wait_for(worker, timeout=60)
+    finally:
+        await link.down()
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    await assert_nothing_lost(database_url, sandbox, job_id)
+    assert not [e for e in logs if e["event"] == "image.orphan_left"]
 
 
 @pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)

@@ -216,6 +216,37 @@ async def test_a_claim_whose_answer_was_lost_is_handed_back_to_the_same_worker(
     assert await store.claim(worker_id="w1", limit=1, lease_s=60, working_on=[lost.row.id]) == []
 
 
+async def test_a_worker_never_claims_a_row_it_runs_and_its_own_expired_lease_is_no_attempt(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await submit(store, make_job(2))
+    (running,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    # The lease ran out in a database outage, before a heartbeat could renew it.
+    await conn.execute("UPDATE results SET lease_expires_at = now() - interval '1 s'")
+
+    (other,) = await store.claim(worker_id="w1", limit=1, lease_s=30, working_on=[running.row.id])
+    assert other.row.id != running.row.id
+
+    # Stopped, then taken up again by the same worker: the same attempt.
+    await conn.execute("UPDATE results SET lease_expires_at = now() - interval '1 s'")
+    (again,) = await store.claim(worker_id="w1", limit=1, lease_s=30, working_on=[other.row.id])
+    assert (again.row.id, again.row.attempts) == (running.row.id, 1)
+
+
+async def test_a_takeover_of_a_row_stopped_in_a_database_outage_is_refunded(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await submit(store, make_job(1))
+    (held,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    await conn.execute("UPDATE results SET lease_expires_at = now() - interval '1 s'")
+    (taken,) = await store.claim(worker_id="w2", limit=1, lease_s=30)
+    assert taken.row.attempts == 2
+
+    await store.refund_taken_over(worker_id="w1", result_ids=[held.row.id])
+
+    assert await conn.fetchval("SELECT attempts FROM results WHERE id = $1", held.row.id) == 1
+
+
 async def test_claim_skips_cancelled_jobs_future_jobs_and_backed_off_rows(
     store: Store, conn: asyncpg.Connection
 ) -> None:

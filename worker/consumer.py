@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from worker.core.model import Phase
-from worker.outage import Outages
+from worker.outage import Outages, Service
 from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, Store
 
 log = structlog.get_logger(__name__)
@@ -78,6 +78,10 @@ class Consumer:
         self._on_lost = on_lost
         self._lost_checks: set[asyncio.Task[None]] = set()
         self._abandoned: dict[int, float] = {}  # result id -> when its lease has run out
+        # Rows stopped because the database was away when their leases ran out: settled
+        # before the next claim, so that the outage counts no attempt.
+        self._fenced_in_outage: set[int] = set()
+        self._beat_failed = False
         self._queue: asyncio.Queue[Claim | None] = asyncio.Queue(maxsize=settings.concurrency)
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._cancel_requests: dict[int, asyncio.Event] = {}
@@ -141,6 +145,7 @@ class Consumer:
             # Cleared before asking, so an image that ends during the claim (and may leave a
             # row claimable again) is seen below rather than missed.
             self._image_ended.clear()
+            await self._settle_fenced()
             claims = await self._store.claim(
                 worker_id=settings.worker_id,
                 limit=1,
@@ -158,6 +163,17 @@ class Consumer:
                 continue
             self._held_until[claims[0].row.id] = asked_at + self._lease_margin_s()
             await self._queue.put(claims[0])
+
+    async def _settle_fenced(self) -> None:
+        """Once the database answers again: no attempt counted for the rows stopped while it
+        was away, and the orphan check they missed."""
+        if not self._fenced_in_outage:
+            return
+        ids = sorted(self._fenced_in_outage)
+        await self._store.refund_taken_over(worker_id=self._settings.worker_id, result_ids=ids)
+        self._fenced_in_outage.difference_update(ids)
+        for result_id in ids:
+            self._check_lost(result_id)  # was the row deleted meanwhile?
 
     def _still_abandoned(self) -> list[int]:
         now = time.monotonic()
@@ -188,7 +204,10 @@ class Consumer:
             task = asyncio.create_task(self._run_one(claim))
             self._in_flight[result_id] = task
             try:
-                await asyncio.shield(task)
+                # Not `await task`: cancelling the pipeline (shutdown) must leave the image to
+                # its grace. Not `shield`: it would pass a stopped image's cancellation on and
+                # end this pipeline with it, one fewer for every lease lost.
+                await asyncio.wait({task})
             finally:
                 self._in_flight.pop(result_id, None)
                 self._cancel_requests.pop(result_id, None)
@@ -213,6 +232,7 @@ class Consumer:
             # the lease runs out and another worker resumes the image from its real status.
             # Until then it is not ours to take back as a claim whose answer was lost.
             self._abandoned[claim.row.id] = time.monotonic() + self._settings.lease_s
+            self._fenced_in_outage.add(claim.row.id)  # settled once the database is back
             log.error("image.abandoned", result_id=claim.row.id, error=str(exc))
         except Exception as exc:
             log.exception(
@@ -278,8 +298,10 @@ class Consumer:
                 )
                 cancelled = await self._store.cancelled_results(list(held))
         except Exception as exc:  # the database is away: the fence decides what to stop
+            self._beat_failed = True
             log.warning("worker.heartbeat_failed", images=len(ids), error=repr(exc))
             return
+        self._beat_failed = False
         for result_id in held:
             if result_id in self._held_until:
                 self._held_until[result_id] = asked_at + self._lease_margin_s()
@@ -294,18 +316,27 @@ class Consumer:
 
     def _fence(self, now: float) -> None:
         """Stop images whose lease may have run out unrenewed: another worker may take them."""
+        database_away = self._beat_failed or self._outages.is_open(Service.DATABASE)
         for result_id, held_until in list(self._held_until.items()):
             if now >= held_until:
                 self._held_until.pop(result_id, None)
-                self._stop_image(result_id, "image.lease_expired")
+                stopped = self._stop_image(
+                    result_id, "image.lease_expired", check_lost=not database_away
+                )
+                if stopped and database_away:
+                    self._fenced_in_outage.add(result_id)
 
-    def _stop_image(self, result_id: int, event: str) -> None:
+    def _stop_image(self, result_id: int, event: str, *, check_lost: bool = True) -> bool:
+        """Cancel the image of `result_id` if it runs; whether it did."""
         task = self._in_flight.get(result_id)
-        if task is not None and not task.done():
-            task.cancel()
-            self._summary.lost += 1
-            log.warning(event, result_id=result_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        self._summary.lost += 1
+        log.warning(event, result_id=result_id)
+        if check_lost:
             self._check_lost(result_id)
+        return True
 
     def _check_lost(self, result_id: int) -> None:
         if self._on_lost is None:

@@ -166,7 +166,10 @@ class ImageRunner:
         try:
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            work.cancel()  # the whole image is being stopped (lease lost, shutdown)
+            # The whole image is being stopped (lease lost, shutdown): it ends only once its
+            # step has, so that nothing of it still runs when the row is taken up again.
+            work.cancel()
+            await asyncio.wait({work})
             raise
         finally:
             stop.cancel()

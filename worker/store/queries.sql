@@ -55,6 +55,9 @@ WITH picked AS (
     FROM results AS r
     JOIN jobs AS j ON j.id = r.job_id
     WHERE r.phase NOT IN ('done', 'failed')
+      -- Never a row the worker runs: its lease may have run out in an outage and not yet
+      -- been renewed, and taking it again would run the image twice.
+      AND ($4::bigint[] IS NULL OR r.id <> ALL($4::bigint[]))
       AND (
         (
           (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
@@ -65,7 +68,7 @@ WITH picked AS (
         )
         OR (
           $4::bigint[] IS NOT NULL
-          AND r.worker_id = $1 AND r.lease_expires_at >= now() AND r.id <> ALL($4::bigint[])
+          AND r.worker_id = $1 AND r.lease_expires_at >= now()
         )
       )
     ORDER BY j.submitted_at, r.job_id, r.disk_index
@@ -76,8 +79,10 @@ WITH picked AS (
     SET worker_id = $1,
         lease_expires_at = now() + make_interval(secs => $3),
         claimed_at = coalesce(r.claimed_at, now()),
-        -- A claim handed back because its answer was lost is the same attempt.
-        attempts = CASE WHEN r.worker_id = $1 AND r.lease_expires_at >= now()
+        -- A row still leased to this very worker, which it does not run, is the same attempt:
+        -- the answer to its claim was lost, or the worker stopped the image when the lease
+        -- ran out in a database outage. (Rows handed back or finished have no lease.)
+        attempts = CASE WHEN r.worker_id = $1 AND r.lease_expires_at IS NOT NULL
                         THEN r.attempts ELSE r.attempts + 1 END,
         updated_at = now()
     FROM picked
@@ -224,6 +229,15 @@ WITH released AS (
 INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id)
 SELECT job_id, id, 'image.released', phase, phase, $1
 FROM released;
+
+-- name: refund_taken_over
+-- $1 worker_id, $2 result ids this worker stopped because their leases ran out while the
+-- database was away. That outage was no image's fault: a row another worker has taken over
+-- meanwhile has the attempt that takeover counted taken back. (This worker's own claim of
+-- such a row counts none: see claim.)
+UPDATE results
+SET attempts = greatest(attempts - 1, 0), updated_at = now()
+WHERE id = ANY($2::bigint[]) AND worker_id <> $1;
 
 -- name: job_summaries
 -- $1 job name or NULL for every job, $2 job id (when the reference parses as one) or NULL.

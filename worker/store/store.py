@@ -498,6 +498,17 @@ class Store:
                 ),
             )
 
+    async def refund_taken_over(self, *, worker_id: str, result_ids: Sequence[int]) -> None:
+        """Rows stopped because their leases ran out while the database was away: where
+        another worker took one over, that takeover counts no attempt."""
+        if result_ids:
+            await self._patiently(
+                "refund_taken_over",
+                lambda: self._pool.execute(
+                    QUERIES["refund_taken_over"], worker_id, list(result_ids)
+                ),
+            )
+
     async def cancelled_results(self, result_ids: Sequence[int]) -> set[int]:
         """Those of these rows whose job was cancelled."""
         if not result_ids:
