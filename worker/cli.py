@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -36,7 +35,7 @@ from worker.config import (
     read_env_file,
 )
 from worker.core.model import JobSpec, Phase
-from worker.errors import ConfigError, InvalidManifest
+from worker.errors import ConfigError, InvalidManifest, os_reason
 
 if TYPE_CHECKING:
     from worker.notify import WebhookSettings
@@ -753,7 +752,7 @@ def sandbox(host: str, port: int, virtio_fail: tuple[str, ...], import_latency_s
             if listening:
                 raise
             raise ConfigError(
-                f"cannot serve the sandbox on {host} port {port}: {_os_reason(exc)}; "
+                f"cannot serve the sandbox on {host} port {port}: {os_reason(exc)}; "
                 "choose another port with --port"
             ) from exc
 
@@ -761,10 +760,6 @@ def sandbox(host: str, port: int, virtio_fail: tuple[str, ...], import_latency_s
         _run(serve())
     except KeyboardInterrupt:
         sys.exit(EXIT_OK)
-
-
-def _os_reason(exc: OSError) -> str:
-    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def _sandbox_banner(cloud: Sandbox) -> str:
