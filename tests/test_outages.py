@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import socket
 import time
 import uuid
@@ -32,7 +33,8 @@ from worker.config import load_cloud_settings
 from worker.consumer import RunSummary
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy, RetryPolicy
-from worker.outage import OutagePolicy, OutageTooLong
+from worker.errors import ConnectionFailed
+from worker.outage import OutagePolicy, Outages, OutageTooLong, Service
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 
 # One image's retry budget runs out in well under a second: 3 tries, 0.05 s then 0.1 s apart.
@@ -342,6 +344,41 @@ async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
     rows = await rows_of(database_url, job_id)
     assert {(row.phase, row.attempts) for row in rows.values()} == {("pending", 0)}
     assert sandbox.images() == []
+
+
+def test_the_pause_line_carries_the_last_failure_in_words() -> None:
+    now_s = [100.0]
+    outages = Outages({}, clock=lambda: now_s[0])
+    refused = "cannot connect to http://keystone:5000/v3/auth/tokens: connection refused"
+    outages.open(Service.IDENTITY, ConnectionFailed(refused, operation="authenticate"))
+    now_s[0] = 102.0
+
+    assert outages.describe() == f"paused: identity service unreachable for 2 s ({refused})"
+
+    outages.open(
+        Service.DATABASE, ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed")
+    )
+    assert outages.explain() == (
+        f"identity service unreachable for 2 s ({refused}); "
+        "database unreachable for 0 s (connection refused)"
+    )
+
+
+async def test_each_failed_probe_becomes_the_last_failure_of_the_pause_line() -> None:
+    said = ["cannot connect to http://keystone:5000/v3/auth/tokens: connection refused"]
+
+    async def probe() -> None:
+        raise ConnectionFailed(said[-1], operation="authenticate")
+
+    outages = Outages({Service.IDENTITY: probe}, policy=PROBING)
+    outages.open(Service.IDENTITY, ConnectionFailed(said[0], operation="authenticate"))
+    try:
+        said.append("http://keystone:5000/v3/auth/tokens: the server closed the connection")
+        await until(lambda: _true(said[-1] in (outages.describe() or "")))
+    finally:
+        await outages.aclose()
+
+    assert (outages.describe() or "").endswith(f"({said[-1]})")
 
 
 @pytest.mark.parametrize("sandbox_config", [SandboxConfig(hold_imports=True)], indirect=True)

@@ -86,7 +86,11 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except OutageTooLong as exc:
-        click.echo(f"gave up waiting: {exc}; unfinished images were left to the next run", err=True)
+        click.echo(
+            f"gave up waiting: {exc}, longer than --max-outage; the unfinished images were "
+            "left to the next run",
+            err=True,
+        )
         sys.exit(EXIT_CONFIG)
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         if logs.debugging():
