@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import re
 import socket
 import time
 import uuid
@@ -341,6 +342,35 @@ async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
     assert "Keystone refused the credentials from environment" in err
     assert "Traceback" not in err
     assert "not-the-password" not in err
+    rows = await rows_of(database_url, job_id)
+    assert {(row.phase, row.attempts) for row in rows.values()} == {("pending", 0)}
+    assert sandbox.images() == []
+
+
+async def test_an_unreachable_keystone_past_max_outage_exits_3_naming_it_and_touches_no_row(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    env = cloud_env(sandbox, database_url)
+    code, out, _ = await run_cli("submit", str(write_job(tmp_path, 3)), env=env)
+    assert code == 0
+    job_id = out.strip()
+    auth_url = f"http://127.0.0.1:{free_port()}/v3"  # nothing listens there
+    env["OS_AUTH_URL"] = auth_url
+
+    code, out, err = await run_cli(
+        "run", "--once", "--max-outage", "2", "--metrics-port", "0", env=env
+    )
+
+    assert code == 3
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"gave up waiting: identity service unreachable for \d+ s "
+        rf"\(cannot connect to {re.escape(auth_url)}/auth/tokens: connection refused\), "
+        r"longer than --max-outage; the unfinished images were left to the next run",
+        last,
+    ), last
+    for unwanted in ("Traceback", "ClientConnectorError", "ssl:default"):
+        assert unwanted not in out + err
     rows = await rows_of(database_url, job_id)
     assert {(row.phase, row.attempts) for row in rows.values()} == {("pending", 0)}
     assert sandbox.images() == []
