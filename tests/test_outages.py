@@ -28,6 +28,7 @@ from structlog.testing import capture_logs
 from tests.fixtures.cli import cloud_env, run_cli, write_job
 from tests.fixtures.db import fetch_rows
 from tests.test_faults import DatabaseLink
+from tests.test_notify import Receiver, serving
 from tests.test_pipeline import rows_of, submit
 from worker.app import WorkerSettings, run_worker
 from worker.config import load_cloud_settings
@@ -35,6 +36,7 @@ from worker.consumer import RunSummary
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.errors import ConnectionFailed
+from worker.notify import WebhookSettings
 from worker.outage import OutagePolicy, Outages, OutageTooLong, Service
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 
@@ -227,6 +229,39 @@ async def test_a_breaker_shows_in_readyz_the_gauge_the_logs_and_status(
     assert ongoing["message"].startswith("image service unreachable for ")
     assert code == 0
     assert "paused: image service unreachable for " in status_out
+    await assert_nothing_lost(database_url, sandbox, job_id)
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def test_an_outage_sends_one_webhook_notice_as_it_starts_and_one_as_it_ends(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    receiver = Receiver()
+    async with serving(receiver) as url:
+        worker = start_worker(database_url, sandbox, webhook=WebhookSettings(url, backoff_s=0.05))
+        await some_images_in_flight(database_url, job_id)
+        sandbox.set_outage("image", "down")
+        await outage_seen(sandbox, database_url, "image")
+        sandbox.clear_outage()
+        summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    # Several images were in flight when Glance went away: still one notice each way, and
+    # none of them about an image.
+    assert [n["event"] for n in receiver.accepted] == [
+        "outage.started",
+        "outage.ended",
+        "job.completed",
+    ]
+    started, ended, completed = receiver.accepted
+    assert (started["service"], started["reason"]) == ("image", "unreachable")
+    assert started["message"].startswith("image service unreachable for ")
+    assert (ended["service"], ended["since"]) == ("image", started["since"])
+    assert ended["duration_s"] > 0
+    assert ended["message"].startswith("image service back after ")
+    assert (completed["job_id"], completed["done"]) == (job_id, len(DISKS))
+    assert len(set(receiver.keys)) == 3
     await assert_nothing_lost(database_url, sandbox, job_id)
 
 
