@@ -6,7 +6,8 @@ Exit codes (also in the README):
     2  bad input: invalid manifest, unknown job, bad option
     3  configuration or environment problem: cloud settings, credentials refused at start,
        database unreachable, an outage longer than --max-outage
-  130  interrupted before the work finished
+  130  interrupted before the work finished (Ctrl-C in any command, or `run --once` stopped
+       by a signal before the queue was drained)
 """
 
 from __future__ import annotations
@@ -127,7 +128,22 @@ format_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group: Ctrl-C in any command ends it with one line and exit 130.
+
+    Click would print "Aborted!" and exit 1. Commands that Ctrl-C normally ends (`run`,
+    `status --watch`, `dashboard`, `sandbox`) handle the signal themselves and never get here.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted before the work finished", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vmdk-migrate", prog_name="vmdk-migrate")
 @click.option(
     "--log-level",
