@@ -590,3 +590,45 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+# Ctrl-C -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocked_on", ["database", "cloud"])
+async def test_ctrl_c_in_a_command_exits_130_with_one_line(
+    sandbox: Sandbox, tmp_path: Path, blocked_on: str
+) -> None:
+    """`jobs` waiting for a database, `validate --online` for Keystone: each one's server
+    accepts the connection and never answers, so the command is surely inside its work when
+    the signal comes."""
+    heard = asyncio.Event()
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await reader.read(1):
+            heard.set()
+        await reader.read()  # until the command has gone
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    if blocked_on == "database":
+        args = ["jobs", "--database-url", f"postgresql://postgres@127.0.0.1:{port}/postgres"]
+    else:
+        env.update(sandbox.os_environment(), OS_AUTH_URL=f"http://127.0.0.1:{port}/v3")
+        args = ["validate", "--online", str(write_job(tmp_path, 1))]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "--log-format", "json", *args,
+            env=env, cwd=PROJECT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(heard.wait(), timeout=60)
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        server.close()
+
+    assert process.returncode == 130, (out, err)
+    assert err.decode().splitlines() == ["interrupted before the work finished"]
+    assert "Traceback" not in out.decode()

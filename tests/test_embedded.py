@@ -263,10 +263,16 @@ async def test_two_shells_in_different_directories_see_the_same_jobs(
     assert listed.code == 0, listed.err
     assert [job["id"] for job in listed.json()] == [job_id]  # type: ignore[index]
     pgdata = xdg_data_home / "vmdk-migrate" / "pg"
-    assert f"database: the embedded PostgreSQL in {pgdata}" in listed.err
+    note = f"database: the embedded PostgreSQL in {pgdata} (DATABASE_URL or {DATA_DIR_ENV} "
+    assert note in listed.err
     status = await run_cli("status", "shared", env=env, cwd=second_shell)
     assert status.code == 0
     assert f"job shared {job_id}" in status.out
+    assert note in status.err
+    report = await run_cli("report", "shared", "-f", "json", env=env, cwd=second_shell)
+    assert report.code == 0, report.err
+    assert len(report.json()) == 2  # type: ignore[arg-type]
+    assert note in report.err
     assert not (first_shell / ".data").exists()
     assert not (second_shell / ".data").exists()
     assert not server_running(pgdata), "the last command to exit stops the server"

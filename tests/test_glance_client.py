@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
@@ -273,6 +274,9 @@ async def test_dropped_answer_is_connection_failed(sandbox: Sandbox, glance: Gla
         await new_image(glance)
 
     assert caught.value.operation == "create_image"
+    assert (
+        caught.value.message == f"{sandbox.image_url}/v2/images: the server closed the connection"
+    )
 
 
 async def test_slow_answer_is_request_timeout(
@@ -282,8 +286,10 @@ async def test_slow_answer_is_request_timeout(
     await glance.import_methods()
     sandbox.inject(Fault("GET", r"/v2/info/import", stall_s=1.0))
 
-    with pytest.raises(RequestTimeout):
+    with pytest.raises(RequestTimeout) as caught:
         await glance.import_methods()
+
+    assert caught.value.message == f"no answer in time from {sandbox.image_url}/v2/info/import"
 
 
 async def test_connection_reset_mid_stage_is_connection_failed(
@@ -293,8 +299,11 @@ async def test_connection_reset_mid_stage_is_connection_failed(
     image_id = await new_image(glance)
     sandbox.inject(Fault("PUT", STAGE_PATH, reset_after_bytes=2 * MIB))
 
-    with pytest.raises(ConnectionFailed):
+    with pytest.raises(ConnectionFailed) as caught:
         await glance.stage(image_id, source, size_bytes=8 * MIB)
+
+    assert caught.value.message.startswith(f"{sandbox.image_url}/v2/images/{image_id}/stage: ")
+    assert not re.search(r"\b[A-Z]\w+(Error|Exception)\b", caught.value.message)
 
     assert await sandbox_status(sandbox, image_id, "queued") == "queued"
     assert not sandbox.has_staged_data(image_id)

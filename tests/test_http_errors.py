@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
 import ssl
@@ -33,6 +34,7 @@ from worker.errors import (
     QuotaExceeded,
     RateLimited,
     RequestTimeout,
+    os_reason,
 )
 
 HTML = {"Content-Type": "text/html; charset=UTF-8"}
@@ -223,16 +225,21 @@ async def test_refused_connection_becomes_connection_failed() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    url = f"http://migrator:hunter2@127.0.0.1:{port}/v2/images?token=t0ken"
     session = new_session(CloudSettings(connect_timeout_s=2.0, read_timeout_s=2.0))
     try:
         with pytest.raises(ConnectionFailed) as caught:
-            async with translate_transport_errors("get_image"):
-                await session.get(f"http://127.0.0.1:{port}/v2/images")
+            async with translate_transport_errors("get_image", url):
+                await session.get(url)
     finally:
         await session.close()
 
     assert caught.value.operation == "get_image"
     assert isinstance(caught.value.__cause__, aiohttp.ClientConnectionError)
+    # The URL without its user information or query, and the OS's reason in words.
+    assert caught.value.message == (
+        f"cannot connect to http://127.0.0.1:{port}/v2/images: connection refused"
+    )
 
 
 async def test_silent_server_becomes_request_timeout() -> None:
@@ -242,24 +249,66 @@ async def test_silent_server_becomes_request_timeout() -> None:
 
     server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v2/images"
     session = new_session(CloudSettings(connect_timeout_s=1.0, read_timeout_s=0.2))
     try:
         with pytest.raises(RequestTimeout) as caught:
-            async with translate_transport_errors("get_image"):
-                await session.get(f"http://127.0.0.1:{port}/")
+            async with translate_transport_errors("get_image", url):
+                await session.get(url)
     finally:
         await session.close()
         server.close()
 
     assert isinstance(caught.value.__cause__, TimeoutError)
+    assert caught.value.message == f"no answer in time from {url}"
+
+
+async def test_a_server_that_hangs_up_is_named_with_the_url() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the whole request head, then no answer
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v2/images"
+    session = new_session(CloudSettings(connect_timeout_s=2.0, read_timeout_s=2.0))
+    try:
+        with pytest.raises(ConnectionFailed) as caught:
+            # POST: aiohttp repeats an idempotent request itself on a dropped connection.
+            async with translate_transport_errors("create_image", url):
+                await session.post(url, json={})
+    finally:
+        await session.close()
+        server.close()
+
+    assert caught.value.message == f"{url}: the server closed the connection"
 
 
 async def test_payload_errors_become_connection_failed() -> None:
+    inner = aiohttp.http_exceptions.TransferEncodingError("Not enough data")
+    url = "https://glance.example:9292/v2/images/1/file"
     with pytest.raises(ConnectionFailed) as caught:
-        async with translate_transport_errors("stage"):
-            raise aiohttp.ClientPayloadError("Response payload is not completed")
+        async with translate_transport_errors("stage", url):
+            raise aiohttp.ClientPayloadError(f"Response payload is not completed: {inner!r}")
 
-    assert "not completed" in caught.value.message
+    assert caught.value.message == (
+        f"{url}: the answer broke off (response payload is not completed)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed"), "connection refused"),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+         "host name not resolved (Name or service not known)"),
+        (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+         "TLS error (handshake failed)"),
+        (OSError("no errno at all"), "no errno at all"),
+    ],
+)  # fmt: skip
+def test_os_errors_read_as_words(error: OSError, said: str) -> None:
+    assert os_reason(error) == said
 
 
 def test_ssl_context_verifies_by_default() -> None:

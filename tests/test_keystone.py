@@ -290,6 +290,10 @@ async def test_keystone_unreachable_is_connection_failed(session: aiohttp.Client
         await KeystoneAuth(session, settings).token()
 
     assert caught.value.operation == "authenticate"
+    assert str(caught.value) == (
+        f"authenticate: cannot connect to http://127.0.0.1:{port}/v3/auth/tokens: "
+        "connection refused"
+    )
 
 
 async def test_secrets_never_reach_the_logs(

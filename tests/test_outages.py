@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import re
 import socket
 import time
 import uuid
@@ -26,13 +28,16 @@ from structlog.testing import capture_logs
 from tests.fixtures.cli import cloud_env, run_cli, write_job
 from tests.fixtures.db import fetch_rows
 from tests.test_faults import DatabaseLink
+from tests.test_notify import Receiver, serving
 from tests.test_pipeline import rows_of, submit
 from worker.app import WorkerSettings, run_worker
 from worker.config import load_cloud_settings
 from worker.consumer import RunSummary
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy, RetryPolicy
-from worker.outage import OutagePolicy, OutageTooLong
+from worker.errors import ConnectionFailed
+from worker.notify import WebhookSettings
+from worker.outage import OutagePolicy, Outages, OutageTooLong, Service
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 
 # One image's retry budget runs out in well under a second: 3 tries, 0.05 s then 0.1 s apart.
@@ -238,6 +243,39 @@ async def test_a_breaker_shows_in_readyz_the_gauge_the_logs_and_status(
 
 
 @pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def test_an_outage_sends_one_webhook_notice_as_it_starts_and_one_as_it_ends(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    receiver = Receiver()
+    async with serving(receiver) as url:
+        worker = start_worker(database_url, sandbox, webhook=WebhookSettings(url, backoff_s=0.05))
+        await some_images_in_flight(database_url, job_id)
+        sandbox.set_outage("image", "down")
+        await outage_seen(sandbox, database_url, "image")
+        sandbox.clear_outage()
+        summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    # Several images were in flight when Glance went away: still one notice each way, and
+    # none of them about an image.
+    assert [n["event"] for n in receiver.accepted] == [
+        "outage.started",
+        "outage.ended",
+        "job.completed",
+    ]
+    started, ended, completed = receiver.accepted
+    assert (started["service"], started["reason"]) == ("image", "unreachable")
+    assert started["message"].startswith("image service unreachable for ")
+    assert (ended["service"], ended["since"]) == ("image", started["since"])
+    assert ended["duration_s"] > 0
+    assert ended["message"].startswith("image service back after ")
+    assert (completed["job_id"], completed["done"]) == (job_id, len(DISKS))
+    assert len(set(receiver.keys)) == 3
+    await assert_nothing_lost(database_url, sandbox, job_id)
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
 async def test_credentials_rotated_mid_run_pause_until_clouds_yaml_is_fixed(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
@@ -380,6 +418,70 @@ async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
     rows = await rows_of(database_url, job_id)
     assert {(row.phase, row.attempts) for row in rows.values()} == {("pending", 0)}
     assert sandbox.images() == []
+
+
+async def test_an_unreachable_keystone_past_max_outage_exits_3_naming_it_and_touches_no_row(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    env = cloud_env(sandbox, database_url)
+    code, out, _ = await run_cli("submit", str(write_job(tmp_path, 3)), env=env)
+    assert code == 0
+    job_id = out.strip()
+    auth_url = f"http://127.0.0.1:{free_port()}/v3"  # nothing listens there
+    env["OS_AUTH_URL"] = auth_url
+
+    code, out, err = await run_cli(
+        "run", "--once", "--max-outage", "2", "--metrics-port", "0", env=env
+    )
+
+    assert code == 3
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"gave up waiting: identity service unreachable for \d+ s "
+        rf"\(cannot connect to {re.escape(auth_url)}/auth/tokens: connection refused\), "
+        r"longer than --max-outage; the unfinished images were left to the next run",
+        last,
+    ), last
+    for unwanted in ("Traceback", "ClientConnectorError", "ssl:default"):
+        assert unwanted not in out + err
+    rows = await rows_of(database_url, job_id)
+    assert {(row.phase, row.attempts) for row in rows.values()} == {("pending", 0)}
+    assert sandbox.images() == []
+
+
+def test_the_pause_line_carries_the_last_failure_in_words() -> None:
+    now_s = [100.0]
+    outages = Outages({}, clock=lambda: now_s[0])
+    refused = "cannot connect to http://keystone:5000/v3/auth/tokens: connection refused"
+    outages.open(Service.IDENTITY, ConnectionFailed(refused, operation="authenticate"))
+    now_s[0] = 102.0
+
+    assert outages.describe() == f"paused: identity service unreachable for 2 s ({refused})"
+
+    outages.open(
+        Service.DATABASE, ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed")
+    )
+    assert outages.explain() == (
+        f"identity service unreachable for 2 s ({refused}); "
+        "database unreachable for 0 s (connection refused)"
+    )
+
+
+async def test_each_failed_probe_becomes_the_last_failure_of_the_pause_line() -> None:
+    said = ["cannot connect to http://keystone:5000/v3/auth/tokens: connection refused"]
+
+    async def probe() -> None:
+        raise ConnectionFailed(said[-1], operation="authenticate")
+
+    outages = Outages({Service.IDENTITY: probe}, policy=PROBING)
+    outages.open(Service.IDENTITY, ConnectionFailed(said[0], operation="authenticate"))
+    try:
+        said.append("http://keystone:5000/v3/auth/tokens: the server closed the connection")
+        await until(lambda: _true(said[-1] in (outages.describe() or "")))
+    finally:
+        await outages.aclose()
+
+    assert (outages.describe() or "").endswith(f"({said[-1]})")
 
 
 @pytest.mark.parametrize("sandbox_config", [SandboxConfig(hold_imports=True)], indirect=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import signal
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rich.console import Console
@@ -104,3 +106,39 @@ async def test_status_watch_prints_snapshots_off_a_terminal(
     assert text.count("fleet at") >= 2
     assert "2 image(s) in flight on 2 worker(s)" in text
     assert "worker-a  test-job/d0" in text
+
+
+async def test_status_watch_shows_a_workers_pause_in_each_frame(
+    store: Store, database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    await two_workers_mid_upload(store, database_url, tmp_path)
+    since = datetime.now(UTC) - timedelta(seconds=200)
+    await store.set_pause(worker_id="worker-a", service="image", reason="unreachable", since=since)
+    pause = re.compile(r"paused: image service unreachable for 3 min \d+ s \(worker worker-a\)")
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "status", "--watch", "--interval", "0.2",
+        env={**cloud_env(sandbox, database_url), "COLUMNS": "120"},
+        cwd=PROJECT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    frame: list[str] = []
+    try:  # the first frame, up to its first image in flight (the pauses come before them)
+        while not frame or not frame[-1].startswith("  worker-"):
+            line = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+            assert line, f"status --watch ended before its first frame: {frame}"
+            frame.append(line.decode().rstrip("\n"))
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=10)
+
+    assert process.returncode == 0, err.decode()
+    assert frame[0].startswith("fleet at ")
+    paused = [line for line in frame if line.startswith("paused:")]
+    assert len(paused) == 1, frame
+    assert pause.fullmatch(paused[0]), frame
+
+    # On a terminal, the same line heads the bars.
+    console = Console(file=io.StringIO(), width=140, force_terminal=True, record=True)
+    console.print(FleetBars(console).update(await fleet_snapshot(store)))
+    assert pause.search(console.export_text())

@@ -1,16 +1,21 @@
-"""The README documents every column dashboards read, and every CLI command."""
+"""The README documents every column dashboards read, and every CLI command; `make demo`
+does what the README says of it."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import asyncpg
+import pytest
 from click.testing import CliRunner
 
 from worker.cli import cli
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def documented_columns(table: str) -> set[str]:
@@ -60,3 +65,19 @@ def test_using_it_documents_listings_idempotent_submit_and_the_data_directory() 
         "_VMDK_MIGRATE_COMPLETE",
     ):
         assert needed in using_it, needed
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_keeps_its_own_database_and_says_how_to_get_the_command() -> None:
+    # The commands of the target as make would run them (-n: printed, none run).
+    planned = subprocess.run(
+        ["make", "--no-print-directory", "-n", "demo"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    (demo,) = [line for line in planned if "-m worker demo" in line]
+    assert demo.startswith(f'VMDK_MIGRATE_DATA_DIR="{ROOT}/.data" '), demo
+    echoes = [line for line in planned if line.startswith("echo")]
+    printed = subprocess.run(
+        ["sh", "-c", "; ".join(echoes)], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.splitlines()
+    assert "To use the command from this shell:  . .venv/bin/activate" in printed

@@ -38,6 +38,7 @@ from worker.outage import (
     OutageTooLong,
     Probe,
     Service,
+    error_text,
     is_systemic_kind,
     service_of,
 )
@@ -216,7 +217,7 @@ def database_probe(store: Store) -> Probe:
         try:
             await store.ping()
         except CONNECTION_ERRORS as exc:
-            raise ConnectionFailed(str(exc) or type(exc).__name__, operation="database") from exc
+            raise ConnectionFailed(error_text(exc), operation="database") from exc
 
     return probe
 

@@ -6,14 +6,14 @@ Exit codes (also in the README):
     2  bad input: invalid manifest, unknown job, bad option
     3  configuration or environment problem: cloud settings, credentials refused at start,
        database unreachable, an outage longer than --max-outage
-  130  interrupted before the work finished
+  130  interrupted before the work finished (Ctrl-C in any command, or `run --once` stopped
+       by a signal before the queue was drained)
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -36,7 +36,7 @@ from worker.config import (
     read_env_file,
 )
 from worker.core.model import JobSpec, Phase
-from worker.errors import ConfigError, InvalidManifest
+from worker.errors import ConfigError, InvalidManifest, os_reason
 
 if TYPE_CHECKING:
     from worker.notify import WebhookSettings
@@ -87,7 +87,11 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except OutageTooLong as exc:
-        click.echo(f"gave up waiting: {exc}; unfinished images were left to the next run", err=True)
+        click.echo(
+            f"gave up waiting: {exc}, longer than --max-outage; the unfinished images were "
+            "left to the next run",
+            err=True,
+        )
         sys.exit(EXIT_CONFIG)
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         if logs.debugging():
@@ -124,7 +128,22 @@ format_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group: Ctrl-C in any command ends it with one line and exit 130.
+
+    Click would print "Aborted!" and exit 1. Commands that Ctrl-C normally ends (`run`,
+    `status --watch`, `dashboard`, `sandbox`) handle the signal themselves and never get here.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted before the work finished", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vmdk-migrate", prog_name="vmdk-migrate")
 @click.option(
     "--log-level",
@@ -754,7 +773,7 @@ def sandbox(host: str, port: int, virtio_fail: tuple[str, ...], import_latency_s
             if listening:
                 raise
             raise ConfigError(
-                f"cannot serve the sandbox on {host} port {port}: {_os_reason(exc)}; "
+                f"cannot serve the sandbox on {host} port {port}: {os_reason(exc)}; "
                 "choose another port with --port"
             ) from exc
 
@@ -762,10 +781,6 @@ def sandbox(host: str, port: int, virtio_fail: tuple[str, ...], import_latency_s
         _run(serve())
     except KeyboardInterrupt:
         sys.exit(EXIT_OK)
-
-
-def _os_reason(exc: OSError) -> str:
-    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def _sandbox_banner(cloud: Sandbox) -> str:

@@ -131,7 +131,7 @@ class Consumer:
 
     async def _give_up_on_outage(self, stop: asyncio.Event) -> None:
         await self._outages.give_up.wait()
-        self._summary.gave_up = self._outages.describe() or "outage"
+        self._summary.gave_up = self._outages.explain() or "an outage"
         self._grace_s = 0.0
         stop.set()
 

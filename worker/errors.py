@@ -32,10 +32,15 @@ The type of an exception *is* the retry decision; never flatten one into a strin
         ├── ImportTimeout               import did not finish before its size-scaled deadline
         ├── ChecksumMismatch            Glance's hash of the data differs from ours
         └── JobCancelled                the operator cancelled the job (`vmdk-migrate cancel`)
+
+`os_reason` words an operating-system error the same way wherever one reaches an operator.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl
 from dataclasses import dataclass
 
 
@@ -288,3 +293,16 @@ class JobCancelled(PermanentError):
     """The operator cancelled the job before this image finished."""
 
     code = "cancelled"
+
+
+def os_reason(error: OSError) -> str:
+    """What the operating system said, in words: 'connection refused', 'address already in
+    use', 'host name not resolved (Name or service not known)'; never a class name."""
+    if isinstance(error, socket.gaierror):
+        return f"host name not resolved ({error.strerror})"
+    if isinstance(error, ssl.SSLError):  # its errno is OpenSSL's, not the operating system's
+        reason = getattr(error, "reason", None) or "handshake failed"
+        return f"TLS error ({reason.lower().replace('_', ' ')})"
+    if error.errno:
+        return os.strerror(error.errno).lower()
+    return error.strerror or str(error) or "the connection failed"

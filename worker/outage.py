@@ -28,6 +28,7 @@ If the probe answers, the failure belongs to the image and its retry budget, as 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from worker.errors import (
     ConnectionFailed,
     MigrationError,
     RequestTimeout,
+    os_reason,
 )
 
 log = structlog.get_logger(__name__)
@@ -85,12 +87,13 @@ class OutagePolicy:
 
 @dataclass(frozen=True)
 class Outage:
-    """One open breaker: which service, why, and since when."""
+    """One open breaker: which service, why, since when, and its last failure in words."""
 
     service: Service
     reason: str
     started_at: datetime
     started_mono: float
+    error: str = ""
 
     def duration_s(self, now_mono: float) -> float:
         return max(0.0, now_mono - self.started_mono)
@@ -100,6 +103,12 @@ class Outage:
         return (
             f"{self.service.label} {self.reason} for {format_duration(self.duration_s(now_mono))}"
         )
+
+    def explain(self, now_mono: float) -> str:
+        """`describe` with the last failure: '... for 2 s (cannot connect to URL: connection
+        refused)'."""
+        described = self.describe(now_mono)
+        return f"{described} ({self.error})" if self.error else described
 
 
 Probe = Callable[[], Awaitable[object]]
@@ -128,6 +137,15 @@ def reason_of(error: MigrationError) -> str:
     if isinstance(error, RequestTimeout):
         return "not answering in time"
     return "unreachable"
+
+
+def error_text(error: BaseException) -> str:
+    """A failure in an operator's words: our errors' message, an OS error's reason."""
+    if isinstance(error, MigrationError):
+        return error.message
+    if isinstance(error, OSError):
+        return os_reason(error)
+    return str(error) or "no reason given"
 
 
 def format_duration(seconds: float) -> str:
@@ -182,12 +200,18 @@ class Outages:
         return self._ended.get(service)
 
     def describe(self) -> str | None:
-        """'paused: image service unreachable for 3 min 20 s', or None when all is well."""
+        """'paused: image service unreachable for 3 min 20 s (cannot connect to URL:
+        connection refused)', or None when all is well."""
+        explained = self.explain()
+        return None if explained is None else f"paused: {explained}"
+
+    def explain(self) -> str | None:
+        """Each open breaker with its duration and last failure, oldest first; None if none."""
         outages = self.current
         if not outages:
             return None
         now = self._clock()
-        return "paused: " + "; ".join(outage.describe(now) for outage in outages)
+        return "; ".join(outage.explain(now) for outage in outages)
 
     async def wait_clear(self) -> None:
         """Return once no breaker is open (at once, when none is)."""
@@ -222,7 +246,7 @@ class Outages:
         if service in self._open:
             return
         reason = reason_of(error) if isinstance(error, MigrationError) else "unreachable"
-        outage = Outage(service, reason, datetime.now(UTC), self._clock())
+        outage = Outage(service, reason, datetime.now(UTC), self._clock(), error_text(error))
         self._open[service] = outage
         self._clear.clear()
         log.warning(
@@ -230,7 +254,7 @@ class Outages:
             service=str(service),
             reason=reason,
             since=outage.started_at.isoformat(),
-            error=str(error) or type(error).__name__,
+            error=str(error) if isinstance(error, MigrationError) else outage.error,
             message=outage.describe(outage.started_mono),
         )
         if self._on_change is not None:
@@ -297,6 +321,7 @@ class Outages:
                 if failure is None:
                     self.close(outage.service)
                     return
+                outage = self._failed_again(outage, failure)
                 now = self._clock()
                 if now - warned_at >= policy.warn_every_s:
                     warned_at = now
@@ -313,6 +338,14 @@ class Outages:
                 delay_s = min(policy.probe_max_s, delay_s * policy.probe_factor)
         finally:
             self._watchers.pop(outage.service, None)
+
+    def _failed_again(self, outage: Outage, failure: MigrationError) -> Outage:
+        """Keep the probe's failure as the outage's last error (what `explain` says)."""
+        if outage.service not in self._open:
+            return outage
+        again = dataclasses.replace(outage, error=error_text(failure))
+        self._open[outage.service] = again
+        return again
 
     async def _sleep_bounded(self, outage: Outage, delay_s: float) -> None:
         """Sleep `delay_s`, or less when the outage bound falls due sooner."""
@@ -331,7 +364,7 @@ class Outages:
             service=str(outage.service),
             reason=outage.reason,
             max_outage_s=bound,
-            message=f"{outage.describe(self._clock())}: longer than --max-outage",
+            message=f"{outage.explain(self._clock())}: longer than --max-outage",
         )
         self.give_up.set()
         return True

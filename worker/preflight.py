@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from worker.errors import (
     EndpointNotFound,
     MigrationError,
     RequestTimeout,
+    os_reason,
 )
 from worker.logs import printable
 
@@ -147,18 +146,10 @@ def describe_unreachable(exc: MigrationError, cloud: CloudSettings) -> str | Non
         return f"no answer in time from the {service} at {url}"
     reason = "the connection failed"
     if isinstance(cause, aiohttp.ClientConnectorError):
-        reason = _os_reason(cause.os_error)
+        reason = os_reason(cause.os_error)
     elif isinstance(cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         reason = "the server closed the connection"
     return f"cannot connect to the {service} at {url}: {reason}"
-
-
-def _os_reason(error: OSError) -> str:
-    if isinstance(error, socket.gaierror):
-        return f"host name not resolved ({error.strerror})"
-    if error.errno:
-        return os.strerror(error.errno).lower()
-    return error.strerror or "the connection failed"
 
 
 def _import_finding(methods: Sequence[str]) -> Finding:

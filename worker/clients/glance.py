@@ -366,7 +366,7 @@ class GlanceClient:
             body = body_factory() if body_factory is not None else data
             sent_at = time.monotonic()
             async with (
-                translate_transport_errors(operation),
+                translate_transport_errors(operation, url),
                 self._session.request(
                     method,
                     url,

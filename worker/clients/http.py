@@ -34,6 +34,7 @@ from worker.errors import (
     RedirectRefused,
     RequestTimeout,
     RetryableError,
+    os_reason,
 )
 
 REQUEST_ID_HEADER = "x-openstack-request-id"
@@ -238,8 +239,16 @@ def shown_url(url: URL) -> str:
 
 
 @asynccontextmanager
-async def translate_transport_errors(operation: str) -> AsyncIterator[None]:
-    """Turn aiohttp and timeout exceptions raised inside the block into our errors, once."""
+async def translate_transport_errors(
+    operation: str, url: str | URL | None = None
+) -> AsyncIterator[None]:
+    """Turn aiohttp and timeout exceptions raised inside the block into our errors, once.
+
+    Their message names the request's `url` (as `shown_url` shows it) and what went wrong in
+    an operator's words, e.g. 'cannot connect to http://keystone:5000/v3/auth/tokens:
+    connection refused': no exception class names.
+    """
+    where = shown_url(URL(url)) if url is not None else "the cloud"
     try:
         yield
     except MigrationError as exc:
@@ -248,9 +257,7 @@ async def translate_transport_errors(operation: str) -> AsyncIterator[None]:
         raise
     except TimeoutError as exc:
         # Checked first: aiohttp's ServerTimeoutError is also a connection error.
-        raise RequestTimeout(
-            f"no answer in time ({type(exc).__name__})", operation=operation
-        ) from exc
+        raise RequestTimeout(_timeout_text(exc, where), operation=operation) from exc
     except aiohttp.ClientConnectorCertificateError as exc:
         raise ConfigError(
             f"TLS certificate of {exc.host} not trusted: set cacert (or insecure)",
@@ -259,12 +266,33 @@ async def translate_transport_errors(operation: str) -> AsyncIterator[None]:
     except aiohttp.InvalidURL as exc:
         raise ConfigError(f"invalid URL {exc.url}", operation=operation) from exc
     except aiohttp.ClientError as exc:
-        raise ConnectionFailed(_describe(exc), operation=operation) from exc
+        raise ConnectionFailed(_describe(exc, where), operation=operation) from exc
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
+def _timeout_text(exc: TimeoutError, where: str) -> str:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"cannot connect to {where}: no answer in time"
+    return f"no answer in time from {where}"
+
+
+def _describe(exc: aiohttp.ClientError, where: str) -> str:
+    """A transport failure in words; aiohttp's own texts name classes and `ssl:default`."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {where}: {os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{where}: the server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{where}: the answer broke off ({_first_clause(str(exc))})"
+    if isinstance(exc, OSError):  # reset or broken pipe in mid-request
+        return f"{where}: the connection broke ({os_reason(exc)})"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{where}: unusable answer ({exc.message or f'HTTP {exc.status}'})"
+    return f"{where}: the request failed ({_first_clause(str(exc)) or 'no reason given'})"
+
+
+def _first_clause(text: str) -> str:
+    """aiohttp's text without the repr of the exception it wraps ('...: <TransferEncoding...')."""
+    return text.split(": <", 1)[0].strip().lower()
 
 
 def make_ssl_context(settings: CloudSettings) -> ssl.SSLContext:

@@ -158,7 +158,7 @@ class KeystoneAuth:
     async def _request_token(self) -> _Issued:
         body = {"auth": auth_body(self._settings)}
         async with (
-            translate_transport_errors("authenticate"),
+            translate_transport_errors("authenticate", self._tokens_url),
             self._session.post(
                 self._tokens_url,
                 json=body,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+
+from worker.errors import os_reason
 
 # Every way connecting to (or migrating) the database fails for a reason outside the program:
 # a socket that cannot open, a name that does not resolve, no answer, or PostgreSQL's refusal.
@@ -42,8 +42,6 @@ def describe_database_error(exc: BaseException, dsn: str) -> str:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer in time"
-    if isinstance(exc, socket.gaierror):
-        return f"host name not resolved ({exc.strerror})"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
+    if isinstance(exc, OSError):
+        return os_reason(exc)
     return str(exc) or "connection failed"
