@@ -201,6 +201,18 @@ async def test_the_same_batch_by_3_worker_processes_sharing_the_database(
     assert codes == [0] * BATCH_WORKERS, [log.read_text()[-2000:] for log in logs]
     rows = await assert_all_migrated(database_url, [job_id], disks, target, real_stack)
     assert {row.attempts for row in rows.values()} == {1}
+    # Shared for real: each row claimed once, and by more than one of the processes (a
+    # worker id is host:pid); one that came last may have found nothing left to claim.
+    claims = await events_of(
+        database_url,
+        "SELECT result_id, worker_id FROM events WHERE job_id = $1 AND event = 'image.claimed'",
+        job_id,
+    )
+    assert sorted(claim["result_id"] for claim in claims) == sorted(r.id for r in rows.values())
+    pids = {str(worker.pid) for worker in workers}
+    claimers = {str(claim["worker_id"]) for claim in claims}
+    assert {claimer.rpartition(":")[2] for claimer in claimers} <= pids, claimers
+    assert len(claimers) > 1, claimers
 
 
 # ---- server-side conversion ------------------------------------------------------------------
