@@ -194,16 +194,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 SCENARIO_OUTCOMES: dict[str, dict[str, str]] = {}
 
 
+def scenario_and_target(nodeid: str) -> tuple[str, str]:
+    """A test id's scenario (module, test, and every parameter but the target) and the target
+    it ran on: the parameter that is one of TARGETS, or a sandbox when none is.
+
+    pytest joins parameter ids with "-", and "real-glance" has one of its own, so the target
+    is found as a whole "-"-delimited run: `test_outages.py::test_x[keystone-down-real-glance]`
+    is the scenario `test_outages: x[keystone-down]` on real-glance."""
+    path, _, test = nodeid.partition("::")
+    name, _, params = test.removeprefix("test_").partition("[")
+    params = params.removesuffix("]")
+    scenario = f"{Path(path).stem}: {name}"
+    padded = f"-{params}-"
+    for target in TARGETS:
+        if f"-{target}-" in padded:
+            others = padded.replace(f"-{target}-", "-", 1).strip("-")
+            return (f"{scenario}[{others}]" if others else scenario), target
+    return (f"{scenario}[{params}]" if params else scenario), "sandbox"
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Remember how each scenario ended on each target (unparametrized ones use a sandbox)."""
-    path, _, test = report.nodeid.partition("::")
+    path = report.nodeid.partition("::")[0]
     if not path.startswith("tests/conformance/") or path.endswith("test_contract.py"):
         return
     if report.when != "call" and report.outcome == "passed":
         return
-    scenario, _, param = test.removeprefix("test_").partition("[")
-    outcomes = SCENARIO_OUTCOMES.setdefault(f"{Path(path).stem}: {scenario}", {})
-    target = param.rstrip("]") or "sandbox"
+    scenario, target = scenario_and_target(report.nodeid)
+    outcomes = SCENARIO_OUTCOMES.setdefault(scenario, {})
     if outcomes.get(target) in (None, "passed"):
         outcomes[target] = "error" if report.when == "teardown" else report.outcome
 

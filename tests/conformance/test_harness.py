@@ -1,5 +1,6 @@
-"""The real stack's controls for outage scenarios, each shown to work against the real thing:
-stop and start Keystone and Glance, Glance answering 503, a rotated password, what is left."""
+"""The harness itself: the real stack's controls for outage scenarios, each shown to work
+against the real thing (stop and start Keystone and Glance, Glance answering 503, a rotated
+password, what is left), and the run summary's table of scenarios by target."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests.conformance import conftest
 from tests.conformance.conftest import Target
 from tests.conformance.realstack import HTTP_TIMEOUT_S, RealStack, _http_status, _request
 
-pytestmark = [
-    pytest.mark.conformance,
-    pytest.mark.parametrize("target", ["real-glance"], indirect=True),
-]
+pytestmark = pytest.mark.conformance
+REAL = pytest.mark.parametrize("target", ["real-glance"], indirect=True)
 
 
 def token_status(stack: RealStack, username: str, password: str) -> int | None:
@@ -48,6 +48,7 @@ def glance_call(stack: RealStack, method: str, path: str, body: Any = None) -> i
         return int(exc.code)
 
 
+@REAL
 def test_glance_stops_and_starts_with_all_its_workers(
     target: Target, real_stack: RealStack
 ) -> None:
@@ -62,6 +63,7 @@ def test_glance_stops_and_starts_with_all_its_workers(
     assert _http_status(f"{real_stack.image_url}/v2/images", token=token) == 200
 
 
+@REAL
 def test_keystone_stops_and_starts(target: Target, real_stack: RealStack) -> None:
     assert token_status(real_stack, real_stack.username, real_stack.password) == 201
 
@@ -73,6 +75,7 @@ def test_keystone_stops_and_starts(target: Target, real_stack: RealStack) -> Non
     assert token_status(real_stack, real_stack.username, real_stack.password) == 201
 
 
+@REAL
 def test_glance_answers_503_to_everything_while_unavailable(
     target: Target, real_stack: RealStack
 ) -> None:
@@ -88,6 +91,7 @@ def test_glance_answers_503_to_everything_while_unavailable(
     assert after == 200
 
 
+@REAL
 def test_a_rotated_password_replaces_the_old_one(target: Target, real_stack: RealStack) -> None:
     name = f"conformance-user-{uuid.uuid4().hex[:8]}"
     real_stack.add_user(name, "first-password")
@@ -99,6 +103,7 @@ def test_a_rotated_password_replaces_the_old_one(target: Target, real_stack: Rea
     assert token_status(real_stack, name, "second-password") == 201
 
 
+@REAL
 def test_leftovers_lists_images_and_staged_files(target: Target, real_stack: RealStack) -> None:
     prefix = f"conformance-leftover-{uuid.uuid4().hex[:8]}"
     image_id = str(uuid.uuid4())
@@ -118,3 +123,42 @@ def test_leftovers_lists_images_and_staged_files(target: Target, real_stack: Rea
     assert staged.images == [{"id": image_id, "name": prefix, "status": "uploading"}]
     assert image_id in staged.staged_files
     assert (gone.images, image_id in gone.staged_files) == ([], False)
+
+
+def logreport(nodeid: str, outcome: str, when: str = "call") -> None:
+    path, _, name = nodeid.partition("::")
+    conftest.pytest_runtest_logreport(
+        pytest.TestReport(nodeid, (path, 0, name), {}, outcome, None, when)
+    )
+
+
+def test_the_scenario_summary_finds_the_target_among_the_parameters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A table of its own; this test's own outcome lands there too and goes with it: it checks
+    # the harness, it is no scenario of either target.
+    monkeypatch.setattr(conftest, "SCENARIO_OUTCOMES", {})
+    outages = "tests/conformance/test_outages.py::test_a_90_s_outage_costs_no_image"
+    for outage in ("keystone-down", "glance-down", "both-down", "glance-503"):
+        logreport(f"{outages}[{outage}-real-glance]", "passed")
+    rewrite = "tests/conformance/test_production.py::test_data_rewritten"
+    logreport(f"{rewrite}[sandbox]", "passed")
+    logreport(f"{rewrite}[real-glance]", "failed")
+    logreport("tests/conformance/test_production.py::test_batch[real-glance]", "skipped", "setup")
+    logreport("tests/conformance/test_x.py::test_first[real-glance-slow]", "passed")
+    logreport("tests/conformance/test_own_cloud.py::test_own[quota-5]", "passed")
+    logreport("tests/conformance/test_contract.py::test_case[sandbox-token]", "passed")
+
+    rows = [line.split() for line in conftest.scenario_lines()]
+
+    assert rows == [
+        ["scenario", "sandbox", "real-glance"],
+        ["test_outages:", "a_90_s_outage_costs_no_image[keystone-down]", "-", "passed"],
+        ["test_outages:", "a_90_s_outage_costs_no_image[glance-down]", "-", "passed"],
+        ["test_outages:", "a_90_s_outage_costs_no_image[both-down]", "-", "passed"],
+        ["test_outages:", "a_90_s_outage_costs_no_image[glance-503]", "-", "passed"],
+        ["test_production:", "data_rewritten", "passed", "failed"],
+        ["test_production:", "batch", "-", "skipped"],
+        ["test_x:", "first[slow]", "-", "passed"],
+        ["test_own_cloud:", "own[quota-5]", "passed", "-"],
+    ]

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conformance.conftest import Target, mariadb_only
+from tests.conformance.conftest import Target, mariadb_only, sandbox_target
 from tests.conformance.realstack import GlanceProfile, RealStack
 from tests.conformance.test_scenarios import (
     FAST,
@@ -46,6 +46,7 @@ from worker.core.model import ImageSpec, JobSpec
 from worker.core.policy import RetryPolicy
 from worker.errors import Conflict
 from worker.manifest import load_manifest
+from worker.sandbox import SandboxConfig
 from worker.store.store import ResultRow, open_store
 
 pytestmark = pytest.mark.conformance
@@ -200,13 +201,25 @@ async def test_the_same_batch_by_3_worker_processes_sharing_the_database(
     assert codes == [0] * BATCH_WORKERS, [log.read_text()[-2000:] for log in logs]
     rows = await assert_all_migrated(database_url, [job_id], disks, target, real_stack)
     assert {row.attempts for row in rows.values()} == {1}
+    # Shared for real: each row claimed once, and by more than one of the processes (a
+    # worker id is host:pid); one that came last may have found nothing left to claim.
+    claims = await events_of(
+        database_url,
+        "SELECT result_id, worker_id FROM events WHERE job_id = $1 AND event = 'image.claimed'",
+        job_id,
+    )
+    assert sorted(claim["result_id"] for claim in claims) == sorted(r.id for r in rows.values())
+    pids = {str(worker.pid) for worker in workers}
+    claimers = {str(claim["worker_id"]) for claim in claims}
+    assert {claimer.rpartition(":")[2] for claimer in claimers} <= pids, claimers
+    assert len(claimers) > 1, claimers
 
 
 # ---- server-side conversion ------------------------------------------------------------------
 
 
-def raw_sha512(path: Path, directory: Path) -> str:
-    """sha512 of the disk as qemu-img converts it to raw, as Glance's image_conversion does."""
+def raw_hashes(path: Path, directory: Path) -> tuple[str, str]:
+    """md5 and sha512 of the disk as qemu-img converts it to raw, as image_conversion does."""
     raw = directory / f"{path.stem}.raw"
     subprocess.run(
         ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(path), str(raw)],
@@ -214,28 +227,33 @@ def raw_sha512(path: Path, directory: Path) -> str:
         capture_output=True,
     )
     try:
-        return sha512_of(raw)
+        md5, sha512 = hashlib.md5(usedforsecurity=False), hashlib.sha512()
+        with raw.open("rb") as stream:
+            while chunk := stream.read(MIB):
+                md5.update(chunk)
+                sha512.update(chunk)
+        return md5.hexdigest(), sha512.hexdigest()
     finally:
         raw.unlink()
 
 
 @asynccontextmanager
-async def rewriting(target: Target, stack: RealStack | None) -> AsyncIterator[str]:
-    """The target rewriting data during import, and the es_virtio_enabled value to ask with:
-    the real Glance with its image_conversion plugin (output raw), which ignores the property;
-    the sandbox playing the vendor's virtio injection, which the property asks for."""
-    if stack is None:
-        yield "yes"
+async def converting(target: Target, request: pytest.FixtureRequest) -> AsyncIterator[Target]:
+    """The target with Glance's image_conversion import plugin on (output raw): the real Glance
+    restarted with it, or a sandbox of its own that models it (`convert_to`)."""
+    if target.name == "sandbox":
+        async with sandbox_target(SandboxConfig(convert_to="raw")) as sandbox:
+            yield sandbox
         return
+    stack: RealStack = request.getfixturevalue("real_stack")
     with stack.glance_profile(GlanceProfile(conversion=True)):
-        yield "no"
+        yield target
 
 
 @pytest.mark.timeout(BATCH_TIMEOUT_S)
 async def test_data_rewritten_during_import_ends_done_and_transformed(
     target: Target, request: pytest.FixtureRequest, database_url: str, tmp_path: Path
 ) -> None:
-    stack = request.getfixturevalue("real_stack") if target.name == "real-glance" else None
     disks = {
         unique(f"rewrite-{subformat}"): qemu_vmdk(
             tmp_path / f"{subformat}.vmdk",
@@ -245,10 +263,10 @@ async def test_data_rewritten_during_import_ends_done_and_transformed(
         )
         for subformat in SUBFORMATS
     }
-    async with rewriting(target, stack) as virtio:
+    async with converting(target, request) as cloud:
         manifest = {
             "job": unique("rewrite"),
-            "defaults": {"es_virtio_enabled": virtio},
+            "defaults": {"es_virtio_enabled": "no"},
             "disks": [{"source": str(path), "name": name} for name, path in disks.items()],
         }
         path = tmp_path / "rewrite.json"
@@ -258,33 +276,29 @@ async def test_data_rewritten_during_import_ends_done_and_transformed(
             job_id = await store.submit_job(
                 loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
             )
-        summary = await run_batch(database_url, target, concurrency=2)
+        summary = await run_batch(database_url, cloud, concurrency=2)
         rows = await rows_of(database_url, job_id)
         images = {
-            name: (await image_answer(target, rows[name].glance_image_id))[1] for name in disks
+            name: (await image_answer(cloud, rows[name].glance_image_id))[1] for name in disks
         }
-        async with target.session() as http:
+        async with cloud.session() as http:
             for row in rows.values():
-                async with http.delete(target.glance(f"/v2/images/{row.glance_image_id}")):
+                async with http.delete(cloud.glance(f"/v2/images/{row.glance_image_id}")):
                     pass
 
     assert summary.by_phase == {"done": len(disks)}
     for name, disk in disks.items():
         row, image = rows[name], images[name]
-        # What the worker reads and records, alike on both targets.
+        md5, sha512 = raw_hashes(disk, tmp_path)
+        # Not asked to rewrite (es_virtio_enabled no): the new disk_format says it was.
         assert (row.phase, row.verification, row.error_code) == ("done", "transformed", None)
         assert (row.glance_status, row.glance_os_hash_algo) == ("active", "sha512")
         assert row.source_hash_value == sha512_of(disk)
-        assert row.glance_os_hash_value not in (None, row.source_hash_value)
-        assert row.glance_virtual_size == VIRTUAL_SIZE_BYTES
-        assert image["os_hash_value"] == row.glance_os_hash_value
-        if target.name == "real-glance":
-            # Converted to raw: the stored data is the whole virtual disk.
-            assert (image["disk_format"], row.glance_size) == ("raw", VIRTUAL_SIZE_BYTES)
-            assert row.glance_os_hash_value == raw_sha512(disk, tmp_path)
-        else:
-            assert image["disk_format"] == "vmdk"
-            assert row.glance_size not in (None, disk.stat().st_size)
+        # Converted to raw: the stored data is the whole virtual disk, hashed as stored.
+        assert (row.glance_os_hash_value, row.glance_checksum) == (sha512, md5)
+        assert row.glance_size == row.glance_virtual_size == VIRTUAL_SIZE_BYTES
+        assert (image["disk_format"], image["container_format"]) == ("raw", "bare")
+        assert (image["os_hash_value"], image["checksum"]) == (sha512, md5)
 
 
 # ---- quotas ------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+# The output formats Glance's image_conversion plugin offers (its `output_format` choices).
+CONVERSION_FORMATS = ("qcow2", "raw", "vmdk")
+
 
 @dataclass(frozen=True)
 class SandboxConfig:
@@ -17,6 +20,10 @@ class SandboxConfig:
     import_fail_names: tuple[str, ...] = ()
     revert_names: tuple[str, ...] = ()
     rewrite_virtio: bool = True
+    # Glance's image_conversion import plugin with this output_format (None: not enabled): at
+    # import, the staged file becomes `qemu-img convert -O <format>` of itself (qemu-img must be
+    # on the host, as for the real plugin) and the image takes that disk_format and size.
+    convert_to: str | None = None
     quota: dict[str, int] | None = None
     import_methods: tuple[str, ...] = ("glance-direct", "web-download", "copy-image")
     stores: tuple[dict[str, Any], ...] = field(
@@ -33,6 +40,10 @@ class SandboxConfig:
     # Imports stop once `processing` until `Sandbox.release_imports()`: a test can hold them
     # there (to lose them, say) without racing a timer.
     hold_imports: bool = False
+
+    def __post_init__(self) -> None:
+        if self.convert_to not in (None, *CONVERSION_FORMATS):
+            raise ValueError(f"convert_to must be one of {CONVERSION_FORMATS}: {self.convert_to!r}")
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""The asynchronous glance-direct import flow, ending as real Glance (or the vendor) ends it."""
+"""The asynchronous glance-direct import flow, ending as real Glance (or the vendor) ends it,
+with Glance's image_conversion plugin when configured."""
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
 import hashlib
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,30 @@ def copy_to_store(staged: Path, stored: Path, inject: bool, corrupt: bool = Fals
             sha512.update(INJECTED_BLOCK)
             size += len(INJECTED_BLOCK)
     return Stored(size, md5.hexdigest(), sha512.hexdigest())
+
+
+class ConversionError(Exception):
+    """qemu-img could not convert the staged file (or could not be run at all)."""
+
+
+def convert_file(source: Path, target: Path, source_format: str | None, output_format: str) -> int:
+    """`qemu-img convert` as Glance's image_conversion plugin runs it on the host (an error on
+    stderr counts as a failure, as there), then the source removed as the plugin removes it;
+    the converted size (blocking: call it in a thread)."""
+    if source_format is None:
+        raise ConversionError("the image has no disk_format to convert from")
+    command = ["qemu-img", "convert", "-f", source_format, "-O", output_format]
+    try:
+        done = subprocess.run(
+            [*command, str(source), str(target)], capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        raise ConversionError(f"cannot run qemu-img: {exc}") from exc
+    if done.returncode != 0 or done.stderr:
+        target.unlink(missing_ok=True)
+        raise ConversionError(done.stderr.strip() or f"qemu-img exited {done.returncode}")
+    source.unlink(missing_ok=True)
+    return target.stat().st_size
 
 
 class ImportFlow:
@@ -137,19 +163,65 @@ class ImportFlow:
     async def _inspect_and_store(self, image: Image) -> None:
         staged = self.state.staged_path(image.id)
         verdict = await asyncio.to_thread(inspect_file, staged, image.disk_format)
+        output_format = self.state.config.convert_to
         if not verdict.accepted:
-            self._end_upstream_failure(image, verdict.reason)
+            if output_format:
+                # The conversion plugin inspects first, and its failure reverts the import.
+                self._end_queued(image, INTERNAL_ERROR, delete_staged=True)
+            else:
+                self._end_upstream_failure(image, verdict.reason)
             return
+        data: Path | None = staged
+        if output_format not in (None, image.disk_format):
+            data = await self._convert(image, staged, output_format, verdict.virtual_size)
+        if data is None:
+            return
+        try:
+            await self._store(image, data, verdict.virtual_size)
+        finally:
+            if data != staged:  # the converted file, as Glance deletes it once stored
+                await asyncio.to_thread(data.unlink, missing_ok=True)
+
+    async def _convert(
+        self, image: Image, staged: Path, output_format: str, virtual_size: int | None
+    ) -> Path | None:
+        """Glance's image_conversion plugin: the staged file replaced by its conversion, the
+        image given the new disk_format and size; None when the import ended instead."""
+        converted = staged.with_name(f"{staged.name}.{output_format}")
+        try:
+            size = await asyncio.to_thread(
+                convert_file, staged, converted, image.disk_format, output_format
+            )
+        except ConversionError as exc:
+            log.info("sandbox.conversion_failed", image_id=image.id, reason=str(exc))
+            current = self._image()
+            if current is None:
+                self._fail_task(INTERNAL_ERROR)
+            else:  # the plugin's revert: back to `queued`, the staged file removed
+                self._end_queued(current, INTERNAL_ERROR, delete_staged=True)
+            return None
+        current = self._image()
+        if current is None:
+            await asyncio.to_thread(converted.unlink, missing_ok=True)
+            self._fail_task(INTERNAL_ERROR)
+            return None
+        current.virtual_size = virtual_size
+        current.disk_format, current.container_format = output_format, "bare"
+        current.size = size
+        current.touch()
+        return converted
+
+    async def _store(self, image: Image, data: Path, virtual_size: int | None) -> None:
         inject = self.state.config.rewrite_virtio and wants_virtio(image)
         stored_path = self.state.stored_path(image.id)
         corrupt = name_in(image, self.state.config.corrupt_names)
-        stored = await asyncio.to_thread(copy_to_store, staged, stored_path, inject, corrupt)
+        stored = await asyncio.to_thread(copy_to_store, data, stored_path, inject, corrupt)
         current = self._image()
         if current is None:
             stored_path.unlink(missing_ok=True)
             self._fail_task(INTERNAL_ERROR)
             return
-        self._end_active(current, stored, verdict.virtual_size)
+        self._end_active(current, stored, virtual_size)
 
     def _end_active(self, image: Image, stored: Stored, virtual_size: int | None) -> None:
         staged_mib = (image.size or 0) // MIB
