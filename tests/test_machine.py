@@ -551,6 +551,26 @@ def test_an_import_still_pending_across_an_outage_of_glance_is_made_again() -> N
     assert redone.command.then_recreate
 
 
+def test_an_import_frozen_before_this_process_began_is_made_again_by_its_tasks_age() -> None:
+    # A worker restarted after Glance's outage knows nothing of it: a task Glance no longer
+    # touches (it does every minute while it copies) tells the import was lost.
+    state = importing_state()  # accepted at 100.0
+    policies = Policies(poll=PollPolicy(stale_task_s=300.0))
+    stale_s = 300.0 + state.size_bytes / PollPolicy().stale_rate_bytes_per_s
+    frozen = (TaskFacts("processing", state.import_request_id, updated_at=100.0),)
+    looked = Observed(facts("importing"), frozen)
+
+    waiting = decide(
+        state, PollImport(), looked, now=100.0 + stale_s, jitter=0.0, policies=policies
+    )
+    assert isinstance(waiting.command, PollImport)
+
+    redone = decide(state, PollImport(), looked, now=101.0 + stale_s, jitter=0.0, policies=policies)
+    assert isinstance(redone.command, DeleteImage)
+    assert redone.command.then_recreate
+    assert "untouched for" in str(redone.columns["reason"])
+
+
 def test_an_import_with_an_expected_duration_is_looked_at_by_that_expectation() -> None:
     state = fresh(phase=Phase.IMPORTING, image_exists=True, source_hash=HASH)
     accepted = step(state, RequestImport(request_id="req-x"), ImportAccepted("req-x", 20.0))

@@ -491,22 +491,33 @@ def _import_lost(
     """Our import task froze across an outage of the image service: its API process died.
 
     A task still `pending` leaves the image `uploading` (locked), one `processing` leaves
-    it `importing`; either stays so for good.
+    it `importing`; either stays so for good. Without the outage's window (this process
+    began after it) only a `processing` task's age tells: Glance touches it every minute
+    while it copies. A `pending` one may just be queued behind Glance's import threads.
     """
-    if outcome.image_outage is None or outcome.facts.status not in ("uploading", "importing"):
+    if outcome.facts.status not in ("uploading", "importing"):
         return None
-    started, ended = outcome.image_outage
     ours = [
         task
         for task in outcome.tasks or ()
         if task.request_id == state.import_request_id and task.status in ("pending", "processing")
     ]
-    if not ours or now - ended < policy.lost_import_s:
+    if not ours or any(task.updated_at is None for task in ours):
         return None
-    if all(task.updated_at is not None and task.updated_at < started for task in ours):
+    touched_at = max(task.updated_at for task in ours if task.updated_at is not None)
+    if outcome.image_outage is not None:
+        started, ended = outcome.image_outage
+        if now - ended >= policy.lost_import_s and touched_at < started:
+            return (
+                f"import task still {ours[-1].status} and unchanged since before the image "
+                f"service's outage, {now - ended:.0f} s after it ended: the import was lost"
+            )
+        return None
+    stale_s = policy.stale_task_s + state.size_bytes / policy.stale_rate_bytes_per_s
+    if all(task.status == "processing" for task in ours) and now - touched_at > stale_s:
         return (
-            f"import task still {ours[-1].status} and unchanged since before the image "
-            f"service's outage, {now - ended:.0f} s after it ended: the import was lost"
+            f"import task still {ours[-1].status} and untouched for {now - touched_at:.0f} s "
+            f"(more than {stale_s:.0f} s for a disk of this size): the import was lost"
         )
     return None
 

@@ -42,6 +42,12 @@ class PollPolicy:
     # the outage began, and still not this long after it ended, died with a Glance API process
     # (Glance touches a running task at least once a minute while it copies data).
     lost_import_s: float = 120.0
+    # With no outage seen by this process (it started after one, say): an import whose task
+    # nobody has touched for this long, plus the time a plugin needs to rewrite the disk at
+    # `stale_rate_bytes_per_s` before it copies, is lost too. Glance itself takes an import
+    # lock whose task went untouched for 60 minutes as abandoned.
+    stale_task_s: float = 600.0
+    stale_rate_bytes_per_s: float = 100 * MIB
 
 
 @dataclass(frozen=True)
