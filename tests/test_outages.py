@@ -31,7 +31,7 @@ from tests.test_faults import DatabaseLink
 from tests.test_notify import Receiver, serving
 from tests.test_pipeline import rows_of, submit
 from worker.app import WorkerSettings, run_worker
-from worker.config import load_cloud_settings
+from worker.config import load_cloud_settings, with_env_file
 from worker.consumer import RunSummary
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy, RetryPolicy
@@ -313,6 +313,36 @@ async def test_credentials_rotated_mid_run_pause_until_clouds_yaml_is_fixed(
     ]
     assert any(e["event"] == "auth.credentials_reloaded" for e in logs)
     assert "rotated-secret" not in repr(logs)
+
+
+async def test_credentials_rotated_mid_run_pause_until_the_env_file_is_fixed(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    # As `run --env-file` reads it: OS_* lines laid over the environment, read again when
+    # the credentials are refused (a systemd EnvironmentFile, a mounted k8s secret).
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    env_file = tmp_path / "vmdk-migrate.env"
+
+    def write_env(password: str) -> None:
+        lines = {**sandbox.os_environment(), "OS_PASSWORD": password}
+        env_file.write_text("".join(f"export {k}='{v}'\n" for k, v in lines.items()))
+
+    def env() -> dict[str, str]:
+        return with_env_file({}, env_file)
+
+    write_env(sandbox.password)
+    with capture_logs() as logs:
+        worker = start_worker(database_url, sandbox, reload_env=env)
+        await some_images_in_flight(database_url, job_id)
+        sandbox.rotate_password("rotated-in-the-env-file")
+        await outage_seen(sandbox, database_url, "identity")
+        write_env("rotated-in-the-env-file")
+        summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    await assert_nothing_lost(database_url, sandbox, job_id)
+    assert any(e["event"] == "auth.credentials_reloaded" for e in logs)
+    assert "rotated-in-the-env-file" not in repr(logs)
 
 
 @pytest.mark.parametrize(

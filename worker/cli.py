@@ -33,7 +33,7 @@ from worker.config import (
     default_worker_id,
     environment,
     load_cloud_settings,
-    read_env_file,
+    with_env_file,
 )
 from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest, os_reason
@@ -438,10 +438,7 @@ def run(
     from worker.outage import OutagePolicy
 
     def load_cloud() -> CloudSettings:
-        env = environment()
-        if env_file is not None:
-            env = {**env, **read_env_file(env_file)}
-        return load_cloud_settings(env, cloud=cloud_name)
+        return load_cloud_settings(with_env_file(environment(), env_file), cloud=cloud_name)
 
     try:
         cloud = load_cloud()

@@ -189,6 +189,12 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def with_env_file(env: Mapping[str, str], env_file: Path | None) -> dict[str, str]:
+    """`env` with the KEY=VALUE lines of `env_file` laid over it, read now (`run --env-file`:
+    read again whenever the credentials are refused)."""
+    return {**env, **read_env_file(env_file)} if env_file is not None else dict(env)
+
+
 def load_cloud_settings(
     env: Mapping[str, str],
     *,
