@@ -410,6 +410,7 @@ class DatabaseLink:
         self._server: asyncio.Server | None = None
         self._port = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._serving = False
 
     @property
     def dsn(self) -> str:
@@ -420,9 +421,11 @@ class DatabaseLink:
     async def up(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self._port)
         self._port = self._server.sockets[0].getsockname()[1]
+        self._serving = True
 
     async def down(self) -> None:
         assert self._server is not None
+        self._serving = False
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
@@ -430,13 +433,17 @@ class DatabaseLink:
         await self._server.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)  # a connection still being relayed when cut is cut too
+        # A connection accepted just before the link went down, or while this relay was
+        # still connecting upstream, is cut too: nothing gets through a link that is down.
+        if not self._serving:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
             writer.transport.abort()
             return
-        if writer not in self._writers:  # cut while the relay was connecting
+        if not self._serving:
             writer.transport.abort()
             up_writer.transport.abort()
             return
