@@ -289,7 +289,7 @@ async def test_status_filters_by_phase_limits_rows_and_says_how_many_more(
 
     failed = await run_cli("status", job_id, "--phase", "failed", "-f", "json", env=env)
     assert failed.code == 0
-    (job,) = failed.json()  # type: ignore[misc]
+    (job,) = failed.json()
     assert job["id"] == job_id
     assert (job["pending"], job["failed"]) == (3, 2)
     assert [row["image_name"] for row in job["images"]] == ["cli-job-1", "cli-job-3"]
@@ -300,7 +300,7 @@ async def test_status_filters_by_phase_limits_rows_and_says_how_many_more(
         "status", job_id, "--phase", "pending", "--phase", "failed", "--limit", "4", "-f", "json",
         env=env,
     )  # fmt: skip
-    (job,) = some.json()  # type: ignore[misc]
+    (job,) = some.json()
     assert (len(job["images"]), job["images_matched"]) == (4, 5)
 
     everything = await run_cli("status", job_id, "--limit", "0", "-f", "csv", env=env)
@@ -322,7 +322,7 @@ async def test_report_takes_every_format(
     assert table.code == 0
     assert len(table.out.splitlines()) == 3
     as_json = await run_cli("report", job_id, "-f", "json", env=env)
-    assert [set(row) for row in as_json.json()] == [set(RESULT_COLUMNS)] * 2  # type: ignore[union-attr]
+    assert [set(row) for row in as_json.json()] == [set(RESULT_COLUMNS)] * 2
 
 
 # Idempotent submit ----------------------------------------------------------------------------
@@ -349,7 +349,7 @@ async def test_the_same_manifest_submitted_again_returns_the_same_job(
     assert elsewhere.out.strip() == job_id, elsewhere.err
 
     listed = (await run_cli("jobs", "-f", "json", env=env)).json()
-    assert [job["id"] for job in listed] == [job_id]  # type: ignore[index]
+    assert [job["id"] for job in listed] == [job_id]
 
     assert (await run_cli("run", "--once", "--metrics-port", "0", env=env)).code == 0
     finished = await run_cli("submit", str(manifest), env=env)
@@ -360,7 +360,7 @@ async def test_the_same_manifest_submitted_again_returns_the_same_job(
     new = await submit(manifest, "--again", env=env)
     assert new != job_id
     listed = (await run_cli("jobs", "-f", "json", env=env)).json()
-    assert [job["id"] for job in listed] == [new, job_id]  # type: ignore[index]
+    assert [job["id"] for job in listed] == [new, job_id]
 
 
 async def test_retry_of_a_cancelled_job_says_it_lifts_the_cancel(

@@ -261,7 +261,7 @@ async def test_two_shells_in_different_directories_see_the_same_jobs(
 
     listed = await run_cli("jobs", "-f", "json", env=env, cwd=second_shell)
     assert listed.code == 0, listed.err
-    assert [job["id"] for job in listed.json()] == [job_id]  # type: ignore[index]
+    assert [job["id"] for job in listed.json()] == [job_id]
     pgdata = xdg_data_home / "vmdk-migrate" / "pg"
     note = f"database: the embedded PostgreSQL in {pgdata} (DATABASE_URL or {DATA_DIR_ENV} "
     assert note in listed.err
@@ -271,7 +271,7 @@ async def test_two_shells_in_different_directories_see_the_same_jobs(
     assert note in status.err
     report = await run_cli("report", "shared", "-f", "json", env=env, cwd=second_shell)
     assert report.code == 0, report.err
-    assert len(report.json()) == 2  # type: ignore[arg-type]
+    assert len(report.json()) == 2
     assert note in report.err
     assert not (first_shell / ".data").exists()
     assert not (second_shell / ".data").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.store.store import Claim, ResultRow, open_store
 
 
-def by_event(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def by_event(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
 
 

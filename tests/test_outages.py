@@ -15,7 +15,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -636,5 +636,5 @@ async def delete_job(database_url: str, job_id: uuid.UUID) -> None:
     raise AssertionError("the job could not be deleted")
 
 
-def by_name(logs: list[dict[str, Any]], suffix: str) -> list[dict[str, Any]]:
+def by_name(logs: list[MutableMapping[str, Any]], suffix: str) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs if str(entry["event"]).endswith(suffix)]

@@ -471,7 +471,7 @@ async def test_second_import_while_the_first_holds_the_lock_is_409(cloud: Cloud)
 async def test_stage_errors(cloud: Cloud) -> None:
     image = await cloud.create()
     assert await cloud.call("GET", f"/v2/images/{image['id']}/file") == (204, b"")
-    status, body = await cloud.stage(image["id"], **{"Content-Type": "application/json"})
+    status, body = await cloud.stage(image["id"], DISK, **{"Content-Type": "application/json"})
     assert status == 415
     assert "Invalid content type application/json" in body["message"]
     assert (await cloud.stage(image["id"]))[0] == 204
@@ -491,7 +491,9 @@ async def test_stage_errors(cloud: Cloud) -> None:
 
 async def test_size_mismatch_is_400_and_back_to_queued(cloud: Cloud) -> None:
     image = await cloud.create()
-    status, body = await cloud.stage(image["id"], **{"x-openstack-image-size": str(len(DISK) + 1)})
+    status, body = await cloud.stage(
+        image["id"], DISK, **{"x-openstack-image-size": str(len(DISK) + 1)}
+    )
     assert status == 400
     assert "Size mismatch" in body["message"]
     assert (await cloud.show(image["id"]))["status"] == "queued"

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -38,7 +39,7 @@ from worker.sandbox import Sandbox, SandboxConfig
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FIGURES = ROOT / "docs" / "benchmarks.md"
 MB = 1_000_000
-SCALE = {"import_latency_s": 2.0, "concurrency": 100, "stage_concurrency": 8}
+SCALE: dict[str, Any] = {"import_latency_s": 2.0, "concurrency": 100, "stage_concurrency": 8}
 
 
 class Report:

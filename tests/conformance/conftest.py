@@ -122,7 +122,7 @@ def real_target() -> Target:
             "run `make conformance`, which starts a real Keystone + Glance and sets them",
             pytrace=False,
         )
-    values = {attr: os.environ[var] for attr, var in REAL_ENV.items()}
+    values: dict[str, Any] = {attr: os.environ[var] for attr, var in REAL_ENV.items()}
     extra = {
         key: value
         for key, value in os.environ.items()

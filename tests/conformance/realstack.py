@@ -928,9 +928,9 @@ endpoint_id = {self.image_endpoint_id}
             _http_json("POST", f"{self.auth_url}/registered_limits", body, token=token)
         for name, limit_id in existing.items():
             if name in wanted:
-                body = {"registered_limit": {"default_limit": wanted[name]}}
+                change = {"registered_limit": {"default_limit": wanted[name]}}
                 limit_url = f"{self.auth_url}/registered_limits/{limit_id}"
-                _http_json("PATCH", limit_url, body, token=token)
+                _http_json("PATCH", limit_url, change, token=token)
         return wanted
 
     def add_user(self, name: str, password: str, *, role: str = "member") -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -125,7 +125,11 @@ def test_leftovers_lists_images_and_staged_files(target: Target, real_stack: Rea
     assert (gone.images, image_id in gone.staged_files) == ([], False)
 
 
-def logreport(nodeid: str, outcome: str, when: str = "call") -> None:
+def logreport(
+    nodeid: str,
+    outcome: Literal["passed", "failed", "skipped"],
+    when: Literal["setup", "call", "teardown"] = "call",
+) -> None:
     path, _, name = nodeid.partition("::")
     conftest.pytest_runtest_logreport(
         pytest.TestReport(nodeid, (path, 0, name), {}, outcome, None, when)

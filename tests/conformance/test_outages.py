@@ -189,13 +189,20 @@ async def submit_batch(
     return await submit(database_url, tmp_path, disks), prefix, disks
 
 
+def stop_both(stack: RealStack) -> None:
+    stack.stop_keystone()
+    stack.stop_glance()
+
+
+def start_both(stack: RealStack) -> None:
+    stack.start_keystone()
+    stack.start_glance()
+
+
 OUTAGES: dict[str, tuple[Callable[[RealStack], Any], Callable[[RealStack], Any]]] = {
     "keystone-down": (RealStack.stop_keystone, RealStack.start_keystone),
     "glance-down": (RealStack.stop_glance, RealStack.start_glance),
-    "both-down": (
-        lambda stack: (stack.stop_keystone(), stack.stop_glance()),
-        lambda stack: (stack.start_keystone(), stack.start_glance()),
-    ),
+    "both-down": (stop_both, start_both),
     "glance-503": (
         lambda stack: stack.set_glance_unavailable(True),
         lambda stack: stack.set_glance_unavailable(False),
