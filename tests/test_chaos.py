@@ -27,8 +27,8 @@ from urllib.parse import parse_qs
 import asyncpg
 import pytest
 
+from tests.fixtures.batch import submit_disks
 from tests.fixtures.cli import cloud_env
-from tests.test_multiworker import submit_disks
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 
 PROJECT = Path(__file__).parent.parent

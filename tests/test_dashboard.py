@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from tests.test_views import Disk, seed_job
+from tests.fixtures.views import Disk, seed_job
 from worker.core.model import Phase
 from worker.dashboard import running_dashboard
 from worker.store import Store

@@ -11,15 +11,15 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from tests.fixtures.batch import FAST, cloud_for, migrate, rows_of, submit
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
-from tests.test_pipeline import FAST, cloud_for, migrate, rows_of, submit
+from tests.fixtures.dblink import DatabaseLink
 from worker.app import WorkerSettings, run_worker
 from worker.consumer import RunSummary
 from worker.core.model import next_image_id
@@ -397,70 +397,6 @@ async def _wait_for(conn: asyncpg.Connection, query: str, timeout_s: float = 20.
 
 
 # --- the database goes away ----------------------------------------------------------------------
-
-
-class DatabaseLink:
-    """A TCP relay between the workers and PostgreSQL that can be cut like a server restart:
-    open connections are reset and new ones refused until it comes back."""
-
-    def __init__(self, target_dsn: str) -> None:
-        parts = urlsplit(target_dsn)
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
-        self._target_dsn = target_dsn
-        self._server: asyncio.Server | None = None
-        self._port = 0
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._serving = False
-
-    @property
-    def dsn(self) -> str:
-        parts = urlsplit(self._target_dsn)
-        netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{self._port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self._port)
-        self._port = self._server.sockets[0].getsockname()[1]
-        self._serving = True
-
-    async def down(self) -> None:
-        assert self._server is not None
-        self._serving = False
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        await self._server.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A connection accepted just before the link went down, or while this relay was
-        # still connecting upstream, is cut too: nothing gets through a link that is down.
-        if not self._serving:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        if not self._serving:
-            writer.transport.abort()
-            up_writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(
-            _pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True
-        )
-        self._writers -= {writer, up_writer}
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.transport.abort()
 
 
 @pytest.mark.parametrize(

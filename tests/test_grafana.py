@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 import yaml
 
-from tests.test_views import Disk, seed_job
+from tests.fixtures.views import Disk, seed_job
 from worker.core.model import Phase
 from worker.store import Store
 

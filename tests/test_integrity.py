@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import migrate, rows_of, sha512_of, submit
+from tests.fixtures.batch import migrate, rows_of, sha512_of, submit
 from worker.sandbox import Sandbox, SandboxConfig
 
 

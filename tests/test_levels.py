@@ -16,7 +16,7 @@ import pytest
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from tests.test_pipeline import migrate, rows_of, submit
+from tests.fixtures.batch import migrate, rows_of, submit
 from worker.consumer import Consumer, ConsumerSettings
 from worker.progress import RunProgress
 from worker.sandbox import Fault, Sandbox, SandboxConfig

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from tests.test_pipeline import FAST, cloud_for, rows_of, submit
+from tests.fixtures.batch import FAST, cloud_for, rows_of, submit
 from worker.app import WorkerSettings, run_worker
 from worker.consumer import RunSummary
 from worker.metrics import WorkerMetrics, serving_metrics

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,42 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.test_pipeline import FAST, cloud_for
+from tests.fixtures.batch import FAST, cloud_for, submit_disks
 from worker.app import WorkerSettings, run_worker
-from worker.manifest import load_manifest
-from worker.sampledisks import write_monolithic_sparse
 from worker.sandbox import Sandbox, SandboxConfig
-from worker.store.store import open_store
-
-
-async def submit_disks(
-    database_url: str, tmp_path: Path, count: int, *, fill_bytes: int = 16 << 10
-) -> tuple[str, dict[str, Path]]:
-    """Queue `count` small monolithicSparse disks as one job; returns its id and the sources."""
-    directory = tmp_path / "disks"
-    directory.mkdir(parents=True, exist_ok=True)
-    sources: dict[str, Path] = {}
-    for number in range(count):
-        path = directory / f"d{number}.vmdk"
-        data = number.to_bytes(4, "big") * (fill_bytes // 4)
-        write_monolithic_sparse(path, virtual_size_bytes=8 << 20, data=data, seed=number)
-        sources[f"disk-{number:03d}"] = path
-    manifest = tmp_path / "job.json"
-    manifest.write_text(
-        json.dumps(
-            {
-                "job": "many",
-                "defaults": {"es_virtio_enabled": "no"},
-                "disks": [{"source": str(p), "name": n} for n, p in sources.items()],
-            }
-        )
-    )
-    loaded = load_manifest(manifest)
-    async with open_store(database_url) as store:
-        job_id = await store.submit_job(
-            loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
-        )
-    return str(job_id), sources
 
 
 def overlapping_tenures(events: list[dict[str, Any]]) -> list[int]:

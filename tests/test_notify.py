@@ -3,67 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
-from tests.test_pipeline import FAST, cloud_for, rows_of, submit
+from tests.fixtures.batch import FAST, cloud_for, rows_of, submit
+from tests.fixtures.webhooks import SECRET_PATH, Receiver, serving
 from worker.app import WorkerSettings, run_worker
 from worker.cli import _webhook_settings, cli
 from worker.config import Secret
 from worker.consumer import RunSummary
 from worker.notify import WebhookNotifier, WebhookSettings, notifying, safe_target
 from worker.sandbox import Sandbox, SandboxConfig
-
-SECRET_PATH = "/hooks/T0-sEcReT-path"
-
-
-@dataclass
-class Receiver:
-    """Answers `failures_first` requests with 500, then 200; keeps what it accepted."""
-
-    failures_first: int = 0
-    delay_s: float = 0.0
-    seen: int = 0
-    accepted: list[dict[str, Any]] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    raw: list[str] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.text()
-        self.raw.append(body)
-        self.headers.append(dict(request.headers))
-        self.seen += 1
-        await asyncio.sleep(self.delay_s)
-        if self.seen <= self.failures_first:
-            return web.Response(status=500, text="try later")
-        self.accepted.append(json.loads(body))
-        self.keys.append(request.headers["Idempotency-Key"])
-        return web.Response(status=204)
-
-
-@asynccontextmanager
-async def serving(receiver: Receiver) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post(SECRET_PATH, receiver.handle)
-    # A hanging handler is cut off at the end rather than waited for.
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}{SECRET_PATH}?key=also-secret"
-    finally:
-        await runner.cleanup()
 
 
 async def migrate(database_url: str, sb: Sandbox, webhook: WebhookSettings) -> RunSummary:

@@ -25,11 +25,11 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from tests.fixtures.batch import rows_of, submit
 from tests.fixtures.cli import cloud_env, run_cli, write_job
 from tests.fixtures.db import fetch_rows
-from tests.test_faults import DatabaseLink
-from tests.test_notify import Receiver, serving
-from tests.test_pipeline import rows_of, submit
+from tests.fixtures.dblink import DatabaseLink
+from tests.fixtures.webhooks import Receiver, serving
 from worker.app import WorkerSettings, run_worker
 from worker.config import load_cloud_settings, with_env_file
 from worker.consumer import RunSummary

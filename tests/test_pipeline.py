@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,93 +12,11 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from worker.app import WorkerSettings, run_worker
-from worker.config import CloudSettings, load_cloud_settings
-from worker.consumer import Consumer, ConsumerSettings, RunSummary
-from worker.core.machine import Policies
+from tests.fixtures.batch import migrate, rows_of, sha512_of, submit
+from worker.consumer import Consumer, ConsumerSettings
 from worker.core.model import Phase
-from worker.core.policy import PollPolicy, RetryPolicy
-from worker.manifest import load_manifest
-from worker.sampledisks import write_monolithic_sparse, write_stream_optimized
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.store.store import Claim, ResultRow, Store, open_store
-
-FAST = Policies(
-    retry=RetryPolicy(base_delay_s=0.05, max_delay_s=0.2, quota_delay_s=0.1),
-    poll=PollPolicy(first_delay_s=0.02, max_delay_s=0.1, tasks_every_s=0.05),
-)
-
-
-def cloud_for(sb: Sandbox, **overrides: object) -> CloudSettings:
-    """Settings for the sandbox, exactly as a user's OS_* variables would give them."""
-    return load_cloud_settings(sb.os_environment(), overrides=overrides)
-
-
-def make_disks(directory: Path, names: Sequence[str], *, fill_bytes: int = 256 << 10) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for number, name in enumerate(names):
-        path = directory / f"{name}.vmdk"
-        if number % 2:
-            write_stream_optimized(
-                path, virtual_size_bytes=16 << 20, seed=number, fill_bytes=fill_bytes
-            )
-        else:
-            data = hashlib.sha512(name.encode()).digest() * (fill_bytes // 64)
-            write_monolithic_sparse(path, virtual_size_bytes=16 << 20, data=data, seed=number)
-        paths.append(path)
-    return paths
-
-
-async def submit(
-    database_url: str, tmp_path: Path, names: Sequence[str], **defaults: Any
-) -> tuple[str, dict[str, Path]]:
-    paths = make_disks(tmp_path / "disks", names)
-    manifest = {
-        "job": "test-job",
-        "defaults": {"es_virtio_enabled": "no", **defaults},
-        "disks": [{"source": str(p), "name": n} for n, p in zip(names, paths, strict=True)],
-    }
-    manifest_path = tmp_path / "job.json"
-    manifest_path.write_text(json.dumps(manifest))
-    loaded = load_manifest(manifest_path)
-    async with open_store(database_url) as store:
-        job_id = await store.submit_job(
-            loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
-        )
-    return str(job_id), dict(zip(names, paths, strict=True))
-
-
-async def migrate(
-    database_url: str,
-    sb: Sandbox,
-    *,
-    cloud_overrides: dict[str, object] | None = None,
-    **settings: Any,
-) -> RunSummary:
-    options: dict[str, Any] = {
-        "once": True,
-        "idle_poll_s": 0.05,
-        "heartbeat_s": 0.5,
-        "policies": FAST,
-        **settings,
-    }
-    return await run_worker(
-        database_url=database_url,
-        cloud=cloud_for(sb, **(cloud_overrides or {})),
-        settings=WorkerSettings(**options),
-        stop=asyncio.Event(),
-    )
-
-
-async def rows_of(database_url: str, job_id: str) -> dict[str, ResultRow]:
-    async with open_store(database_url) as store:
-        ids = await store.find_job_ids(job_id)
-        return {row.image_name: row for row in await store.result_rows(ids[0])}
-
-
-def sha512_of(path: Path) -> str:
-    return hashlib.sha512(path.read_bytes()).hexdigest()
 
 
 async def test_a_batch_ends_active_with_sizes_and_hashes_verified(

@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from structlog.testing import capture_logs
 
+from tests.fixtures.batch import submit
 from tests.fixtures.cli import PROJECT, cloud_env
-from tests.test_pipeline import submit
 from worker.progress import FleetBars, RunProgress, fleet_snapshot, format_fleet
 from worker.sandbox import Sandbox
 from worker.store import Store

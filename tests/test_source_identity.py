@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from tests.test_pipeline import make_disks, migrate, rows_of, sha512_of
+from tests.fixtures.batch import make_disks, migrate, rows_of, sha512_of
 from worker.clients.glance import GlanceClient
 from worker.clients.keystone import StaticTokenAuth
 from worker.errors import SourceError

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,12 +10,12 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from tests.test_pipeline import migrate, submit
-from worker.core.model import ImageSpec, JobSpec, Phase
+from tests.fixtures.batch import migrate, submit
+from tests.fixtures.views import Disk, seed_job
+from worker.core.model import Phase
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.store import Store
 
-WORKER = "viewtest:1"
 VIEWS = (
     "job_progress",
     "job_phase_counts",
@@ -26,69 +24,6 @@ VIEWS = (
     "image_progress",
     "throughput_per_minute",
 )
-
-
-@dataclass(frozen=True)
-class Disk:
-    """A disk to seed and the phase the Store should take it to."""
-
-    name: str
-    size_bytes: int
-    phase: Phase = Phase.PENDING
-    error_code: str | None = None
-    finish_after_s: float = 0.0  # finished_at = claimed_at + this, for done and failed
-    bytes_staged: int = 0
-
-
-@dataclass(frozen=True)
-class SeededJob:
-    job_id: UUID
-    started_at: datetime | None  # the earliest claimed_at
-
-
-async def seed_job(
-    store: Store, name: str, disks: Sequence[Disk], *, not_before: datetime | None = None
-) -> SeededJob:
-    """Submit a job, claim its non-pending disks and record each one's phase through the Store.
-
-    Claims take the oldest claimable rows first: seed jobs that keep pending rows last.
-    """
-    ordered = sorted(disks, key=lambda d: d.phase == Phase.PENDING)
-    job = JobSpec(
-        name=name,
-        disks=tuple(
-            ImageSpec(
-                index=i, name=d.name, source=f"/srv/vmdk/{d.name}.vmdk", size_bytes=d.size_bytes
-            )
-            for i, d in enumerate(ordered)
-        ),
-    )
-    job_id = await store.submit_job(
-        job, manifest={"job": name}, manifest_sha256="0" * 64, not_before=not_before
-    )
-    to_claim = [d for d in ordered if d.phase != Phase.PENDING]
-    claims = await store.claim(worker_id=WORKER, limit=len(to_claim), lease_s=600)
-    assert [c.row.job_id for c in claims] == [job_id] * len(to_claim), "seed pending jobs last"
-    for claim, disk in zip(claims, to_claim, strict=True):
-        await _record(store, claim.row.id, claim.row.claimed_at, disk)
-    started = min((c.row.claimed_at for c in claims if c.row.claimed_at), default=None)
-    return SeededJob(job_id, started)
-
-
-async def _record(store: Store, result_id: int, claimed_at: datetime | None, disk: Disk) -> None:
-    columns: dict[str, Any] = {"bytes_staged": disk.bytes_staged}
-    if disk.phase.terminal:
-        assert claimed_at is not None
-        columns["finished_at"] = claimed_at + timedelta(seconds=disk.finish_after_s)
-    await store.record(
-        result_id,
-        worker_id=WORKER,
-        event=f"image.{disk.phase}",
-        phase=disk.phase,
-        error_code=disk.error_code,
-        error_message=f"{disk.name}: {disk.error_code}" if disk.error_code else None,
-        **columns,
-    )
 
 
 async def fetch(database_url: str, sql: str, *args: object) -> list[dict[str, Any]]:

@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
+from tests.fixtures.batch import FAST, cloud_for, make_disks, rows_of
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
-from tests.test_pipeline import FAST, cloud_for, make_disks, rows_of
 from worker.app import WorkerSettings, run_worker
 from worker.errors import InvalidManifest
 from worker.manifest import load_manifest, parse_manifest

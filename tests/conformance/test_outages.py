@@ -27,7 +27,7 @@ from tests.conformance.conftest import Target, mariadb_only
 from tests.conformance.realstack import RealStack
 from tests.conformance.test_scenarios import cloud_of, qemu_vmdk, rows_of, sha512_of, submit
 from tests.fixtures.db import fetch_rows
-from tests.test_faults import DatabaseLink
+from tests.fixtures.dblink import DatabaseLink
 from worker.app import WorkerSettings, run_worker
 from worker.config import CloudSettings, load_cloud_settings
 from worker.consumer import RunSummary
