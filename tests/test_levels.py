@@ -48,6 +48,13 @@ async def test_failures_and_retries_are_warnings_and_progress_counts_each_image_
         if entry["event"] in ("image.finished", "image.summary", "image.retry_scheduled")
     }
     assert all(entry["worker_id"] for entry in by_event(logs, "image.summary"))
+    # Every line about an image names its job, the image and the worker; a step's also its
+    # Glance image and phase.
+    image_lines = [entry for entry in logs if str(entry["event"]).startswith("image.")]
+    assert len(image_lines) >= 5 * 4
+    context = ("job", "job_id", "image", "result_id", "worker_id", "image_id", "phase")
+    assert [key for entry in image_lines for key in context if not entry.get(key)] == []
+    assert {entry["job"] for entry in image_lines} == {"test-job"}
     assert levels == {
         ("image.retry_scheduled", "creating", "warning"),
         ("image.finished", "done", "info"),
@@ -76,7 +83,7 @@ async def test_a_crashed_image_ends_with_one_summary_like_any_failed_image(
         consumer = Consumer(
             store, crash, ConsumerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
         )
-        with capture_logs() as logs:
+        with capture_logs(processors=[merge_contextvars]) as logs:
             summary = await consumer.run(asyncio.Event())
         progress = RunProgress(store, mode="off")
         for entry in logs:

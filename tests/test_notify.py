@@ -158,10 +158,10 @@ async def test_every_notice_dropped_at_exit_is_logged_when_the_receiver_hangs() 
     assert all(entry["log_level"] == "warning" for entry in dropped)
     # Each image.summary queues its failure notice and a job completion check.
     assert sorted((e["kind"], e["result_id"]) for e in dropped) == [
+        ("check_job", None),
+        ("check_job", None),
         ("image.failed", 1),
         ("image.failed", 2),
-        ("job.check", None),
-        ("job.check", None),
     ]
     assert {e["reason"] for e in dropped} <= {"shutdown: in flight", "shutdown: still queued"}
     assert notifier.dropped == 4

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from tests.fixtures.batch import migrate, rows_of, sha512_of, submit
 from worker.consumer import Consumer, ConsumerSettings
+from worker.core.events import Event
 from worker.core.model import Phase
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.store.store import Claim, ResultRow, Store, open_store
@@ -250,7 +251,7 @@ async def test_a_once_run_takes_a_row_left_claimable_by_an_image_that_ended_duri
                 image_ended.set()
                 return claim.row
             return await store.record(
-                claim.row.id, worker_id="w-once", event="image.finished", phase=Phase.DONE
+                claim.row.id, worker_id="w-once", event=Event.IMAGE_FINISHED, phase=Phase.DONE
             )
 
         consumer = Consumer(

@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 
+from worker.core.events import Event
 from worker.core.model import ImageSpec, JobSpec, Phase, Verification, image_id_for
 from worker.store import LeaseLost, Store
 from worker.store.store import job_state
@@ -185,7 +186,7 @@ async def test_expired_leases_are_reclaimed_and_the_old_holder_loses_the_row(
     assert {c.row.attempts for c in taken} == {2}
     row_id = held[0].row.id
     with pytest.raises(LeaseLost):
-        await store.record(row_id, worker_id="w1", event="image.created", phase=Phase.CREATING)
+        await store.record(row_id, worker_id="w1", event=Event.IMAGE_CREATED, phase=Phase.CREATING)
     with pytest.raises(LeaseLost):
         await store.set_progress(row_id, worker_id="w1", bytes_staged=1)
     assert await store.heartbeat(worker_id="w1", result_ids=[row_id], lease_s=30) == set()
@@ -260,7 +261,7 @@ async def test_claim_skips_cancelled_jobs_future_jobs_and_backed_off_rows(
     await store.record(
         claim.row.id,
         worker_id="w1",
-        event="image.retry_scheduled",
+        event=Event.IMAGE_RETRY_SCHEDULED,
         next_attempt_at=datetime.now(UTC) + timedelta(hours=1),
     )
     await store.release(worker_id="w1", result_ids=[claim.row.id])
@@ -283,7 +284,7 @@ async def test_record_sets_columns_appends_a_request_id_and_an_event(store: Stor
     await store.record(
         claim.row.id,
         worker_id="w1",
-        event="image.created",
+        event=Event.IMAGE_CREATED,
         phase=Phase.CREATING,
         request_id="req-1",
         image_created_at=created_at,
@@ -292,7 +293,7 @@ async def test_record_sets_columns_appends_a_request_id_and_an_event(store: Stor
     row = await store.record(
         claim.row.id,
         worker_id="w1",
-        event="image.staged",
+        event=Event.IMAGE_STAGED,
         phase=Phase.STAGING,
         request_id="req-2",
         detail={"bytes": 100, "at": created_at},
@@ -325,7 +326,9 @@ async def test_record_by_another_worker_raises_lease_lost_and_changes_nothing(
     (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
 
     with pytest.raises(LeaseLost):
-        await store.record(claim.row.id, worker_id="w2", event="image.created", phase=Phase.DONE)
+        await store.record(
+            claim.row.id, worker_id="w2", event=Event.IMAGE_CREATED, phase=Phase.DONE
+        )
 
     (row,) = await store.result_rows(job_id)
     assert (row.phase, row.worker_id) == (Phase.PENDING, "w1")
@@ -337,9 +340,13 @@ async def test_record_rejects_columns_outside_the_whitelist(store: Store) -> Non
     (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
 
     with pytest.raises(ValueError, match="attempts, submitted_at"):
-        await store.record(claim.row.id, worker_id="w1", event="x", submitted_at=None, attempts=0)
+        await store.record(
+            claim.row.id, worker_id="w1", event=Event.IMAGE_CREATED, submitted_at=None, attempts=0
+        )
     with pytest.raises(ValueError, match="lease_expires_at"):
-        await store.record(claim.row.id, worker_id="w1", event="x", lease_expires_at=None)
+        await store.record(
+            claim.row.id, worker_id="w1", event=Event.IMAGE_CREATED, lease_expires_at=None
+        )
 
     (row,) = await store.result_rows(job_id)
     assert row.updated_at == claim.row.updated_at
@@ -353,14 +360,14 @@ async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Sto
     done_row = await store.record(
         done.row.id,
         worker_id="w1",
-        event="image.finished",
+        event=Event.IMAGE_FINISHED,
         phase=Phase.DONE,
         finished_at=finished,
     )
     failed_row = await store.record(
         failed.row.id,
         worker_id="w1",
-        event="image.failed",
+        event=Event.IMAGE_FAILED,
         phase=Phase.FAILED,
         error_code="checksum_mismatch",
         error_message="hashes differ",
@@ -387,10 +394,14 @@ async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Sto
     (done_now,) = [r for r in await store.result_rows(done.row.job_id) if r.id == done.row.id]
     assert done_now.lease_expires_at is None
     # The finisher may still note what it did with the half-made image; nobody else may.
-    noted = await store.record(failed.row.id, worker_id="w1", event="image.cleaned", cleanup="kept")
+    noted = await store.record(
+        failed.row.id, worker_id="w1", event=Event.IMAGE_CLEANUP_DONE, cleanup="kept"
+    )
     assert (noted.cleanup, noted.phase) == ("kept", Phase.FAILED)
     with pytest.raises(LeaseLost):
-        await store.record(failed.row.id, worker_id="w2", event="image.cleaned", cleanup="deleted")
+        await store.record(
+            failed.row.id, worker_id="w2", event=Event.IMAGE_CLEANUP_DONE, cleanup="deleted"
+        )
     await asyncio.sleep(0.01)
     assert await store.claim(worker_id="w2", limit=5, lease_s=30) == []
 
@@ -445,7 +456,7 @@ async def test_release_gives_rows_back_at_once_and_logs_it(store: Store) -> None
         ("image.claimed", "w2"),
     ]
     with pytest.raises(LeaseLost):
-        await store.record(ids[0], worker_id="w1", event="image.created")
+        await store.record(ids[0], worker_id="w1", event=Event.IMAGE_CREATED)
 
 
 # summaries and lookups
@@ -461,7 +472,11 @@ async def test_job_summaries_count_by_phase_and_find_jobs_by_name_or_id(
     first, second = await store.claim(worker_id="w1", limit=2, lease_s=30)
     await store.set_progress(first.row.id, worker_id="w1", bytes_staged=70)
     await store.record(
-        second.row.id, worker_id="w1", event="image.finished", phase=Phase.DONE, bytes_staged=100
+        second.row.id,
+        worker_id="w1",
+        event=Event.IMAGE_FINISHED,
+        phase=Phase.DONE,
+        bytes_staged=100,
     )
 
     by_name = await store.job_summaries("nightly")
@@ -496,7 +511,7 @@ async def test_outstanding_counts_unfinished_rows_of_live_jobs(store: Store) -> 
     (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
     assert await store.outstanding() == 3
 
-    await store.record(claim.row.id, worker_id="w1", event="image.failed", phase=Phase.FAILED)
+    await store.record(claim.row.id, worker_id="w1", event=Event.IMAGE_FAILED, phase=Phase.FAILED)
 
     assert await store.outstanding() == 2
 

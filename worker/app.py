@@ -19,6 +19,7 @@ from worker.clients.throttle import Throttle
 from worker.config import CloudSettings, default_worker_id
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.controls import following_bandwidth
+from worker.core.events import Event
 from worker.core.machine import Policies
 from worker.errors import (
     AuthExpired,
@@ -281,7 +282,7 @@ class Operations:
                 )
                 if served is None:  # the worker runs on without its endpoints
                     log.warning(
-                        "metrics.port_unavailable",
+                        Event.METRICS_PORT_UNAVAILABLE,
                         host=settings.metrics_host,
                         port=settings.metrics_port,
                         hint="choose another port with --metrics-port (0 turns the endpoints "

@@ -35,6 +35,7 @@ from worker.config import (
     load_cloud_settings,
     with_env_file,
 )
+from worker.core.events import Event
 from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest, os_reason
 
@@ -832,7 +833,7 @@ def _stop_on_signals() -> asyncio.Event:
     def on_signal(signum: int) -> None:
         if stop.is_set():
             raise SystemExit(EXIT_INTERRUPTED)
-        logs.get_logger(__name__).info("worker.stopping", signal=signal.Signals(signum).name)
+        logs.get_logger(__name__).info(Event.WORKER_STOPPING, signal=signal.Signals(signum).name)
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from worker.core.events import Event
 from worker.core.model import Phase
 from worker.outage import Outages, Service
 from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, Store
@@ -53,6 +54,14 @@ class RunSummary:
         return self.by_phase[Phase.DONE] + self.by_phase[Phase.FAILED]
 
 
+@dataclass
+class _Running:
+    """An image in flight: what it was claimed with, and the event that asks it to stop."""
+
+    claim: Claim
+    cancel_request: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 # Runs one image; the event asks it to stop and clean up (its job was cancelled).
 RunImage = Callable[[Claim, asyncio.Event], Awaitable[ResultRow]]
 # Told of a row this worker lost in mid-work (the row's id): its image may need cleaning up.
@@ -84,7 +93,8 @@ class Consumer:
         self._beat_failed = False
         self._queue: asyncio.Queue[Claim | None] = asyncio.Queue(maxsize=settings.concurrency)
         self._in_flight: dict[int, asyncio.Task[None]] = {}
-        self._cancel_requests: dict[int, asyncio.Event] = {}
+        # What each image in flight was claimed with, and the event that asks it to stop.
+        self._running: dict[int, _Running] = {}
         # Monotonic time after which an image's lease may have ended in the database: a
         # heartbeat or claim started at t makes it t + lease - one heartbeat of margin.
         self._held_until: dict[int, float] = {}
@@ -98,7 +108,9 @@ class Consumer:
     async def run(self, stop: asyncio.Event) -> RunSummary:
         """Work until `stop` is set (or, with `once`, until nothing is left to claim)."""
         settings = self._settings
-        log.info("worker.started", worker_id=settings.worker_id, concurrency=settings.concurrency)
+        log.info(
+            Event.WORKER_STARTED, worker_id=settings.worker_id, concurrency=settings.concurrency
+        )
         pipelines = [
             asyncio.create_task(self._pipeline(), name=f"pipeline-{n}")
             for n in range(settings.concurrency)
@@ -121,7 +133,7 @@ class Consumer:
             await self._release_unfinished(unfinished)
             await asyncio.gather(*self._lost_checks, return_exceptions=True)
         log.info(
-            "worker.stopped",
+            Event.WORKER_STOPPED,
             worker_id=settings.worker_id,
             **self._summary.by_phase,
             released=self._summary.released,
@@ -195,13 +207,14 @@ class Consumer:
             return
         _, pending = await asyncio.wait(pipelines, timeout=self._grace_s)
         if pending:
-            log.warning("worker.grace_expired", unfinished=len(self._in_flight))
+            log.warning(Event.WORKER_GRACE_EXPIRED, unfinished=len(self._in_flight))
 
     async def _pipeline(self) -> None:
         while (claim := await self._queue.get()) is not None:
             result_id = claim.row.id
-            self._cancel_requests[result_id] = asyncio.Event()
-            task = asyncio.create_task(self._run_one(claim))
+            running = _Running(claim)
+            self._running[result_id] = running
+            task = asyncio.create_task(self._run_one(running))
             self._in_flight[result_id] = task
             try:
                 # Not `await task`: cancelling the pipeline (shutdown) must leave the image to
@@ -210,20 +223,25 @@ class Consumer:
                 await asyncio.wait({task})
             finally:
                 self._in_flight.pop(result_id, None)
-                self._cancel_requests.pop(result_id, None)
+                self._running.pop(result_id, None)
                 self._held_until.pop(result_id, None)
                 self._idle.release()
                 self._image_ended.set()
 
-    async def _run_one(self, claim: Claim) -> None:
+    async def _run_one(self, running: _Running) -> None:
         """Run one image; whatever goes wrong stays with this image and never stops the others."""
-        cancel_request = self._cancel_requests.get(claim.row.id) or asyncio.Event()
+        with structlog.contextvars.bound_contextvars(
+            **running.claim.context(), worker_id=self._settings.worker_id
+        ):
+            await self._run_guarded(running.claim, running.cancel_request)
+
+    async def _run_guarded(self, claim: Claim, cancel_request: asyncio.Event) -> None:
         try:
             row = await self._run_image(claim, cancel_request)
             self._summary.by_phase[row.phase] += 1
         except LeaseLost:
             self._summary.lost += 1
-            log.warning("image.lease_lost", result_id=claim.row.id, image=claim.spec.name)
+            log.warning(Event.IMAGE_LEASE_LOST)
             self._check_lost(claim.row.id)
         except asyncio.CancelledError:
             raise
@@ -233,15 +251,9 @@ class Consumer:
             # Until then it is not ours to take back as a claim whose answer was lost.
             self._abandoned[claim.row.id] = time.monotonic() + self._settings.lease_s
             self._fenced_in_outage.add(claim.row.id)  # settled once the database is back
-            log.error("image.abandoned", result_id=claim.row.id, error=str(exc))
+            log.error(Event.IMAGE_ABANDONED, error=str(exc))
         except Exception as exc:
-            log.exception(
-                "image.crashed",
-                result_id=claim.row.id,
-                image=claim.spec.name,
-                job_id=str(claim.row.job_id),
-                worker_id=self._settings.worker_id,
-            )
+            log.exception(Event.IMAGE_CRASHED)
             await self._record_crash(claim, exc)
 
     async def _record_crash(self, claim: Claim, exc: Exception) -> None:
@@ -255,27 +267,23 @@ class Consumer:
             row = await self._store.record(
                 claim.row.id,
                 worker_id=self._settings.worker_id,
-                event="image.finished",
+                event=Event.IMAGE_FINISHED,
                 phase=Phase.FAILED,
                 error_code="internal_error",
                 error_message=message,
             )
         except Exception:
-            log.exception("image.crash_not_recorded", result_id=claim.row.id)
+            log.exception(Event.IMAGE_CRASH_NOT_RECORDED)
             return
         self._summary.by_phase[Phase.FAILED] += 1
         log.warning(
-            "image.summary",
-            job_id=str(row.job_id),
-            image=row.image_name,
-            result_id=row.id,
+            Event.IMAGE_SUMMARY,
             image_id=str(row.glance_image_id),
             phase=row.phase,
             size_bytes=row.source_size_bytes,
             attempts=row.attempts,
             error_code=row.error_code,
             error=message,
-            worker_id=self._settings.worker_id,
         )
 
     async def _heartbeat(self) -> None:
@@ -299,7 +307,7 @@ class Consumer:
                 cancelled = await self._store.cancelled_results(list(held))
         except Exception as exc:  # the database is away: the fence decides what to stop
             self._beat_failed = True
-            log.warning("worker.heartbeat_failed", images=len(ids), error=repr(exc))
+            log.warning(Event.WORKER_HEARTBEAT_FAILED, images=len(ids), error=repr(exc))
             return
         self._beat_failed = False
         for result_id in held:
@@ -307,12 +315,12 @@ class Consumer:
                 self._held_until[result_id] = asked_at + self._lease_margin_s()
         for result_id in set(ids) - held:
             # Another worker reclaimed the row: stop, it is theirs now.
-            self._stop_image(result_id, "image.lease_lost")
+            self._stop_image(result_id, Event.IMAGE_LEASE_LOST)
         for result_id in cancelled:
-            request = self._cancel_requests.get(result_id)
-            if request is not None and not request.is_set():
-                log.info("image.cancel_requested", result_id=result_id)
-                request.set()
+            running = self._running.get(result_id)
+            if running is not None and not running.cancel_request.is_set():
+                log.info(Event.IMAGE_CANCEL_REQUESTED, **running.claim.context())
+                running.cancel_request.set()
 
     def _fence(self, now: float) -> None:
         """Stop images whose lease may have run out unrenewed: another worker may take them."""
@@ -321,19 +329,20 @@ class Consumer:
             if now >= held_until:
                 self._held_until.pop(result_id, None)
                 stopped = self._stop_image(
-                    result_id, "image.lease_expired", check_lost=not database_away
+                    result_id, Event.IMAGE_LEASE_EXPIRED, check_lost=not database_away
                 )
                 if stopped and database_away:
                     self._fenced_in_outage.add(result_id)
 
-    def _stop_image(self, result_id: int, event: str, *, check_lost: bool = True) -> bool:
+    def _stop_image(self, result_id: int, event: Event, *, check_lost: bool = True) -> bool:
         """Cancel the image of `result_id` if it runs; whether it did."""
         task = self._in_flight.get(result_id)
         if task is None or task.done():
             return False
         task.cancel()
         self._summary.lost += 1
-        log.warning(event, result_id=result_id)
+        running = self._running.get(result_id)
+        log.warning(event, **(running.claim.context() if running else {"result_id": result_id}))
         if check_lost:
             self._check_lost(result_id)
         return True
@@ -361,7 +370,7 @@ class Consumer:
                         refund_attempt=refund,
                     )
             self._summary.released += len(unfinished)
-            log.info("worker.released", images=len(unfinished), attempt_refunded=refund)
+            log.info(Event.WORKER_RELEASED, images=len(unfinished), attempt_refunded=refund)
 
 
 async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:

@@ -18,6 +18,7 @@ import asyncpg
 import structlog
 
 from worker.clients.throttle import Throttle
+from worker.core.events import Event
 
 log = structlog.get_logger(__name__)
 
@@ -138,12 +139,12 @@ class BandwidthFollower:
             record = await conn.fetchrow(_REPORT, self.worker_id, mine, LIVE_WITHIN_S)
         except (asyncpg.PostgresError, OSError) as exc:
             # Keep the last known rate: a database hiccup must not lift the cap.
-            log.warning("worker.controls_unread", error=str(exc))
+            log.warning(Event.WORKER_CONTROLS_UNREAD, error=str(exc))
             return
         share = worker_share(record["limit_bytes_per_s"], mine=mine, others=record["others"])
         if share != self.throttle.rate_bytes_per_s:
             log.info(
-                "worker.bandwidth_changed",
+                Event.WORKER_BANDWIDTH_CHANGED,
                 limit_bytes_per_s=record["limit_bytes_per_s"],
                 share_bytes_per_s=share,
             )

@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from worker.core.events import Event
 from worker.core.model import Phase
 from worker.errors import ConfigError
 from worker.store.store import open_store
@@ -94,7 +95,7 @@ async def _check_host(request: web.Request, handler: Handler) -> web.StreamRespo
     # rebinding); the Host header gives it away.
     host = request.headers.get("Host", "")
     if _bare(host) not in request.app[ALLOWED_HOSTS_KEY]:
-        log.warning("dashboard.host_refused", host=host[:100])
+        log.warning(Event.DASHBOARD_HOST_REFUSED, host=host[:100])
         message = (
             f"this dashboard does not answer to host {host[:100]!r}: "
             "start it with --allowed-host NAME to add a name"
@@ -153,7 +154,7 @@ async def running_dashboard(
                 "choose another port with --port (or another address with --host)"
             ) from exc
         url = f"http://{host}:{runner.addresses[0][1]}/"
-        log.info("dashboard.started", url=url)
+        log.info(Event.DASHBOARD_STARTED, url=url)
         yield url
     finally:
         await runner.cleanup()

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from worker.clients.glance import GlanceClient, Image, Task
+from worker.core.events import Event
 from worker.core.machine import (
     CheckStaged,
     Command,
@@ -107,10 +108,7 @@ class ImageRunner:
         )
         started = self.clock()
         with structlog.contextvars.bound_contextvars(
-            job_id=str(claim.row.job_id),
-            image=claim.spec.name,
-            result_id=claim.row.id,
-            worker_id=self.settings.worker_id,
+            **claim.context(), worker_id=self.settings.worker_id
         ):
             cleaning_up = cancelled.is_set()
             step = cancel(state, now=self.clock()) if cleaning_up else begin(state)
@@ -178,7 +176,12 @@ class ImageRunner:
         work.cancel()  # an upload in flight is cut off; Glance puts the image back to queued
         with contextlib.suppress(asyncio.CancelledError):
             await work
-        log.warning("image.cancelling", image_id=str(state.image_id), step=command.name)
+        log.warning(
+            Event.IMAGE_CANCELLING,
+            image_id=str(state.image_id),
+            phase=str(state.phase),
+            step=command.name,
+        )
         return None
 
     async def _perform(
@@ -195,7 +198,7 @@ class ImageRunner:
                 command = replace(command, delay_s=0.0)  # waited out: perform it at once
                 log.log(
                     self.settings.step_log_level,
-                    "image.waiting",
+                    Event.IMAGE_WAITING,
                     image_id=str(state.image_id),
                     phase=str(state.phase),
                     step=command.name,
@@ -208,7 +211,7 @@ class ImageRunner:
             return
         await self.outages.wait_clear()
         log.info(
-            "image.resuming",
+            Event.IMAGE_RESUMING,
             image_id=str(state.image_id),
             phase=str(state.phase),
             step=command.name,
@@ -266,7 +269,7 @@ class ImageRunner:
         async with self.stage_slots:
             log.log(
                 self.settings.step_log_level,
-                "image.staging",
+                Event.IMAGE_STAGING,
                 image_id=str(state.image_id),
                 phase=Phase.STAGING,
             )
@@ -292,7 +295,7 @@ class ImageRunner:
                 result_id, worker_id=self.settings.worker_id, bytes_staged=done_bytes
             )
         except Exception as exc:  # progress is advisory; the stage must not fail for it
-            log.warning("image.progress_not_saved", error=str(exc))
+            log.warning(Event.IMAGE_PROGRESS_NOT_SAVED, error=str(exc))
 
     async def _poll(self, state: ImageState, command: PollImport) -> tuple[Outcome, str | None]:
         image_id = str(state.image_id)
@@ -360,7 +363,7 @@ class ImageRunner:
         row = await self.store.record(
             claim.row.id,
             worker_id=self.settings.worker_id,
-            event=step.event or f"image.{step.state.phase}",
+            event=step.event or Event.entered(step.state.phase),
             phase=phase,
             error_code=str(error_code) if error_code is not None else None,
             error_message=str(error_message) if error_message is not None else None,
@@ -377,7 +380,7 @@ class ImageRunner:
     def _summarise(self, row: ResultRow, *, duration_s: float) -> None:
         log.log(
             logging.WARNING if row.phase == Phase.FAILED else logging.INFO,
-            "image.summary",
+            Event.IMAGE_SUMMARY,
             phase=row.phase,
             image_id=str(row.glance_image_id),
             size_bytes=row.source_size_bytes,
@@ -392,7 +395,7 @@ class ImageRunner:
 
 def _level_of(step: Step, step_level: int) -> int:
     """Failures and retries are warnings; a cleanup that failed for good is an error."""
-    if step.event in ("image.retry_scheduled", "image.failing", "image.recreating"):
+    if step.event in (Event.IMAGE_RETRY_SCHEDULED, Event.IMAGE_FAILING, Event.IMAGE_RECREATING):
         return logging.WARNING
     if step.state.phase is Phase.FAILED:
         refused = step.columns.get("cleanup") == "kept" and not step.state.keep_on_failure

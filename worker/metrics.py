@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from worker.core.events import Event
 from worker.core.model import Phase
 from worker.outage import Outages, Service
 
@@ -25,7 +26,13 @@ ACTIVE_PHASES = (Phase.CREATING, Phase.STAGING, Phase.IMPORTING, Phase.VERIFYING
 _CLOUD_REFUSALS = frozenset({"auth_failed", "endpoint_not_found"})
 # Events that follow a successful answer of the cloud.
 _CLOUD_ANSWERED = frozenset(
-    {"auth.token_issued", "auth.token_renewed", "image.created", "image.staged", "image.adopting"}
+    {
+        Event.AUTH_TOKEN_ISSUED,
+        Event.AUTH_TOKEN_RENEWED,
+        Event.IMAGE_CREATED,
+        Event.IMAGE_STAGED,
+        Event.IMAGE_ADOPTING,
+    }
 )
 _STAGE_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 _IMPORT_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
@@ -135,9 +142,9 @@ class WorkerMetrics:
         """Update the series from one log event (stable names and keys, see worker/logs.py)."""
         name = str(event.get("event", ""))
         self._note_cloud(name, event)
-        if name == "auth.token_renewed":
+        if name == Event.AUTH_TOKEN_RENEWED:
             self.token_renewals.labels(reason=str(event.get("reason", "unknown"))).inc()
-        elif name == "worker.stopped":
+        elif name == Event.WORKER_STOPPED:
             self._forget_all()
         elif name.startswith("image."):
             result_id = event.get("result_id")
@@ -152,19 +159,19 @@ class WorkerMetrics:
             self.cloud_ok = False
 
     def _on_image_event(self, name: str, result_id: int, event: Mapping[str, Any]) -> None:
-        if name == "image.progress_not_saved":
+        if name == Event.IMAGE_PROGRESS_NOT_SAVED:
             return  # said during the upload: the stage goes on
         now = self._clock()
-        self._end_stage(result_id, staged=name == "image.staged", now=now)
-        if name == "image.staging":
+        self._end_stage(result_id, staged=name == Event.IMAGE_STAGED, now=now)
+        if name == Event.IMAGE_STAGING:
             self._staging_since[result_id] = now
             self._progress[result_id] = 0
-        elif name == "image.retry_scheduled":
+        elif name == Event.IMAGE_RETRY_SCHEDULED:
             self.retries.labels(error_code=str(event.get("error_code", "unknown"))).inc()
-        elif name == "image.import_requested":
+        elif name == Event.IMAGE_IMPORT_REQUESTED:
             self._importing_since[result_id] = now
         phase = event.get("phase")
-        if name in ("image.finished", "image.lease_lost", "image.crashed"):
+        if name in (Event.IMAGE_FINISHED, Event.IMAGE_LEASE_LOST, Event.IMAGE_CRASHED):
             self._finish(result_id, name, str(phase or Phase.FAILED), event, now)
         elif phase in ACTIVE_PHASES:
             self._phases[result_id] = str(phase)
@@ -182,10 +189,10 @@ class WorkerMetrics:
         self._phases.pop(result_id, None)
         self._progress.pop(result_id, None)
         import_started = self._importing_since.pop(result_id, None)
-        if name == "image.lease_lost":
+        if name == Event.IMAGE_LEASE_LOST:
             return  # another worker goes on with the image
         # A crash is recorded as the image's failure with internal_error (see Consumer).
-        crashed = name == "image.crashed"
+        crashed = name == Event.IMAGE_CRASHED
         outcome = Phase.DONE.value if phase == Phase.DONE and not crashed else Phase.FAILED.value
         self.images_finished.labels(outcome=outcome).inc()
         if outcome == Phase.FAILED.value:
@@ -314,11 +321,11 @@ async def serving_metrics(
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:
-            log.warning("metrics.unavailable", host=host, port=port, error=str(exc))
+            log.warning(Event.METRICS_UNAVAILABLE, host=host, port=port, error=str(exc))
             yield None
             return
         url = f"http://{host}:{runner.addresses[0][1]}"
-        log.info("metrics.serving", url=url)
+        log.info(Event.METRICS_SERVING, url=url)
         yield url
     finally:
         await runner.cleanup()

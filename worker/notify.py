@@ -18,6 +18,7 @@ import structlog
 
 from worker.clients.http import SAFE_REDIRECTS
 from worker.config import Secret
+from worker.core.events import Event
 from worker.core.model import Phase
 from worker.errors import RedirectRefused
 from worker.logs import redact_url
@@ -39,7 +40,9 @@ _FAILURE_KEYS = (
     "glance_status",
 )
 
-_OUTAGE_EVENTS = frozenset({"outage.started", "outage.ended"})
+_OUTAGE_EVENTS = frozenset({Event.OUTAGE_STARTED, Event.OUTAGE_ENDED})
+# Not a notice: asks the sender to check whether the job is complete (then it sends one).
+_CHECK_JOB = "check_job"
 _OUTAGE_KEYS = ("service", "reason", "since", "duration_s", "message")
 
 JobSummaries = Callable[[str], Awaitable[Sequence[JobSummary]]]
@@ -96,12 +99,12 @@ class WebhookNotifier:
             notice = {key: _plain(event.get(key)) for key in _OUTAGE_KEYS if key in event}
             self._put(str(event["event"]), {**notice, "worker_id": self._worker_id})
             return
-        if event.get("event") != "image.summary" or "job_id" not in event:
+        if event.get("event") != Event.IMAGE_SUMMARY or "job_id" not in event:
             return
         if event.get("phase") == Phase.FAILED:
             notice = {key: _plain(event.get(key)) for key in _FAILURE_KEYS}
-            self._put("image.failed", {**notice, "worker_id": self._worker_id})
-        self._put("job.check", {"job_id": str(event["job_id"])})
+            self._put(Event.IMAGE_FAILED, {**notice, "worker_id": self._worker_id})
+        self._put(_CHECK_JOB, {"job_id": str(event["job_id"])})
 
     def _put(self, kind: str, payload: dict[str, Any]) -> None:
         try:
@@ -113,7 +116,7 @@ class WebhookNotifier:
         """Every notice that will never be sent gets this one warning."""
         self.dropped += 1
         log.warning(
-            "notify.dropped",
+            Event.NOTIFY_DROPPED,
             kind=kind,
             job_id=payload.get("job_id"),
             result_id=payload.get("result_id"),
@@ -126,7 +129,7 @@ class WebhookNotifier:
         while True:
             kind, payload = await self._queue.get()
             try:
-                if kind == "job.check":
+                if kind == _CHECK_JOB:
                     await self._check_job(session, payload["job_id"])
                 else:
                     await self._send(session, kind, payload)
@@ -134,7 +137,7 @@ class WebhookNotifier:
                 self._dropped(kind, payload, reason="shutdown: in flight")
                 raise
             except Exception:
-                log.exception("notify.error", kind=kind)
+                log.exception(Event.NOTIFY_ERROR, kind=kind)
                 self._dropped(kind, payload, reason="error")
             finally:
                 self._queue.task_done()
@@ -171,7 +174,7 @@ class WebhookNotifier:
             "total_bytes": summary.total_bytes,
             "worker_id": self._worker_id,
         }
-        await self._send(session, "job.completed", payload)
+        await self._send(session, Event.JOB_COMPLETED, payload)
 
     async def _send(
         self, session: aiohttp.ClientSession, kind: str, payload: dict[str, Any]
@@ -195,11 +198,11 @@ class WebhookNotifier:
             outcome = await self._post(session, data, headers)
             if outcome == "ok":
                 self.sent += 1
-                log.info("notify.sent", kind=kind, target=safe_target(settings.url))
+                log.info(Event.NOTIFY_SENT, kind=kind, target=safe_target(settings.url))
                 return
             final = attempt == settings.attempts or outcome.startswith("refused")
             log.warning(
-                "notify.attempt_failed",
+                Event.NOTIFY_ATTEMPT_FAILED,
                 kind=kind,
                 target=safe_target(settings.url),
                 attempt=attempt,

@@ -37,6 +37,7 @@ from enum import StrEnum
 
 import structlog
 
+from worker.core.events import Event
 from worker.errors import (
     AuthExpired,
     AuthFailed,
@@ -250,7 +251,7 @@ class Outages:
         self._open[service] = outage
         self._clear.clear()
         log.warning(
-            "outage.started",
+            Event.OUTAGE_STARTED,
             service=str(service),
             reason=reason,
             since=outage.started_at.isoformat(),
@@ -273,7 +274,7 @@ class Outages:
         duration_s = outage.duration_s(self._clock())
         self._ended[service] = (outage.started_at.timestamp(), time.time())
         log.info(
-            "outage.ended",
+            Event.OUTAGE_ENDED,
             service=str(service),
             reason=outage.reason,
             since=outage.started_at.isoformat(),
@@ -302,7 +303,7 @@ class Outages:
         except MigrationError as exc:
             if is_systemic_kind(exc):
                 return exc
-            log.warning("outage.probe_refused", service=str(service), error=str(exc))
+            log.warning(Event.OUTAGE_PROBE_REFUSED, service=str(service), error=str(exc))
             return None
         self._last_answer[service] = self._clock()
         return None
@@ -326,7 +327,7 @@ class Outages:
                 if now - warned_at >= policy.warn_every_s:
                     warned_at = now
                     log.warning(
-                        "outage.ongoing",
+                        Event.OUTAGE_ONGOING,
                         service=str(outage.service),
                         reason=outage.reason,
                         duration_s=round(outage.duration_s(now), 1),
@@ -360,7 +361,7 @@ class Outages:
         if bound is None or outage.duration_s(self._clock()) < bound:
             return False
         log.error(
-            "outage.gave_up",
+            Event.OUTAGE_GAVE_UP,
             service=str(outage.service),
             reason=outage.reason,
             max_outage_s=bound,

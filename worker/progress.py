@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from worker.core.events import Event
 from worker.core.model import Phase
 from worker.logs import printable
 from worker.report import pause_lines
@@ -121,19 +122,24 @@ class RunProgress:
         result_id = event.get("result_id")
         if not name.startswith("image.") or not isinstance(result_id, int):
             return
-        if name == "image.progress_not_saved":
+        if name == Event.IMAGE_PROGRESS_NOT_SAVED:
             return
         job_id = str(event.get("job_id", ""))
         self._jobs.add(job_id)
         self._stages.pop(result_id, None)
-        if name == "image.staging":
+        if name == Event.IMAGE_STAGING:
             self._stages[result_id] = _Stage(job_id, str(event.get("image", result_id)))
             self._last_bytes[result_id] = 0
         phase = event.get("phase")
-        if name in ("image.summary", "image.finished", "image.lease_lost", "image.crashed"):
+        if name in (
+            Event.IMAGE_SUMMARY,
+            Event.IMAGE_FINISHED,
+            Event.IMAGE_LEASE_LOST,
+            Event.IMAGE_CRASHED,
+        ):
             self._phases.pop(result_id, None)
             self._last_bytes.pop(result_id, None)
-            if name == "image.summary":  # said exactly once per image that ended here
+            if name == Event.IMAGE_SUMMARY:  # said exactly once per image that ended here
                 self._finished[str(phase)] += 1
         elif isinstance(phase, str) and phase and not Phase(phase).terminal:
             self._phases[result_id] = phase
@@ -167,7 +173,7 @@ class RunProgress:
             if line != last_line:
                 rate = (self.bytes_staged - last_bytes) / max(now - last_at, 1e-9)
                 log.info(
-                    "worker.progress",
+                    Event.WORKER_PROGRESS,
                     images=line[0],
                     bytes_staged=self.bytes_staged,
                     rate_bytes_per_s=round(rate),

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import structlog
 
 from worker.clients.glance import GlanceClient
+from worker.core.events import Event
 from worker.errors import MigrationError, NotFound
 from worker.outage import Outage, Outages, Service
 from worker.store.store import Store
@@ -49,7 +50,9 @@ class PauseBoard:
                     worker_id=self._worker_id, service=str(outage.service)
                 )
         except Exception as exc:  # advisory: status shows less, the work goes on
-            log.warning("outage.pause_not_recorded", service=str(outage.service), error=str(exc))
+            log.warning(
+                Event.OUTAGE_PAUSE_NOT_RECORDED, service=str(outage.service), error=str(exc)
+            )
 
     async def aclose(self) -> None:
         await asyncio.gather(*self._writes, return_exceptions=True)
@@ -71,9 +74,11 @@ async def discard_if_orphaned(
     except NotFound:
         pass
     except Exception as exc:  # the database or Glance is away: say what is left, for an operator
-        log.error("image.orphan_left", result_id=result_id, image_id=str(image_id), error=str(exc))
+        log.error(
+            Event.IMAGE_ORPHAN_LEFT, result_id=result_id, image_id=str(image_id), error=str(exc)
+        )
         return
-    log.warning("image.orphan_deleted", result_id=result_id, image_id=str(image_id))
+    log.warning(Event.IMAGE_ORPHAN_DELETED, result_id=result_id, image_id=str(image_id))
 
 
 async def settle_owed_cleanups(
@@ -93,14 +98,14 @@ async def settle_owed_cleanups(
             pass  # gone already: nothing is owed
         except MigrationError as exc:
             log.warning(
-                "image.cleanup_still_owed",
+                Event.IMAGE_CLEANUP_STILL_OWED,
                 result_id=result_id,
                 image_id=str(image_id),
                 error=str(exc),
             )
             break
         await store.cleanup_done(result_id, worker_id=worker_id)
-        log.info("image.cleanup_done", result_id=result_id, image_id=str(image_id))
+        log.info(Event.IMAGE_CLEANUP_DONE, result_id=result_id, image_id=str(image_id))
         settled += 1
     return settled
 
@@ -121,7 +126,7 @@ async def settling_owed_cleanups(
             try:
                 await settle_owed_cleanups(store, glance, outages, worker_id=worker_id)
             except Exception as exc:  # the database is away: try again next round
-                log.warning("image.cleanup_round_failed", error=str(exc))
+                log.warning(Event.IMAGE_CLEANUP_ROUND_FAILED, error=str(exc))
             await asyncio.sleep(every_s)
 
     task = asyncio.create_task(loop(), name="owed-cleanups")

@@ -29,6 +29,7 @@ from worker.config import (
     CloudSettings,
     Secret,
 )
+from worker.core.events import Event
 from worker.errors import AuthExpired, AuthFailed, ConfigError, EndpointNotFound
 
 log = structlog.get_logger(__name__)
@@ -134,7 +135,7 @@ class KeystoneAuth:
                     operation="authenticate",
                 ) from exc
             if fresh != self._settings:
-                log.info("auth.credentials_reloaded", source=fresh.source)
+                log.info(Event.AUTH_CREDENTIALS_RELOADED, source=fresh.source)
                 self._settings = fresh
                 self._tokens_url = _tokens_url(fresh.auth_url or "")
         async with self._lock:
@@ -150,9 +151,9 @@ class KeystoneAuth:
         expires_at = issued.expires_at.isoformat() if issued.expires_at else None
         method = self._settings.auth_type
         if first:
-            log.info("auth.token_issued", method=method, expires_at=expires_at)
+            log.info(Event.AUTH_TOKEN_ISSUED, method=method, expires_at=expires_at)
         else:
-            log.info("auth.token_renewed", method=method, expires_at=expires_at, reason=reason)
+            log.info(Event.AUTH_TOKEN_RENEWED, method=method, expires_at=expires_at, reason=reason)
         return issued
 
     async def _request_token(self) -> _Issued:

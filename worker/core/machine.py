@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from worker.core.events import Event
 from worker.core.model import Phase, Verification, next_image_id
 from worker.core.policy import (
     PollPolicy,
@@ -228,7 +229,7 @@ class Step:
 
     state: ImageState
     command: Command | None
-    event: str | None = None  # name of the event to record, e.g. "image.staged"
+    event: Event | None = None  # the event to record and log
     columns: Mapping[str, object] = field(default_factory=dict)
     error: MigrationError | None = None  # the error that ended or delayed the image
 
@@ -246,8 +247,8 @@ class Policies:
 def begin(state: ImageState) -> Step:
     """The first step for a freshly claimed image: create it, or find out where it stands."""
     if state.phase is Phase.PENDING and not state.image_exists:
-        return Step(replace(state, phase=Phase.CREATING), CreateImage(), "image.creating")
-    return Step(state, InspectImage(), "image.resumed")
+        return Step(replace(state, phase=Phase.CREATING), CreateImage(), Event.IMAGE_CREATING)
+    return Step(state, InspectImage(), Event.IMAGE_RESUMED)
 
 
 def cancel(state: ImageState, *, now: float) -> Step:
@@ -273,12 +274,12 @@ def decide(
     state = replace(state, failures=0)
     if isinstance(outcome, Created):
         state = replace(state, image_exists=True, phase=Phase.STAGING)
-        return Step(state, StageData(), "image.created", {"image_created_at": now})
+        return Step(state, StageData(), Event.IMAGE_CREATED, {"image_created_at": now})
     if isinstance(outcome, Staged):
         return _on_staged(state, outcome, now)
     if isinstance(outcome, Hashed):
         state = replace(state, source_hash=outcome.source_hash, source_md5=outcome.source_md5)
-        return Step(state, InspectImage(), "image.hashed", _hash_columns(state))
+        return Step(state, InspectImage(), Event.IMAGE_HASHED, _hash_columns(state))
     if isinstance(outcome, ImportAccepted):
         return _on_import_accepted(state, outcome, now, jitter, policies.poll)
     if isinstance(outcome, Observed):
@@ -299,7 +300,7 @@ def _on_staged(state: ImageState, outcome: Staged, now: float) -> Step:
         stage_conflicted=False,
     )
     columns = {"bytes_staged": outcome.size_bytes, "staged_at": now, **_hash_columns(state)}
-    return Step(state, CheckStaged(), "image.staged", columns)
+    return Step(state, CheckStaged(), Event.IMAGE_STAGED, columns)
 
 
 def _hash_columns(state: ImageState) -> dict[str, object]:
@@ -322,7 +323,7 @@ def _import(state: ImageState) -> Step:
     return Step(
         state,
         RequestImport(request_id=request_id),
-        "image.import_requesting",
+        Event.IMAGE_IMPORT_REQUESTING,
         {"import_request_id": request_id},
     )
 
@@ -340,7 +341,7 @@ def _on_import_accepted(
     )
     delay_s = poll_delay_s(0, policy=poll, jitter=jitter, expected_s=outcome.expected_s)
     columns = {"import_requested_at": now, "import_request_id": outcome.request_id}
-    return Step(state, PollImport(delay_s=delay_s), "image.import_requested", columns)
+    return Step(state, PollImport(delay_s=delay_s), Event.IMAGE_IMPORT_REQUESTED, columns)
 
 
 def _on_observed(
@@ -364,7 +365,7 @@ def _on_observed(
 def _check_staged(state: ImageState, facts: ImageFacts, now: float) -> Step:
     if facts.status == "queued":
         # The stage did not stick (Glance restores `queued` on a broken upload): send it again.
-        return _restart(state, StageData(), "image.stage_lost", "staged data was not kept", now)
+        return _restart(state, StageData(), Event.IMAGE_STAGE_LOST, "staged data was not kept", now)
     if facts.status == "uploading" and facts.size != state.size_bytes:
         error = StageSizeMismatch(
             f"Glance staged {facts.size} bytes, the source has {state.size_bytes}"
@@ -384,7 +385,7 @@ def _resume(
         # Queued, yet the stage was refused: stale data sits on staging (409 Duplicate).
         return _recreate(state, "staged data of an earlier attempt is in the way", now)
     if status == "queued":
-        return Step(replace(state, phase=Phase.STAGING), StageData(), "image.resumed_queued")
+        return Step(replace(state, phase=Phase.STAGING), StageData(), Event.IMAGE_RESUMED_QUEUED)
     if status == "uploading" and facts.import_locked:
         # Our import was accepted but its answer was lost: the task holds the lock.
         return _resume_polling(state, now, jitter, policy)
@@ -415,7 +416,7 @@ def _resume_polling(state: ImageState, now: float, jitter: float, policy: PollPo
     return Step(
         state,
         PollImport(delay_s=poll_delay_s(0, policy=policy, jitter=jitter)),
-        "image.resumed_importing",
+        Event.IMAGE_RESUMED_IMPORTING,
     )
 
 
@@ -541,7 +542,7 @@ def _import_overdue(
 def _verify(state: ImageState, facts: ImageFacts, now: float) -> Step:
     state = replace(state, phase=Phase.VERIFYING)
     if state.source_hash is None or (state.verify_md5 and state.source_md5 is None):
-        return Step(state, HashSource(), "image.verifying")
+        return Step(state, HashSource(), Event.IMAGE_VERIFYING)
     columns = _glance_columns(facts)
     verification, mismatch = _compare(state, facts)
     if mismatch is not None:
@@ -549,7 +550,10 @@ def _verify(state: ImageState, facts: ImageFacts, now: float) -> Step:
         return _fail(state, error, now, verification=Verification.MISMATCH, **columns)
     done = replace(state, phase=Phase.DONE)
     return Step(
-        done, None, "image.finished", {**columns, "verification": verification, "finished_at": now}
+        done,
+        None,
+        Event.IMAGE_FINISHED,
+        {**columns, "verification": verification, "finished_at": now},
     )
 
 
@@ -583,7 +587,7 @@ def _glance_columns(facts: ImageFacts) -> dict[str, object]:
     }
 
 
-def _restart(state: ImageState, command: Command, event: str, reason: str, now: float) -> Step:
+def _restart(state: ImageState, command: Command, event: Event, reason: str, now: float) -> Step:
     """Go back to an earlier step, a bounded number of times."""
     restarts = state.restarts + 1
     if restarts > _MAX_RESTARTS:
@@ -602,7 +606,7 @@ _MAX_RESTARTS = 3
 
 def _recreate(state: ImageState, reason: str, now: float) -> Step:
     """The image cannot be continued (Glance never accepts a second import): replace it."""
-    return _restart(state, DeleteImage(then_recreate=True), "image.recreating", reason, now)
+    return _restart(state, DeleteImage(then_recreate=True), Event.IMAGE_RECREATING, reason, now)
 
 
 def _on_deleted(state: ImageState, command: Command, now: float) -> Step:
@@ -620,7 +624,7 @@ def _on_deleted(state: ImageState, command: Command, now: float) -> Step:
         )
         # The new id is stored before it is used; the old image's progress is cleared.
         columns = {"glance_image_id": fresh.image_id, **_CLEARED_ON_RECREATE}
-        return Step(fresh, CreateImage(), "image.creating", columns)
+        return Step(fresh, CreateImage(), Event.IMAGE_CREATING, columns)
     if isinstance(command, DeleteImage):
         state = replace(state, image_exists=False)
         return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
@@ -665,7 +669,7 @@ def _on_error(
     return Step(
         state,
         retry,
-        "image.retry_scheduled",
+        Event.IMAGE_RETRY_SCHEDULED,
         {"reason": decision.reason, "delay_s": round(decision.delay_s, 3), "step": command.name},
         error,
     )
@@ -678,7 +682,7 @@ def _ambiguous_answer(
     if isinstance(command, CreateImage) and isinstance(error, Conflict):
         # Our id already exists: an earlier attempt made it. Adopt it.
         adopted = replace(state, image_exists=True, adopted=True)
-        return Step(adopted, InspectImage(), "image.adopting")
+        return Step(adopted, InspectImage(), Event.IMAGE_ADOPTING)
     if isinstance(command, StageData | RequestImport) and isinstance(error, Conflict):
         return _on_conflict(state, command, error, now)
     if isinstance(command, DeleteImage) and isinstance(error, NotFound):
@@ -697,7 +701,7 @@ def _on_conflict(state: ImageState, command: Command, error: Conflict, now: floa
     if conflicts > _MAX_CONFLICTS:
         return _fail(state, error, now)
     state = replace(state, conflicts=conflicts, stage_conflicted=isinstance(command, StageData))
-    return Step(state, InspectImage(), "image.conflict_inspecting", {"reason": error.message})
+    return Step(state, InspectImage(), Event.IMAGE_CONFLICT_INSPECTING, {"reason": error.message})
 
 
 def _on_missing(state: ImageState, now: float) -> Step:
@@ -708,7 +712,7 @@ def _on_missing(state: ImageState, now: float) -> Step:
     if state.phase is Phase.CREATING and not state.adopted:
         # The create never landed (or is still on its way): the same id keeps it idempotent.
         state = replace(state, image_exists=False)
-        return Step(state, CreateImage(), "image.creating", {"reason": "image not found"})
+        return Step(state, CreateImage(), Event.IMAGE_CREATING, {"reason": "image not found"})
     # It existed and is gone; Glance never takes a deleted id again: make a new one.
     return _on_deleted(state, InspectImage(), now)
 
@@ -718,7 +722,7 @@ def _fail(state: ImageState, error: MigrationError, now: float, **columns: objec
     columns = {"error_code": error.code, "error_message": error.message, **columns}
     if state.image_exists and not state.keep_on_failure:
         state = replace(state, pending_error=error)
-        return Step(state, DeleteImage(), "image.failing", columns, error)
+        return Step(state, DeleteImage(), Event.IMAGE_FAILING, columns, error)
     cleanup = "kept" if state.image_exists else None
     return _finish_failed(state, now, cleanup=cleanup, error=error, extra=columns)
 
@@ -737,4 +741,4 @@ def _finish_failed(
     if error is not None:
         columns.setdefault("error_code", error.code)
         columns.setdefault("error_message", error.message)
-    return Step(replace(state, phase=Phase.FAILED), None, "image.finished", columns, error)
+    return Step(replace(state, phase=Phase.FAILED), None, Event.IMAGE_FINISHED, columns, error)

@@ -94,7 +94,8 @@ WITH picked AS (
            jsonb_build_object('attempts', attempts, 'lease_expires_at', lease_expires_at)
     FROM claimed
 )
-SELECT claimed.*, j.on_failure AS job_on_failure, j.cancelled_at IS NOT NULL AS job_cancelled
+SELECT claimed.*, j.name AS job_name, j.on_failure AS job_on_failure,
+       j.cancelled_at IS NOT NULL AS job_cancelled
 FROM claimed
 JOIN jobs AS j ON j.id = claimed.job_id
 ORDER BY j.submitted_at, claimed.job_id, claimed.disk_index;

@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from worker.core.events import Event
 from worker.core.model import (
     ImageSpec,
     JobSpec,
@@ -169,6 +170,16 @@ class Claim:
     spec: ImageSpec
     on_failure: str
     cancelled: bool = False  # the job was cancelled: clean up, do not go on
+    job_name: str = ""
+
+    def context(self) -> dict[str, object]:
+        """What every log line about this row's image carries, besides the worker's id."""
+        return {
+            "job": self.job_name,
+            "job_id": str(self.row.job_id),
+            "image": self.spec.name,
+            "result_id": self.row.id,
+        }
 
 
 # What `vmdk-migrate jobs` says of a job, in the order a job goes through them.
@@ -256,7 +267,7 @@ class Store:
                 failures += 1
                 if failures > _MAX_CONFLICT_RETRIES:
                     raise
-                log.warning("db.conflict_retried", operation=operation, error=str(exc))
+                log.warning(Event.DB_CONFLICT_RETRIED, operation=operation, error=str(exc))
                 await asyncio.sleep(_RECONNECT_BASE_DELAY_S * failures)
                 continue
             except CONNECTION_ERRORS as exc:
@@ -268,7 +279,7 @@ class Store:
                     raise
                 delay_s = min(_RECONNECT_MAX_DELAY_S, _RECONNECT_BASE_DELAY_S * 2.0**failures)
                 log.warning(
-                    "db.reconnecting",
+                    Event.DB_RECONNECTING,
                     operation=operation,
                     attempt=failures,
                     waited_s=round(waited_s, 2),
@@ -410,6 +421,7 @@ class Store:
                     spec=row.image_spec(),
                     on_failure=record["job_on_failure"],
                     cancelled=record["job_cancelled"],
+                    job_name=record["job_name"],
                 )
             )
         return claims
@@ -419,7 +431,7 @@ class Store:
         result_id: int,
         *,
         worker_id: str,
-        event: str,
+        event: Event,
         phase: Phase | None = None,
         error_code: str | None = None,
         error_message: str | None = None,
@@ -745,7 +757,7 @@ async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[
         except DATABASE_ERRORS as exc:
             raise ConfigError(describe_database_error(exc, database_url)) from exc
         if applied:
-            log.info("db.upgraded", versions=applied)
+            log.info(Event.DB_UPGRADED, versions=applied)
         yield store
     finally:
         await store.close()
