@@ -43,7 +43,7 @@ async def test_submit_run_status_report_round_trip(
 
     code, _, err = await run_cli("run", "--once", "--concurrency", "2", env=env)
     assert code == 0, err
-    finished = [json.loads(line) for line in err.splitlines() if '"image.summary"' in line]
+    finished = [json.loads(line) for line in err.splitlines() if '"image.finished"' in line]
     assert sorted(line["image"] for line in finished) == ["cli-job-0", "cli-job-1", "cli-job-2"]
     assert {line["phase"] for line in finished} == {"done"}
 

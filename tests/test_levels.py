@@ -1,30 +1,28 @@
-"""Log levels say what matters, and every end of an image is one `image.summary`.
+"""Levels say what matters, and every end of an image is one `image.finished`.
 
-Failures and retries are warnings, a crashed image ends like any failed one (its summary is
-what webhooks and progress follow), and progress counts each finished image once.
+Failures and retries are warnings, a crashed image ends like any failed one (its
+`image.finished` is what webhooks, metrics and progress follow), and progress counts each
+finished image once. The records are those the run's bus published; the log lines are
+what its log writer wrote of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
-from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
 
 import pytest
-from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from tests.fixtures.batch import migrate, rows_of, submit
+from tests.fixtures.events import named, published
 from worker.consumer import Consumer, ConsumerSettings
+from worker.core.events import Event
 from worker.progress import RunProgress
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.store.store import Claim, ResultRow, open_store
-
-
-def by_event(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in logs if entry["event"] == name]
 
 
 @pytest.mark.parametrize(
@@ -37,35 +35,38 @@ async def test_failures_and_retries_are_warnings_and_progress_counts_each_image_
     job_id, _ = await submit(database_url, tmp_path, names, es_virtio_enabled="yes")
     sandbox.inject(Fault("POST", r"/v2/images", status=503, times=1))
 
-    # With the context each image binds, as the worker's own log writer and observers see it.
-    with capture_logs(processors=[merge_contextvars]) as logs:
+    with published() as records, capture_logs() as logs:
         summary = await migrate(database_url, sandbox, progress="off")
 
     assert summary.by_phase == {"done": 3, "failed": 2}
     levels = {
-        (entry["event"], entry.get("phase"), entry["log_level"])
-        for entry in logs
-        if entry["event"] in ("image.finished", "image.summary", "image.retry_scheduled")
+        (entry.event.value, entry.get("phase"), logging.getLevelName(entry.level).lower())
+        for entry in records
+        if entry.event in (Event.IMAGE_FINISHED, Event.IMAGE_RETRY_SCHEDULED)
     }
-    assert all(entry["worker_id"] for entry in by_event(logs, "image.summary"))
-    # Every line about an image names its job, the image and the worker; a step's also its
-    # Glance image and phase.
-    image_lines = [entry for entry in logs if str(entry["event"]).startswith("image.")]
-    assert len(image_lines) >= 5 * 4
-    context = ("job", "job_id", "image", "result_id", "worker_id", "image_id", "phase")
-    assert [key for entry in image_lines for key in context if not entry.get(key)] == []
-    assert {entry["job"] for entry in image_lines} == {"test-job"}
     assert levels == {
         ("image.retry_scheduled", "creating", "warning"),
         ("image.finished", "done", "info"),
         ("image.finished", "failed", "warning"),
-        ("image.summary", "done", "info"),
-        ("image.summary", "failed", "warning"),
     }
+    # One image.finished per image, and the log writer wrote each record at its level.
+    finished = named(records, Event.IMAGE_FINISHED)
+    assert sorted(entry.get("image") for entry in finished) == sorted(names)
+    worker_events = set(Event)
+    written = [(e["event"], e["log_level"]) for e in logs if e["event"] in worker_events]
+    said = [(e.event.value, logging.getLevelName(e.level).lower()) for e in records]
+    assert written == [line for line in said if line[1] != "debug"]
+    # Every record about an image names its job, the image and the worker; a step's also its
+    # Glance image and phase.
+    image_records = [entry for entry in records if entry.event.startswith("image.")]
+    assert len(image_records) >= 5 * 4
+    context = ("job", "job_id", "image", "result_id", "worker_id", "image_id", "phase")
+    assert [key for entry in image_records for key in context if not entry.get(key)] == []
+    assert {entry.get("job") for entry in image_records} == {"test-job"}
 
     async with open_store(database_url) as store:
         progress = RunProgress(store, mode="off")
-        for entry in logs:
+        for entry in records:
             progress.observe(entry)
     table = Counter(row.phase for row in (await rows_of(database_url, job_id)).values())
     assert progress.by_phase() == dict(table) == {"done": 3, "failed": 2}
@@ -83,21 +84,21 @@ async def test_a_crashed_image_ends_with_one_summary_like_any_failed_image(
         consumer = Consumer(
             store, crash, ConsumerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
         )
-        with capture_logs(processors=[merge_contextvars]) as logs:
+        with published() as records:
             summary = await consumer.run(asyncio.Event())
         progress = RunProgress(store, mode="off")
-        for entry in logs:
+        for entry in records:
             progress.observe(entry)
 
     assert summary.by_phase == {"failed": 2}
-    summaries = by_event(logs, "image.summary")
-    assert sorted(entry["image"] for entry in summaries) == ["crash-0", "crash-1"]
-    for entry in summaries:
-        assert entry["log_level"] == "warning"
-        assert (entry["phase"], entry["error_code"]) == ("failed", "internal_error")
-        assert entry["job_id"] == job_id
-        assert "bug while running" in entry["error"]
-    assert {entry["log_level"] for entry in by_event(logs, "image.crashed")} == {"error"}
+    finished = named(records, Event.IMAGE_FINISHED)
+    assert sorted(entry.get("image") for entry in finished) == ["crash-0", "crash-1"]
+    for entry in finished:
+        assert entry.level == logging.WARNING
+        assert (entry.get("phase"), entry.get("error_code")) == ("failed", "internal_error")
+        assert entry.get("job_id") == job_id
+        assert "bug while running" in entry.get("error")
+    assert {entry.level for entry in named(records, Event.IMAGE_CRASHED)} == {logging.ERROR}
     assert progress.by_phase() == {"failed": 2}
     rows = await rows_of(database_url, job_id)
     assert {(row.phase, row.error_code) for row in rows.values()} == {("failed", "internal_error")}

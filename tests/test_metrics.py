@@ -13,8 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from tests.fixtures.batch import FAST, cloud_for, rows_of, submit
+from tests.fixtures.events import record
 from worker.app import WorkerSettings, run_worker
 from worker.consumer import RunSummary
+from worker.core.events import Event
 from worker.metrics import WorkerMetrics, serving_metrics
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 
@@ -85,7 +87,7 @@ async def _until_finished(
             for o in ("done", "failed")
         )
         if total >= finished:
-            await asyncio.sleep(0.2)  # the last events (image.summary) follow the row
+            await asyncio.sleep(0.2)  # the last events (image.finished) follow the row
             return await scrape(http, url)
         await asyncio.sleep(0.05)
     raise AssertionError("the batch did not finish")
@@ -155,7 +157,7 @@ async def test_readiness_fails_without_the_database_and_after_a_cloud_refusal() 
     healthy = WorkerMetrics()
     refused = WorkerMetrics()
     refused.observe(
-        {"event": "image.finished", "result_id": 7, "phase": "failed", "error_code": "auth_failed"}
+        record(Event.IMAGE_FINISHED, result_id=7, phase="failed", error_code="auth_failed")
     )
     async with (
         serving_metrics(healthy, unreachable, host="127.0.0.1", port=0) as no_db,

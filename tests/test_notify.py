@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fixtures.batch import FAST, cloud_for, rows_of, submit
+from tests.fixtures.events import record
 from tests.fixtures.webhooks import SECRET_PATH, Receiver, serving
 from worker.app import WorkerSettings, run_worker
 from worker.cli import _webhook_settings, cli
 from worker.config import Secret
 from worker.consumer import RunSummary
+from worker.core.events import Event, EventRecord
 from worker.notify import WebhookNotifier, WebhookSettings, notifying, safe_target
 from worker.sandbox import Sandbox, SandboxConfig
 
@@ -102,9 +105,9 @@ def readme_verify() -> Any:
     return namespace["verify"]
 
 
-def failed_event(image: str, result_id: int) -> dict[str, Any]:
-    return {"event": "image.summary", "job_id": "j1", "phase": "failed", "image": image,
-            "result_id": result_id, "error_code": "virtio_failed"}  # fmt: skip
+def failed_event(image: str, result_id: int) -> EventRecord:
+    return record(Event.IMAGE_FINISHED, level=logging.WARNING, job_id="j1", phase="failed",
+                  image=image, result_id=result_id, error_code="virtio_failed")  # fmt: skip
 
 
 async def no_jobs(job_id: str) -> list[Any]:
@@ -156,7 +159,7 @@ async def test_every_notice_dropped_at_exit_is_logged_when_the_receiver_hangs() 
 
     dropped = [entry for entry in logs if entry["event"] == "notify.dropped"]
     assert all(entry["log_level"] == "warning" for entry in dropped)
-    # Each image.summary queues its failure notice and a job completion check.
+    # Each image.finished queues its failure notice and a job completion check.
     assert sorted((e["kind"], e["result_id"]) for e in dropped) == [
         ("check_job", None),
         ("check_job", None),

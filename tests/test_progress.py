@@ -10,12 +10,23 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from structlog.testing import capture_logs
 
 from tests.fixtures.batch import submit
 from tests.fixtures.cli import PROJECT, cloud_env
-from worker.progress import FleetBars, RunProgress, fleet_snapshot, format_fleet
+from tests.fixtures.events import record
+from worker.core.events import Event
+from worker.progress import (
+    FleetBars,
+    IecSpeedColumn,
+    RunProgress,
+    fleet_snapshot,
+    format_fleet,
+    iec_rate,
+    new_bars,
+)
 from worker.sandbox import Sandbox
 from worker.store import Store
 
@@ -54,10 +65,9 @@ async def test_the_fleet_view_shows_every_workers_images_in_flight(
 
 async def test_off_a_terminal_a_worker_logs_throttled_progress_lines(store: Store) -> None:
     progress = RunProgress(store, mode="log", log_every_s=0.1)
-    progress.observe({"event": "image.creating", "result_id": 1, "phase": "creating"})
-    progress.observe({"event": "image.staging", "result_id": 2, "phase": "staging"})
-    progress.observe({"event": "image.finished", "result_id": 3, "phase": "done"})
-    progress.observe({"event": "image.summary", "result_id": 3, "phase": "done"})
+    progress.observe(record(Event.IMAGE_CREATING, result_id=1, phase="creating"))
+    progress.observe(record(Event.IMAGE_STAGING, result_id=2, phase="staging"))
+    progress.observe(record(Event.IMAGE_FINISHED, result_id=3, phase="done"))
 
     with capture_logs() as logs:
         async with progress.showing():
@@ -142,3 +152,38 @@ async def test_status_watch_shows_a_workers_pause_in_each_frame(
     console = Console(file=io.StringIO(), width=140, force_terminal=True, record=True)
     console.print(FleetBars(console).update(await fleet_snapshot(store)))
     assert pause.search(console.export_text())
+
+
+MiB = 1024**2
+
+
+def test_the_rate_shown_follows_a_cap_change_within_three_seconds() -> None:
+    now = [0.0]
+    bars = new_bars(Console(file=io.StringIO()), clock=lambda: now[0])
+    size = 4096 * MiB
+    task = bars.add_task("d0", total=size)
+    moved = 0
+
+    def upload(seconds: float, rate: int) -> str:
+        """Feed the bar as the upload hook does (4 times a second); the rate then shown."""
+        nonlocal moved
+        for _ in range(int(seconds * 4)):
+            now[0] += 0.25
+            moved += rate // 4
+            bars.update(task, completed=moved)
+        return IecSpeedColumn().render(bars.tasks[0]).plain
+
+    assert upload(10, 40 * MiB) == "40.0 MiB/s"
+    # `limit --bandwidth 20MiB/s`: three seconds later the bar says so, in the cap's unit.
+    assert upload(3, 20 * MiB) == "20.0 MiB/s"
+    # The ETA is the bytes left at the current rate.
+    assert bars.tasks[0].time_remaining == pytest.approx((size - moved) / (20 * MiB), abs=1)
+
+
+def test_rates_are_in_iec_units() -> None:
+    assert [iec_rate(r) for r in (512, 3 * 1024, 44.6 * MiB, 1.5 * 1024**3)] == [
+        "512 B/s",
+        "3.0 KiB/s",
+        "44.6 MiB/s",
+        "1.5 GiB/s",
+    ]

@@ -19,10 +19,12 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from tests.fixtures.events import record
 from worker.clients.glance import GlanceClient
 from worker.clients.http import new_session
 from worker.clients.keystone import KeystoneAuth, StaticTokenAuth
 from worker.config import CloudSettings, Secret
+from worker.core.events import Event
 from worker.errors import RedirectRefused
 from worker.notify import WebhookNotifier, WebhookSettings, notifying
 
@@ -200,7 +202,7 @@ async def test_a_webhook_redirected_to_another_origin_is_not_followed(other: Ori
         with capture_logs() as logs:
             async with notifying(notifier):
                 notifier.observe(
-                    {"event": "image.summary", "job_id": "j1", "phase": "failed", "image": "a"}
+                    record(Event.IMAGE_FINISHED, job_id="j1", phase="failed", image="a")
                 )
 
     assert [path for _, path, _, _ in receiver.seen] == ["/hooks/sEcReT"]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
+from worker.bus import EventBus, current_bus, publisher
 from worker.clients.glance import GlanceClient
 from worker.clients.http import new_session
 from worker.clients.keystone import KeystoneAuth, authenticator_for
@@ -48,7 +47,7 @@ from worker.recovery import PauseBoard, discard_if_orphaned, settling_owed_clean
 from worker.store.store import CONNECTION_ERRORS, Store, open_store
 from worker.watch import ImportWatch
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,8 +113,29 @@ async def run_worker(
 
     Raises ConfigError when the credentials are refused at start (nothing is claimed), and
     OutageTooLong when an outage outlasted `settings.outage.max_outage_s`.
+
+    Everything the run says is published on one event bus, built here: the log (through the
+    bus this runs inside) and metrics follow it from the start, progress and webhooks while
+    images are worked on.
     """
     ops = Operations(settings)
+    bus = EventBus([current_bus().publish, ops.metrics.observe])
+    with bus.active():
+        summary = await _run(bus, ops, database_url, cloud, settings, stop, reload_cloud)
+    if summary.gave_up is not None:
+        raise OutageTooLong(summary.gave_up)
+    return summary
+
+
+async def _run(
+    bus: EventBus,
+    ops: Operations,
+    database_url: str,
+    cloud: CloudSettings,
+    settings: WorkerSettings,
+    stop: asyncio.Event,
+    reload_cloud: Callable[[], CloudSettings] | None,
+) -> RunSummary:
     gate = StageGate(settings.stage_concurrency, adaptive=settings.adaptive_stages)
     async with (
         open_store(database_url, max_size=min(settings.concurrency + 2, 20)) as store,
@@ -138,17 +158,15 @@ async def run_worker(
         store.on_connection = outages.report_database
         try:
             await authenticate_first(glance, outages)
-            summary = await _consume(store, glance, gate, outages, ops, settings, stop)
+            return await _consume(bus, store, glance, gate, outages, ops, settings, stop)
         finally:
             store.on_connection = None
             await outages.aclose()
             await pauses.aclose()
-    if summary.gave_up is not None:
-        raise OutageTooLong(summary.gave_up)
-    return summary
 
 
 async def _consume(
+    bus: EventBus,
     store: Store,
     glance: GlanceClient,
     gate: StageGate,
@@ -193,7 +211,7 @@ async def _consume(
         ),
     )
     async with (
-        ops.running(store, settings, outages),
+        ops.running(bus, store, settings, outages),
         settling_owed_cleanups(store, glance, outages, worker_id=settings.worker_id),
     ):
         try:
@@ -263,13 +281,14 @@ class Operations:
 
     @asynccontextmanager
     async def running(
-        self, store: Store, settings: WorkerSettings, outages: Outages
+        self, bus: EventBus, store: Store, settings: WorkerSettings, outages: Outages
     ) -> AsyncIterator[None]:
-        """Serve metrics, send webhooks and show progress while the block runs."""
+        """Serve metrics, send webhooks and show progress, following `bus`, while the block
+        runs (metrics follow it from the start of the run)."""
         self.metrics.watch_outages(outages)
         self.progress = RunProgress(store, mode=settings.progress)
-        observers: list[EventObserver] = [self.metrics.observe, self.progress.observe]
         async with AsyncExitStack() as stack:
+            stack.enter_context(bus.subscribed(self.progress.observe))
             if settings.metrics_port is not None:
                 served = await stack.enter_async_context(
                     serving_metrics(
@@ -281,7 +300,7 @@ class Operations:
                     )
                 )
                 if served is None:  # the worker runs on without its endpoints
-                    log.warning(
+                    events.warning(
                         Event.METRICS_PORT_UNAVAILABLE,
                         host=settings.metrics_host,
                         port=settings.metrics_port,
@@ -293,39 +312,6 @@ class Operations:
                     settings.webhook, store.job_summaries, worker_id=settings.worker_id
                 )
                 await stack.enter_async_context(notifying(self.notifier))
-                observers.append(self.notifier.observe)
+                stack.enter_context(bus.subscribed(self.notifier.observe))
             await stack.enter_async_context(self.progress.showing())
-            stack.enter_context(observing_events(observers))
             yield
-
-
-@contextmanager
-def observing_events(observers: list[EventObserver]) -> Iterator[None]:
-    """Hand every log event of this process, with its bound context, to `observers`.
-
-    Observers see events below the configured log level too (metrics must not depend on
-    --log-level); those are dropped right after them.
-    """
-    config = structlog.get_config()
-    wrapper = config["wrapper_class"]
-    min_level = wrapper.get_effective_level(None) if hasattr(wrapper, "get_effective_level") else 0
-
-    def tap(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        seen = {**structlog.contextvars.get_contextvars(), **event}
-        for observer in observers:
-            try:
-                observer(seen)
-            except Exception as exc:  # a watcher's bug must not break the worker's logging
-                print(f"event observer failed: {exc!r}", file=sys.stderr)
-        if _LEVELS.get(method.upper(), logging.INFO) < min_level:
-            raise structlog.DropEvent
-        return event
-
-    structlog.configure(
-        processors=[tap, *config["processors"]],
-        wrapper_class=structlog.make_filtering_bound_logger(min(min_level, logging.INFO)),
-    )
-    try:
-        yield
-    finally:
-        structlog.configure(processors=config["processors"], wrapper_class=wrapper)

@@ -17,14 +17,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import structlog
-
+from worker.bus import bound, publisher
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.outage import Outages, Service
 from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, Store
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ class Consumer:
     async def run(self, stop: asyncio.Event) -> RunSummary:
         """Work until `stop` is set (or, with `once`, until nothing is left to claim)."""
         settings = self._settings
-        log.info(
+        events.info(
             Event.WORKER_STARTED, worker_id=settings.worker_id, concurrency=settings.concurrency
         )
         pipelines = [
@@ -132,7 +131,7 @@ class Consumer:
             await asyncio.gather(heartbeat, giving_up, *pipelines, return_exceptions=True)
             await self._release_unfinished(unfinished)
             await asyncio.gather(*self._lost_checks, return_exceptions=True)
-        log.info(
+        events.info(
             Event.WORKER_STOPPED,
             worker_id=settings.worker_id,
             **self._summary.by_phase,
@@ -207,7 +206,7 @@ class Consumer:
             return
         _, pending = await asyncio.wait(pipelines, timeout=self._grace_s)
         if pending:
-            log.warning(Event.WORKER_GRACE_EXPIRED, unfinished=len(self._in_flight))
+            events.warning(Event.WORKER_GRACE_EXPIRED, unfinished=len(self._in_flight))
 
     async def _pipeline(self) -> None:
         while (claim := await self._queue.get()) is not None:
@@ -230,9 +229,7 @@ class Consumer:
 
     async def _run_one(self, running: _Running) -> None:
         """Run one image; whatever goes wrong stays with this image and never stops the others."""
-        with structlog.contextvars.bound_contextvars(
-            **running.claim.context(), worker_id=self._settings.worker_id
-        ):
+        with bound(**running.claim.context(), worker_id=self._settings.worker_id):
             await self._run_guarded(running.claim, running.cancel_request)
 
     async def _run_guarded(self, claim: Claim, cancel_request: asyncio.Event) -> None:
@@ -241,7 +238,7 @@ class Consumer:
             self._summary.by_phase[row.phase] += 1
         except LeaseLost:
             self._summary.lost += 1
-            log.warning(Event.IMAGE_LEASE_LOST)
+            events.warning(Event.IMAGE_LEASE_LOST)
             self._check_lost(claim.row.id)
         except asyncio.CancelledError:
             raise
@@ -251,16 +248,16 @@ class Consumer:
             # Until then it is not ours to take back as a claim whose answer was lost.
             self._abandoned[claim.row.id] = time.monotonic() + self._settings.lease_s
             self._fenced_in_outage.add(claim.row.id)  # settled once the database is back
-            log.error(Event.IMAGE_ABANDONED, error=str(exc))
+            events.error(Event.IMAGE_ABANDONED, error=str(exc))
         except Exception as exc:
-            log.exception(Event.IMAGE_CRASHED)
+            events.exception(Event.IMAGE_CRASHED)
             await self._record_crash(claim, exc)
 
     async def _record_crash(self, claim: Claim, exc: Exception) -> None:
         """An unexpected error is this image's failure, recorded, not the worker's.
 
-        It ends like any failed image: one `image.summary`, which webhooks and the
-        completion check follow.
+        It ends like any failed image: one `image.finished`, which webhooks, metrics,
+        progress and the completion check follow.
         """
         message = f"{type(exc).__name__}: {exc}"
         try:
@@ -273,11 +270,11 @@ class Consumer:
                 error_message=message,
             )
         except Exception:
-            log.exception(Event.IMAGE_CRASH_NOT_RECORDED)
+            events.exception(Event.IMAGE_CRASH_NOT_RECORDED)
             return
         self._summary.by_phase[Phase.FAILED] += 1
-        log.warning(
-            Event.IMAGE_SUMMARY,
+        events.warning(
+            Event.IMAGE_FINISHED,
             image_id=str(row.glance_image_id),
             phase=row.phase,
             size_bytes=row.source_size_bytes,
@@ -307,7 +304,7 @@ class Consumer:
                 cancelled = await self._store.cancelled_results(list(held))
         except Exception as exc:  # the database is away: the fence decides what to stop
             self._beat_failed = True
-            log.warning(Event.WORKER_HEARTBEAT_FAILED, images=len(ids), error=repr(exc))
+            events.warning(Event.WORKER_HEARTBEAT_FAILED, images=len(ids), error=repr(exc))
             return
         self._beat_failed = False
         for result_id in held:
@@ -319,7 +316,7 @@ class Consumer:
         for result_id in cancelled:
             running = self._running.get(result_id)
             if running is not None and not running.cancel_request.is_set():
-                log.info(Event.IMAGE_CANCEL_REQUESTED, **running.claim.context())
+                events.info(Event.IMAGE_CANCEL_REQUESTED, **running.claim.context())
                 running.cancel_request.set()
 
     def _fence(self, now: float) -> None:
@@ -342,7 +339,7 @@ class Consumer:
         task.cancel()
         self._summary.lost += 1
         running = self._running.get(result_id)
-        log.warning(event, **(running.claim.context() if running else {"result_id": result_id}))
+        events.warning(event, **(running.claim.context() if running else {"result_id": result_id}))
         if check_lost:
             self._check_lost(result_id)
         return True
@@ -370,7 +367,7 @@ class Consumer:
                         refund_attempt=refund,
                     )
             self._summary.released += len(unfinished)
-            log.info(Event.WORKER_RELEASED, images=len(unfinished), attempt_refunded=refund)
+            events.info(Event.WORKER_RELEASED, images=len(unfinished), attempt_refunded=refund)
 
 
 async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
@@ -403,8 +400,8 @@ async def _clear_unless_stopped(outages: Outages, stop: asyncio.Event) -> bool:
 
 async def _wait(stop: asyncio.Event, timeout_s: float, also: asyncio.Event | None = None) -> None:
     """Wait until `stop` (or `also`) is set, or `timeout_s` has passed."""
-    events = [stop] if also is None else [stop, also]
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    awaited = [stop] if also is None else [stop, also]
+    waiters = [asyncio.ensure_future(event.wait()) for event in awaited]
     try:
         await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from worker.bus import bound, publisher
 from worker.clients.glance import GlanceClient, Image, Task
 from worker.core.events import Event
 from worker.core.machine import (
@@ -53,7 +52,7 @@ from worker.source import hash_source
 from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
 from worker.watch import ImportWatch
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 # Columns of the results table a step may set; anything else a step reports is event detail.
 _TIME_COLUMNS = frozenset({"image_created_at", "staged_at", "import_requested_at", "finished_at"})
@@ -107,9 +106,7 @@ class ImageRunner:
             verify_md5=self.settings.verify_md5,
         )
         started = self.clock()
-        with structlog.contextvars.bound_contextvars(
-            **claim.context(), worker_id=self.settings.worker_id
-        ):
+        with bound(**claim.context(), worker_id=self.settings.worker_id):
             cleaning_up = cancelled.is_set()
             step = cancel(state, now=self.clock()) if cleaning_up else begin(state)
             row = await self._record(claim, state.phase, step, request_id=None)
@@ -176,7 +173,7 @@ class ImageRunner:
         work.cancel()  # an upload in flight is cut off; Glance puts the image back to queued
         with contextlib.suppress(asyncio.CancelledError):
             await work
-        log.warning(
+        events.warning(
             Event.IMAGE_CANCELLING,
             image_id=str(state.image_id),
             phase=str(state.phase),
@@ -196,7 +193,7 @@ class ImageRunner:
                 if not await self.outages.holds(error, failed_at=self.outages.now()):
                     return Errored(error), error.request_id
                 command = replace(command, delay_s=0.0)  # waited out: perform it at once
-                log.log(
+                events.log(
                     self.settings.step_log_level,
                     Event.IMAGE_WAITING,
                     image_id=str(state.image_id),
@@ -210,7 +207,7 @@ class ImageRunner:
         if self.outages.describe() is None:
             return
         await self.outages.wait_clear()
-        log.info(
+        events.info(
             Event.IMAGE_RESUMING,
             image_id=str(state.image_id),
             phase=str(state.phase),
@@ -267,7 +264,7 @@ class ImageRunner:
                 write.add_done_callback(self._progress_writes.discard)
 
         async with self.stage_slots:
-            log.log(
+            events.log(
                 self.settings.step_log_level,
                 Event.IMAGE_STAGING,
                 image_id=str(state.image_id),
@@ -295,7 +292,7 @@ class ImageRunner:
                 result_id, worker_id=self.settings.worker_id, bytes_staged=done_bytes
             )
         except Exception as exc:  # progress is advisory; the stage must not fail for it
-            log.warning(Event.IMAGE_PROGRESS_NOT_SAVED, error=str(exc))
+            events.warning(Event.IMAGE_PROGRESS_NOT_SAVED, error=str(exc))
 
     async def _poll(self, state: ImageState, command: PollImport) -> tuple[Outcome, str | None]:
         image_id = str(state.image_id)
@@ -371,16 +368,19 @@ class ImageRunner:
             detail=detail or None,
             **columns,
         )
-        if step.event is not None:
+        # The end of the image is published once, with its outcome, by _summarise.
+        if step.event is not None and step.event != Event.IMAGE_FINISHED:
             fields: dict[str, Any] = {"phase": str(step.state.phase), **detail}
             level = _level_of(step, self.settings.step_log_level)
-            log.log(level, step.event, image_id=str(step.state.image_id), **fields)
+            events.log(level, step.event, image_id=str(step.state.image_id), **fields)
         return row
 
     def _summarise(self, row: ResultRow, *, duration_s: float) -> None:
-        log.log(
+        """The image's one `image.finished`, with its outcome: what webhooks, metrics and
+        progress count."""
+        events.log(
             logging.WARNING if row.phase == Phase.FAILED else logging.INFO,
-            Event.IMAGE_SUMMARY,
+            Event.IMAGE_FINISHED,
             phase=row.phase,
             image_id=str(row.glance_image_id),
             size_bytes=row.source_size_bytes,

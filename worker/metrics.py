@@ -1,24 +1,23 @@
-"""Prometheus metrics, /healthz and /readyz of one worker, fed from its structlog events."""
+"""Prometheus metrics, /healthz and /readyz of one worker, fed from its event bus."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
-import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from worker.core.events import Event
+from worker.bus import publisher
+from worker.core.events import Event, EventRecord
 from worker.core.model import Phase
 from worker.outage import Outages, Service
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 # Phases an image passes through while a worker holds it.
 ACTIVE_PHASES = (Phase.CREATING, Phase.STAGING, Phase.IMPORTING, Phase.VERIFYING)
@@ -138,27 +137,25 @@ class WorkerMetrics:
         self.bytes_staged.inc(done_bytes - previous)
         self._progress[result_id] = done_bytes
 
-    def observe(self, event: Mapping[str, Any]) -> None:
-        """Update the series from one log event (stable names and keys, see worker/logs.py)."""
-        name = str(event.get("event", ""))
+    def observe(self, event: EventRecord) -> None:
+        """Update the series from one published event (a subscriber of the run's bus)."""
+        name = event.event
         self._note_cloud(name, event)
         if name == Event.AUTH_TOKEN_RENEWED:
             self.token_renewals.labels(reason=str(event.get("reason", "unknown"))).inc()
         elif name == Event.WORKER_STOPPED:
             self._forget_all()
-        elif name.startswith("image."):
-            result_id = event.get("result_id")
-            if isinstance(result_id, int):
-                self.claimed_once = True
-                self._on_image_event(name, result_id, event)
+        elif name.startswith("image.") and event.result_id is not None:
+            self.claimed_once = True
+            self._on_image_event(name, event.result_id, event)
 
-    def _note_cloud(self, name: str, event: Mapping[str, Any]) -> None:
+    def _note_cloud(self, name: Event, event: EventRecord) -> None:
         if name in _CLOUD_ANSWERED:
             self.cloud_ok = True
         elif event.get("error_code") in _CLOUD_REFUSALS:
             self.cloud_ok = False
 
-    def _on_image_event(self, name: str, result_id: int, event: Mapping[str, Any]) -> None:
+    def _on_image_event(self, name: Event, result_id: int, event: EventRecord) -> None:
         if name == Event.IMAGE_PROGRESS_NOT_SAVED:
             return  # said during the upload: the stage goes on
         now = self._clock()
@@ -171,7 +168,7 @@ class WorkerMetrics:
         elif name == Event.IMAGE_IMPORT_REQUESTED:
             self._importing_since[result_id] = now
         phase = event.get("phase")
-        if name in (Event.IMAGE_FINISHED, Event.IMAGE_LEASE_LOST, Event.IMAGE_CRASHED):
+        if name in (Event.IMAGE_FINISHED, Event.IMAGE_LEASE_LOST, Event.IMAGE_ABANDONED):
             self._finish(result_id, name, str(phase or Phase.FAILED), event, now)
         elif phase in ACTIVE_PHASES:
             self._phases[result_id] = str(phase)
@@ -184,20 +181,18 @@ class WorkerMetrics:
         self.stages_in_flight.set(len(self._staging_since))
 
     def _finish(
-        self, result_id: int, name: str, phase: str, event: Mapping[str, Any], now: float
+        self, result_id: int, name: Event, phase: str, event: EventRecord, now: float
     ) -> None:
         self._phases.pop(result_id, None)
         self._progress.pop(result_id, None)
         import_started = self._importing_since.pop(result_id, None)
-        if name == Event.IMAGE_LEASE_LOST:
-            return  # another worker goes on with the image
-        # A crash is recorded as the image's failure with internal_error (see Consumer).
-        crashed = name == Event.IMAGE_CRASHED
-        outcome = Phase.DONE.value if phase == Phase.DONE and not crashed else Phase.FAILED.value
+        if name != Event.IMAGE_FINISHED:
+            return  # stopped here unfinished: another worker goes on with the image
+        # Said once per image that ended here, a crashed one included (see Consumer).
+        outcome = Phase.DONE.value if phase == Phase.DONE else Phase.FAILED.value
         self.images_finished.labels(outcome=outcome).inc()
         if outcome == Phase.FAILED.value:
-            code = "internal_error" if crashed else event.get("error_code") or "unknown"
-            self.failures.labels(error_code=str(code)).inc()
+            self.failures.labels(error_code=str(event.get("error_code") or "unknown")).inc()
         if import_started is not None:
             self.import_duration.labels(outcome=outcome).observe(now - import_started)
 
@@ -321,11 +316,11 @@ async def serving_metrics(
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:
-            log.warning(Event.METRICS_UNAVAILABLE, host=host, port=port, error=str(exc))
+            events.warning(Event.METRICS_UNAVAILABLE, host=host, port=port, error=str(exc))
             yield None
             return
         url = f"http://{host}:{runner.addresses[0][1]}"
-        log.info(Event.METRICS_SERVING, url=url)
+        events.info(Event.METRICS_SERVING, url=url)
         yield url
     finally:
         await runner.cleanup()

@@ -14,19 +14,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import structlog
 
+from worker.bus import publisher
 from worker.clients.http import SAFE_REDIRECTS
 from worker.config import Secret
-from worker.core.events import Event
+from worker.core.events import Event, EventRecord
 from worker.core.model import Phase
 from worker.errors import RedirectRefused
 from worker.logs import redact_url
 from worker.store.store import JobSummary
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
-# The only keys of an image.summary event a failure notice carries: no free-form data leaks.
+# The only keys of an image.finished event a failure notice carries: no free-form data leaks.
 _FAILURE_KEYS = (
     "job_id",
     "image",
@@ -92,19 +92,19 @@ class WebhookNotifier:
         self.given_up = 0
         self.dropped = 0
 
-    def observe(self, event: Mapping[str, Any]) -> None:
+    def observe(self, event: EventRecord) -> None:
         """Queue a failure notice and a completion check for each finished image, and one
         notice when an outage starts and one when it ends (never one per image)."""
-        if event.get("event") in _OUTAGE_EVENTS:
-            notice = {key: _plain(event.get(key)) for key in _OUTAGE_KEYS if key in event}
-            self._put(str(event["event"]), {**notice, "worker_id": self._worker_id})
+        if event.event in _OUTAGE_EVENTS:
+            notice = {key: _plain(event.get(key)) for key in _OUTAGE_KEYS if key in event.fields}
+            self._put(event.event, {**notice, "worker_id": self._worker_id})
             return
-        if event.get("event") != Event.IMAGE_SUMMARY or "job_id" not in event:
+        if event.event != Event.IMAGE_FINISHED or "job_id" not in event.fields:
             return
         if event.get("phase") == Phase.FAILED:
             notice = {key: _plain(event.get(key)) for key in _FAILURE_KEYS}
             self._put(Event.IMAGE_FAILED, {**notice, "worker_id": self._worker_id})
-        self._put(_CHECK_JOB, {"job_id": str(event["job_id"])})
+        self._put(_CHECK_JOB, {"job_id": str(event.get("job_id"))})
 
     def _put(self, kind: str, payload: dict[str, Any]) -> None:
         try:
@@ -115,7 +115,7 @@ class WebhookNotifier:
     def _dropped(self, kind: str, payload: Mapping[str, Any], *, reason: str) -> None:
         """Every notice that will never be sent gets this one warning."""
         self.dropped += 1
-        log.warning(
+        events.warning(
             Event.NOTIFY_DROPPED,
             kind=kind,
             job_id=payload.get("job_id"),
@@ -137,7 +137,7 @@ class WebhookNotifier:
                 self._dropped(kind, payload, reason="shutdown: in flight")
                 raise
             except Exception:
-                log.exception(Event.NOTIFY_ERROR, kind=kind)
+                events.exception(Event.NOTIFY_ERROR, kind=kind)
                 self._dropped(kind, payload, reason="error")
             finally:
                 self._queue.task_done()
@@ -198,10 +198,10 @@ class WebhookNotifier:
             outcome = await self._post(session, data, headers)
             if outcome == "ok":
                 self.sent += 1
-                log.info(Event.NOTIFY_SENT, kind=kind, target=safe_target(settings.url))
+                events.info(Event.NOTIFY_SENT, kind=kind, target=safe_target(settings.url))
                 return
             final = attempt == settings.attempts or outcome.startswith("refused")
-            log.warning(
+            events.warning(
                 Event.NOTIFY_ATTEMPT_FAILED,
                 kind=kind,
                 target=safe_target(settings.url),

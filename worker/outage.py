@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-import structlog
-
+from worker.bus import publisher
 from worker.core.events import Event
 from worker.errors import (
     AuthExpired,
@@ -48,7 +47,7 @@ from worker.errors import (
     os_reason,
 )
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 # The operation name the identity client gives to its errors.
 AUTHENTICATE = "authenticate"
@@ -250,7 +249,7 @@ class Outages:
         outage = Outage(service, reason, datetime.now(UTC), self._clock(), error_text(error))
         self._open[service] = outage
         self._clear.clear()
-        log.warning(
+        events.warning(
             Event.OUTAGE_STARTED,
             service=str(service),
             reason=reason,
@@ -273,7 +272,7 @@ class Outages:
             return
         duration_s = outage.duration_s(self._clock())
         self._ended[service] = (outage.started_at.timestamp(), time.time())
-        log.info(
+        events.info(
             Event.OUTAGE_ENDED,
             service=str(service),
             reason=outage.reason,
@@ -303,7 +302,7 @@ class Outages:
         except MigrationError as exc:
             if is_systemic_kind(exc):
                 return exc
-            log.warning(Event.OUTAGE_PROBE_REFUSED, service=str(service), error=str(exc))
+            events.warning(Event.OUTAGE_PROBE_REFUSED, service=str(service), error=str(exc))
             return None
         self._last_answer[service] = self._clock()
         return None
@@ -326,7 +325,7 @@ class Outages:
                 now = self._clock()
                 if now - warned_at >= policy.warn_every_s:
                     warned_at = now
-                    log.warning(
+                    events.warning(
                         Event.OUTAGE_ONGOING,
                         service=str(outage.service),
                         reason=outage.reason,
@@ -360,7 +359,7 @@ class Outages:
         bound = self.policy.max_outage_s
         if bound is None or outage.duration_s(self._clock()) < bound:
             return False
-        log.error(
+        events.error(
             Event.OUTAGE_GAVE_UP,
             service=str(outage.service),
             reason=outage.reason,

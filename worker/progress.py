@@ -7,13 +7,12 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from uuid import UUID
 
-import structlog
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
@@ -21,23 +20,26 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.text import Text
 
-from worker.core.events import Event
+from worker.bus import publisher
+from worker.core.events import Event, EventRecord
 from worker.core.model import Phase
 from worker.logs import printable
 from worker.report import pause_lines
 from worker.store.store import JobSummary, Pause, ResultRow, Store
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 LOG_EVERY_S = 10.0  # off a terminal, at most one worker.progress line this often
 _REDRAW_S = 0.25
+RATE_WINDOW_S = 3.0  # the bars' rate is the bytes moved over this many seconds
 _REFRESH_DB_S = 1.0
 _RECENT_FINISHED_JOBS = 5  # status --watch also shows this many finished jobs
 
@@ -47,17 +49,39 @@ def wants_bars(mode: str, stream: TextIO) -> bool:
     return mode == "bars" or (mode == "auto" and stream.isatty())
 
 
-def new_bars(console: Console) -> Progress:
-    """The bar layout shared by `run` and `status --watch`: bytes, rate and ETA."""
+def iec_rate(bytes_per_s: float) -> str:
+    """A rate in IEC units, as the cap and the sizes are given: '44.6 MiB/s'."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if bytes_per_s >= size:
+            return f"{bytes_per_s / size:.1f} {unit}/s"
+    return f"{bytes_per_s:.0f} B/s"
+
+
+class IecSpeedColumn(ProgressColumn):
+    """The bar's current rate, in MiB/s (rich's own column says MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else iec_rate(speed), style="progress.data.speed")
+
+
+def new_bars(console: Console, *, clock: Callable[[], float] | None = None) -> Progress:
+    """The bar layout shared by `run` and `status --watch`: bytes, rate and ETA.
+
+    The rate is the bytes moved over the last RATE_WINDOW_S seconds, so that it follows a
+    change of the bandwidth cap within that; the ETA is the bytes left at that rate.
+    """
     return Progress(
         TextColumn("{task.description}", style="bold"),
         BarColumn(bar_width=30),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        IecSpeedColumn(),
         TimeRemainingColumn(),
         console=console,
         auto_refresh=False,
         expand=False,
+        speed_estimate_period=RATE_WINDOW_S,
+        get_time=clock,
     )
 
 
@@ -82,6 +106,10 @@ def _counts_text(counts: Mapping[str, int]) -> str:
 
 
 # --- one worker: `vmdk-migrate run` ----------------------------------------------------------
+
+# The events after which this worker no longer works on an image: it finished, or another
+# worker goes on with it.
+_STOPPED_HERE = frozenset({Event.IMAGE_FINISHED, Event.IMAGE_LEASE_LOST, Event.IMAGE_ABANDONED})
 
 
 @dataclass
@@ -116,30 +144,24 @@ class RunProgress:
         if stage is not None:
             stage.done_bytes = done_bytes
 
-    def observe(self, event: Mapping[str, Any]) -> None:
-        """Follow each image's phase from the stable image.* events."""
-        name = str(event.get("event", ""))
-        result_id = event.get("result_id")
-        if not name.startswith("image.") or not isinstance(result_id, int):
+    def observe(self, event: EventRecord) -> None:
+        """Follow each image's phase from the image.* events of the run's bus."""
+        result_id = event.result_id
+        if not event.event.startswith("image.") or result_id is None:
             return
-        if name == Event.IMAGE_PROGRESS_NOT_SAVED:
+        if event.event == Event.IMAGE_PROGRESS_NOT_SAVED:
             return
         job_id = str(event.get("job_id", ""))
         self._jobs.add(job_id)
         self._stages.pop(result_id, None)
-        if name == Event.IMAGE_STAGING:
+        if event.event == Event.IMAGE_STAGING:
             self._stages[result_id] = _Stage(job_id, str(event.get("image", result_id)))
             self._last_bytes[result_id] = 0
         phase = event.get("phase")
-        if name in (
-            Event.IMAGE_SUMMARY,
-            Event.IMAGE_FINISHED,
-            Event.IMAGE_LEASE_LOST,
-            Event.IMAGE_CRASHED,
-        ):
+        if event.event in _STOPPED_HERE:
             self._phases.pop(result_id, None)
             self._last_bytes.pop(result_id, None)
-            if name == Event.IMAGE_SUMMARY:  # said exactly once per image that ended here
+            if event.event == Event.IMAGE_FINISHED:  # said exactly once per image ended here
                 self._finished[str(phase)] += 1
         elif isinstance(phase, str) and phase and not Phase(phase).terminal:
             self._phases[result_id] = phase
@@ -172,7 +194,7 @@ class RunProgress:
             line = (self.by_phase(), self.bytes_staged)
             if line != last_line:
                 rate = (self.bytes_staged - last_bytes) / max(now - last_at, 1e-9)
-                log.info(
+                events.info(
                     Event.WORKER_PROGRESS,
                     images=line[0],
                     bytes_staged=self.bytes_staged,
@@ -183,21 +205,22 @@ class RunProgress:
 
     async def _bars(self) -> None:
         console = Console(file=self.stream)
-        bars = new_bars(console)
+        bars = new_bars(console, clock=self.clock)
         overall = bars.add_task("batch", total=None)
         tasks: dict[int, TaskID] = {}
         sizes: dict[int, int] = {}
         known_jobs: set[str] = set()
         with Live(bars, console=console, auto_refresh=False, redirect_stderr=True) as live:
             self._jobs.update(await _unfinished_job_ids(self.store))
-            with _logs_through_live_display():
-                try:
-                    await self._draw(live, bars, overall, tasks, sizes, known_jobs)
-                finally:
-                    # The last frame stays on the terminal: it must show how the run ended.
-                    _drop_bars(bars, tasks, set())
-                    with contextlib.suppress(Exception):
-                        await self._refresh_batch(bars, overall, sizes, known_jobs)
+            # Log lines go to sys.stderr as it is when written (worker/logs.py): Live has
+            # swapped it for a proxy that prints them above the bars.
+            try:
+                await self._draw(live, bars, overall, tasks, sizes, known_jobs)
+            finally:
+                # The last frame stays on the terminal: it must show how the run ended.
+                _drop_bars(bars, tasks, set())
+                with contextlib.suppress(Exception):
+                    await self._refresh_batch(bars, overall, sizes, known_jobs)
                     live.refresh()
 
     async def _draw(
@@ -253,19 +276,6 @@ async def _unfinished_job_ids(store: Store) -> list[str]:
 
 def _unfinished(summary: JobSummary) -> bool:
     return any(n for phase, n in summary.counts.items() if not Phase(phase).terminal)
-
-
-@contextlib.contextmanager
-def _logs_through_live_display() -> Iterator[None]:
-    """Log lines go through the live display (printed above the bars) while it is shown."""
-    config = structlog.get_config()
-    factory = config["logger_factory"]
-    # On a terminal Live swapped sys.stderr for a proxy that prints above the bars.
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
-    try:
-        yield
-    finally:
-        structlog.configure(logger_factory=factory)
 
 
 # --- the fleet: `vmdk-migrate status --watch` ------------------------------------------------

@@ -7,15 +7,14 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
-import structlog
-
+from worker.bus import publisher
 from worker.clients.glance import GlanceClient
 from worker.core.events import Event
 from worker.errors import MigrationError, NotFound
 from worker.outage import Outage, Outages, Service
 from worker.store.store import Store
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 _SETTLE_EVERY_S = 60.0
 
@@ -50,7 +49,7 @@ class PauseBoard:
                     worker_id=self._worker_id, service=str(outage.service)
                 )
         except Exception as exc:  # advisory: status shows less, the work goes on
-            log.warning(
+            events.warning(
                 Event.OUTAGE_PAUSE_NOT_RECORDED, service=str(outage.service), error=str(exc)
             )
 
@@ -74,11 +73,11 @@ async def discard_if_orphaned(
     except NotFound:
         pass
     except Exception as exc:  # the database or Glance is away: say what is left, for an operator
-        log.error(
+        events.error(
             Event.IMAGE_ORPHAN_LEFT, result_id=result_id, image_id=str(image_id), error=str(exc)
         )
         return
-    log.warning(Event.IMAGE_ORPHAN_DELETED, result_id=result_id, image_id=str(image_id))
+    events.warning(Event.IMAGE_ORPHAN_DELETED, result_id=result_id, image_id=str(image_id))
 
 
 async def settle_owed_cleanups(
@@ -97,7 +96,7 @@ async def settle_owed_cleanups(
         except NotFound:
             pass  # gone already: nothing is owed
         except MigrationError as exc:
-            log.warning(
+            events.warning(
                 Event.IMAGE_CLEANUP_STILL_OWED,
                 result_id=result_id,
                 image_id=str(image_id),
@@ -105,7 +104,7 @@ async def settle_owed_cleanups(
             )
             break
         await store.cleanup_done(result_id, worker_id=worker_id)
-        log.info(Event.IMAGE_CLEANUP_DONE, result_id=result_id, image_id=str(image_id))
+        events.info(Event.IMAGE_CLEANUP_DONE, result_id=result_id, image_id=str(image_id))
         settled += 1
     return settled
 
@@ -126,7 +125,7 @@ async def settling_owed_cleanups(
             try:
                 await settle_owed_cleanups(store, glance, outages, worker_id=worker_id)
             except Exception as exc:  # the database is away: try again next round
-                log.warning(Event.IMAGE_CLEANUP_ROUND_FAILED, error=str(exc))
+                events.warning(Event.IMAGE_CLEANUP_ROUND_FAILED, error=str(exc))
             await asyncio.sleep(every_s)
 
     task = asyncio.create_task(loop(), name="owed-cleanups")

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
-import structlog
 
+from worker.bus import publisher
 from worker.clients.http import (
     REQUEST_ID_HEADER,
     SAFE_REDIRECTS,
@@ -32,7 +32,7 @@ from worker.config import (
 from worker.core.events import Event
 from worker.errors import AuthExpired, AuthFailed, ConfigError, EndpointNotFound
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 # A short-lived token is renewed when this share of its life is left, if that is sooner
 # than the configured margin (a 2 s token with a 300 s margin would never be usable).
@@ -135,7 +135,7 @@ class KeystoneAuth:
                     operation="authenticate",
                 ) from exc
             if fresh != self._settings:
-                log.info(Event.AUTH_CREDENTIALS_RELOADED, source=fresh.source)
+                events.info(Event.AUTH_CREDENTIALS_RELOADED, source=fresh.source)
                 self._settings = fresh
                 self._tokens_url = _tokens_url(fresh.auth_url or "")
         async with self._lock:
@@ -151,9 +151,11 @@ class KeystoneAuth:
         expires_at = issued.expires_at.isoformat() if issued.expires_at else None
         method = self._settings.auth_type
         if first:
-            log.info(Event.AUTH_TOKEN_ISSUED, method=method, expires_at=expires_at)
+            events.info(Event.AUTH_TOKEN_ISSUED, method=method, expires_at=expires_at)
         else:
-            log.info(Event.AUTH_TOKEN_RENEWED, method=method, expires_at=expires_at, reason=reason)
+            events.info(
+                Event.AUTH_TOKEN_RENEWED, method=method, expires_at=expires_at, reason=reason
+            )
         return issued
 
     async def _request_token(self) -> _Issued:

@@ -1,8 +1,9 @@
-"""Every event name the worker says, in its logs, its events table and its webhooks.
+"""Every event name the worker says, and the record each one is published as.
 
-One enum, so that a name is written once: log lines, the `events.event` column (whose
-names the SQL in worker/store/queries.sql writes as literals, checked against this enum by
-tests/test_events.py), metrics, progress and webhooks all use these values, and the README
+One enum, so that a name is written once: the `EventRecord`s published on the event bus
+(worker/bus.py), which the log, metrics, progress and webhooks follow, and the
+`events.event` column (whose names the SQL in worker/store/queries.sql writes as literals,
+checked against this enum by tests/test_events.py) all use these values, and the README
 documents each of them. Names are `area.what_happened`; the sandbox cloud's own lines
 (`sandbox.*`) are not the worker's and are not listed here.
 """
@@ -10,6 +11,9 @@ documents each of them. Names are `area.what_happened`; the sandbox cloud's own 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from worker.core.model import Phase
 
@@ -42,8 +46,7 @@ class Event(enum.StrEnum):
     IMAGE_RESUMING = "image.resuming"  # the service is back: the step runs again
     IMAGE_FAILING = "image.failing"  # failed for good: cleaning up before the row fails
     IMAGE_FAILED = "image.failed"  # the image failed (also the failure webhook's name)
-    IMAGE_FINISHED = "image.finished"  # the row reached done or failed
-    IMAGE_SUMMARY = "image.summary"  # one line per image that ended in this process
+    IMAGE_FINISHED = "image.finished"  # the row reached done or failed: once per image
     IMAGE_CANCEL_REQUESTED = "image.cancel_requested"
     IMAGE_CANCELLING = "image.cancelling"
     IMAGE_CANCELLED = "image.cancelled"  # a pending row of a cancelled job (events table)
@@ -107,3 +110,28 @@ class Event(enum.StrEnum):
     def entered(cls, phase: Phase) -> Event:
         """The event of an image entering `phase` when no more specific event says why."""
         return cls(f"image.{phase}")
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One published event, as every subscriber sees it.
+
+    `fields` holds the context bound where it was said (job, image, worker, ...) merged with
+    the keys given with it; `level` is a `logging` level number; `source` is the module that
+    said it; `exception` is the error being handled, when it was said about one.
+    """
+
+    event: Event
+    level: int
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+    exception: BaseException | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+    @property
+    def result_id(self) -> int | None:
+        """The results row the event is about, when it is about one."""
+        value = self.fields.get("result_id")
+        return value if isinstance(value, int) else None

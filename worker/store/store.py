@@ -15,8 +15,8 @@ from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import asyncpg
-import structlog
 
+from worker.bus import publisher
 from worker.core.events import Event
 from worker.core.model import (
     ImageSpec,
@@ -30,7 +30,7 @@ from worker.errors import ConfigError
 from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.sql import QUERIES, load_migrations
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 T = TypeVar("T")
 
 # What a lost server looks like: refused or reset sockets, a connection the server closed
@@ -267,7 +267,7 @@ class Store:
                 failures += 1
                 if failures > _MAX_CONFLICT_RETRIES:
                     raise
-                log.warning(Event.DB_CONFLICT_RETRIED, operation=operation, error=str(exc))
+                events.warning(Event.DB_CONFLICT_RETRIED, operation=operation, error=str(exc))
                 await asyncio.sleep(_RECONNECT_BASE_DELAY_S * failures)
                 continue
             except CONNECTION_ERRORS as exc:
@@ -278,7 +278,7 @@ class Store:
                 if waited_s >= self._patience_s:
                     raise
                 delay_s = min(_RECONNECT_MAX_DELAY_S, _RECONNECT_BASE_DELAY_S * 2.0**failures)
-                log.warning(
+                events.warning(
                     Event.DB_RECONNECTING,
                     operation=operation,
                     attempt=failures,
@@ -757,7 +757,7 @@ async def open_store(database_url: str, *, max_size: int = 10) -> AsyncIterator[
         except DATABASE_ERRORS as exc:
             raise ConfigError(describe_database_error(exc, database_url)) from exc
         if applied:
-            log.info(Event.DB_UPGRADED, versions=applied)
+            events.info(Event.DB_UPGRADED, versions=applied)
         yield store
     finally:
         await store.close()
