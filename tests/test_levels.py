@@ -18,8 +18,12 @@ from structlog.testing import capture_logs
 
 from tests.fixtures.batch import migrate, rows_of, submit
 from tests.fixtures.events import named, published
+from tests.fixtures.webhooks import Receiver, serving
+from worker.bus import EventBus, write_log
 from worker.consumer import Consumer, ConsumerSettings
 from worker.core.events import Event
+from worker.metrics import WorkerMetrics
+from worker.notify import WebhookNotifier, WebhookSettings, notifying
 from worker.progress import RunProgress
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.store.store import Claim, ResultRow, open_store
@@ -102,3 +106,32 @@ async def test_a_crashed_image_ends_with_one_summary_like_any_failed_image(
     assert progress.by_phase() == {"failed": 2}
     rows = await rows_of(database_url, job_id)
     assert {(row.phase, row.error_code) for row in rows.values()} == {("failed", "internal_error")}
+
+
+async def test_a_crashed_image_sends_its_failure_webhook_and_is_counted_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, ["crash-0", "crash-1"])
+
+    async def crash(claim: Claim, _: asyncio.Event) -> ResultRow:
+        raise RuntimeError(f"bug while running {claim.spec.name}")
+
+    receiver = Receiver()
+    metrics = WorkerMetrics()
+    async with serving(receiver) as url, open_store(database_url) as store:
+        notifier = WebhookNotifier(WebhookSettings(url), store.job_summaries, worker_id="w-crash")
+        consumer = Consumer(
+            store, crash, ConsumerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
+        )
+        async with notifying(notifier):
+            with EventBus([write_log, metrics.observe, notifier.observe]).active():
+                await consumer.run(asyncio.Event())
+
+    failures = [notice for notice in receiver.accepted if notice["event"] == "image.failed"]
+    assert sorted(notice["image"] for notice in failures) == ["crash-0", "crash-1"]
+    assert {notice["error_code"] for notice in failures} == {"internal_error"}
+    (completed,) = [notice for notice in receiver.accepted if notice["event"] == "job.completed"]
+    assert completed["job_id"] == job_id
+    sample = metrics.registry.get_sample_value
+    assert sample("vmdk_migrate_images_finished_total", {"outcome": "failed"}) == 2
+    assert sample("vmdk_migrate_image_failures_total", {"error_code": "internal_error"}) == 2

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import re
 import signal
 import sys
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from rich.console import Console
 from structlog.testing import capture_logs
 
-from tests.fixtures.batch import submit
+from tests.fixtures.batch import migrate, rows_of, submit
 from tests.fixtures.cli import PROJECT, cloud_env
 from tests.fixtures.events import record
 from worker.core.events import Event
@@ -27,7 +29,7 @@ from worker.progress import (
     iec_rate,
     new_bars,
 )
-from worker.sandbox import Sandbox
+from worker.sandbox import Sandbox, SandboxConfig
 from worker.store import Store
 
 
@@ -187,3 +189,22 @@ def test_rates_are_in_iec_units() -> None:
         "44.6 MiB/s",
         "1.5 GiB/s",
     ]
+
+
+@pytest.mark.parametrize(
+    "sandbox_config", [SandboxConfig(virtio_fail_names=("bad-*",))], indirect=True
+)
+async def test_the_last_frame_of_the_bars_agrees_with_the_result_table(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(
+        database_url, tmp_path, ["good-0", "bad-0", "good-1"], es_virtio_enabled="yes"
+    )
+    drawn = io.StringIO()
+    with contextlib.redirect_stderr(drawn):  # the bars are drawn on stderr
+        await migrate(database_url, sandbox, progress="bars")
+
+    table = Counter(row.phase for row in (await rows_of(database_url, job_id)).values())
+    assert dict(table) == {"done": 2, "failed": 1}
+    last_frame = drawn.getvalue().strip().splitlines()[-1]
+    assert last_frame.startswith("batch 3/3 images  done=2 failed=1 ")

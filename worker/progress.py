@@ -62,7 +62,9 @@ class IecSpeedColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else iec_rate(speed), style="progress.data.speed")
+        if speed is None:
+            return Text("" if task.finished else "?", style="progress.data.speed")
+        return Text(iec_rate(speed), style="progress.data.speed")
 
 
 def new_bars(console: Console, *, clock: Callable[[], float] | None = None) -> Progress:
