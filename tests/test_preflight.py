@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.app import open_glance
+from worker.clients.glance import open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.core.model import ImageSpec, JobSpec
 from worker.preflight import BLOCKING, OK, WARN, Finding, format_findings, run_preflight

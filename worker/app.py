@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.bus import EventBus, current_bus, publisher
-from worker.clients.glance import GlanceClient
-from worker.clients.http import new_session
-from worker.clients.keystone import KeystoneAuth, authenticator_for
-from worker.clients.throttle import Throttle
+from worker.clients.glance import GlanceClient, open_glance
+from worker.clients.keystone import KeystoneAuth
 from worker.config import CloudSettings, default_worker_id
 from worker.consumer import Consumer, ConsumerSettings, RunSummary
 from worker.controls import following_bandwidth
@@ -73,32 +71,6 @@ class WorkerSettings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no endpoint; 0: any free port
     webhook: WebhookSettings | None = None
-
-
-@asynccontextmanager
-async def open_glance(
-    cloud: CloudSettings,
-    *,
-    chunk_bytes: int = 1 << 20,
-    connections: int = 16,
-    throttle: Throttle | None = None,
-    reload_cloud: Callable[[], CloudSettings] | None = None,
-    on_small_call: Callable[[float, int], None] | None = None,
-) -> AsyncIterator[GlanceClient]:
-    """A Glance client with its own HTTP session, closed on exit.
-
-    `reload_cloud` reads the credentials again; it is used when they were rejected.
-    """
-    async with new_session(cloud, connections=connections) as session:
-        auth = authenticator_for(session, cloud, reload=reload_cloud)
-        yield GlanceClient(
-            session,
-            auth,
-            chunk_bytes=chunk_bytes,
-            request_timeout_s=cloud.read_timeout_s,
-            throttle=throttle,
-            on_small_call=on_small_call,
-        )
 
 
 async def run_worker(

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from worker.app import open_glance
-from worker.clients.glance import GlanceClient, Quota
+from worker.clients.glance import GlanceClient, Quota, open_glance
 from worker.config import CloudSettings
 from worker.core.model import JobSpec
 from worker.errors import (

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.app import open_glance
+from worker.clients.glance import open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.controls import following_bandwidth, set_bandwidth_limit
 from worker.sandbox import Sandbox

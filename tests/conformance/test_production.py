@@ -40,7 +40,8 @@ from tests.conformance.test_scenarios import (
     unique,
     wait_for_row,
 )
-from worker.app import WorkerSettings, open_glance, run_worker
+from worker.app import WorkerSettings, run_worker
+from worker.clients.glance import open_glance
 from worker.core.machine import Policies
 from worker.core.model import ImageSpec, JobSpec
 from worker.core.policy import RetryPolicy

@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
-from worker.app import WorkerSettings, open_glance, run_worker
-from worker.clients.glance import GlanceClient
+from worker.app import WorkerSettings, run_worker
+from worker.clients.glance import GlanceClient, open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.consumer import RunSummary
 from worker.core.machine import Policies

@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from worker.clients.http import (
     SAFE_REDIRECTS,
     error_from_response,
     header,
+    new_session,
     translate_transport_errors,
 )
-from worker.clients.keystone import Authenticator
+from worker.clients.keystone import Authenticator, authenticator_for
 from worker.clients.throttle import Throttle
+from worker.config import CloudSettings
 from worker.errors import (
     CloudUnavailable,
     MigrationError,
@@ -532,4 +535,30 @@ class _FileBody(Payload):
             f"source changed while reading: {self._path} was declared as {self._size} bytes "
             f"but {how}",
             operation="stage",
+        )
+
+
+@asynccontextmanager
+async def open_glance(
+    cloud: CloudSettings,
+    *,
+    chunk_bytes: int = 1 << 20,
+    connections: int = 16,
+    throttle: Throttle | None = None,
+    reload_cloud: Callable[[], CloudSettings] | None = None,
+    on_small_call: Callable[[float, int], None] | None = None,
+) -> AsyncIterator[GlanceClient]:
+    """A Glance client with its own HTTP session, closed on exit.
+
+    `reload_cloud` reads the credentials again; it is used when they were rejected.
+    """
+    async with new_session(cloud, connections=connections) as session:
+        auth = authenticator_for(session, cloud, reload=reload_cloud)
+        yield GlanceClient(
+            session,
+            auth,
+            chunk_bytes=chunk_bytes,
+            request_timeout_s=cloud.read_timeout_s,
+            throttle=throttle,
+            on_small_call=on_small_call,
         )
