@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from tests.fixtures.cloud import password_settings
-from worker.clients.glance import GlanceClient, Quota, Store
+from worker.clients.glance import BackendStore, GlanceClient, Quota
 from worker.clients.keystone import KeystoneAuth, StaticTokenAuth
 from worker.config import CloudSettings
 from worker.errors import (
@@ -159,14 +159,14 @@ async def test_list_follows_next_across_pages(sandbox: Sandbox, glance: GlanceCl
 
 async def test_info_endpoints(glance: GlanceClient) -> None:
     assert await glance.import_methods() == ["glance-direct", "web-download", "copy-image"]
-    assert await glance.stores() == [Store(id="fs", default=True)]
+    assert await glance.stores() == [BackendStore(id="fs", default=True)]
     assert await glance.usage() == {}
 
 
 async def test_stores_fall_back_to_the_vendor_path(sandbox: Sandbox, glance: GlanceClient) -> None:
     sandbox.inject(Fault("GET", r"/v2/info/stores", status=404))
 
-    assert await glance.stores() == [Store(id="fs", default=True)]
+    assert await glance.stores() == [BackendStore(id="fs", default=True)]
     assert sandbox.count("GET", r"/image/v2/stores/available") == 1
 
 

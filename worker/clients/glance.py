@@ -118,8 +118,9 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Store:
-    """A backend store; `default` is where an import lands when none is named."""
+class BackendStore:
+    """A Glance backend store (not the worker's PostgreSQL `Store`); `default` is where an
+    import lands when none is named."""
 
     id: str
     default: bool
@@ -322,7 +323,7 @@ class GlanceClient:
         methods = answer.document("import_methods").get("import-methods") or {}
         return [str(name) for name in methods.get("value") or ()]
 
-    async def stores(self) -> list[Store]:
+    async def stores(self) -> list[BackendStore]:
         """The stores; an empty list means a single-store cloud."""
         for path in ("/v2/info/stores", "/v2/stores/available"):
             try:
@@ -330,7 +331,7 @@ class GlanceClient:
             except NotFound:
                 continue
             return [
-                Store(id=str(item.get("id")), default=_truthy(item.get("default")))
+                BackendStore(id=str(item.get("id")), default=_truthy(item.get("default")))
                 for item in answer.document("stores").get("stores") or ()
             ]
         return []
