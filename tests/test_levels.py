@@ -26,7 +26,7 @@ from worker.metrics import WorkerMetrics
 from worker.notify import WebhookNotifier, WebhookSettings, notifying
 from worker.progress import RunProgress
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.store.store import Claim, ResultRow, open_store
+from worker.store.store import Claim, ResultRow, Store, open_store
 
 
 @pytest.mark.parametrize(
@@ -76,20 +76,24 @@ async def test_failures_and_retries_are_warnings_and_progress_counts_each_image_
     assert progress.by_phase() == dict(table) == {"done": 3, "failed": 2}
 
 
-async def test_a_crashed_image_ends_with_one_summary_like_any_failed_image(
-    database_url: str, tmp_path: Path
-) -> None:
-    job_id, _ = await submit(database_url, tmp_path, ["crash-0", "crash-1"])
+def crashing_consumer(store: Store) -> Consumer:
+    """A worker whose every image raises a bug of ours."""
 
     async def crash(claim: Claim, _: asyncio.Event) -> ResultRow:
         raise RuntimeError(f"bug while running {claim.spec.name}")
 
+    settings = ConsumerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
+    return Consumer(store, crash, settings)
+
+
+async def test_a_crashed_image_ends_with_one_image_finished_like_any_failed_image(
+    database_url: str, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, ["crash-0", "crash-1"])
+
     async with open_store(database_url) as store:
-        consumer = Consumer(
-            store, crash, ConsumerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
-        )
         with published() as records:
-            summary = await consumer.run(asyncio.Event())
+            summary = await crashing_consumer(store).run(asyncio.Event())
         progress = RunProgress(store, mode="off")
         for entry in records:
             progress.observe(entry)
@@ -113,19 +117,13 @@ async def test_a_crashed_image_sends_its_failure_webhook_and_is_counted_once(
 ) -> None:
     job_id, _ = await submit(database_url, tmp_path, ["crash-0", "crash-1"])
 
-    async def crash(claim: Claim, _: asyncio.Event) -> ResultRow:
-        raise RuntimeError(f"bug while running {claim.spec.name}")
-
     receiver = Receiver()
     metrics = WorkerMetrics()
     async with serving(receiver) as url, open_store(database_url) as store:
         notifier = WebhookNotifier(WebhookSettings(url), store.job_summaries, worker_id="w-crash")
-        consumer = Consumer(
-            store, crash, ConsumerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
-        )
         async with notifying(notifier):
             with EventBus([write_log, metrics.observe, notifier.observe]).active():
-                await consumer.run(asyncio.Event())
+                await crashing_consumer(store).run(asyncio.Event())
 
     failures = [notice for notice in receiver.accepted if notice["event"] == "image.failed"]
     assert sorted(notice["image"] for notice in failures) == ["crash-0", "crash-1"]
