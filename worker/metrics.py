@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.bus import publisher
-from worker.core.events import Event, EventRecord
+from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
 from worker.outage import Outages, Service
 
@@ -168,7 +168,7 @@ class WorkerMetrics:
         elif name == Event.IMAGE_IMPORT_REQUESTED:
             self._importing_since[result_id] = now
         phase = event.get("phase")
-        if name in (Event.IMAGE_FINISHED, Event.IMAGE_LEASE_LOST, Event.IMAGE_ABANDONED):
+        if name in LEFT_THIS_WORKER:
             self._finish(result_id, name, str(phase or Phase.FAILED), event, now)
         elif phase in ACTIVE_PHASES:
             self._phases[result_id] = str(phase)

@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from worker.bus import publisher
-from worker.core.events import Event, EventRecord
+from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
 from worker.logs import printable
 from worker.report import pause_lines
@@ -109,10 +109,6 @@ def _counts_text(counts: Mapping[str, int]) -> str:
 
 # --- one worker: `vmdk-migrate run` ----------------------------------------------------------
 
-# The events after which this worker no longer works on an image: it finished, or another
-# worker goes on with it.
-_STOPPED_HERE = frozenset({Event.IMAGE_FINISHED, Event.IMAGE_LEASE_LOST, Event.IMAGE_ABANDONED})
-
 
 @dataclass
 class _Stage:
@@ -160,7 +156,7 @@ class RunProgress:
             self._stages[result_id] = _Stage(job_id, str(event.get("image", result_id)))
             self._last_bytes[result_id] = 0
         phase = event.get("phase")
-        if event.event in _STOPPED_HERE:
+        if event.event in LEFT_THIS_WORKER:
             self._phases.pop(result_id, None)
             self._last_bytes.pop(result_id, None)
             if event.event == Event.IMAGE_FINISHED:  # said exactly once per image ended here

@@ -112,6 +112,18 @@ class Event(enum.StrEnum):
         return cls(f"image.{phase}")
 
 
+# After one of these this worker no longer works on the image: it finished (said once per
+# image, a crash included), or another worker goes on with it. Observers forget it then.
+LEFT_THIS_WORKER = frozenset(
+    {
+        Event.IMAGE_FINISHED,
+        Event.IMAGE_LEASE_LOST,
+        Event.IMAGE_LEASE_EXPIRED,
+        Event.IMAGE_ABANDONED,
+    }
+)
+
+
 @dataclass(frozen=True)
 class EventRecord:
     """One published event, as every subscriber sees it.
