@@ -13,7 +13,6 @@ from importlib import resources
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 import structlog
 from aiohttp import web
 
@@ -21,45 +20,14 @@ from worker.core.events import Event
 from worker.core.model import Phase
 from worker.errors import ConfigError
 from worker.store.store import open_store
+from worker.store.views import Views
 
 log = structlog.get_logger(__name__)
 
-POOL_KEY = web.AppKey("pool", asyncpg.Pool)
+VIEWS_KEY = web.AppKey("views", Views)
 MAX_JOBS = 200
 DEFAULT_IMAGE_LIMIT = 500
 MAX_IMAGE_LIMIT = 5000
-
-# Only the views of migrations/0003_dashboard_views.sql, with the columns the page shows.
-JOBS_SQL = """
-SELECT job_id, name, state, submitted_at, disk_count, total_bytes, pending, creating, staging,
-       importing, verifying, done, failed, in_progress, finished, workers, finished_percent,
-       bytes_done, bytes_failed, bytes_left, started_at, finished_at, running_s,
-       throughput_bytes_per_s, eta_s, eta_at
-FROM dashboard.job_progress
-ORDER BY submitted_at DESC, job_id
-LIMIT $1
-"""
-FAILURES_SQL = """
-SELECT job_id, error_code, images, last_message
-FROM dashboard.job_failures_by_code
-WHERE job_id = ANY($1::uuid[])
-ORDER BY images DESC, error_code
-"""
-JOB_EXISTS_SQL = "SELECT disk_count FROM dashboard.job_progress WHERE job_id = $1"
-IMAGES_SQL = """
-SELECT result_id, disk_index, image_name, phase, source_size_bytes, bytes_staged,
-       staged_percent, attempts, worker_id, leased, elapsed_s, glance_image_id, verification,
-       error_code, error_message, cleanup, updated_at
-FROM dashboard.image_progress
-WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text)
-ORDER BY disk_index
-LIMIT $3
-"""
-IMAGES_COUNT_SQL = """
-SELECT count(*) FROM dashboard.image_progress
-WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text)
-"""
-
 
 ALLOWED_HOSTS_KEY = web.AppKey("allowed_hosts", frozenset)
 # Host names a browser on this machine uses; any other Host header is refused.
@@ -104,10 +72,10 @@ async def _check_host(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
-def build_app(pool: asyncpg.Pool, *, hosts: frozenset[str] = LOOPBACK_HOSTS) -> web.Application:
-    """The page and its JSON endpoints, reading through `pool`, for requests naming `hosts`."""
+def build_app(views: Views, *, hosts: frozenset[str] = LOOPBACK_HOSTS) -> web.Application:
+    """The page and its JSON endpoints, reading through `views`, for requests naming `hosts`."""
     app = web.Application(middlewares=[_check_host])
-    app[POOL_KEY] = pool
+    app[VIEWS_KEY] = views
     app[ALLOWED_HOSTS_KEY] = hosts
     app.router.add_get("/", _page)
     app.router.add_get("/api/jobs", _jobs)
@@ -130,17 +98,9 @@ async def running_dashboard(
     """
     async with open_store(database_url, max_size=1):
         pass  # brings the schema, and so the views, up to date before serving
-    pool = await asyncpg.create_pool(
-        database_url,
-        min_size=1,
-        max_size=4,
-        # The dashboard only reads; the server refuses any write it might attempt.
-        server_settings={
-            "default_transaction_read_only": "on",
-            "application_name": "vmdk-migrate-dashboard",
-        },
-    )
-    app = build_app(pool, hosts=allowed_hosts(host, extra_hosts))
+    # The dashboard only reads; the server refuses any write it might attempt.
+    views = await Views.connect(database_url, application_name="vmdk-migrate-dashboard")
+    app = build_app(views, hosts=allowed_hosts(host, extra_hosts))
     runner = web.AppRunner(app, access_log=None)
     try:
         await runner.setup()
@@ -158,7 +118,7 @@ async def running_dashboard(
         yield url
     finally:
         await runner.cleanup()
-        await pool.close()
+        await views.close()
 
 
 async def _page(request: web.Request) -> web.Response:
@@ -167,9 +127,9 @@ async def _page(request: web.Request) -> web.Response:
 
 
 async def _jobs(request: web.Request) -> web.Response:
-    pool = request.app[POOL_KEY]
-    jobs = [dict(record) for record in await pool.fetch(JOBS_SQL, MAX_JOBS)]
-    failures = await pool.fetch(FAILURES_SQL, [job["job_id"] for job in jobs])
+    views = request.app[VIEWS_KEY]
+    jobs = await views.jobs(limit=MAX_JOBS)
+    failures = await views.job_failures([job["job_id"] for job in jobs])
     for job in jobs:
         job["failures"] = [
             {key: record[key] for key in ("error_code", "images", "last_message")}
@@ -183,12 +143,11 @@ async def _images(request: web.Request) -> web.Response:
     job_id = _parse_uuid(request.match_info["job_id"])
     phase = _parse_phase(request.query.get("phase"))
     limit = _parse_limit(request.query.get("limit"))
-    pool = request.app[POOL_KEY]
-    if await pool.fetchval(JOB_EXISTS_SQL, job_id) is None:
+    views = request.app[VIEWS_KEY]
+    if not await views.job_exists(job_id):
         raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id}"}), **_JSON_TYPE)
-    records = await pool.fetch(IMAGES_SQL, job_id, phase, limit)
-    total = await pool.fetchval(IMAGES_COUNT_SQL, job_id, phase)
-    images = [dict(record) for record in records]
+    images = await views.images(job_id, phase=phase, limit=limit)
+    total = await views.image_count(job_id, phase=phase)
     return _json({"job_id": job_id, "phase": phase, "total": total, "images": images})
 
 
