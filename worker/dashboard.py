@@ -1,13 +1,21 @@
-"""The read-only web dashboard: job progress and per-image rows from the dashboard views."""
+"""The read-only web dashboard: job progress and per-image rows from the dashboard views.
+
+Each job's bar, rate and ETA are by bytes moved (dashboard.job_bytes): the page's process
+samples them every second, and the rate is their moving average (worker/rates.py).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -19,12 +27,14 @@ from aiohttp import web
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.errors import ConfigError
+from worker.rates import SAMPLE_EVERY_S, JobRates
 from worker.store.store import open_store
 from worker.store.views import Views
 
 log = structlog.get_logger(__name__)
 
 VIEWS_KEY = web.AppKey("views", Views)
+RATES_KEY = web.AppKey("rates", JobRates)
 MAX_JOBS = 200
 DEFAULT_IMAGE_LIMIT = 500
 MAX_IMAGE_LIMIT = 5000
@@ -72,15 +82,32 @@ async def _check_host(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
-def build_app(views: Views, *, hosts: frozenset[str] = LOOPBACK_HOSTS) -> web.Application:
-    """The page and its JSON endpoints, reading through `views`, for requests naming `hosts`."""
+def build_app(
+    views: Views, rates: JobRates, *, hosts: frozenset[str] = LOOPBACK_HOSTS
+) -> web.Application:
+    """The page and its JSON endpoints, reading through `views` and the job rates `rates`
+    sample, for requests naming `hosts`."""
     app = web.Application(middlewares=[_check_host])
     app[VIEWS_KEY] = views
+    app[RATES_KEY] = rates
     app[ALLOWED_HOSTS_KEY] = hosts
     app.router.add_get("/", _page)
     app.router.add_get("/api/jobs", _jobs)
     app.router.add_get("/api/jobs/{job_id}/images", _images)
     return app
+
+
+@dataclass(frozen=True)
+class ServedDashboard:
+    """A dashboard being served: its base URL, and the job rates it samples."""
+
+    url: str
+    rates: JobRates
+    views: Views
+
+    async def sample(self) -> None:
+        """Sample every job's bytes moved now (the sampler does it every second)."""
+        await self.rates.sample(self.views)
 
 
 @asynccontextmanager
@@ -96,12 +123,36 @@ async def running_dashboard(
     It answers requests whose Host header is a loopback name, the bind address, or one of
     `extra_hosts`.
     """
+    async with serving_dashboard(
+        database_url, host=host, port=port, extra_hosts=extra_hosts
+    ) as served:
+        yield served.url
+
+
+@asynccontextmanager
+async def serving_dashboard(
+    database_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    extra_hosts: Collection[str] = (),
+    clock: Callable[[], float] = time.monotonic,
+    sample_every_s: float | None = SAMPLE_EVERY_S,
+) -> AsyncIterator[ServedDashboard]:
+    """running_dashboard, yielding the job rates too: each job's bytes moved are sampled at
+    the start and then every `sample_every_s` on `clock` (with None, only when the caller
+    calls `sample()`)."""
     async with open_store(database_url, max_size=1):
         pass  # brings the schema, and so the views, up to date before serving
     # The dashboard only reads; the server refuses any write it might attempt.
     views = await Views.connect(database_url, application_name="vmdk-migrate-dashboard")
-    app = build_app(views, hosts=allowed_hosts(host, extra_hosts))
+    rates = JobRates(clock=clock)
+    app = build_app(views, rates, hosts=allowed_hosts(host, extra_hosts))
     runner = web.AppRunner(app, access_log=None)
+    await rates.sample(views)
+    sampler = None
+    if sample_every_s is not None:
+        sampler = asyncio.create_task(rates.run(views, sample_every_s), name="dashboard-rates")
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -115,8 +166,12 @@ async def running_dashboard(
             ) from exc
         url = f"http://{host}:{runner.addresses[0][1]}/"
         log.info(Event.DASHBOARD_STARTED, url=url)
-        yield url
+        yield ServedDashboard(url, rates, views)
     finally:
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         await runner.cleanup()
         await views.close()
 
@@ -128,9 +183,12 @@ async def _page(request: web.Request) -> web.Response:
 
 async def _jobs(request: web.Request) -> web.Response:
     views = request.app[VIEWS_KEY]
+    rates = request.app[RATES_KEY]
     jobs = await views.jobs(limit=MAX_JOBS)
     failures = await views.job_failures([job["job_id"] for job in jobs])
     for job in jobs:
+        job["rate_bytes_per_s"] = rates.rate_bytes_per_s(job["job_id"])
+        job["eta_s"] = rates.eta_s(job["job_id"], job["bytes_to_move"])
         job["failures"] = [
             {key: record[key] for key in ("error_code", "images", "last_message")}
             for record in failures

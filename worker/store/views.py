@@ -60,3 +60,7 @@ class Views:
     async def image_count(self, job_id: UUID, *, phase: str | None) -> int:
         """How many images of the job there are (in `phase` if given)."""
         return int(await self._pool.fetchval(VIEW_QUERIES["image_count"], job_id, phase))
+
+    async def job_bytes(self) -> list[dict[str, Any]]:
+        """Every row of dashboard.job_bytes: bytes moved, in flight, failed and to move."""
+        return [dict(r) for r in await self._pool.fetch(VIEW_QUERIES["job_bytes"])]

@@ -3,13 +3,15 @@
 -- dashboard serves. They name only views of the dashboard schema, never a table.
 
 -- name: jobs
--- $1 at most this many jobs, newest first.
-SELECT job_id, name, state, submitted_at, disk_count, total_bytes, pending, creating, staging,
-       importing, verifying, done, failed, in_progress, finished, workers, finished_percent,
-       bytes_done, bytes_failed, bytes_left, started_at, finished_at, running_s,
-       throughput_bytes_per_s, eta_s, eta_at
-FROM dashboard.job_progress
-ORDER BY submitted_at DESC, job_id
+-- $1 at most this many jobs, newest first: counts from job_progress, bytes from job_bytes.
+SELECT p.job_id, p.name, p.state, p.submitted_at, p.disk_count, b.total_bytes, p.pending,
+       p.creating, p.staging, p.importing, p.verifying, p.done, p.failed, p.in_progress,
+       p.finished, p.workers, p.finished_percent, b.bytes_moved, b.bytes_done,
+       b.bytes_in_flight, b.bytes_failed, b.bytes_to_move, b.moved_percent, p.started_at,
+       p.finished_at, p.running_s
+FROM dashboard.job_progress AS p
+JOIN dashboard.job_bytes AS b USING (job_id)
+ORDER BY p.submitted_at DESC, p.job_id
 LIMIT $1;
 
 -- name: job_failures
@@ -37,3 +39,11 @@ LIMIT $3;
 -- $1 job id, $2 phase (NULL: every phase).
 SELECT count(*) FROM dashboard.image_progress
 WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text);
+
+-- name: job_bytes
+-- Bytes moved, in flight, failed and still to move of every job: sampled a second or so
+-- apart, bytes_moved gives each job's current rate.
+SELECT job_id, name, total_bytes, bytes_moved, bytes_done, bytes_in_flight, bytes_failed,
+       bytes_to_move, moved_percent
+FROM dashboard.job_bytes
+ORDER BY job_id;
