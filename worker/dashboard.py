@@ -149,11 +149,11 @@ async def serving_dashboard(
     rates = JobRates(clock=clock)
     app = build_app(views, rates, hosts=allowed_hosts(host, extra_hosts))
     runner = web.AppRunner(app, access_log=None)
-    await rates.sample(views)
     sampler = None
-    if sample_every_s is not None:
-        sampler = asyncio.create_task(rates.run(views, sample_every_s), name="dashboard-rates")
     try:
+        await rates.sample(views)
+        if sample_every_s is not None:
+            sampler = asyncio.create_task(rates.run(views, sample_every_s), name="dashboard-rates")
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         try:

@@ -46,8 +46,8 @@ class ByteRate:
         gained = max(0, total_bytes - self._samples[-1][1]) if self._samples else 0
         self._samples.append((at_s, total_bytes))
         self._gained.append(gained)
-        # Keep the window's samples and the one just before it: the oldest one kept is the
-        # base the window's bytes are counted from.
+        # Keep the samples of the window and the one just before it (the base when the
+        # window holds only the latest sample); older ones no longer count.
         while len(self._samples) > 2 and self._samples[1][0] <= at_s - self.window_s:
             self._samples.popleft()
             self._gained.popleft()
@@ -115,12 +115,13 @@ class JobRates:
         return eta_s(bytes_to_move, self.rate_bytes_per_s(job_id))
 
     async def run(self, views: Views, every_s: float = SAMPLE_EVERY_S) -> None:
-        """Sample every `every_s` until cancelled; a failed read is skipped, not fatal."""
+        """Sample every `every_s` from now until cancelled (the caller took the first sample);
+        a failed read is skipped, not fatal."""
         while True:
+            await asyncio.sleep(every_s)
             # The database away for a moment: the rate spans the gap at the next sample.
             with contextlib.suppress(*DATABASE_ERRORS):
                 await self.sample(views)
-            await asyncio.sleep(every_s)
 
 
 def format_bytes(count: float | None) -> str:

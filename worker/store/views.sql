@@ -1,6 +1,7 @@
 -- Every query of worker/store/views.py, one named block per Views method: the read-only
 -- reads of the dashboard views (migrations/0003_dashboard_views.sql and later) that the web
--- dashboard serves. They name only views of the dashboard schema, never a table.
+-- dashboard and `status --watch` show. They name only views of the dashboard schema, never a
+-- table, so a role granted that schema alone can run them.
 
 -- name: jobs
 -- $1 at most this many jobs, newest first: counts from job_progress, bytes from job_bytes.
