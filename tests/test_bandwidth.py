@@ -7,10 +7,22 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from structlog.testing import capture_logs
 
 from tests.benchmarks.bandwidth import measure_cap
+from tests.fixtures.db import fetch_rows
+from tests.fixtures.dblink import DatabaseLink
 from worker.cli import cli
-from worker.controls import format_rate, get_bandwidth_limit, parse_rate, worker_share
+from worker.clients.throttle import Throttle
+from worker.controls import (
+    BandwidthFollower,
+    format_rate,
+    get_bandwidth_limit,
+    parse_rate,
+    set_bandwidth_limit,
+    worker_share,
+)
+from worker.core.events import Event
 from worker.sandbox import Sandbox
 
 MIB = 1 << 20
@@ -83,3 +95,34 @@ def test_workers_share_the_cap_by_the_uploads_they_send() -> None:
     # An idle worker holds a part ready for the upload it may start before its next report.
     assert worker_share(100 * MIB, mine=0, others=4) == 50 * MIB
     assert worker_share(100 * MIB, mine=0, others=0) == 100 * MIB
+
+
+async def test_a_failed_report_keeps_the_last_rate_and_the_next_one_follows_again(
+    database_url: str,
+) -> None:
+    link = DatabaseLink(database_url)
+    await link.up()
+    follower = BandwidthFollower(link.dsn, "worker-a", Throttle())
+    try:
+        await set_bandwidth_limit(database_url, 40 * MIB)
+        await follower.follow_once()
+        assert follower.throttle.rate_bytes_per_s == 40 * MIB
+
+        await link.down()
+        await set_bandwidth_limit(database_url, 20 * MIB)
+        with capture_logs() as logs:
+            await follower.follow_once()
+        # The database is out of reach: the cap stays, it is not lifted.
+        assert follower.throttle.rate_bytes_per_s == 40 * MIB
+        assert [line["event"] for line in logs] == [Event.WORKER_CONTROLS_UNREAD]
+
+        await link.up()
+        await follower.follow_once()
+        assert follower.throttle.rate_bytes_per_s == 20 * MIB
+        reported = await fetch_rows(database_url, "SELECT worker_id FROM worker_streams")
+        assert [row["worker_id"] for row in reported] == ["worker-a"]
+    finally:
+        await follower.stop()
+        await link.down()
+    # A follower that stops takes itself out of the split.
+    assert await fetch_rows(database_url, "SELECT worker_id FROM worker_streams") == []

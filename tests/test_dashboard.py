@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import aiohttp
@@ -17,14 +18,15 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from tests.fixtures.views import Disk, seed_job
+from tests.fixtures.views import WORKER, Disk, seed_job
 from worker.core.model import Phase
-from worker.dashboard import running_dashboard
+from worker.dashboard import running_dashboard, serving_dashboard
 from worker.store import Store
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"
 GIB = 1 << 30
+MIB = 1 << 20
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +101,14 @@ async def test_jobs_endpoint_lists_jobs_newest_first_with_counts_and_failures(
     ]
     assert jobs[0]["job_id"] == str(job_ids["wave-2"])
     assert (jobs[0]["in_progress"], jobs[0]["pending"], jobs[0]["disk_count"]) == (2, 2, 7)
-    assert jobs[0]["eta_s"] > 0
+    # By bytes: done 120, staged so far 52 + 80 (importing), failed 80, to move 28 + 200.
+    assert (jobs[0]["total_bytes"], jobs[0]["bytes_moved"]) == (560 * GIB, 252 * GIB)
+    assert (jobs[0]["bytes_done"], jobs[0]["bytes_in_flight"]) == (120 * GIB, 132 * GIB)
+    assert (jobs[0]["bytes_failed"], jobs[0]["bytes_to_move"]) == (80 * GIB, 228 * GIB)
+    assert jobs[0]["moved_percent"] == 45.0
+    # Nothing moves in the seeded job: no rate (one sample) or none at all, so no ETA.
+    assert jobs[0]["rate_bytes_per_s"] in (None, 0.0)
+    assert jobs[0]["eta_s"] is None
     assert jobs[1]["eta_s"] == 0
     assert jobs[1]["failures"] == [
         {"error_code": "virtio_failed", "images": 1, "last_message": "db-01: virtio_failed"}
@@ -215,11 +224,31 @@ def text_of(html: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
 
+def bar_widths(dom: str, job_id: UUID) -> dict[str, float]:
+    """The width in percent of each segment of a job's bar, by kind."""
+    card = re.search(rf'<article[^>]*data-job-id="{job_id}".*?</article>', dom, flags=re.S)
+    assert card is not None
+    bar = re.search(r'<div class="bar"[^>]*>(.*?)</div>', card.group(0), flags=re.S)
+    assert bar is not None
+    segments = re.findall(r'class="seg-(\w+)" style="width:([0-9.e+-]+)%"', bar.group(1))
+    return {kind: float(width) for kind, width in segments}
+
+
 async def test_the_page_renders_jobs_counts_and_the_failed_images_error_code(
-    chromium: Path, dashboard_url: str, tmp_path: Path
+    chromium: Path, dashboard_url: str, job_ids: dict[str, UUID], tmp_path: Path
 ) -> None:
     dom = await run_chromium(chromium, tmp_path / "profile", dashboard_url, "--dump-dom")
     text = text_of(dom)
+
+    # The bar is by bytes: 252 of 560 GiB moved, though only 2 of 7 images are done.
+    widths = bar_widths(dom, job_ids["wave-2"])
+    assert widths["done"] + widths["progress"] == pytest.approx(100 * 252 / 560)
+    assert widths == pytest.approx(
+        {"done": 100 * 120 / 560, "progress": 100 * 132 / 560, "failed": 100 * 80 / 560,
+         "pending": 100 * 228 / 560}
+    )  # fmt: skip
+    assert "45.0% done 2 failed 1" in text
+    assert re.search(r"252\.0 GiB of 560\.0 GiB moved 228\.0 GiB to move rate (–|0 B/s) ", text)
 
     assert "wave-1" in text
     assert "wave-2" in text
@@ -284,3 +313,47 @@ async def test_the_dashboard_command_serves_until_sigterm(
         process.terminate()
         await asyncio.wait_for(process.wait(), timeout=30)
     assert process.returncode == 0
+
+
+async def test_the_rate_and_eta_follow_the_bytes_moved_sampled_each_second(
+    chromium: Path, store: Store, database_url: str, tmp_path: Path
+) -> None:
+    seeded = await seed_job(
+        store, "big", [Disk("disk-1", 100 * GIB, Phase.STAGING), Disk("disk-2", 100 * GIB)]
+    )
+    (uploading, _) = await store.result_rows(seeded.job_id)
+    now = [0.0]
+    staged = 0
+
+    async def upload_for_a_second(rate_bytes_per_s: int) -> None:
+        nonlocal staged
+        staged += rate_bytes_per_s
+        now[0] += 1.0
+        await store.set_progress(uploading.id, worker_id=WORKER, bytes_staged=staged)
+        await served.sample()
+
+    async def job() -> dict[str, Any]:
+        status, body = await get(served.url + "api/jobs")
+        assert status == 200
+        assert isinstance(body, dict)
+        (only,) = body["jobs"]
+        assert isinstance(only, dict)
+        return only
+
+    async with serving_dashboard(database_url, clock=lambda: now[0], sample_every_s=None) as served:
+        for _ in range(5):
+            await upload_for_a_second(40 * MIB)
+        before = await job()
+        for _ in range(3):  # the cap is halved: within 3 s the rate is the new one
+            await upload_for_a_second(20 * MIB)
+        after = await job()
+        dom = await run_chromium(chromium, tmp_path / "profile", served.url, "--dump-dom")
+
+    assert before["rate_bytes_per_s"] == pytest.approx(40 * MIB)
+    assert before["eta_s"] == pytest.approx((200 * GIB - 200 * MIB) / (40 * MIB))
+    assert after["rate_bytes_per_s"] == pytest.approx(20 * MIB)
+    assert after["bytes_to_move"] == 200 * GIB - 260 * MIB
+    assert after["eta_s"] == pytest.approx((200 * GIB - 260 * MIB) / (20 * MIB))
+    text = text_of(dom)
+    assert "rate 20.0 MiB/s" in text
+    assert "ETA 2 h 50 min" in text  # 204540 MiB at 20 MiB/s: 10227 s

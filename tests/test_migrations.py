@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import fields
+from importlib import resources
 
 import asyncpg
 import pytest
 
 from tests.fixtures.db import create_database, drop_database, dsn_with_database, unique_name
 from worker.store import ResultRow, Store
-from worker.store.sql import QUERIES, load_migrations, parse_queries
+from worker.store.controls import Controls
+from worker.store.sql import QUERIES, load_migrations, load_queries, parse_queries
+from worker.store.views import Views
 
 EXPECTED_COLUMNS = {
     "schema_migrations": ["version", "name", "applied_at"],
@@ -180,6 +183,23 @@ async def test_concurrent_upgrades_from_two_pools_apply_each_migration_once(
     all_versions = [m.version for m in load_migrations()]
     assert sorted(results) == [[], [], all_versions]
     assert await _columns(empty_database_url) == EXPECTED_COLUMNS
+
+
+# Each file of named queries beside worker/store/sql.py, and the class that runs them.
+QUERY_FILES: dict[str, type] = {"queries.sql": Store, "views.sql": Views, "controls.sql": Controls}
+
+
+def test_every_file_of_named_queries_has_its_class() -> None:
+    folder = resources.files("worker.store")
+    shipped = {entry.name for entry in folder.iterdir() if entry.name.endswith(".sql")}
+    assert shipped == set(QUERY_FILES)
+
+
+@pytest.mark.parametrize("filename", sorted(set(QUERY_FILES) - {"queries.sql"}))
+def test_every_named_query_belongs_to_a_method_of_the_same_name(filename: str) -> None:
+    queries = load_queries(filename)
+    assert queries
+    assert set(queries) <= set(dir(QUERY_FILES[filename]))
 
 
 def test_every_named_query_belongs_to_a_store_method_of_the_same_name() -> None:

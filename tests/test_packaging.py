@@ -32,6 +32,10 @@ def test_building_the_wheel_prints_no_deprecation_warning(tmp_path: Path) -> Non
     with zipfile.ZipFile(wheel) as archive:
         metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         assert "License-Expression: Apache-2.0" in archive.read(metadata).decode()
+        # Every file of named queries ships with the code that loads it.
+        shipped = set(archive.namelist())
+        for sql in (ROOT / "worker" / "store").glob("*.sql"):
+            assert f"worker/store/{sql.name}" in shipped, sql.name
 
 
 def test_help_imports_none_of_the_heavy_libraries() -> None:

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from tests.fixtures.batch import migrate, submit
-from tests.fixtures.views import Disk, seed_job
+from tests.fixtures.views import WORKER, Disk, seed_job
 from worker.core.model import Phase
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.store import Store
@@ -23,6 +23,7 @@ VIEWS = (
     "failures_by_code",
     "image_progress",
     "throughput_per_minute",
+    "job_bytes",
 )
 
 
@@ -155,6 +156,42 @@ async def test_jobs_not_started_have_no_rates_and_say_why(store: Store, database
         assert job["eta_at"] is None
         assert job["finished_percent"] == 0.0
     assert (jobs[queued.job_id]["pending"], jobs[queued.job_id]["bytes_left"]) == (2, 30)
+
+
+async def test_job_bytes_count_what_moved_during_uploads_too(
+    store: Store, database_url: str
+) -> None:
+    seeded = await seed_job(
+        store,
+        "mixed",
+        [
+            Disk("done", 1000, Phase.DONE, bytes_staged=1000),
+            Disk("uploading", 1000, Phase.STAGING, bytes_staged=250),
+            Disk("importing", 1000, Phase.IMPORTING, bytes_staged=1000),
+            Disk("failed", 1000, Phase.FAILED, "import_timeout", bytes_staged=600),
+            Disk("creating", 1000, Phase.CREATING),
+            Disk("waiting", 1000),
+        ],
+    )
+    (job,) = await fetch(
+        database_url, "SELECT * FROM dashboard.job_bytes WHERE job_id = $1", seeded.job_id
+    )
+
+    assert job["total_bytes"] == 6000
+    # All of what is done or staged, and the staged part of the upload in progress.
+    assert (job["bytes_moved"], job["bytes_done"], job["bytes_in_flight"]) == (2250, 1000, 1250)
+    # A failed image's upload does not count; its bytes will not move unless retried.
+    assert (job["bytes_failed"], job["bytes_to_move"]) == (1000, 2750)
+    assert job["bytes_moved"] + job["bytes_failed"] + job["bytes_to_move"] == job["total_bytes"]
+    assert job["moved_percent"] == 37.5
+
+    # An upload that goes on moves the job's bytes with it, before any image finishes.
+    (claim,) = [c for c in await store.result_rows(seeded.job_id) if c.image_name == "uploading"]
+    await store.set_progress(claim.id, worker_id=WORKER, bytes_staged=900)
+    (job,) = await fetch(
+        database_url, "SELECT * FROM dashboard.job_bytes WHERE job_id = $1", seeded.job_id
+    )
+    assert (job["bytes_moved"], job["bytes_to_move"]) == (2900, 2100)
 
 
 async def test_phase_counts_list_every_phase_of_every_job(store: Store, database_url: str) -> None:

@@ -548,14 +548,20 @@ def status(
     interval_s: float,
 ) -> None:
     """Counts by phase per job, and its first images; --watch follows the whole fleet."""
-    from worker.progress import watch_fleet
+    from worker.fleet import watch_fleet
     from worker.report import pause_lines, print_job_status, write_status
     from worker.store.store import open_store
+    from worker.store.views import Views
 
     async def go() -> int:
-        async with open_store(_database_url(database_url, reading=True)) as store:
+        url = _database_url(database_url, reading=True)
+        async with open_store(url) as store:
             if watch:
-                await watch_fleet(store, interval_s=interval_s, stop=_stop_on_signals())
+                views = await Views.connect(url, max_size=1, application_name="vmdk-migrate-status")
+                try:
+                    await watch_fleet(store, views, interval_s=interval_s, stop=_stop_on_signals())
+                finally:
+                    await views.close()
                 return EXIT_OK
             summaries = await store.job_summaries(job)
             if job and not summaries:

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import asyncpg
 import structlog
 
 from worker.clients.throttle import Throttle
 from worker.core.events import Event
+from worker.store.controls import Controls, open_controls
+from worker.store.problems import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -40,22 +41,6 @@ _UNITS = {
     "gib": 1024**3,
 }
 _RATE = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]*)\s*(?:/\s*s)?\s*$", re.I)
-
-_GET_LIMIT = "SELECT bandwidth_bytes_per_s FROM controls WHERE id"
-_SET_LIMIT = """
-UPDATE controls SET bandwidth_bytes_per_s = $1, updated_at = now(), updated_by = $2 WHERE id
-"""
-# One statement a second per worker: report our uploads, read the cap and everyone's uploads.
-_REPORT = """
-WITH reported AS (
-    INSERT INTO worker_streams (worker_id, streams, seen_at) VALUES ($1, $2, now())
-    ON CONFLICT (worker_id) DO UPDATE SET streams = EXCLUDED.streams, seen_at = now()
-)
-SELECT (SELECT bandwidth_bytes_per_s FROM controls WHERE id) AS limit_bytes_per_s,
-       (SELECT coalesce(sum(streams), 0) FROM worker_streams
-         WHERE worker_id <> $1 AND seen_at > now() - make_interval(secs => $3)) AS others
-"""
-_FORGET = "DELETE FROM worker_streams WHERE worker_id = $1"
 
 
 def parse_rate(text: str) -> int | None:
@@ -84,23 +69,16 @@ def format_rate(rate_bytes_per_s: float | None) -> str:
 
 async def get_bandwidth_limit(database_url: str) -> int | None:
     """The cap of all workers together, in bytes per second; None when there is none."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        value = await conn.fetchval(_GET_LIMIT)
-    finally:
-        await conn.close()
-    return int(value) if value is not None else None
+    async with open_controls(database_url) as controls:
+        return await controls.bandwidth_limit()
 
 
 async def set_bandwidth_limit(
     database_url: str, rate_bytes_per_s: int | None, *, updated_by: str | None = None
 ) -> None:
     """Set (or with None, lift) the cap; running workers follow within a second or two."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(_SET_LIMIT, rate_bytes_per_s, updated_by)
-    finally:
-        await conn.close()
+    async with open_controls(database_url) as controls:
+        await controls.set_bandwidth_limit(rate_bytes_per_s, updated_by=updated_by)
 
 
 def worker_share(limit_bytes_per_s: int | None, *, mine: int, others: int) -> float | None:
@@ -115,40 +93,61 @@ def worker_share(limit_bytes_per_s: int | None, *, mine: int, others: int) -> fl
 
 @dataclass
 class BandwidthFollower:
-    """Keeps a Throttle at this worker's share of the cap from the database."""
+    """Keeps a Throttle at this worker's share of the cap from the database.
+
+    A report that fails (the database restarting, the link down) leaves the rate as it was,
+    so a hiccup never lifts the cap; the next report opens a new connection.
+    """
 
     database_url: str
     worker_id: str
     throttle: Throttle
     every_s: float = FOLLOW_EVERY_S
+    _controls: Controls | None = field(default=None, init=False, repr=False)
 
     async def run(self) -> None:
-        conn = await asyncpg.connect(self.database_url)
         try:
             while True:
-                await self._follow_once(conn)
+                await self.follow_once()
                 await asyncio.sleep(self.every_s)
         finally:
-            with contextlib.suppress(Exception):
-                await conn.execute(_FORGET, self.worker_id)
-            await conn.close()
+            await self.stop()
 
-    async def _follow_once(self, conn: asyncpg.Connection) -> None:
+    async def follow_once(self) -> None:
+        """Report this worker's uploads and take its share of the cap; on failure keep the
+        last known rate."""
         mine = self.throttle.streams
         try:
-            record = await conn.fetchrow(_REPORT, self.worker_id, mine, LIVE_WITHIN_S)
-        except (asyncpg.PostgresError, OSError) as exc:
-            # Keep the last known rate: a database hiccup must not lift the cap.
+            if self._controls is None:
+                self._controls = await Controls.connect(self.database_url)
+            report = await self._controls.report_streams(
+                self.worker_id, mine, live_within_s=LIVE_WITHIN_S
+            )
+        except DATABASE_ERRORS as exc:
             log.warning(Event.WORKER_CONTROLS_UNREAD, error=str(exc))
+            await self._drop_connection()
             return
-        share = worker_share(record["limit_bytes_per_s"], mine=mine, others=record["others"])
+        share = worker_share(report.limit_bytes_per_s, mine=mine, others=report.others)
         if share != self.throttle.rate_bytes_per_s:
             log.info(
                 Event.WORKER_BANDWIDTH_CHANGED,
-                limit_bytes_per_s=record["limit_bytes_per_s"],
+                limit_bytes_per_s=report.limit_bytes_per_s,
                 share_bytes_per_s=share,
             )
             self.throttle.set_rate(share)
+
+    async def stop(self) -> None:
+        """Take this worker out of the split and close the connection."""
+        if self._controls is not None:
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await self._controls.forget_streams(self.worker_id)
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        controls, self._controls = self._controls, None
+        if controls is not None:
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await controls.close()
 
 
 @contextlib.asynccontextmanager

@@ -1,65 +1,43 @@
-"""The read-only web dashboard: job progress and per-image rows from the dashboard views."""
+"""The read-only web dashboard: job progress and per-image rows from the dashboard views.
+
+Each job's bar, rate and ETA are by bytes moved (dashboard.job_bytes): the page's process
+samples them every second, and the rate is their moving average (worker/rates.py).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 import structlog
 from aiohttp import web
 
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.errors import ConfigError
+from worker.rates import SAMPLE_EVERY_S, JobRates
 from worker.store.store import open_store
+from worker.store.views import Views
 
 log = structlog.get_logger(__name__)
 
-POOL_KEY = web.AppKey("pool", asyncpg.Pool)
+VIEWS_KEY = web.AppKey("views", Views)
+RATES_KEY = web.AppKey("rates", JobRates)
 MAX_JOBS = 200
 DEFAULT_IMAGE_LIMIT = 500
 MAX_IMAGE_LIMIT = 5000
-
-# Only the views of migrations/0003_dashboard_views.sql, with the columns the page shows.
-JOBS_SQL = """
-SELECT job_id, name, state, submitted_at, disk_count, total_bytes, pending, creating, staging,
-       importing, verifying, done, failed, in_progress, finished, workers, finished_percent,
-       bytes_done, bytes_failed, bytes_left, started_at, finished_at, running_s,
-       throughput_bytes_per_s, eta_s, eta_at
-FROM dashboard.job_progress
-ORDER BY submitted_at DESC, job_id
-LIMIT $1
-"""
-FAILURES_SQL = """
-SELECT job_id, error_code, images, last_message
-FROM dashboard.job_failures_by_code
-WHERE job_id = ANY($1::uuid[])
-ORDER BY images DESC, error_code
-"""
-JOB_EXISTS_SQL = "SELECT disk_count FROM dashboard.job_progress WHERE job_id = $1"
-IMAGES_SQL = """
-SELECT result_id, disk_index, image_name, phase, source_size_bytes, bytes_staged,
-       staged_percent, attempts, worker_id, leased, elapsed_s, glance_image_id, verification,
-       error_code, error_message, cleanup, updated_at
-FROM dashboard.image_progress
-WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text)
-ORDER BY disk_index
-LIMIT $3
-"""
-IMAGES_COUNT_SQL = """
-SELECT count(*) FROM dashboard.image_progress
-WHERE job_id = $1 AND ($2::text IS NULL OR phase = $2::text)
-"""
-
 
 ALLOWED_HOSTS_KEY = web.AppKey("allowed_hosts", frozenset)
 # Host names a browser on this machine uses; any other Host header is refused.
@@ -104,15 +82,32 @@ async def _check_host(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
-def build_app(pool: asyncpg.Pool, *, hosts: frozenset[str] = LOOPBACK_HOSTS) -> web.Application:
-    """The page and its JSON endpoints, reading through `pool`, for requests naming `hosts`."""
+def build_app(
+    views: Views, rates: JobRates, *, hosts: frozenset[str] = LOOPBACK_HOSTS
+) -> web.Application:
+    """The page and its JSON endpoints, reading through `views` and the job rates `rates`
+    sample, for requests naming `hosts`."""
     app = web.Application(middlewares=[_check_host])
-    app[POOL_KEY] = pool
+    app[VIEWS_KEY] = views
+    app[RATES_KEY] = rates
     app[ALLOWED_HOSTS_KEY] = hosts
     app.router.add_get("/", _page)
     app.router.add_get("/api/jobs", _jobs)
     app.router.add_get("/api/jobs/{job_id}/images", _images)
     return app
+
+
+@dataclass(frozen=True)
+class ServedDashboard:
+    """A dashboard being served: its base URL, and the job rates it samples."""
+
+    url: str
+    rates: JobRates
+    views: Views
+
+    async def sample(self) -> None:
+        """Sample every job's bytes moved now (the sampler does it every second)."""
+        await self.rates.sample(self.views)
 
 
 @asynccontextmanager
@@ -128,21 +123,37 @@ async def running_dashboard(
     It answers requests whose Host header is a loopback name, the bind address, or one of
     `extra_hosts`.
     """
+    async with serving_dashboard(
+        database_url, host=host, port=port, extra_hosts=extra_hosts
+    ) as served:
+        yield served.url
+
+
+@asynccontextmanager
+async def serving_dashboard(
+    database_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    extra_hosts: Collection[str] = (),
+    clock: Callable[[], float] = time.monotonic,
+    sample_every_s: float | None = SAMPLE_EVERY_S,
+) -> AsyncIterator[ServedDashboard]:
+    """running_dashboard, yielding the job rates too: each job's bytes moved are sampled at
+    the start and then every `sample_every_s` on `clock` (with None, only when the caller
+    calls `sample()`)."""
     async with open_store(database_url, max_size=1):
         pass  # brings the schema, and so the views, up to date before serving
-    pool = await asyncpg.create_pool(
-        database_url,
-        min_size=1,
-        max_size=4,
-        # The dashboard only reads; the server refuses any write it might attempt.
-        server_settings={
-            "default_transaction_read_only": "on",
-            "application_name": "vmdk-migrate-dashboard",
-        },
-    )
-    app = build_app(pool, hosts=allowed_hosts(host, extra_hosts))
+    # The dashboard only reads; the server refuses any write it might attempt.
+    views = await Views.connect(database_url, application_name="vmdk-migrate-dashboard")
+    rates = JobRates(clock=clock)
+    app = build_app(views, rates, hosts=allowed_hosts(host, extra_hosts))
     runner = web.AppRunner(app, access_log=None)
+    sampler = None
     try:
+        await rates.sample(views)
+        if sample_every_s is not None:
+            sampler = asyncio.create_task(rates.run(views, sample_every_s), name="dashboard-rates")
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         try:
@@ -155,10 +166,14 @@ async def running_dashboard(
             ) from exc
         url = f"http://{host}:{runner.addresses[0][1]}/"
         log.info(Event.DASHBOARD_STARTED, url=url)
-        yield url
+        yield ServedDashboard(url, rates, views)
     finally:
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         await runner.cleanup()
-        await pool.close()
+        await views.close()
 
 
 async def _page(request: web.Request) -> web.Response:
@@ -167,10 +182,13 @@ async def _page(request: web.Request) -> web.Response:
 
 
 async def _jobs(request: web.Request) -> web.Response:
-    pool = request.app[POOL_KEY]
-    jobs = [dict(record) for record in await pool.fetch(JOBS_SQL, MAX_JOBS)]
-    failures = await pool.fetch(FAILURES_SQL, [job["job_id"] for job in jobs])
+    views = request.app[VIEWS_KEY]
+    rates = request.app[RATES_KEY]
+    jobs = await views.jobs(limit=MAX_JOBS)
+    failures = await views.job_failures([job["job_id"] for job in jobs])
     for job in jobs:
+        job["rate_bytes_per_s"] = rates.rate_bytes_per_s(job["job_id"])
+        job["eta_s"] = rates.eta_s(job["job_id"], job["bytes_to_move"])
         job["failures"] = [
             {key: record[key] for key in ("error_code", "images", "last_message")}
             for record in failures
@@ -183,12 +201,11 @@ async def _images(request: web.Request) -> web.Response:
     job_id = _parse_uuid(request.match_info["job_id"])
     phase = _parse_phase(request.query.get("phase"))
     limit = _parse_limit(request.query.get("limit"))
-    pool = request.app[POOL_KEY]
-    if await pool.fetchval(JOB_EXISTS_SQL, job_id) is None:
+    views = request.app[VIEWS_KEY]
+    if not await views.job_exists(job_id):
         raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id}"}), **_JSON_TYPE)
-    records = await pool.fetch(IMAGES_SQL, job_id, phase, limit)
-    total = await pool.fetchval(IMAGES_COUNT_SQL, job_id, phase)
-    images = [dict(record) for record in records]
+    images = await views.images(job_id, phase=phase, limit=limit)
+    total = await views.image_count(job_id, phase=phase)
     return _json({"job_id": job_id, "phase": phase, "total": total, "images": images})
 
 

@@ -1,4 +1,9 @@
-"""Loads the named runtime queries and the numbered migrations shipped beside this module."""
+"""Loads the named queries and the numbered migrations shipped beside this module.
+
+Every SQL statement of the program lives in this package: queries.sql for the Store,
+views.sql for the read-only readers of the dashboard views (worker/store/views.py), and
+controls.sql for the run-time controls (worker/store/controls.py).
+"""
 
 from __future__ import annotations
 
@@ -39,9 +44,9 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
-def load_queries() -> dict[str, str]:
-    """The queries of queries.sql, by name."""
-    text = resources.files(_PACKAGE).joinpath("queries.sql").read_text(encoding="utf-8")
+def load_queries(filename: str = "queries.sql") -> dict[str, str]:
+    """The queries of one file of named queries beside this module, by name."""
+    text = resources.files(_PACKAGE).joinpath(filename).read_text(encoding="utf-8")
     return parse_queries(text)
 
 
