@@ -46,11 +46,11 @@ async def test_the_command_sets_shows_and_lifts_the_cap(database_url: str) -> No
 
     set_result = await asyncio.to_thread(limit, "--bandwidth", "50MiB/s")
     assert set_result.exit_code == 0, set_result.output
-    assert "50 MiB/s" in set_result.output
+    assert "50.0 MiB/s" in set_result.output
     assert await get_bandwidth_limit(database_url) == 50 * MIB
 
     shown = await asyncio.to_thread(limit)
-    assert "50 MiB/s" in shown.output
+    assert "50.0 MiB/s" in shown.output
 
     lifted = await asyncio.to_thread(limit, "--bandwidth", "off")
     assert lifted.exit_code == 0
@@ -84,7 +84,7 @@ def test_what_is_not_a_rate_is_refused(text: str) -> None:
 
 
 def test_rates_print_in_binary_units() -> None:
-    assert format_rate(50 * MIB) == "50 MiB/s"
+    assert format_rate(50 * MIB) == "50.0 MiB/s"
     assert format_rate(None) == "off"
 
 

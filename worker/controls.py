@@ -14,14 +14,14 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import structlog
-
+from worker import rates
+from worker.bus import publisher
 from worker.clients.throttle import Throttle
 from worker.core.events import Event
 from worker.store.controls import Controls, open_controls
 from worker.store.problems import DATABASE_ERRORS
 
-log = structlog.get_logger(__name__)
+events = publisher(__name__)
 
 FOLLOW_EVERY_S = 1.0
 # A worker that has not reported for this long is gone (or stuck) and gets no share.
@@ -58,13 +58,8 @@ def parse_rate(text: str) -> int | None:
 
 
 def format_rate(rate_bytes_per_s: float | None) -> str:
-    """'50 MiB/s' style, or 'off'."""
-    if rate_bytes_per_s is None:
-        return "off"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if rate_bytes_per_s >= size:
-            return f"{rate_bytes_per_s / size:g} {unit}/s"
-    return f"{rate_bytes_per_s:g} B/s"
+    """The cap as `limit` shows it: '50.0 MiB/s' style (IEC units), or 'off'."""
+    return "off" if rate_bytes_per_s is None else rates.format_rate(rate_bytes_per_s)
 
 
 async def get_bandwidth_limit(database_url: str) -> int | None:
@@ -124,12 +119,12 @@ class BandwidthFollower:
                 self.worker_id, mine, live_within_s=LIVE_WITHIN_S
             )
         except DATABASE_ERRORS as exc:
-            log.warning(Event.WORKER_CONTROLS_UNREAD, error=str(exc))
+            events.warning(Event.WORKER_CONTROLS_UNREAD, error=str(exc))
             await self._drop_connection()
             return
         share = worker_share(report.limit_bytes_per_s, mine=mine, others=report.others)
         if share != self.throttle.rate_bytes_per_s:
-            log.info(
+            events.info(
                 Event.WORKER_BANDWIDTH_CHANGED,
                 limit_bytes_per_s=report.limit_bytes_per_s,
                 share_bytes_per_s=share,

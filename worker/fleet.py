@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TextIO
 
 from rich.console import Console, Group, RenderableType
@@ -21,14 +22,57 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from worker.core.model import Phase
 from worker.logs import printable
-from worker.progress import FleetSnapshot, fleet_snapshot
+from worker.progress import unfinished
 from worker.rates import JobRates, format_bytes, format_eta, format_rate
 from worker.report import pause_lines
-from worker.store.store import JobSummary, Store
+from worker.store.store import JobSummary, Pause, ResultRow, Store
 from worker.store.views import Views
 
 _BAR_WIDTH = 30
+
+
+_RECENT_FINISHED_JOBS = 5  # also shown: this many finished jobs
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """An image some worker holds a lease on."""
+
+    worker_id: str
+    job_name: str
+    row: ResultRow
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Every job's counts, and the images in flight on every worker, read at one moment."""
+
+    jobs: Sequence[JobSummary]
+    in_flight: Sequence[InFlight]
+    older_jobs: int = 0  # finished jobs left out of `jobs`
+    pauses: Sequence[Pause] = ()  # workers waiting out an outage
+
+
+async def fleet_snapshot(store: Store) -> FleetSnapshot:
+    """Unfinished jobs, the latest finished ones, and the rows workers hold right now."""
+    summaries = await store.job_summaries()
+    running = [s for s in summaries if unfinished(s)]
+    finished = [s for s in summaries if not unfinished(s)]
+    in_flight: list[InFlight] = []
+    for summary in running:
+        for row in await store.result_rows(summary.job_id):
+            if row.lease_expires_at is not None and not Phase(row.phase).terminal:
+                in_flight.append(InFlight(row.worker_id or "?", summary.name, row))
+    in_flight.sort(key=lambda f: (f.worker_id, f.job_name, f.row.disk_index))
+    shown = running + finished[:_RECENT_FINISHED_JOBS]
+    return FleetSnapshot(
+        shown,
+        in_flight,
+        older_jobs=len(finished[_RECENT_FINISHED_JOBS:]),
+        pauses=await store.pauses(),
+    )
 
 
 def _counts_text(job: JobSummary) -> str:

@@ -7,13 +7,13 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from uuid import UUID
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import (
@@ -32,8 +32,8 @@ from worker.bus import publisher
 from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
 from worker.logs import printable
-from worker.report import pause_lines
-from worker.store.store import JobSummary, Pause, ResultRow, Store
+from worker.rates import format_rate
+from worker.store.store import JobSummary, Store
 
 events = publisher(__name__)
 
@@ -41,20 +41,11 @@ LOG_EVERY_S = 10.0  # off a terminal, at most one worker.progress line this ofte
 _REDRAW_S = 0.25
 RATE_WINDOW_S = 3.0  # the bars' rate is the bytes moved over this many seconds
 _REFRESH_DB_S = 1.0
-_RECENT_FINISHED_JOBS = 5  # status --watch also shows this many finished jobs
 
 
 def wants_bars(mode: str, stream: TextIO) -> bool:
     """mode auto|bars|log|off: auto draws bars when `stream` is a terminal."""
     return mode == "bars" or (mode == "auto" and stream.isatty())
-
-
-def iec_rate(bytes_per_s: float) -> str:
-    """A rate in IEC units, as the cap and the sizes are given: '44.6 MiB/s'."""
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if bytes_per_s >= size:
-            return f"{bytes_per_s / size:.1f} {unit}/s"
-    return f"{bytes_per_s:.0f} B/s"
 
 
 class IecSpeedColumn(ProgressColumn):
@@ -64,7 +55,7 @@ class IecSpeedColumn(ProgressColumn):
         speed = task.finished_speed or task.speed
         if speed is None:
             return Text("" if task.finished else "?", style="progress.data.speed")
-        return Text(iec_rate(speed), style="progress.data.speed")
+        return Text(format_rate(speed), style="progress.data.speed")
 
 
 def new_bars(console: Console, *, clock: Callable[[], float] | None = None) -> Progress:
@@ -269,140 +260,9 @@ class RunProgress:
 
 
 async def _unfinished_job_ids(store: Store) -> list[str]:
-    return [str(s.job_id) for s in await store.job_summaries() if _unfinished(s)]
+    return [str(s.job_id) for s in await store.job_summaries() if unfinished(s)]
 
 
-def _unfinished(summary: JobSummary) -> bool:
+def unfinished(summary: JobSummary) -> bool:
+    """Whether some image of the job has not ended yet."""
     return any(n for phase, n in summary.counts.items() if not Phase(phase).terminal)
-
-
-# --- the fleet: `vmdk-migrate status --watch` ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """An image some worker holds a lease on."""
-
-    worker_id: str
-    job_name: str
-    row: ResultRow
-
-
-@dataclass(frozen=True)
-class FleetSnapshot:
-    """Every job's counts, and the images in flight on every worker, read at one moment."""
-
-    jobs: Sequence[JobSummary]
-    in_flight: Sequence[InFlight]
-    older_jobs: int = 0  # finished jobs left out of `jobs`
-    pauses: Sequence[Pause] = ()  # workers waiting out an outage
-
-
-async def fleet_snapshot(store: Store) -> FleetSnapshot:
-    """Unfinished jobs, the latest finished ones, and the rows workers hold right now."""
-    summaries = await store.job_summaries()
-    unfinished = [s for s in summaries if _unfinished(s)]
-    finished = [s for s in summaries if not _unfinished(s)]
-    in_flight: list[InFlight] = []
-    for summary in unfinished:
-        for row in await store.result_rows(summary.job_id):
-            if row.lease_expires_at is not None and not Phase(row.phase).terminal:
-                in_flight.append(InFlight(row.worker_id or "?", summary.name, row))
-    in_flight.sort(key=lambda f: (f.worker_id, f.job_name, f.row.disk_index))
-    shown = unfinished + finished[:_RECENT_FINISHED_JOBS]
-    return FleetSnapshot(
-        shown,
-        in_flight,
-        older_jobs=len(finished[_RECENT_FINISHED_JOBS:]),
-        pauses=await store.pauses(),
-    )
-
-
-def format_fleet(snapshot: FleetSnapshot) -> str:
-    """A plain-text snapshot for a pipe or a log file."""
-    workers = {f.worker_id for f in snapshot.in_flight}
-    lines = [
-        f"fleet at {time.strftime('%Y-%m-%d %H:%M:%S')}: {len(snapshot.jobs)} job(s), "
-        f"{len(snapshot.in_flight)} image(s) in flight on {len(workers)} worker(s)"
-    ]
-    for job in snapshot.jobs:
-        percent = 100 * job.bytes_staged // job.total_bytes if job.total_bytes else 100
-        lines.append(
-            f"job {job.name} {job.job_id}: {job.disk_count} image(s) {_counts_text(job.counts)} "
-            f"{job.bytes_staged}/{job.total_bytes} bytes staged ({percent}%)"
-        )
-    if snapshot.older_jobs:
-        lines.append(f"(+{snapshot.older_jobs} older finished job(s))")
-    lines.extend(pause_lines(snapshot.pauses))
-    for flight in snapshot.in_flight:
-        row = flight.row
-        size = row.source_size_bytes
-        percent = 100 * row.bytes_staged // size if size else 100
-        lines.append(
-            f"  {flight.worker_id}  {flight.job_name}/{row.image_name}  {row.phase}  "
-            f"{row.bytes_staged}/{size} bytes ({percent}%)"
-        )
-    return "\n".join(printable(line) for line in lines)
-
-
-class FleetBars:
-    """status --watch on a terminal: a bar per job and per image in flight, grouped by worker."""
-
-    def __init__(self, console: Console) -> None:
-        self.jobs = new_bars(console)
-        self.images = new_bars(console)
-        self._job_tasks: dict[UUID, TaskID] = {}
-        self._image_tasks: dict[int, TaskID] = {}
-        self.header = Text()
-
-    def update(self, snapshot: FleetSnapshot) -> Group:
-        workers = {f.worker_id for f in snapshot.in_flight}
-        self.header = Text(
-            f"{len(snapshot.jobs)} job(s), {len(snapshot.in_flight)} image(s) in flight on "
-            f"{len(workers)} worker(s)"
-            + (f"; +{snapshot.older_jobs} older" if snapshot.older_jobs else "")
-            + "".join(f"\n{line}" for line in pause_lines(snapshot.pauses)),
-            style="dim",
-        )
-        for job in snapshot.jobs:
-            text = f"{job.name} {str(job.job_id)[:8]} {_counts_text(job.counts)}"
-            _sync_bar(
-                self.jobs, self._job_tasks, job.job_id, text, job.bytes_staged, job.total_bytes
-            )
-        _drop_bars(self.jobs, self._job_tasks, {job.job_id for job in snapshot.jobs})
-        for flight in snapshot.in_flight:
-            row = flight.row
-            text = f"  {flight.worker_id} {flight.job_name}/{row.image_name} [{row.phase}]"
-            _sync_bar(
-                self.images,
-                self._image_tasks,
-                row.id,
-                text,
-                row.bytes_staged,
-                row.source_size_bytes,
-            )
-        _drop_bars(self.images, self._image_tasks, {f.row.id for f in snapshot.in_flight})
-        return Group(self.header, self.jobs, self.images)
-
-
-async def watch_fleet(
-    store: Store, *, interval_s: float, stop: asyncio.Event, stream: TextIO | None = None
-) -> None:
-    """Redraw the fleet in place on a terminal, or print a snapshot every `interval_s`."""
-    stream = stream or sys.stdout
-    if not stream.isatty():
-        while not stop.is_set():
-            print(format_fleet(await fleet_snapshot(store)), file=stream, flush=True)
-            await _wait(stop, interval_s)
-        return
-    console = Console(file=stream)
-    fleet = FleetBars(console)
-    with Live(console=console, auto_refresh=False) as live:
-        while not stop.is_set():
-            live.update(fleet.update(await fleet_snapshot(store)), refresh=True)
-            await _wait(stop, interval_s)
-
-
-async def _wait(stop: asyncio.Event, timeout_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=timeout_s)
