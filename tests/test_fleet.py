@@ -98,23 +98,20 @@ async def test_the_fleet_view_shows_every_workers_images_in_flight(
     assert "2 image(s) in flight on 2 worker(s)" in drawn
 
 
+async def status_watch(sandbox: Sandbox, database_url: str) -> asyncio.subprocess.Process:
+    """`status --watch` redrawing every 0.2 s, its output piped (so: plain snapshots)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "status", "--watch", "--interval", "0.2",
+        env={**cloud_env(sandbox, database_url), "COLUMNS": "120"},
+        cwd=PROJECT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
 async def test_status_watch_prints_snapshots_off_a_terminal(
     store: Store, database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     await two_workers_mid_upload(store, database_url, tmp_path)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "status",
-        "--watch",
-        "--interval",
-        "0.2",
-        env={**cloud_env(sandbox, database_url), "COLUMNS": "120"},
-        cwd=PROJECT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await status_watch(sandbox, database_url)
     # Interrupt once two snapshots are out, however long the start took on a loaded machine.
     assert process.stdout is not None
     seen: list[bytes] = []
@@ -140,11 +137,7 @@ async def test_status_watch_shows_a_workers_pause_in_each_frame(
     await store.set_pause(worker_id="worker-a", service="image", reason="unreachable", since=since)
     pause = re.compile(r"paused: image service unreachable for 3 min \d+ s \(worker worker-a\)")
 
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "status", "--watch", "--interval", "0.2",
-        env={**cloud_env(sandbox, database_url), "COLUMNS": "120"},
-        cwd=PROJECT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await status_watch(sandbox, database_url)
     assert process.stdout is not None
     frame: list[str] = []
     try:  # the first frame, up to its first image in flight (the pauses come before them)
