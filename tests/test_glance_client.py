@@ -101,7 +101,7 @@ async def test_round_trip_create_stage_import_tasks_update_delete(
         created.id,
         source,
         size_bytes=size_bytes,
-        hash_algorithms=("md5", "sha512"),
+        hash_algos=("md5", "sha512"),
         progress=seen_progress.append,
     )
     after_stage = await glance.get_image(created.id)

@@ -20,12 +20,13 @@ from tests.fixtures.batch import migrate, rows_of, submit
 from tests.fixtures.events import named, published
 from tests.fixtures.webhooks import Receiver, serving
 from worker.bus import EventBus, write_log
-from worker.consumer import Consumer, ConsumerSettings
+from worker.consumer import Consumer
 from worker.core.events import Event
 from worker.metrics import WorkerMetrics
 from worker.notify import WebhookNotifier, WebhookSettings, notifying
 from worker.progress import RunProgress
 from worker.sandbox import Fault, Sandbox, SandboxConfig
+from worker.settings import WorkerSettings
 from worker.store.store import Claim, ResultRow, Store, open_store
 
 
@@ -82,7 +83,7 @@ def crashing_consumer(store: Store) -> Consumer:
     async def crash(claim: Claim, _: asyncio.Event) -> ResultRow:
         raise RuntimeError(f"bug while running {claim.spec.name}")
 
-    settings = ConsumerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
+    settings = WorkerSettings(worker_id="w-crash", once=True, idle_poll_s=0.05)
     return Consumer(store, crash, settings)
 
 

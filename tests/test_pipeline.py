@@ -13,10 +13,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fixtures.batch import migrate, rows_of, sha512_of, submit
-from worker.consumer import Consumer, ConsumerSettings
+from worker.consumer import Consumer
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.sandbox import Fault, Sandbox, SandboxConfig
+from worker.settings import WorkerSettings
 from worker.store.store import Claim, ResultRow, Store, open_store
 
 
@@ -257,7 +258,7 @@ async def test_a_once_run_takes_a_row_left_claimable_by_an_image_that_ended_duri
         consumer = Consumer(
             cast(Store, _ImageEndsDuringTheEmptyClaim(store, image_may_end, image_ended)),
             run_image,
-            ConsumerSettings(worker_id="w-once", concurrency=2, once=True, idle_poll_s=3600.0),
+            WorkerSettings(worker_id="w-once", concurrency=2, once=True, idle_poll_s=3600.0),
         )
         await asyncio.wait_for(consumer.run(asyncio.Event()), timeout=60)
 

@@ -7,17 +7,15 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from worker.bus import EventBus, current_bus, publisher
 from worker.clients.glance import GlanceClient, open_glance
 from worker.clients.keystone import KeystoneAuth
-from worker.config import CloudSettings, default_worker_id
-from worker.consumer import Consumer, ConsumerSettings, RunSummary
+from worker.config import CloudSettings
+from worker.consumer import Consumer, RunSummary
 from worker.controls import following_bandwidth
 from worker.core.events import Event
-from worker.core.machine import Policies
 from worker.errors import (
     AuthExpired,
     AuthFailed,
@@ -26,12 +24,11 @@ from worker.errors import (
     EndpointNotFound,
     MigrationError,
 )
-from worker.executor import ExecutorSettings, ImageRunner
+from worker.executor import ImageRunner
 from worker.gate import StageGate
 from worker.metrics import WorkerMetrics, serving_metrics
-from worker.notify import WebhookNotifier, WebhookSettings, notifying
+from worker.notify import WebhookNotifier, notifying
 from worker.outage import (
-    OutagePolicy,
     Outages,
     OutageTooLong,
     Probe,
@@ -42,35 +39,11 @@ from worker.outage import (
 )
 from worker.progress import RunProgress, wants_bars
 from worker.recovery import PauseBoard, discard_if_orphaned, settling_owed_cleanups
+from worker.settings import WorkerSettings
 from worker.store.store import CONNECTION_ERRORS, Store, open_store
 from worker.watch import ImportWatch
 
 events = publisher(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Everything `vmdk-migrate run` needs besides the cloud and the database."""
-
-    worker_id: str = field(default_factory=default_worker_id)
-    concurrency: int = 8  # images in flight
-    stage_concurrency: int = 4  # of those, how many may be sending bytes at once (at most)
-    # Start uploads at fewer and add one while the upload rate grows with it (worker/gate.py).
-    adaptive_stages: bool = True
-    chunk_bytes: int = 1 << 20
-    hash_algorithm: str = "sha512"
-    verify_md5: bool = False  # also compare Glance's legacy md5 `checksum`
-    lease_s: float = 60.0
-    heartbeat_s: float = 15.0
-    idle_poll_s: float = 2.0
-    grace_s: float = 60.0
-    once: bool = False
-    policies: Policies = field(default_factory=Policies)
-    outage: OutagePolicy = field(default_factory=OutagePolicy)
-    progress: str = "auto"  # auto (bars on a terminal, else log lines) | bars | log | off
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = None  # None: no endpoint; 0: any free port
-    webhook: WebhookSettings | None = None
 
 
 async def run_worker(
@@ -151,32 +124,18 @@ async def _consume(
     runner = ImageRunner(
         glance=glance,
         store=store,
-        settings=ExecutorSettings(
-            worker_id=settings.worker_id,
-            hash_algorithm=settings.hash_algorithm,
-            verify_md5=settings.verify_md5,
-            policies=settings.policies,
-            step_log_level=logging.DEBUG
-            if wants_bars(settings.progress, sys.stderr)
-            else logging.INFO,
-        ),
+        settings=settings,
         stage_slots=gate,
         on_progress=ops.on_progress,
         outages=outages,
         watch=watch,
+        # Per-step lines are detail while bars show each image's progress.
+        step_log_level=logging.DEBUG if wants_bars(settings.progress, sys.stderr) else logging.INFO,
     )
     consumer = Consumer(
         store,
         runner.run,
-        ConsumerSettings(
-            worker_id=settings.worker_id,
-            concurrency=settings.concurrency,
-            lease_s=settings.lease_s,
-            heartbeat_s=settings.heartbeat_s,
-            idle_poll_s=settings.idle_poll_s,
-            grace_s=settings.grace_s,
-            once=settings.once,
-        ),
+        settings,
         outages=outages,
         on_lost=lambda result_id: discard_if_orphaned(
             store, glance, result_id, runner.take_image_of(result_id)

@@ -38,6 +38,7 @@ from worker.config import (
 from worker.core.events import Event
 from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest, os_reason
+from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from worker.notify import WebhookSettings
@@ -178,7 +179,7 @@ def cli(log_level: str, log_format: str) -> None:
 @click.option("--cloud", "cloud_name", default=None, help="Entry of clouds.yaml (or OS_CLOUD).")
 @click.option(
     "--concurrency",
-    default=8,
+    default=WorkerSettings.concurrency,
     show_default=True,
     type=click.IntRange(1, 512),
     help="The run's planned concurrency, for the staging quota check.",
@@ -316,7 +317,7 @@ def _already_submitted(summary: JobSummary) -> str:
 )
 @click.option(
     "--stage-concurrency",
-    default=4,
+    default=WorkerSettings.stage_concurrency,
     show_default=True,
     type=click.IntRange(1, 256),
     help="Of those, how many may be uploading bytes at once (at most; see --fixed-stages).",
@@ -329,7 +330,7 @@ def _already_submitted(summary: JobSummary) -> str:
 )
 @click.option(
     "--chunk-mib",
-    default=1,
+    default=WorkerSettings.chunk_bytes >> 20,
     show_default=True,
     type=click.IntRange(1, 64),
     help="Size of each read from the source and write to the socket.",
@@ -338,7 +339,7 @@ def _already_submitted(summary: JobSummary) -> str:
 @click.option(
     "--lease",
     "lease_s",
-    default=60.0,
+    default=WorkerSettings.lease_s,
     show_default=True,
     type=click.FloatRange(1.0),
     help="Seconds a claimed image stays this worker's unrenewed; renewed 4 times as often.",
@@ -346,15 +347,17 @@ def _already_submitted(summary: JobSummary) -> str:
 @click.option(
     "--grace",
     "grace_s",
-    default=60.0,
+    default=WorkerSettings.grace_s,
     show_default=True,
     type=float,
     help="Seconds images in flight get to finish after SIGINT/SIGTERM.",
 )
 @click.option("--cloud", "cloud_name", default=None, help="Entry of clouds.yaml (or OS_CLOUD).")
 @click.option(
-    "--hash-algorithm",
-    default="sha512",
+    "--hash-algo",
+    "--hash-algorithm",  # the name it had before
+    "hash_algo",
+    default=WorkerSettings.hash_algo,
     show_default=True,
     help="Must match the cloud's os_hash_algo for verification.",
 )
@@ -366,7 +369,7 @@ def _already_submitted(summary: JobSummary) -> str:
 @click.option(
     "--progress",
     type=click.Choice(["auto", "bars", "log", "off"]),
-    default="auto",
+    default=WorkerSettings.progress,
     show_default=True,
     help="auto: bars on a terminal, a worker.progress log line every 10 s otherwise.",
 )
@@ -380,7 +383,7 @@ def _already_submitted(summary: JobSummary) -> str:
 @click.option(
     "--metrics-host",
     envvar="VMDK_MIGRATE_METRICS_HOST",
-    default="127.0.0.1",
+    default=WorkerSettings.metrics_host,
     show_default=True,
     help="Address the metrics server binds: 0.0.0.0 for probes from outside the host or pod.",
 )
@@ -424,7 +427,7 @@ def run(
     lease_s: float,
     grace_s: float,
     cloud_name: str | None,
-    hash_algorithm: str,
+    hash_algo: str,
     verify_md5: bool,
     progress: str,
     metrics_port: int,
@@ -435,8 +438,8 @@ def run(
     webhook_secret: str | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
-    from worker.app import WorkerSettings, run_worker
-    from worker.outage import OutagePolicy
+    from worker.app import run_worker
+    from worker.core.policy import OutagePolicy
 
     def load_cloud() -> CloudSettings:
         return load_cloud_settings(with_env_file(environment(), env_file), cloud=cloud_name)
@@ -453,7 +456,7 @@ def run(
         stage_concurrency=min(stage_concurrency, concurrency),
         adaptive_stages=not fixed_stages,
         chunk_bytes=chunk_mib << 20,
-        hash_algorithm=hash_algorithm,
+        hash_algo=hash_algo,
         verify_md5=verify_md5,
         grace_s=grace_s,
         once=once,

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from worker.bus import bound, publisher
 from worker.core.events import Event
@@ -26,17 +27,23 @@ from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, S
 events = publisher(__name__)
 
 
-@dataclass(frozen=True)
-class ConsumerSettings:
-    """Concurrency, leases and shutdown behaviour of one worker process."""
+class ConsumerSettings(Protocol):
+    """What the consumer reads of the worker's settings (worker/settings.py has each one)."""
 
-    worker_id: str
-    concurrency: int = 8  # images in flight at once (creating, staging or importing)
-    lease_s: float = 60.0  # a claimed row is ours this long without a heartbeat
-    heartbeat_s: float = 15.0
-    idle_poll_s: float = 2.0  # how often an idle worker looks for new rows
-    grace_s: float = 60.0  # after a stop request, images in flight get this long to finish
-    once: bool = False  # exit when there is nothing left to claim
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def lease_s(self) -> float: ...
+    @property
+    def heartbeat_s(self) -> float: ...
+    @property
+    def idle_poll_s(self) -> float: ...
+    @property
+    def grace_s(self) -> float: ...
+    @property
+    def once(self) -> bool: ...
 
 
 @dataclass

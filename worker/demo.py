@@ -14,12 +14,13 @@ from pathlib import Path
 
 import click
 
-from worker.app import WorkerSettings, run_worker
+from worker.app import run_worker
 from worker.config import environment, load_cloud_settings
 from worker.manifest import load_manifest
 from worker.report import print_job_status
 from worker.sampledisks import write_sample_batch
 from worker.sandbox import Sandbox, SandboxConfig
+from worker.settings import WorkerSettings
 from worker.store.embedded import resolve_database_url
 from worker.store.store import open_store
 

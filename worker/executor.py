@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from worker.bus import bound, publisher
 from worker.clients.glance import GlanceClient, Image, Task
@@ -59,16 +59,17 @@ _TIME_COLUMNS = frozenset({"image_created_at", "staged_at", "import_requested_at
 _PROGRESS_EVERY_S = 1.0
 
 
-@dataclass(frozen=True)
-class ExecutorSettings:
-    """How one image is run: hashing, chunking and the decision policies."""
+class ExecutorSettings(Protocol):
+    """What the image runner reads of the worker's settings (worker/settings.py)."""
 
-    worker_id: str
-    hash_algorithm: str = "sha512"
-    verify_md5: bool = False  # also hash md5 and compare Glance's legacy `checksum`
-    policies: Policies = field(default_factory=Policies)
-    # Level of the per-step lines (created, staged, ...): debug while bars show the progress.
-    step_log_level: int = logging.INFO
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def hash_algo(self) -> str: ...
+    @property
+    def verify_md5(self) -> bool: ...
+    @property
+    def policies(self) -> Policies: ...
 
 
 @dataclass
@@ -87,6 +88,8 @@ class ImageRunner:
     outages: Outages = field(default_factory=lambda: Outages({}))
     # Shares one list call among all importing images; without it each polls with its own GET.
     watch: ImportWatch | None = None
+    # Level of the per-step lines (created, staged, ...): debug while bars show the progress.
+    step_log_level: int = logging.INFO
     # The Glance image each row in flight works on now, kept when its run is cut off.
     _images: dict[int, uuid.UUID] = field(default_factory=dict, init=False)
     _progress_writes: set[asyncio.Future[None]] = field(default_factory=set, init=False)
@@ -102,7 +105,7 @@ class ImageRunner:
             cancelled.set()
         state = initial_state(
             claim,
-            hash_algorithm=self.settings.hash_algorithm,
+            hash_algo=self.settings.hash_algo,
             verify_md5=self.settings.verify_md5,
         )
         started = self.clock()
@@ -194,7 +197,7 @@ class ImageRunner:
                     return Errored(error), error.request_id
                 command = replace(command, delay_s=0.0)  # waited out: perform it at once
                 events.log(
-                    self.settings.step_log_level,
+                    self.step_log_level,
                     Event.IMAGE_WAITING,
                     image_id=str(state.image_id),
                     phase=str(state.phase),
@@ -265,7 +268,7 @@ class ImageRunner:
 
         async with self.stage_slots:
             events.log(
-                self.settings.step_log_level,
+                self.step_log_level,
                 Event.IMAGE_STAGING,
                 image_id=str(state.image_id),
                 phase=Phase.STAGING,
@@ -274,7 +277,7 @@ class ImageRunner:
                 str(state.image_id),
                 Path(claim.spec.source),
                 size_bytes=claim.spec.size_bytes,
-                hash_algorithms=_algorithms(state),
+                hash_algos=_algorithms(state),
                 progress=progress,
                 identity=claim.spec.source_identity,
                 # Only a disk inspected at submit is inspected again (a row with no identity
@@ -371,7 +374,7 @@ class ImageRunner:
         # The end of the image is published once, with its outcome, by _summarise.
         if step.event is not None and step.event != Event.IMAGE_FINISHED:
             fields: dict[str, Any] = {"phase": str(step.state.phase), **detail}
-            level = _level_of(step, self.settings.step_log_level)
+            level = _level_of(step, self.step_log_level)
             events.log(level, step.event, image_id=str(step.state.image_id), **fields)
         return row
 
@@ -403,11 +406,11 @@ def _level_of(step: Step, step_level: int) -> int:
     return step_level
 
 
-def initial_state(claim: Claim, *, hash_algorithm: str, verify_md5: bool = False) -> ImageState:
+def initial_state(claim: Claim, *, hash_algo: str, verify_md5: bool = False) -> ImageState:
     """The machine's view of a claimed row, whatever phase a previous run left it in."""
     row = claim.row
     phase = Phase(row.phase)
-    algo_matches = row.source_hash_algo == hash_algorithm
+    algo_matches = row.source_hash_algo == hash_algo
     return ImageState(
         job_id=row.job_id,
         index=row.disk_index,
@@ -417,7 +420,7 @@ def initial_state(claim: Claim, *, hash_algorithm: str, verify_md5: bool = False
         disk_format=claim.spec.disk_format,
         asks_for_rewrite=claim.spec.asks_for_rewrite,
         keep_on_failure=claim.on_failure == "keep",
-        hash_algo=hash_algorithm,
+        hash_algo=hash_algo,
         source_hash=row.source_hash_value if algo_matches else None,
         verify_md5=verify_md5,
         source_md5=row.source_md5,

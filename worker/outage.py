@@ -37,6 +37,7 @@ from enum import StrEnum
 
 from worker.bus import publisher
 from worker.core.events import Event
+from worker.core.policy import OutagePolicy
 from worker.errors import (
     AuthExpired,
     AuthFailed,
@@ -72,17 +73,6 @@ _LABELS = {
     Service.IMAGE: "image service",
     Service.DATABASE: "database",
 }
-
-
-@dataclass(frozen=True)
-class OutagePolicy:
-    """How often an open breaker probes, how often it says so, and how long `--once` waits."""
-
-    probe_first_s: float = 2.0
-    probe_factor: float = 2.0
-    probe_max_s: float = 60.0
-    warn_every_s: float = 60.0
-    max_outage_s: float | None = None  # None: wait as long as it takes
 
 
 @dataclass(frozen=True)

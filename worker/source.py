@@ -161,7 +161,7 @@ def _reinspect(path: Path, file: BinaryIO) -> None:
 
 async def hash_source(
     path: Path,
-    algorithms: Sequence[str],
+    hash_algos: Sequence[str],
     *,
     size_bytes: int,
     identity: Mapping[str, int] | None = None,
@@ -169,7 +169,7 @@ async def hash_source(
 ) -> dict[str, str]:
     """The digests of exactly `size_bytes` of the source, off the event loop; SourceError when
     it is not the file expected, ends early, goes on past that size, or changes meanwhile."""
-    hashers = [hashlib.new(name) for name in algorithms]
+    hashers = [hashlib.new(name) for name in hash_algos]
 
     def update(chunk: bytes) -> None:
         for hasher in hashers:
@@ -193,4 +193,4 @@ async def hash_source(
         await asyncio.to_thread(source.check_unchanged)
     finally:
         source.close()
-    return {name: hasher.hexdigest() for name, hasher in zip(algorithms, hashers, strict=True)}
+    return {name: hasher.hexdigest() for name, hasher in zip(hash_algos, hashers, strict=True)}

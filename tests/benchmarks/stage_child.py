@@ -44,7 +44,7 @@ async def stage_all(
                     str(uuid.uuid4()),
                     path,
                     size_bytes=path.stat().st_size,
-                    hash_algorithms=algorithms,
+                    hash_algos=algorithms,
                 )
                 for path in files
             )

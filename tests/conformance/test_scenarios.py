@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
-from worker.app import WorkerSettings, run_worker
+from worker.app import run_worker
 from worker.clients.glance import GlanceClient, open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.consumer import RunSummary
@@ -31,6 +31,7 @@ from worker.core.policy import PollPolicy, RetryPolicy
 from worker.errors import MigrationError
 from worker.manifest import load_manifest
 from worker.sandbox import SandboxConfig
+from worker.settings import WorkerSettings
 from worker.store.store import ResultRow, open_store
 
 pytestmark = pytest.mark.conformance

@@ -27,6 +27,7 @@ from worker.clients.http import (
 from worker.clients.keystone import Authenticator, authenticator_for
 from worker.clients.throttle import Throttle
 from worker.config import CloudSettings
+from worker.core.model import DEFAULT_HASH_ALGO
 from worker.errors import (
     CloudUnavailable,
     MigrationError,
@@ -206,7 +207,7 @@ class GlanceClient:
         path: Path,
         *,
         size_bytes: int,
-        hash_algorithms: Sequence[str] = ("sha512",),
+        hash_algos: Sequence[str] = (DEFAULT_HASH_ALGO,),
         progress: Callable[[int], None] | None = None,
         identity: Mapping[str, int] | None = None,
         reinspect: bool = False,
@@ -226,7 +227,7 @@ class GlanceClient:
                 identity=identity,
                 size_bytes=size_bytes,
                 chunk_bytes=self._chunk_bytes,
-                hash_algorithms=hash_algorithms,
+                hash_algos=hash_algos,
                 progress=progress,
                 write_timeout_s=self._request_timeout_s,
                 throttle=self._throttle,
@@ -430,7 +431,7 @@ class _FileBody(Payload):
         identity: Mapping[str, int] | None,
         size_bytes: int,
         chunk_bytes: int,
-        hash_algorithms: Sequence[str],
+        hash_algos: Sequence[str],
         progress: Callable[[int], None] | None,
         write_timeout_s: float,
         throttle: Throttle,
@@ -441,7 +442,7 @@ class _FileBody(Payload):
         self._path = path
         self._identity = identity
         self._chunk_bytes = chunk_bytes
-        self._hashers = {name: hashlib.new(name) for name in hash_algorithms}
+        self._hashers = {name: hashlib.new(name) for name in hash_algos}
         self._progress = progress
         self._write_timeout_s = write_timeout_s
         self._throttle = throttle

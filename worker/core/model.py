@@ -7,6 +7,10 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# The hash the worker computes of each source and compares with Glance's os_hash_value:
+# Glance's default os_hash_algo. Spelled as Glance spells it (hashlib's name too).
+DEFAULT_HASH_ALGO = "sha512"
+
 
 class Phase(enum.StrEnum):
     """Where one image's migration stands. The same words appear in the database, logs and CLI."""

@@ -122,3 +122,14 @@ def poll_delay_s(
 def import_deadline_s(size_bytes: int, *, policy: PollPolicy) -> float:
     """How long an import may take: a floor plus the time to copy the data again."""
     return policy.deadline_base_s + size_bytes / policy.deadline_rate_bytes_per_s
+
+
+@dataclass(frozen=True)
+class OutagePolicy:
+    """How often an open breaker probes, how often it says so, and how long `--once` waits."""
+
+    probe_first_s: float = 2.0
+    probe_factor: float = 2.0
+    probe_max_s: float = 60.0
+    warn_every_s: float = 60.0
+    max_outage_s: float | None = None  # None: wait as long as it takes
