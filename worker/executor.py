@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import structlog
 
@@ -31,12 +31,14 @@ from worker.core.machine import (
     ImageFacts,
     ImageState,
     ImportAccepted,
+    Inspected,
     InspectImage,
-    Observed,
     Outcome,
     Policies,
+    Polled,
     PollImport,
     RequestImport,
+    StageChecked,
     Staged,
     StageData,
     Step,
@@ -220,35 +222,45 @@ class ImageRunner:
     async def _dispatch(
         self, claim: Claim, state: ImageState, command: Command
     ) -> tuple[Outcome, str | None]:
+        """Perform one command; it answers with its own outcome (a failure is raised)."""
         image_id = str(state.image_id)
-        if isinstance(command, CreateImage):
-            image = await self.glance.create_image(claim.spec.create_body(state.image_id))
-            return Created(image_facts(image)), image.request_id
-        if isinstance(command, StageData):
-            return await self._stage(claim, state)
-        if isinstance(command, RequestImport):
-            echoed = await self.glance.import_image(image_id, request_id=command.request_id)
-            expected_s = None if self.watch is None else self.watch.pace.expect_s(state.size_bytes)
-            return ImportAccepted(command.request_id, expected_s), echoed
-        if isinstance(command, InspectImage | CheckStaged):
-            image = await self.glance.get_image(image_id)
-            return Observed(image_facts(image)), image.request_id
-        if isinstance(command, PollImport):
-            return await self._poll(state, command)
-        if isinstance(command, DeleteImage):
-            await self.glance.delete_image(image_id)
-            return Deleted(), None
-        if isinstance(command, HashSource):
-            digests = await hash_source(
-                Path(claim.spec.source),
-                _algorithms(state),
-                size_bytes=claim.spec.size_bytes,
-                identity=claim.spec.source_identity,
-            )
-            return Hashed(digests[state.hash_algo], digests.get("md5")), None
-        raise TypeError(f"unknown command {command!r}")
+        match command:
+            case CreateImage():
+                image = await self.glance.create_image(claim.spec.create_body(state.image_id))
+                return Created(image_facts(image)), image.request_id
+            case InspectImage():
+                image = await self.glance.get_image(image_id)
+                return Inspected(image_facts(image)), image.request_id
+            case StageData():
+                return await self._stage(claim, state)
+            case CheckStaged():
+                image = await self.glance.get_image(image_id)
+                return StageChecked(image_facts(image)), image.request_id
+            case RequestImport():
+                echoed = await self.glance.import_image(image_id, request_id=command.request_id)
+                pace = self.watch.pace if self.watch is not None else None
+                expected_s = None if pace is None else pace.expect_s(state.size_bytes)
+                return ImportAccepted(command.request_id, expected_s), echoed
+            case PollImport():
+                return await self._poll(state, command)
+            case HashSource():
+                return await self._hash(claim, state), None
+            case DeleteImage():
+                await self.glance.delete_image(image_id)
+                return Deleted(then_recreate=command.then_recreate), None
+            case _:
+                assert_never(command)
 
-    async def _stage(self, claim: Claim, state: ImageState) -> tuple[Outcome, str | None]:
+    async def _hash(self, claim: Claim, state: ImageState) -> Hashed:
+        digests = await hash_source(
+            Path(claim.spec.source),
+            _algorithms(state),
+            size_bytes=claim.spec.size_bytes,
+            identity=claim.spec.source_identity,
+        )
+        return Hashed(digests[state.hash_algo], digests.get("md5"))
+
+    async def _stage(self, claim: Claim, state: ImageState) -> tuple[Staged, str | None]:
         last_report = 0.0
         last_bytes = 0
 
@@ -297,7 +309,7 @@ class ImageRunner:
         except Exception as exc:  # progress is advisory; the stage must not fail for it
             log.warning(Event.IMAGE_PROGRESS_NOT_SAVED, error=str(exc))
 
-    async def _poll(self, state: ImageState, command: PollImport) -> tuple[Outcome, str | None]:
+    async def _poll(self, state: ImageState, command: PollImport) -> tuple[Polled, str | None]:
         image_id = str(state.image_id)
         if self.watch is None:
             image = await self.glance.get_image(image_id)
@@ -330,10 +342,8 @@ class ImageRunner:
             cloud_outage is not None and image.status in ("uploading", "importing")
         ):
             tasks = tuple(task_facts(t) for t in await self.glance.image_tasks(image_id))
-        observed = Observed(
-            image_facts(image), tasks, image_outage=outage, cloud_outage=cloud_outage
-        )
-        return observed, image.request_id
+        polled = Polled(image_facts(image), tasks, image_outage=outage, cloud_outage=cloud_outage)
+        return polled, image.request_id
 
     def _outage_since(
         self, service: Service, accepted_at: float | None

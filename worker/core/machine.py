@@ -1,8 +1,9 @@
 """One image's migration as a pure transition function: (state, outcome, now) -> step.
 
-The executor performs the `Command` of each `Step`, turns what happened into an `Outcome`,
-and feeds it back. Every decision the worker takes about an image is made here, so the
-whole lifecycle can be tested table-style without a cloud, a database or a clock.
+The executor performs the `Command` of each `Step`, turns what happened into that command's
+own `Outcome` (or `Errored`), and feeds it back. Every decision the worker takes about an
+image is made here, so the whole lifecycle can be tested table-style without a cloud, a
+database or a clock.
 
     create -> stage -> check the staged size -> import -> poll ... -> verify -> done
        |         |              |                  |        |           |
@@ -19,6 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeAlias, assert_never
 
 from worker.core.events import Event
 from worker.core.model import Phase, Verification, next_image_id
@@ -111,7 +113,7 @@ class ImageState:
 
 
 @dataclass(frozen=True)
-class Command:
+class CommandBase:
     """An action for the executor, performed after `delay_s`."""
 
     delay_s: float = 0.0
@@ -122,85 +124,108 @@ class Command:
 
 
 @dataclass(frozen=True)
-class CreateImage(Command):
+class CreateImage(CommandBase):
     """POST /v2/images with our chosen id."""
 
 
 @dataclass(frozen=True)
-class InspectImage(Command):
+class InspectImage(CommandBase):
     """GET the image to learn its real status (resume, or after an ambiguous answer)."""
 
 
 @dataclass(frozen=True)
-class StageData(Command):
+class StageData(CommandBase):
     """PUT the source file to the stage endpoint, hashing it on the way."""
 
 
 @dataclass(frozen=True)
-class CheckStaged(Command):
+class CheckStaged(CommandBase):
     """GET the image after the stage and compare its size with ours."""
 
 
 @dataclass(frozen=True)
-class RequestImport(Command):
+class RequestImport(CommandBase):
     """POST the glance-direct import with our request id."""
 
     request_id: str = ""
 
 
 @dataclass(frozen=True)
-class PollImport(Command):
+class PollImport(CommandBase):
     """GET the image (and its tasks, when asked) while the import runs."""
 
     with_tasks: bool = False
 
 
 @dataclass(frozen=True)
-class HashSource(Command):
+class HashSource(CommandBase):
     """Hash the source file locally (the hash from an earlier run was lost)."""
 
 
 @dataclass(frozen=True)
-class DeleteImage(Command):
+class DeleteImage(CommandBase):
     """DELETE the image: cleanup after a failure, or before making it again."""
 
     then_recreate: bool = False
 
 
-# --- what happened ----------------------------------------------------------------------------
+Command: TypeAlias = (
+    CreateImage
+    | InspectImage
+    | StageData
+    | CheckStaged
+    | RequestImport
+    | PollImport
+    | HashSource
+    | DeleteImage
+)
+
+
+# --- what happened: each command's own outcome, or `Errored` ----------------------------------
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What performing a command produced."""
+class Created:
+    """CreateImage: Glance made the image."""
 
-
-@dataclass(frozen=True)
-class Created(Outcome):
     facts: ImageFacts
 
 
 @dataclass(frozen=True)
-class Staged(Outcome):
+class Inspected:
+    """InspectImage: the image's real status."""
+
+    facts: ImageFacts
+
+
+@dataclass(frozen=True)
+class Staged:
+    """StageData: the source is on Glance's staging area, hashed on the way."""
+
     size_bytes: int
     source_hash: str
     source_md5: str | None = None
 
 
 @dataclass(frozen=True)
-class Hashed(Outcome):
-    source_hash: str
-    source_md5: str | None = None
+class StageChecked:
+    """CheckStaged: the image as Glance holds it after the stage."""
+
+    facts: ImageFacts
 
 
 @dataclass(frozen=True)
-class ImportAccepted(Outcome):
+class ImportAccepted:
+    """RequestImport: Glance accepted the import (202)."""
+
     request_id: str
     expected_s: float | None = None  # the import's expected duration, when one can be told
 
 
 @dataclass(frozen=True)
-class Observed(Outcome):
+class Polled:
+    """PollImport: the importing image (and its tasks, when asked or after an outage)."""
+
     facts: ImageFacts
     tasks: tuple[TaskFacts, ...] | None = None
     # (start, end), epoch seconds, of an outage of the image service since the import began.
@@ -211,13 +236,38 @@ class Observed(Outcome):
 
 
 @dataclass(frozen=True)
-class Deleted(Outcome):
-    """The image is gone (deleted now, or it was already)."""
+class Hashed:
+    """HashSource: the source's hashes."""
+
+    source_hash: str
+    source_md5: str | None = None
 
 
 @dataclass(frozen=True)
-class Errored(Outcome):
+class Deleted:
+    """DeleteImage: the image is gone (deleted now, or it was already)."""
+
+    then_recreate: bool = False  # the command's: the image is to be made again
+
+
+@dataclass(frozen=True)
+class Errored:
+    """Any command: it failed with `error`."""
+
     error: MigrationError
+
+
+Outcome: TypeAlias = (
+    Created
+    | Inspected
+    | Staged
+    | StageChecked
+    | ImportAccepted
+    | Polled
+    | Hashed
+    | Deleted
+    | Errored
+)
 
 
 # --- the answer -------------------------------------------------------------------------------
@@ -240,6 +290,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Policies:
+    """The configured policies every decision about an image follows."""
+
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     poll: PollPolicy = field(default_factory=PollPolicy)
 
@@ -265,28 +317,40 @@ def decide(
     *,
     now: float,
     jitter: float,
-    policies: Policies | None = None,
+    policies: Policies,
 ) -> Step:
-    """Given the command just performed and its outcome, choose the next step."""
-    policies = policies or Policies()
+    """Given the command just performed and its outcome, choose the next step.
+
+    `command` matters only to a failure (which step to try again, or how to read a 409 or
+    a 404); every other outcome is its command's own and says all that is needed.
+    """
     if isinstance(outcome, Errored):
         return _on_error(state, command, outcome.error, now=now, jitter=jitter, policies=policies)
     state = replace(state, failures=0)
-    if isinstance(outcome, Created):
-        state = replace(state, image_exists=True, phase=Phase.STAGING)
-        return Step(state, StageData(), Event.IMAGE_CREATED, {"image_created_at": now})
-    if isinstance(outcome, Staged):
-        return _on_staged(state, outcome, now)
-    if isinstance(outcome, Hashed):
-        state = replace(state, source_hash=outcome.source_hash, source_md5=outcome.source_md5)
-        return Step(state, InspectImage(), Event.IMAGE_HASHED, _hash_columns(state))
-    if isinstance(outcome, ImportAccepted):
-        return _on_import_accepted(state, outcome, now, jitter, policies.poll)
-    if isinstance(outcome, Observed):
-        return _on_observed(state, command, outcome, now=now, jitter=jitter, policies=policies)
-    if isinstance(outcome, Deleted):
-        return _on_deleted(state, command, now)
-    raise TypeError(f"unknown outcome {outcome!r}")
+    match outcome:
+        case Created():
+            state = replace(state, image_exists=True, phase=Phase.STAGING)
+            return Step(state, StageData(), Event.IMAGE_CREATED, {"image_created_at": now})
+        case Staged():
+            return _on_staged(state, outcome, now)
+        case Hashed():
+            state = replace(state, source_hash=outcome.source_hash, source_md5=outcome.source_md5)
+            return Step(state, InspectImage(), Event.IMAGE_HASHED, _hash_columns(state))
+        case ImportAccepted():
+            return _on_import_accepted(state, outcome, now, jitter, policies.poll)
+        case StageChecked(facts=facts):
+            state = _seen(state, facts)
+            return _check_staged(state, facts, now=now, jitter=jitter, policy=policies.poll)
+        case Polled(facts=facts):
+            return _poll(_seen(state, facts), outcome, now=now, jitter=jitter, policy=policies.poll)
+        case Inspected(facts=facts):
+            return _resume(_seen(state, facts), facts, now=now, jitter=jitter, policy=policies.poll)
+        case Deleted(then_recreate=True):
+            return _replace_image(state)
+        case Deleted():
+            return _cleaned_up(state, now)
+        case _:
+            assert_never(outcome)
 
 
 # --- transitions ------------------------------------------------------------------------------
@@ -344,25 +408,14 @@ def _on_import_accepted(
     return Step(state, PollImport(delay_s=delay_s), Event.IMAGE_IMPORT_REQUESTED, columns)
 
 
-def _on_observed(
-    state: ImageState,
-    command: Command,
-    outcome: Observed,
-    *,
-    now: float,
-    jitter: float,
-    policies: Policies,
+def _seen(state: ImageState, facts: ImageFacts) -> ImageState:
+    """Glance answered about the image: it exists, with this status."""
+    return replace(state, image_exists=True, last_status=facts.status)
+
+
+def _check_staged(
+    state: ImageState, facts: ImageFacts, *, now: float, jitter: float, policy: PollPolicy
 ) -> Step:
-    facts = outcome.facts
-    state = replace(state, image_exists=True, last_status=facts.status)
-    if isinstance(command, CheckStaged):
-        return _check_staged(state, facts, now)
-    if isinstance(command, PollImport):
-        return _poll(state, outcome, now=now, jitter=jitter, policy=policies.poll)
-    return _resume(state, facts, now=now, jitter=jitter, policy=policies.poll)
-
-
-def _check_staged(state: ImageState, facts: ImageFacts, now: float) -> Step:
     if facts.status == "queued":
         # The stage did not stick (Glance restores `queued` on a broken upload): send it again.
         return _restart(state, StageData(), Event.IMAGE_STAGE_LOST, "staged data was not kept", now)
@@ -373,7 +426,7 @@ def _check_staged(state: ImageState, facts: ImageFacts, now: float) -> Step:
         return _fail(state, error, now)
     if facts.status == "uploading":
         return _import(state)
-    return _resume(state, facts, now=now, jitter=0.0, policy=PollPolicy())
+    return _resume(state, facts, now=now, jitter=jitter, policy=policy)
 
 
 def _resume(
@@ -421,7 +474,7 @@ def _resume_polling(state: ImageState, now: float, jitter: float, policy: PollPo
 
 
 def _poll(
-    state: ImageState, outcome: Observed, *, now: float, jitter: float, policy: PollPolicy
+    state: ImageState, outcome: Polled, *, now: float, jitter: float, policy: PollPolicy
 ) -> Step:
     facts = outcome.facts
     if facts.status == "active":
@@ -486,9 +539,7 @@ def _task_failure(tasks: tuple[TaskFacts, ...] | None, state: ImageState) -> Imp
     return None
 
 
-def _import_lost(
-    state: ImageState, outcome: Observed, now: float, policy: PollPolicy
-) -> str | None:
+def _import_lost(state: ImageState, outcome: Polled, now: float, policy: PollPolicy) -> str | None:
     """Our import task froze across an outage of the image service: its API process died.
 
     A task still `pending` leaves the image `uploading` (locked), one `processing` leaves
@@ -609,27 +660,28 @@ def _recreate(state: ImageState, reason: str, now: float) -> Step:
     return _restart(state, DeleteImage(then_recreate=True), Event.IMAGE_RECREATING, reason, now)
 
 
-def _on_deleted(state: ImageState, command: Command, now: float) -> Step:
-    if isinstance(command, DeleteImage) and command.then_recreate:
-        fresh = replace(
-            state,
-            phase=Phase.CREATING,
-            image_id=next_image_id(state.image_id),
-            image_exists=False,
-            adopted=False,
-            stage_conflicted=False,
-            import_request_id=None,
-            import_accepted_at=None,
-            polls=0,
-        )
-        # The new id is stored before it is used; the old image's progress is cleared.
-        columns = {"glance_image_id": fresh.image_id, **_CLEARED_ON_RECREATE}
-        return Step(fresh, CreateImage(), Event.IMAGE_CREATING, columns)
-    if isinstance(command, DeleteImage):
-        state = replace(state, image_exists=False)
-        return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
-    # The image vanished under us (404 on a GET): make it again.
-    return _on_deleted(state, DeleteImage(then_recreate=True), now)
+def _replace_image(state: ImageState) -> Step:
+    """The image is gone (deleted to be made again, or vanished): make it under a new id."""
+    fresh = replace(
+        state,
+        phase=Phase.CREATING,
+        image_id=next_image_id(state.image_id),
+        image_exists=False,
+        adopted=False,
+        stage_conflicted=False,
+        import_request_id=None,
+        import_accepted_at=None,
+        polls=0,
+    )
+    # The new id is stored before it is used; the old image's progress is cleared.
+    columns = {"glance_image_id": fresh.image_id, **_CLEARED_ON_RECREATE}
+    return Step(fresh, CreateImage(), Event.IMAGE_CREATING, columns)
+
+
+def _cleaned_up(state: ImageState, now: float) -> Step:
+    """The failed image's deletion is done: the row fails with the error that ended it."""
+    state = replace(state, image_exists=False)
+    return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
 
 
 _CLEARED_ON_RECREATE: Mapping[str, object] = {
@@ -679,23 +731,34 @@ def _ambiguous_answer(
     state: ImageState, command: Command, error: MigrationError, now: float
 ) -> Step | None:
     """Answers that mean 'look before you go on' rather than 'failed'."""
-    if isinstance(command, CreateImage) and isinstance(error, Conflict):
-        # Our id already exists: an earlier attempt made it. Adopt it.
-        adopted = replace(state, image_exists=True, adopted=True)
-        return Step(adopted, InspectImage(), Event.IMAGE_ADOPTING)
-    if isinstance(command, StageData | RequestImport) and isinstance(error, Conflict):
-        return _on_conflict(state, command, error, now)
-    if isinstance(command, DeleteImage) and isinstance(error, NotFound):
-        return _on_deleted(state, command, now)
-    if isinstance(command, InspectImage | CheckStaged | PollImport) and isinstance(error, NotFound):
-        return _on_missing(state, now)
+    match command:
+        case CreateImage():
+            if isinstance(error, Conflict):
+                # Our id already exists: an earlier attempt made it. Adopt it.
+                adopted = replace(state, image_exists=True, adopted=True)
+                return Step(adopted, InspectImage(), Event.IMAGE_ADOPTING)
+        case StageData() | RequestImport():
+            if isinstance(error, Conflict):
+                return _on_conflict(state, command, error, now)
+        case DeleteImage():
+            if isinstance(error, NotFound):  # gone already: as good as deleted
+                return _replace_image(state) if command.then_recreate else _cleaned_up(state, now)
+        case InspectImage() | CheckStaged() | PollImport():
+            if isinstance(error, NotFound):
+                return _on_missing(state, now)
+        case HashSource():
+            pass
+        case _:
+            assert_never(command)
     return None
 
 
 _MAX_CONFLICTS = 5
 
 
-def _on_conflict(state: ImageState, command: Command, error: Conflict, now: float) -> Step:
+def _on_conflict(
+    state: ImageState, command: StageData | RequestImport, error: Conflict, now: float
+) -> Step:
     """Stage or import already happened (response lost) or the image moved on: look first."""
     conflicts = state.conflicts + 1
     if conflicts > _MAX_CONFLICTS:
@@ -714,7 +777,7 @@ def _on_missing(state: ImageState, now: float) -> Step:
         state = replace(state, image_exists=False)
         return Step(state, CreateImage(), Event.IMAGE_CREATING, {"reason": "image not found"})
     # It existed and is gone; Glance never takes a deleted id again: make a new one.
-    return _on_deleted(state, InspectImage(), now)
+    return _replace_image(state)
 
 
 def _fail(state: ImageState, error: MigrationError, now: float, **columns: object) -> Step:
