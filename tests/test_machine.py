@@ -7,6 +7,18 @@ from dataclasses import replace
 
 import pytest
 
+from worker.core.changes import (
+    DataStaged,
+    Failing,
+    Finished,
+    GlanceRecord,
+    ImageCreated,
+    ImageReplaced,
+    ImportRequested,
+    ImportRequesting,
+    SourceHashed,
+    SourceHashes,
+)
 from worker.core.machine import (
     CheckStaged,
     Command,
@@ -71,6 +83,17 @@ def step(state: ImageState, command: Command, outcome: Outcome, now: float = 100
     return decide(state, command, outcome, now=now, jitter=0.5, policies=Policies())
 
 
+def written(result: Step) -> Failing | Finished:
+    """The change of a step that ends the image, or that cleans it up before it fails."""
+    assert isinstance(result.change, Failing | Finished), result.change
+    return result.change
+
+
+def finished(result: Step) -> Finished:
+    assert isinstance(result.change, Finished), result.change
+    return result.change
+
+
 def facts(status: str, **changes: object) -> ImageFacts:
     return replace(ImageFacts(status=status), **changes)  # type: ignore[arg-type]
 
@@ -118,9 +141,14 @@ def test_happy_path_goes_through_every_phase_and_ends_verified() -> None:
     ]
     final = steps[-1]
     assert final.finished
-    assert final.columns["verification"] == Verification.VERIFIED
-    assert final.columns["glance_os_hash_value"] == HASH
-    assert steps[2].columns["source_hash_value"] == HASH
+    assert finished(final).verification == Verification.VERIFIED
+    assert finished(final).glance == GlanceRecord(
+        "active", size=SIZE, os_hash_algo="sha512", os_hash_value=HASH
+    )
+    assert steps[1].change == ImageCreated(at=100.0)
+    assert steps[2].change == DataStaged(SIZE, 100.0, SourceHashes("sha512", HASH))
+    assert steps[3].change == ImportRequesting(steps[3].state.import_request_id or "")
+    assert steps[4].change == ImportRequested("req-x", at=100.0)
 
 
 def test_import_request_id_is_ours_and_stable() -> None:
@@ -172,11 +200,11 @@ def test_every_terminal_failure_signal_is_recognised(
         result = step(result.state, result.command, Polled(observed, tasks))
     # The half-made image is deleted first, then the row fails with the signal's code.
     assert isinstance(result.command, DeleteImage)
-    assert result.columns["error_code"] == code
+    assert written(result).error_code == code
     final = step(result.state, result.command, Deleted())
     assert final.finished
     assert final.state.phase is Phase.FAILED
-    assert final.columns["cleanup"] == "deleted"
+    assert finished(final).cleanup == "deleted"
     assert final.error is not None
     assert final.error.code == code
 
@@ -192,7 +220,7 @@ def test_keep_on_failure_keeps_the_image_and_says_so() -> None:
     result = step(state, PollImport(), Polled(facts("importing", failed_import="fs")))
     assert result.finished
     assert result.state.phase is Phase.FAILED
-    assert result.columns["cleanup"] == "kept"
+    assert finished(result).cleanup == "kept"
 
 
 def test_import_that_never_ends_times_out_on_a_size_scaled_deadline() -> None:
@@ -216,7 +244,7 @@ def test_import_that_never_ends_times_out_on_a_size_scaled_deadline() -> None:
         jitter=0.0,
         policies=Policies(poll=policy),
     )
-    assert late.columns["error_code"] == "import_timeout"
+    assert written(late).error_code == "import_timeout"
 
 
 def test_polling_backs_off_and_asks_for_tasks_when_the_lock_is_gone() -> None:
@@ -238,25 +266,25 @@ def test_stage_size_mismatch_fails_and_cleans_up() -> None:
     state = fresh(phase=Phase.STAGING, image_exists=True, source_hash=HASH)
     result = step(state, CheckStaged(), StageChecked(facts("uploading", size=SIZE - 1)))
     assert isinstance(result.command, DeleteImage)
-    assert result.columns["error_code"] == "stage_size_mismatch"
+    assert written(result).error_code == "stage_size_mismatch"
 
 
 def test_hash_mismatch_fails_unless_the_cloud_was_asked_to_rewrite() -> None:
     other = replace(ACTIVE, os_hash_value="b" * 128)
     plain = step(importing_state(), PollImport(), Polled(other))
-    assert plain.columns["error_code"] == "checksum_mismatch"
-    assert plain.columns["verification"] == Verification.MISMATCH
+    assert written(plain).error_code == "checksum_mismatch"
+    assert written(plain).verification == Verification.MISMATCH
     rewritten = step(importing_state(asks_for_rewrite=True), PollImport(), Polled(other))
     assert rewritten.finished
     assert rewritten.state.phase is Phase.DONE
-    assert rewritten.columns["verification"] == Verification.TRANSFORMED
+    assert written(rewritten).verification == Verification.TRANSFORMED
 
 
 def test_other_hash_algorithm_is_not_checked_rather_than_failed() -> None:
     md5_cloud = replace(ACTIVE, os_hash_algo="sha256", os_hash_value="c" * 64)
     result = step(importing_state(), PollImport(), Polled(md5_cloud))
     assert result.state.phase is Phase.DONE
-    assert result.columns["verification"] == Verification.NOT_CHECKED
+    assert written(result).verification == Verification.NOT_CHECKED
 
 
 @pytest.mark.parametrize(
@@ -291,7 +319,7 @@ def test_retries_are_bounded_then_the_image_fails_with_the_last_code() -> None:
         state, command, Errored(CloudUnavailable("503")), now=100.0, jitter=0.1, policies=policies
     )
     assert isinstance(result.command, DeleteImage)
-    assert result.columns["error_code"] == "cloud_unavailable"
+    assert written(result).error_code == "cloud_unavailable"
 
 
 def test_permanent_error_before_any_image_exists_fails_without_cleanup() -> None:
@@ -299,7 +327,7 @@ def test_permanent_error_before_any_image_exists_fails_without_cleanup() -> None
     result = step(started.state, CreateImage(), Errored(SourceError("gone")))
     assert result.finished
     assert result.state.phase is Phase.FAILED
-    assert "cleanup" not in result.columns
+    assert finished(result).cleanup is None
 
 
 def test_create_conflict_adopts_the_image_an_earlier_attempt_made() -> None:
@@ -344,7 +372,7 @@ def test_resume_of_an_active_image_verifies_after_hashing() -> None:
     assert isinstance(looked.command, InspectImage)
     done = step(looked.state, InspectImage(), Inspected(ACTIVE))
     assert done.state.phase is Phase.DONE
-    assert done.columns["verification"] == Verification.VERIFIED
+    assert written(done).verification == Verification.VERIFIED
 
 
 def test_recreated_image_gets_a_new_deterministic_id() -> None:
@@ -355,7 +383,7 @@ def test_recreated_image_gets_a_new_deterministic_id() -> None:
     recreated = step(deleting.state, deleting.command, Deleted(then_recreate=True))
     assert isinstance(recreated.command, CreateImage)
     assert recreated.state.image_id == next_image_id(state.image_id) != state.image_id
-    assert recreated.columns["glance_image_id"] == recreated.state.image_id
+    assert recreated.change == ImageReplaced(recreated.state.image_id)
 
 
 def test_a_stage_check_that_finds_the_import_running_polls_by_the_configured_policy() -> None:
@@ -377,13 +405,13 @@ def test_restarts_are_bounded() -> None:
         state = result.state
     given_up = step(state, CheckStaged(), StageChecked(facts("queued")))
     assert isinstance(given_up.command, DeleteImage)
-    assert given_up.columns["error_code"] == "import_failed"
+    assert written(given_up).error_code == "import_failed"
 
 
 def test_image_missing_while_importing_is_gone_not_recreated() -> None:
     result = step(importing_state(), PollImport(), Errored(NotFound("no image")))
     assert result.finished
-    assert result.columns["error_code"] == "image_gone"
+    assert written(result).error_code == "image_gone"
 
 
 def test_resumed_uploading_image_with_an_import_lock_is_polled_not_imported_again() -> None:
@@ -416,7 +444,7 @@ def test_conflicts_that_never_settle_fail_the_image() -> None:
         state, command = again.state, again.command
     given_up = step(state, command, Errored(Conflict("Image has active task")))
     assert isinstance(given_up.command, DeleteImage)
-    assert given_up.columns["error_code"] == "conflict"
+    assert written(given_up).error_code == "conflict"
 
 
 def test_missing_image_while_creating_is_created_again_under_the_same_id() -> None:
@@ -433,7 +461,7 @@ def test_adopted_id_that_turns_out_missing_gets_a_new_id() -> None:
     result = step(adopted.state, InspectImage(), Errored(NotFound("no image")))
     assert isinstance(result.command, CreateImage)
     assert result.state.image_id == next_image_id(adopted.state.image_id)
-    assert result.columns["glance_image_id"] == result.state.image_id
+    assert result.change == ImageReplaced(result.state.image_id)
 
 
 def test_recreating_clears_the_progress_of_the_old_image() -> None:
@@ -441,9 +469,7 @@ def test_recreating_clears_the_progress_of_the_old_image() -> None:
     deleting = step(state, InspectImage(), Inspected(facts("uploading", size=1)))
     assert deleting.command is not None
     recreated = step(deleting.state, deleting.command, Deleted(then_recreate=True))
-    assert recreated.columns["import_requested_at"] is None
-    assert recreated.columns["import_request_id"] is None
-    assert recreated.columns["bytes_staged"] == 0
+    assert recreated.change == ImageReplaced(recreated.state.image_id)  # it clears the rest
     assert recreated.state.import_accepted_at is None
 
 
@@ -460,17 +486,17 @@ def test_cancel_cleans_up_like_a_permanent_failure(
     state: ImageState, expected_command: type | None, cleanup: str | None
 ) -> None:
     result = cancel(state, now=5.0)
-    assert result.columns["error_code"] == "cancelled"
+    assert written(result).error_code == "cancelled"
     if expected_command is None:
         assert result.finished
         assert result.state.phase is Phase.FAILED
-        assert result.columns.get("cleanup") == cleanup
+        assert finished(result).cleanup == cleanup
         return
     assert isinstance(result.command, DeleteImage)
     assert expected_command is DeleteImage
     final = step(result.state, result.command, Deleted())
     assert final.state.phase is Phase.FAILED
-    assert final.columns["cleanup"] == "deleted"
+    assert finished(final).cleanup == "deleted"
     assert final.error is not None
     assert final.error.code == "cancelled"
 
@@ -499,7 +525,7 @@ def test_retry_budget_counts_from_the_images_first_failure_across_steps() -> Non
         policies=policies,
     )
     assert isinstance(late.command, DeleteImage)
-    assert late.columns["error_code"] == "cloud_unavailable"
+    assert written(late).error_code == "cloud_unavailable"
 
 
 def test_retry_after_sets_the_delay_and_the_recorded_reason() -> None:
@@ -508,21 +534,21 @@ def test_retry_after_sets_the_delay_and_the_recorded_reason() -> None:
     assert isinstance(result.command, StageData)
     assert result.command.delay_s == 7.0
     assert result.event == "image.retry_scheduled"
-    assert "Retry-After 7 s" in str(result.columns["reason"])
-    assert result.columns["step"] == "StageData"
+    assert "Retry-After 7 s" in str(result.detail["reason"])
+    assert result.detail["step"] == "StageData"
 
 
 def test_md5_is_compared_only_when_asked_for() -> None:
     glance_md5 = replace(ACTIVE, checksum="0" * 32)
     unasked = step(importing_state(), PollImport(), Polled(glance_md5))
-    assert unasked.columns["verification"] == Verification.VERIFIED
+    assert written(unasked).verification == Verification.VERIFIED
 
     asked = importing_state(verify_md5=True, source_md5="1" * 32)
     failed = step(asked, PollImport(), Polled(glance_md5))
-    assert failed.columns["error_code"] == "checksum_mismatch"
-    assert "md5" in str(failed.columns["error_message"])
+    assert written(failed).error_code == "checksum_mismatch"
+    assert "md5" in str(written(failed).error_message)
     matching = step(asked, PollImport(), Polled(replace(ACTIVE, checksum="1" * 32)))
-    assert matching.columns["verification"] == Verification.VERIFIED
+    assert written(matching).verification == Verification.VERIFIED
 
 
 def test_a_lost_md5_is_hashed_again_before_verifying() -> None:
@@ -530,7 +556,7 @@ def test_a_lost_md5_is_hashed_again_before_verifying() -> None:
     hashing = step(state, PollImport(), Polled(ACTIVE))
     assert isinstance(hashing.command, HashSource)
     looked = step(hashing.state, HashSource(), Hashed(HASH, "2" * 32))
-    assert looked.columns["source_md5"] == "2" * 32
+    assert looked.change == SourceHashed(SourceHashes("sha512", HASH, "2" * 32))
 
 
 def test_an_import_frozen_across_an_outage_of_glance_is_made_again() -> None:
@@ -545,7 +571,7 @@ def test_an_import_frozen_across_an_outage_of_glance_is_made_again() -> None:
     redone = decide(state, PollImport(), lost, now=261.0, jitter=0.0, policies=policies)
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
-    assert "the import was lost" in str(redone.columns["reason"])
+    assert "the import was lost" in str(redone.detail["reason"])
 
     alive = (TaskFacts("processing", state.import_request_id, updated_at=210.0),)
     touched = Polled(facts("importing"), alive, image_outage=(150.0, 200.0))
@@ -583,7 +609,7 @@ def test_an_import_frozen_before_this_process_began_is_made_again_by_its_tasks_a
     redone = decide(state, PollImport(), looked, now=101.0 + stale_s, jitter=0.0, policies=policies)
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
-    assert "untouched for" in str(redone.columns["reason"])
+    assert "untouched for" in str(redone.detail["reason"])
 
 
 def test_an_import_with_an_expected_duration_is_looked_at_by_that_expectation() -> None:
@@ -616,13 +642,13 @@ def test_an_import_task_that_failed_across_an_outage_of_the_cloud_is_made_again(
     redone = step(looked.state, PollImport(), across, now=211.0)
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
-    assert "across an outage of the cloud" in str(redone.columns["reason"])
+    assert "across an outage of the cloud" in str(redone.detail["reason"])
     assert redone.state.restarts == 1
 
     # With no outage in the import's time, the same failure is the image's own.
     again = step(state, PollImport(), Polled(facts("importing"), failed), now=210.0)
     alone = step(again.state, PollImport(), Polled(facts("importing"), failed), now=211.0)
-    assert alone.columns["error_code"] == "import_failed"
+    assert written(alone).error_code == "import_failed"
 
 
 def test_a_failed_task_is_read_again_with_the_image_which_then_says_why() -> None:
@@ -631,4 +657,4 @@ def test_a_failed_task_is_read_again_with_the_image_which_then_says_why() -> Non
     assert isinstance(first.command, PollImport)  # not decided on a task alone
     why = Polled(facts("importing", es_failed_reason="virtio error"), failed)
     decided = step(first.state, first.command, why)
-    assert decided.columns["error_code"] == "virtio_failed"
+    assert written(decided).error_code == "virtio_failed"

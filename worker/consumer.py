@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from worker.core.changes import Finished
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.outage import Outages, Service
-from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, Store
+from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, StepEvent, Store
 
 log = structlog.get_logger(__name__)
 
@@ -264,13 +265,10 @@ class Consumer:
         """
         message = f"{type(exc).__name__}: {exc}"
         try:
-            row = await self._store.record(
+            row = await self._store.finish(
                 claim.row.id,
-                worker_id=self._settings.worker_id,
-                event=Event.IMAGE_FINISHED,
-                phase=Phase.FAILED,
-                error_code="internal_error",
-                error_message=message,
+                Finished(Phase.FAILED, error_code="internal_error", error_message=message),
+                StepEvent(worker_id=self._settings.worker_id, event=Event.IMAGE_FINISHED),
             )
         except Exception:
             log.exception(Event.IMAGE_CRASH_NOT_RECORDED)

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any, assert_never
 import structlog
 
 from worker.clients.glance import GlanceClient, Image, Task
+from worker.core.changes import Finished, Noted
 from worker.core.events import Event
 from worker.core.machine import (
     CheckStaged,
@@ -52,13 +53,11 @@ from worker.errors import MigrationError
 from worker.gate import StageGate
 from worker.outage import Outages, Service
 from worker.source import hash_source
-from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
+from worker.store.store import Claim, ResultRow, StepEvent, Store
 from worker.watch import ImportWatch
 
 log = structlog.get_logger(__name__)
 
-# Columns of the results table a step may set; anything else a step reports is event detail.
-_TIME_COLUMNS = frozenset({"image_created_at", "staged_at", "import_requested_at", "finished_at"})
 _PROGRESS_EVERY_S = 1.0
 
 
@@ -359,28 +358,24 @@ class ImageRunner:
     async def _record(
         self, claim: Claim, previous_phase: Phase, step: Step, *, request_id: str | None
     ) -> ResultRow:
-        """Persist the step (row columns + an event) and log it, before the next command runs."""
+        """Persist the step (its change of the row + an event) and log it, before the next
+        command runs."""
         if step.state.image_exists or step.command is not None:
             self._images[claim.row.id] = step.state.image_id
-        columns, detail = split_columns(step.columns)
-        error_code = columns.pop("error_code", None)
-        error_message = columns.pop("error_message", None)
+        detail = dict(step.detail)
         if step.error is not None:
             detail.update(error_code=step.error.code, error=step.error.message)
         phase = step.state.phase if step.state.phase != previous_phase else None
-        if step.event is None and phase is None:
+        if step.event is None and phase is None and isinstance(step.change, Noted):
             return claim.row  # a quiet poll: nothing changed worth a row update
-        row = await self.store.record(
-            claim.row.id,
+        written = StepEvent(
             worker_id=self.settings.worker_id,
             event=step.event or Event.entered(step.state.phase),
             phase=phase,
-            error_code=str(error_code) if error_code is not None else None,
-            error_message=str(error_message) if error_message is not None else None,
             request_id=request_id,
             detail=detail or None,
-            **columns,
         )
+        row = await self.store.apply(claim.row.id, step.change, written)
         if step.event is not None:
             fields: dict[str, Any] = {"phase": str(step.state.phase), **detail}
             level = _level_of(step, self.settings.step_log_level)
@@ -408,7 +403,8 @@ def _level_of(step: Step, step_level: int) -> int:
     if step.event in (Event.IMAGE_RETRY_SCHEDULED, Event.IMAGE_FAILING, Event.IMAGE_RECREATING):
         return logging.WARNING
     if step.state.phase is Phase.FAILED:
-        refused = step.columns.get("cleanup") == "kept" and not step.state.keep_on_failure
+        kept = isinstance(step.change, Finished) and step.change.cleanup == "kept"
+        refused = kept and not step.state.keep_on_failure
         return logging.ERROR if refused else logging.WARNING
     return step_level
 
@@ -437,22 +433,6 @@ def initial_state(claim: Claim, *, hash_algorithm: str, verify_md5: bool = False
         if row.import_requested_at is not None
         else None,
     )
-
-
-def split_columns(values: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-    """Separate what goes into results columns from what goes into the event's detail."""
-    columns: dict[str, object] = {}
-    detail: dict[str, object] = {}
-    for key, value in values.items():
-        if key not in RECORDABLE_COLUMNS and key not in ("error_code", "error_message"):
-            detail[key] = value
-        elif key in _TIME_COLUMNS and isinstance(value, int | float):
-            columns[key] = datetime.fromtimestamp(value, tz=UTC)
-        elif key == "verification" and value is not None:
-            columns[key] = str(value)
-        else:
-            columns[key] = value
-    return columns, detail
 
 
 def image_facts(image: Image) -> ImageFacts:

@@ -22,6 +22,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeAlias, assert_never
 
+from worker.core.changes import (
+    Change,
+    DataStaged,
+    Failing,
+    Finished,
+    GlanceRecord,
+    ImageCreated,
+    ImageReplaced,
+    ImportRequested,
+    ImportRequesting,
+    Noted,
+    SourceHashed,
+    SourceHashes,
+)
 from worker.core.events import Event
 from worker.core.model import Phase, Verification, next_image_id
 from worker.core.policy import (
@@ -280,7 +294,8 @@ class Step:
     state: ImageState
     command: Command | None
     event: Event | None = None  # the event to record and log
-    columns: Mapping[str, object] = field(default_factory=dict)
+    change: Change = field(default_factory=Noted)  # what the step changes of the results row
+    detail: Mapping[str, object] = field(default_factory=dict)  # the event's detail
     error: MigrationError | None = None  # the error that ended or delayed the image
 
     @property
@@ -330,12 +345,14 @@ def decide(
     match outcome:
         case Created():
             state = replace(state, image_exists=True, phase=Phase.STAGING)
-            return Step(state, StageData(), Event.IMAGE_CREATED, {"image_created_at": now})
+            return Step(state, StageData(), Event.IMAGE_CREATED, ImageCreated(at=now))
         case Staged():
             return _on_staged(state, outcome, now)
         case Hashed():
             state = replace(state, source_hash=outcome.source_hash, source_md5=outcome.source_md5)
-            return Step(state, InspectImage(), Event.IMAGE_HASHED, _hash_columns(state))
+            return Step(
+                state, InspectImage(), Event.IMAGE_HASHED, SourceHashed(_hashes(state, outcome))
+            )
         case ImportAccepted():
             return _on_import_accepted(state, outcome, now, jitter, policies.poll)
         case StageChecked(facts=facts):
@@ -363,18 +380,12 @@ def _on_staged(state: ImageState, outcome: Staged, now: float) -> Step:
         source_md5=outcome.source_md5,
         stage_conflicted=False,
     )
-    columns = {"bytes_staged": outcome.size_bytes, "staged_at": now, **_hash_columns(state)}
-    return Step(state, CheckStaged(), Event.IMAGE_STAGED, columns)
+    change = DataStaged(bytes_staged=outcome.size_bytes, at=now, hashes=_hashes(state, outcome))
+    return Step(state, CheckStaged(), Event.IMAGE_STAGED, change)
 
 
-def _hash_columns(state: ImageState) -> dict[str, object]:
-    columns: dict[str, object] = {
-        "source_hash_algo": state.hash_algo,
-        "source_hash_value": state.source_hash,
-    }
-    if state.source_md5 is not None:
-        columns["source_md5"] = state.source_md5
-    return columns
+def _hashes(state: ImageState, outcome: Staged | Hashed) -> SourceHashes:
+    return SourceHashes(state.hash_algo, outcome.source_hash, outcome.source_md5)
 
 
 def _request_id(state: ImageState) -> str:
@@ -388,7 +399,7 @@ def _import(state: ImageState) -> Step:
         state,
         RequestImport(request_id=request_id),
         Event.IMAGE_IMPORT_REQUESTING,
-        {"import_request_id": request_id},
+        ImportRequesting(request_id),
     )
 
 
@@ -404,8 +415,8 @@ def _on_import_accepted(
         task_failure_seen=False,
     )
     delay_s = poll_delay_s(0, policy=poll, jitter=jitter, expected_s=outcome.expected_s)
-    columns = {"import_requested_at": now, "import_request_id": outcome.request_id}
-    return Step(state, PollImport(delay_s=delay_s), Event.IMAGE_IMPORT_REQUESTED, columns)
+    change = ImportRequested(outcome.request_id, at=now)
+    return Step(state, PollImport(delay_s=delay_s), Event.IMAGE_IMPORT_REQUESTED, change)
 
 
 def _seen(state: ImageState, facts: ImageFacts) -> ImageState:
@@ -450,7 +461,7 @@ def _resume(
     if status == "importing":
         failure = _import_failure(facts, None, state)
         if failure is not None and state.phase in (Phase.IMPORTING, Phase.VERIFYING):
-            return _fail(state, failure, now, glance_status=status)  # our import's outcome
+            return _fail(state, failure, now, glance=GlanceRecord(status))  # our import's outcome
         if failure is not None:
             return _recreate(state, failure.message, now)
         return _resume_polling(state, now, jitter, policy)
@@ -497,7 +508,7 @@ def _poll(
         reason = f"{failure.message}, across an outage of the cloud"
         return _recreate(state, reason, now)
     if failure is not None:
-        return _fail(state, failure, now, glance_status=facts.status)
+        return _fail(state, failure, now, glance=GlanceRecord(facts.status))
     polls = state.polls + 1
     started = state.import_accepted_at if state.import_accepted_at is not None else now
     tasks_due = now - (state.tasks_looked_at or started) >= policy.tasks_every_s
@@ -594,18 +605,14 @@ def _verify(state: ImageState, facts: ImageFacts, now: float) -> Step:
     state = replace(state, phase=Phase.VERIFYING)
     if state.source_hash is None or (state.verify_md5 and state.source_md5 is None):
         return Step(state, HashSource(), Event.IMAGE_VERIFYING)
-    columns = _glance_columns(facts)
+    glance = _glance_record(facts)
     verification, mismatch = _compare(state, facts)
     if mismatch is not None:
         error = ChecksumMismatch(mismatch)
-        return _fail(state, error, now, verification=Verification.MISMATCH, **columns)
+        return _fail(state, error, now, verification=Verification.MISMATCH, glance=glance)
     done = replace(state, phase=Phase.DONE)
-    return Step(
-        done,
-        None,
-        Event.IMAGE_FINISHED,
-        {**columns, "verification": verification, "finished_at": now},
-    )
+    change = Finished(Phase.DONE, at=now, verification=verification, glance=glance)
+    return Step(done, None, Event.IMAGE_FINISHED, change)
 
 
 def _compare(state: ImageState, facts: ImageFacts) -> tuple[Verification, str | None]:
@@ -627,15 +634,15 @@ def _compare(state: ImageState, facts: ImageFacts) -> tuple[Verification, str | 
     return Verification.MISMATCH, f"Glance {algo} {theirs} differs from the source's {ours}"
 
 
-def _glance_columns(facts: ImageFacts) -> dict[str, object]:
-    return {
-        "glance_status": facts.status,
-        "glance_size": facts.size,
-        "glance_virtual_size": facts.virtual_size,
-        "glance_checksum": facts.checksum,
-        "glance_os_hash_algo": facts.os_hash_algo,
-        "glance_os_hash_value": facts.os_hash_value,
-    }
+def _glance_record(facts: ImageFacts) -> GlanceRecord:
+    return GlanceRecord(
+        status=facts.status,
+        size=facts.size,
+        virtual_size=facts.virtual_size,
+        checksum=facts.checksum,
+        os_hash_algo=facts.os_hash_algo,
+        os_hash_value=facts.os_hash_value,
+    )
 
 
 def _restart(state: ImageState, command: Command, event: Event, reason: str, now: float) -> Step:
@@ -649,7 +656,7 @@ def _restart(state: ImageState, command: Command, event: Event, reason: str, now
         restarts=restarts,
         phase=Phase.STAGING if isinstance(command, StageData) else state.phase,
     )
-    return Step(state, command, event, {"reason": reason})
+    return Step(state, command, event, detail={"reason": reason})
 
 
 _MAX_RESTARTS = 3
@@ -674,22 +681,13 @@ def _replace_image(state: ImageState) -> Step:
         polls=0,
     )
     # The new id is stored before it is used; the old image's progress is cleared.
-    columns = {"glance_image_id": fresh.image_id, **_CLEARED_ON_RECREATE}
-    return Step(fresh, CreateImage(), Event.IMAGE_CREATING, columns)
+    return Step(fresh, CreateImage(), Event.IMAGE_CREATING, ImageReplaced(fresh.image_id))
 
 
 def _cleaned_up(state: ImageState, now: float) -> Step:
     """The failed image's deletion is done: the row fails with the error that ended it."""
     state = replace(state, image_exists=False)
     return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
-
-
-_CLEARED_ON_RECREATE: Mapping[str, object] = {
-    "bytes_staged": 0,
-    "staged_at": None,
-    "import_requested_at": None,
-    "import_request_id": None,
-}
 
 
 def _on_error(
@@ -722,8 +720,12 @@ def _on_error(
         state,
         retry,
         Event.IMAGE_RETRY_SCHEDULED,
-        {"reason": decision.reason, "delay_s": round(decision.delay_s, 3), "step": command.name},
-        error,
+        detail={
+            "reason": decision.reason,
+            "delay_s": round(decision.delay_s, 3),
+            "step": command.name,
+        },
+        error=error,
     )
 
 
@@ -764,7 +766,8 @@ def _on_conflict(
     if conflicts > _MAX_CONFLICTS:
         return _fail(state, error, now)
     state = replace(state, conflicts=conflicts, stage_conflicted=isinstance(command, StageData))
-    return Step(state, InspectImage(), Event.IMAGE_CONFLICT_INSPECTING, {"reason": error.message})
+    detail = {"reason": error.message}
+    return Step(state, InspectImage(), Event.IMAGE_CONFLICT_INSPECTING, detail=detail)
 
 
 def _on_missing(state: ImageState, now: float) -> Step:
@@ -775,19 +778,32 @@ def _on_missing(state: ImageState, now: float) -> Step:
     if state.phase is Phase.CREATING and not state.adopted:
         # The create never landed (or is still on its way): the same id keeps it idempotent.
         state = replace(state, image_exists=False)
-        return Step(state, CreateImage(), Event.IMAGE_CREATING, {"reason": "image not found"})
+        detail = {"reason": "image not found"}
+        return Step(state, CreateImage(), Event.IMAGE_CREATING, detail=detail)
     # It existed and is gone; Glance never takes a deleted id again: make a new one.
     return _replace_image(state)
 
 
-def _fail(state: ImageState, error: MigrationError, now: float, **columns: object) -> Step:
-    """A permanent failure: delete the half-made image first, unless asked to keep it."""
-    columns = {"error_code": error.code, "error_message": error.message, **columns}
+def _fail(
+    state: ImageState,
+    error: MigrationError,
+    now: float,
+    *,
+    verification: Verification | None = None,
+    glance: GlanceRecord | None = None,
+) -> Step:
+    """A permanent failure: delete the half-made image first, unless asked to keep it.
+
+    `verification` and `glance` are what the comparison with Glance found, when it ran.
+    """
     if state.image_exists and not state.keep_on_failure:
         state = replace(state, pending_error=error)
-        return Step(state, DeleteImage(), Event.IMAGE_FAILING, columns, error)
+        change = Failing(error.code, error.message, verification=verification, glance=glance)
+        return Step(state, DeleteImage(), Event.IMAGE_FAILING, change, error=error)
     cleanup = "kept" if state.image_exists else None
-    return _finish_failed(state, now, cleanup=cleanup, error=error, extra=columns)
+    return _finish_failed(
+        state, now, cleanup=cleanup, error=error, verification=verification, glance=glance
+    )
 
 
 def _finish_failed(
@@ -796,12 +812,16 @@ def _finish_failed(
     *,
     cleanup: str | None,
     error: MigrationError | None = None,
-    extra: Mapping[str, object] | None = None,
+    verification: Verification | None = None,
+    glance: GlanceRecord | None = None,
 ) -> Step:
-    columns: dict[str, object] = {"finished_at": now, **(extra or {})}
-    if cleanup is not None:
-        columns["cleanup"] = cleanup
-    if error is not None:
-        columns.setdefault("error_code", error.code)
-        columns.setdefault("error_message", error.message)
-    return Step(replace(state, phase=Phase.FAILED), None, Event.IMAGE_FINISHED, columns, error)
+    change = Finished(
+        Phase.FAILED,
+        at=now,
+        error_code=error.code if error is not None else None,
+        error_message=error.message if error is not None else None,
+        cleanup=cleanup,
+        verification=verification,
+        glance=glance,
+    )
+    return Step(replace(state, phase=Phase.FAILED), None, Event.IMAGE_FINISHED, change, error=error)
