@@ -522,6 +522,33 @@ async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Sto
     assert await store.claim(worker_id="w2", limit=5, lease_s=30) == []
 
 
+async def test_settling_an_owed_cleanup_says_when(store: Store) -> None:
+    await submit(store, make_job(2))
+    owed, kept = await store.claim(worker_id="w1", limit=2, lease_s=30)
+    failed = StepEvent("w1", Event.IMAGE_FINISHED)
+    await store.finish(owed.row.id, Finished(Phase.FAILED, cleanup="owed"), failed)
+    await store.finish(kept.row.id, Finished(Phase.FAILED, cleanup="kept"), failed)
+    assert [result_id for result_id, _ in await store.owed_cleanups()] == [owed.row.id]
+
+    await store.cleanup_done(owed.row.id, worker_id="w2")
+    await store.cleanup_done(kept.row.id, worker_id="w2")  # nothing was owed: no change
+
+    rows = {row.id: row for row in await store.result_rows(owed.row.job_id)}
+    settled = rows[owed.row.id]
+    assert settled.cleanup == "deleted"
+    assert settled.cleanup_settled_at is not None
+    assert settled.finished_at is not None
+    assert settled.cleanup_settled_at >= settled.finished_at
+    assert (rows[kept.row.id].cleanup, rows[kept.row.id].cleanup_settled_at) == ("kept", None)
+    assert await store.owed_cleanups() == []
+    # Settled once: a second round finds nothing owed and leaves the time as it was.
+    await store.cleanup_done(owed.row.id, worker_id="w2")
+    (again,) = [row for row in await store.result_rows(owed.row.job_id) if row.id == owed.row.id]
+    assert again.cleanup_settled_at == settled.cleanup_settled_at
+    events = [e["event"] for e in await store.events(result_id=owed.row.id)]
+    assert events.count("image.cleanup_done") == 1
+
+
 # progress, heartbeat, release
 
 

@@ -685,7 +685,7 @@ SELECT id, job_id, glance_image_id FROM results WHERE cleanup = 'owed' ORDER BY 
 -- name: cleanup_done
 -- $1 result id, $2 worker_id. An owed deletion was done (or the image was already gone).
 WITH done AS (
-    UPDATE results SET cleanup = 'deleted', updated_at = now()
+    UPDATE results SET cleanup = 'deleted', cleanup_settled_at = now(), updated_at = now()
     WHERE id = $1 AND cleanup = 'owed'
     RETURNING id, job_id, phase
 )

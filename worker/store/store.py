@@ -131,6 +131,7 @@ class ResultRow:
     request_ids: tuple[str, ...]
     cleanup: str | None
     source_md5: str | None
+    cleanup_settled_at: datetime | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
