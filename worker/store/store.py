@@ -452,11 +452,7 @@ class Store:
             case _:
                 assert_never(change)
 
-    async def note(
-        self,
-        result_id: int,
-        step: StepEvent,
-    ) -> ResultRow:
+    async def note(self, result_id: int, step: StepEvent) -> ResultRow:
         """Append a step's event to a held row, which enters `step.phase` (None keeps it).
 
         What every step's write shares (this one's and the `mark_*` and `finish` ones'):
@@ -472,25 +468,12 @@ class Store:
         return await self._step("note", result_id, step)
 
     async def mark_created(
-        self,
-        result_id: int,
-        change: ImageCreated,
-        step: StepEvent,
+        self, result_id: int, change: ImageCreated, step: StepEvent
     ) -> ResultRow:
         """Glance made the image (see `note` for what every step's write shares)."""
-        return await self._step(
-            "mark_created",
-            result_id,
-            step,
-            _moment(change.at),
-        )
+        return await self._step("mark_created", result_id, step, _moment(change.at))
 
-    async def mark_staged(
-        self,
-        result_id: int,
-        change: DataStaged,
-        step: StepEvent,
-    ) -> ResultRow:
+    async def mark_staged(self, result_id: int, change: DataStaged, step: StepEvent) -> ResultRow:
         """The source is staged, hashed on the way (see `note`)."""
         hashes = change.hashes
         return await self._step(
@@ -504,73 +487,35 @@ class Store:
             hashes.md5,
         )
 
-    async def mark_hashed(
-        self,
-        result_id: int,
-        change: SourceHashed,
-        step: StepEvent,
-    ) -> ResultRow:
+    async def mark_hashed(self, result_id: int, change: SourceHashed, step: StepEvent) -> ResultRow:
         """The source was hashed again (see `note`)."""
         hashes = change.hashes
         return await self._step(
-            "mark_hashed",
-            result_id,
-            step,
-            hashes.algo,
-            hashes.value,
-            hashes.md5,
+            "mark_hashed", result_id, step, hashes.algo, hashes.value, hashes.md5
         )
 
     async def mark_import_requesting(
-        self,
-        result_id: int,
-        change: ImportRequesting,
-        step: StepEvent,
+        self, result_id: int, change: ImportRequesting, step: StepEvent
     ) -> ResultRow:
         """The import is about to be asked for under our request id (see `note`)."""
-        return await self._step(
-            "mark_import_requesting",
-            result_id,
-            step,
-            change.request_id,
-        )
+        return await self._step("mark_import_requesting", result_id, step, change.request_id)
 
     async def mark_import_requested(
-        self,
-        result_id: int,
-        change: ImportRequested,
-        step: StepEvent,
+        self, result_id: int, change: ImportRequested, step: StepEvent
     ) -> ResultRow:
         """Glance accepted the import (see `note`)."""
         return await self._step(
-            "mark_import_requested",
-            result_id,
-            step,
-            change.request_id,
-            _moment(change.at),
+            "mark_import_requested", result_id, step, change.request_id, _moment(change.at)
         )
 
     async def mark_replaced(
-        self,
-        result_id: int,
-        change: ImageReplaced,
-        step: StepEvent,
+        self, result_id: int, change: ImageReplaced, step: StepEvent
     ) -> ResultRow:
         """The image is made again under a new id; the old one's progress is cleared (see
         `note`)."""
-        return await self._step(
-            "mark_replaced",
-            result_id,
-            step,
-            change.image_id,
-        )
+        return await self._step("mark_replaced", result_id, step, change.image_id)
 
-    async def mark_failing(
-        self,
-        result_id: int,
-        change: Failing,
-        step: StepEvent,
-    ) -> ResultRow:
+    async def mark_failing(self, result_id: int, change: Failing, step: StepEvent) -> ResultRow:
         """The image failed for good; its error is kept while it is cleaned up (see `note`)."""
         return await self._step(
             "mark_failing",
@@ -582,12 +527,7 @@ class Store:
             *_glance_values(change.glance),
         )
 
-    async def finish(
-        self,
-        result_id: int,
-        change: Finished,
-        step: StepEvent,
-    ) -> ResultRow:
+    async def finish(self, result_id: int, change: Finished, step: StepEvent) -> ResultRow:
         """The row reaches done or failed: its lease ends, finished_at is set (see `note`)."""
         return await self._step(
             "finish",
