@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -445,11 +444,11 @@ async def test_a_step_written_again_under_its_key_is_recorded_once(
         async with open_store(database_url) as store:
             (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
         key = uuid.uuid4()
-        args = (claim.row.id, "w1", "image.staged", "staging", None, None, "req-1", None)
-        columns = json.dumps({"bytes_staged": 5})
-        # The second run is what Store.record sends when the first one's answer was lost.
-        first = await conn.fetchrow(QUERIES["record"], *args, columns, key)
-        second = await conn.fetchrow(QUERIES["record"], *args, columns, key)
+        args = (claim.row.id, "w1", "image.staged", "staging", "req-1", None, key)
+        staged = (5, None, "sha512", "h", None)
+        # The second run is what Store.mark_staged sends when the first one's answer was lost.
+        first = await conn.fetchrow(QUERIES["mark_staged"], *args, *staged)
+        second = await conn.fetchrow(QUERIES["mark_staged"], *args, *staged)
     finally:
         await conn.close()
 

@@ -7,6 +7,18 @@ from dataclasses import replace
 
 import pytest
 
+from worker.core.changes import (
+    DataStaged,
+    Failing,
+    Finished,
+    GlanceRecord,
+    ImageCreated,
+    ImageReplaced,
+    ImportRequested,
+    ImportRequesting,
+    SourceHashed,
+    SourceHashes,
+)
 from worker.core.machine import (
     CheckStaged,
     Command,
@@ -20,11 +32,14 @@ from worker.core.machine import (
     ImageFacts,
     ImageState,
     ImportAccepted,
+    Inspected,
     InspectImage,
-    Observed,
+    Outcome,
     Policies,
+    Polled,
     PollImport,
     RequestImport,
+    StageChecked,
     Staged,
     StageData,
     Step,
@@ -64,8 +79,19 @@ def fresh(**changes: object) -> ImageState:
     return replace(state, **changes)  # type: ignore[arg-type]
 
 
-def step(state: ImageState, command: Command, outcome: object, now: float = 100.0) -> Step:
-    return decide(state, command, outcome, now=now, jitter=0.5)  # type: ignore[arg-type]
+def step(state: ImageState, command: Command, outcome: Outcome, now: float = 100.0) -> Step:
+    return decide(state, command, outcome, now=now, jitter=0.5, policies=Policies())
+
+
+def written(result: Step) -> Failing | Finished:
+    """The change of a step that ends the image, or that cleans it up before it fails."""
+    assert isinstance(result.change, Failing | Finished), result.change
+    return result.change
+
+
+def finished(result: Step) -> Finished:
+    assert isinstance(result.change, Finished), result.change
+    return result.change
 
 
 def facts(status: str, **changes: object) -> ImageFacts:
@@ -78,13 +104,13 @@ ACTIVE = facts("active", size=SIZE, os_hash_algo="sha512", os_hash_value=HASH, d
 def run_happy_path() -> list[Step]:
     """create -> stage -> check -> import -> poll (importing) -> poll (active) -> done."""
     steps = [begin(fresh())]
-    script = [
+    script: list[Outcome] = [
         Created(facts("queued")),
         Staged(SIZE, HASH),
-        Observed(facts("uploading", size=SIZE)),
+        StageChecked(facts("uploading", size=SIZE)),
         ImportAccepted("req-x"),
-        Observed(facts("importing", import_locked=True)),
-        Observed(ACTIVE),
+        Polled(facts("importing", import_locked=True)),
+        Polled(ACTIVE),
     ]
     for outcome in script:
         current = steps[-1]
@@ -115,9 +141,14 @@ def test_happy_path_goes_through_every_phase_and_ends_verified() -> None:
     ]
     final = steps[-1]
     assert final.finished
-    assert final.columns["verification"] == Verification.VERIFIED
-    assert final.columns["glance_os_hash_value"] == HASH
-    assert steps[2].columns["source_hash_value"] == HASH
+    assert finished(final).verification == Verification.VERIFIED
+    assert finished(final).glance == GlanceRecord(
+        "active", size=SIZE, os_hash_algo="sha512", os_hash_value=HASH
+    )
+    assert steps[1].change == ImageCreated(at=100.0)
+    assert steps[2].change == DataStaged(SIZE, 100.0, SourceHashes("sha512", HASH))
+    assert steps[3].change == ImportRequesting(steps[3].state.import_request_id or "")
+    assert steps[4].change == ImportRequested("req-x", at=100.0)
 
 
 def test_import_request_id_is_ours_and_stable() -> None:
@@ -161,35 +192,35 @@ def importing_state(**changes: object) -> ImageState:
 def test_every_terminal_failure_signal_is_recognised(
     observed: ImageFacts, tasks: tuple[TaskFacts, ...] | None, code: str
 ) -> None:
-    result = step(importing_state(), PollImport(), Observed(observed, tasks))
+    result = step(importing_state(), PollImport(), Polled(observed, tasks))
     if tasks is not None:
         # A failed task alone is read again with the image, which may say why by then.
         assert isinstance(result.command, PollImport)
         assert result.command.with_tasks
-        result = step(result.state, result.command, Observed(observed, tasks))
+        result = step(result.state, result.command, Polled(observed, tasks))
     # The half-made image is deleted first, then the row fails with the signal's code.
     assert isinstance(result.command, DeleteImage)
-    assert result.columns["error_code"] == code
+    assert written(result).error_code == code
     final = step(result.state, result.command, Deleted())
     assert final.finished
     assert final.state.phase is Phase.FAILED
-    assert final.columns["cleanup"] == "deleted"
+    assert finished(final).cleanup == "deleted"
     assert final.error is not None
     assert final.error.code == code
 
 
 def test_a_failed_task_of_someone_else_is_not_ours() -> None:
     other = (TaskFacts("failure", "req-other"),)
-    result = step(importing_state(), PollImport(), Observed(facts("importing"), other))
+    result = step(importing_state(), PollImport(), Polled(facts("importing"), other))
     assert isinstance(result.command, PollImport)
 
 
 def test_keep_on_failure_keeps_the_image_and_says_so() -> None:
     state = importing_state(keep_on_failure=True)
-    result = step(state, PollImport(), Observed(facts("importing", failed_import="fs")))
+    result = step(state, PollImport(), Polled(facts("importing", failed_import="fs")))
     assert result.finished
     assert result.state.phase is Phase.FAILED
-    assert result.columns["cleanup"] == "kept"
+    assert finished(result).cleanup == "kept"
 
 
 def test_import_that_never_ends_times_out_on_a_size_scaled_deadline() -> None:
@@ -199,7 +230,7 @@ def test_import_that_never_ends_times_out_on_a_size_scaled_deadline() -> None:
     still = decide(
         state,
         PollImport(),
-        Observed(facts("importing", import_locked=True)),
+        Polled(facts("importing", import_locked=True)),
         now=100.0 + deadline - 1,
         jitter=0.0,
         policies=Policies(poll=policy),
@@ -208,52 +239,52 @@ def test_import_that_never_ends_times_out_on_a_size_scaled_deadline() -> None:
     late = decide(
         state,
         PollImport(),
-        Observed(facts("importing", import_locked=True)),
+        Polled(facts("importing", import_locked=True)),
         now=100.0 + deadline + 1,
         jitter=0.0,
         policies=Policies(poll=policy),
     )
-    assert late.columns["error_code"] == "import_timeout"
+    assert written(late).error_code == "import_timeout"
 
 
 def test_polling_backs_off_and_asks_for_tasks_when_the_lock_is_gone() -> None:
     state = importing_state()
     delays = []
     for _ in range(8):
-        result = step(state, PollImport(), Observed(facts("importing", import_locked=True)))
+        result = step(state, PollImport(), Polled(facts("importing", import_locked=True)))
         assert isinstance(result.command, PollImport)
         delays.append(result.command.delay_s)
         state = result.state
     assert delays == sorted(delays)
     assert delays[-1] <= PollPolicy().max_delay_s * 1.25
-    unlocked = step(state, PollImport(), Observed(facts("importing", import_locked=False)))
+    unlocked = step(state, PollImport(), Polled(facts("importing", import_locked=False)))
     assert isinstance(unlocked.command, PollImport)
     assert unlocked.command.with_tasks
 
 
 def test_stage_size_mismatch_fails_and_cleans_up() -> None:
     state = fresh(phase=Phase.STAGING, image_exists=True, source_hash=HASH)
-    result = step(state, CheckStaged(), Observed(facts("uploading", size=SIZE - 1)))
+    result = step(state, CheckStaged(), StageChecked(facts("uploading", size=SIZE - 1)))
     assert isinstance(result.command, DeleteImage)
-    assert result.columns["error_code"] == "stage_size_mismatch"
+    assert written(result).error_code == "stage_size_mismatch"
 
 
 def test_hash_mismatch_fails_unless_the_cloud_was_asked_to_rewrite() -> None:
     other = replace(ACTIVE, os_hash_value="b" * 128)
-    plain = step(importing_state(), PollImport(), Observed(other))
-    assert plain.columns["error_code"] == "checksum_mismatch"
-    assert plain.columns["verification"] == Verification.MISMATCH
-    rewritten = step(importing_state(asks_for_rewrite=True), PollImport(), Observed(other))
+    plain = step(importing_state(), PollImport(), Polled(other))
+    assert written(plain).error_code == "checksum_mismatch"
+    assert written(plain).verification == Verification.MISMATCH
+    rewritten = step(importing_state(asks_for_rewrite=True), PollImport(), Polled(other))
     assert rewritten.finished
     assert rewritten.state.phase is Phase.DONE
-    assert rewritten.columns["verification"] == Verification.TRANSFORMED
+    assert written(rewritten).verification == Verification.TRANSFORMED
 
 
 def test_other_hash_algorithm_is_not_checked_rather_than_failed() -> None:
     md5_cloud = replace(ACTIVE, os_hash_algo="sha256", os_hash_value="c" * 64)
-    result = step(importing_state(), PollImport(), Observed(md5_cloud))
+    result = step(importing_state(), PollImport(), Polled(md5_cloud))
     assert result.state.phase is Phase.DONE
-    assert result.columns["verification"] == Verification.NOT_CHECKED
+    assert written(result).verification == Verification.NOT_CHECKED
 
 
 @pytest.mark.parametrize(
@@ -288,7 +319,7 @@ def test_retries_are_bounded_then_the_image_fails_with_the_last_code() -> None:
         state, command, Errored(CloudUnavailable("503")), now=100.0, jitter=0.1, policies=policies
     )
     assert isinstance(result.command, DeleteImage)
-    assert result.columns["error_code"] == "cloud_unavailable"
+    assert written(result).error_code == "cloud_unavailable"
 
 
 def test_permanent_error_before_any_image_exists_fails_without_cleanup() -> None:
@@ -296,14 +327,14 @@ def test_permanent_error_before_any_image_exists_fails_without_cleanup() -> None
     result = step(started.state, CreateImage(), Errored(SourceError("gone")))
     assert result.finished
     assert result.state.phase is Phase.FAILED
-    assert "cleanup" not in result.columns
+    assert finished(result).cleanup is None
 
 
 def test_create_conflict_adopts_the_image_an_earlier_attempt_made() -> None:
     started = begin(fresh())
     adopted = step(started.state, CreateImage(), Errored(Conflict("exists")))
     assert isinstance(adopted.command, InspectImage)
-    resumed = step(adopted.state, InspectImage(), Observed(facts("queued")))
+    resumed = step(adopted.state, InspectImage(), Inspected(facts("queued")))
     assert isinstance(resumed.command, StageData)
 
 
@@ -311,7 +342,7 @@ def test_stage_conflict_after_a_lost_response_goes_on_to_import() -> None:
     state = fresh(phase=Phase.STAGING, image_exists=True)
     looked = step(state, StageData(), Errored(Conflict("uploading to uploading")))
     assert isinstance(looked.command, InspectImage)
-    result = step(looked.state, InspectImage(), Observed(facts("uploading", size=SIZE)))
+    result = step(looked.state, InspectImage(), Inspected(facts("uploading", size=SIZE)))
     assert isinstance(result.command, RequestImport)
 
 
@@ -329,54 +360,65 @@ def test_resume_acts_on_the_real_status(status: str, size: int | None, expected:
     state = fresh(phase=Phase.STAGING, image_exists=True)
     started = begin(state)
     assert isinstance(started.command, InspectImage)
-    result = step(started.state, InspectImage(), Observed(facts(status, size=size)))
+    result = step(started.state, InspectImage(), Inspected(facts(status, size=size)))
     assert isinstance(result.command, expected)
 
 
 def test_resume_of_an_active_image_verifies_after_hashing() -> None:
     state = fresh(phase=Phase.IMPORTING, image_exists=True)
-    hashing = step(state, InspectImage(), Observed(ACTIVE))
+    hashing = step(state, InspectImage(), Inspected(ACTIVE))
     assert isinstance(hashing.command, HashSource)
     looked = step(hashing.state, HashSource(), Hashed(HASH))
     assert isinstance(looked.command, InspectImage)
-    done = step(looked.state, InspectImage(), Observed(ACTIVE))
+    done = step(looked.state, InspectImage(), Inspected(ACTIVE))
     assert done.state.phase is Phase.DONE
-    assert done.columns["verification"] == Verification.VERIFIED
+    assert written(done).verification == Verification.VERIFIED
 
 
 def test_recreated_image_gets_a_new_deterministic_id() -> None:
     state = fresh(phase=Phase.STAGING, image_exists=True)
-    deleting = step(state, InspectImage(), Observed(facts("uploading", size=1)))
+    deleting = step(state, InspectImage(), Inspected(facts("uploading", size=1)))
     assert isinstance(deleting.command, DeleteImage)
     assert deleting.command.then_recreate
-    recreated = step(deleting.state, deleting.command, Deleted())
+    recreated = step(deleting.state, deleting.command, Deleted(then_recreate=True))
     assert isinstance(recreated.command, CreateImage)
     assert recreated.state.image_id == next_image_id(state.image_id) != state.image_id
-    assert recreated.columns["glance_image_id"] == recreated.state.image_id
+    assert recreated.change == ImageReplaced(recreated.state.image_id)
+
+
+def test_a_stage_check_that_finds_the_import_running_polls_by_the_configured_policy() -> None:
+    # The image is importing already when the stage is checked (an earlier run asked for it).
+    state = fresh(phase=Phase.STAGING, image_exists=True, source_hash=HASH)
+    policies = Policies(poll=PollPolicy(first_delay_s=7.0))
+    locked = StageChecked(facts("importing", size=SIZE, import_locked=True))
+    result = decide(state, CheckStaged(), locked, now=100.0, jitter=0.5, policies=policies)
+    assert isinstance(result.command, PollImport)
+    assert result.command.delay_s == 7.0  # the first delay, jitter 0.5 scaling it by 1
+    assert result.state.phase is Phase.IMPORTING
 
 
 def test_restarts_are_bounded() -> None:
     state = fresh(phase=Phase.STAGING, image_exists=True, source_hash=HASH)
     for _ in range(3):
-        result = step(state, CheckStaged(), Observed(facts("queued")))
+        result = step(state, CheckStaged(), StageChecked(facts("queued")))
         assert isinstance(result.command, StageData)
         state = result.state
-    given_up = step(state, CheckStaged(), Observed(facts("queued")))
+    given_up = step(state, CheckStaged(), StageChecked(facts("queued")))
     assert isinstance(given_up.command, DeleteImage)
-    assert given_up.columns["error_code"] == "import_failed"
+    assert written(given_up).error_code == "import_failed"
 
 
 def test_image_missing_while_importing_is_gone_not_recreated() -> None:
     result = step(importing_state(), PollImport(), Errored(NotFound("no image")))
     assert result.finished
-    assert result.columns["error_code"] == "image_gone"
+    assert written(result).error_code == "image_gone"
 
 
 def test_resumed_uploading_image_with_an_import_lock_is_polled_not_imported_again() -> None:
     # The import was accepted but its answer was lost: a second POST would only get 409.
     state = fresh(phase=Phase.IMPORTING, image_exists=True)
     result = step(
-        state, InspectImage(), Observed(facts("uploading", size=SIZE, import_locked=True))
+        state, InspectImage(), Inspected(facts("uploading", size=SIZE, import_locked=True))
     )
     assert isinstance(result.command, PollImport)
     assert result.state.import_request_id is not None
@@ -386,7 +428,7 @@ def test_queued_image_whose_stage_was_refused_is_made_again() -> None:
     # 409 "has data on staging": the stale file stays until the image is deleted.
     state = fresh(phase=Phase.STAGING, image_exists=True)
     looked = step(state, StageData(), Errored(Conflict("has data on staging")))
-    result = step(looked.state, InspectImage(), Observed(facts("queued")))
+    result = step(looked.state, InspectImage(), Inspected(facts("queued")))
     assert isinstance(result.command, DeleteImage)
     assert result.command.then_recreate
 
@@ -397,12 +439,12 @@ def test_conflicts_that_never_settle_fail_the_image() -> None:
     for _ in range(5):
         looked = step(state, command, Errored(Conflict("Image has active task")))
         assert isinstance(looked.command, InspectImage)
-        again = step(looked.state, InspectImage(), Observed(facts("uploading", size=SIZE)))
+        again = step(looked.state, InspectImage(), Inspected(facts("uploading", size=SIZE)))
         assert again.command is not None
         state, command = again.state, again.command
     given_up = step(state, command, Errored(Conflict("Image has active task")))
     assert isinstance(given_up.command, DeleteImage)
-    assert given_up.columns["error_code"] == "conflict"
+    assert written(given_up).error_code == "conflict"
 
 
 def test_missing_image_while_creating_is_created_again_under_the_same_id() -> None:
@@ -419,16 +461,15 @@ def test_adopted_id_that_turns_out_missing_gets_a_new_id() -> None:
     result = step(adopted.state, InspectImage(), Errored(NotFound("no image")))
     assert isinstance(result.command, CreateImage)
     assert result.state.image_id == next_image_id(adopted.state.image_id)
-    assert result.columns["glance_image_id"] == result.state.image_id
+    assert result.change == ImageReplaced(result.state.image_id)
 
 
 def test_recreating_clears_the_progress_of_the_old_image() -> None:
     state = replace(importing_state(), phase=Phase.STAGING)
-    deleting = step(state, InspectImage(), Observed(facts("uploading", size=1)))
-    recreated = step(deleting.state, deleting.command, Deleted())  # type: ignore[arg-type]
-    assert recreated.columns["import_requested_at"] is None
-    assert recreated.columns["import_request_id"] is None
-    assert recreated.columns["bytes_staged"] == 0
+    deleting = step(state, InspectImage(), Inspected(facts("uploading", size=1)))
+    assert deleting.command is not None
+    recreated = step(deleting.state, deleting.command, Deleted(then_recreate=True))
+    assert recreated.change == ImageReplaced(recreated.state.image_id)  # it clears the rest
     assert recreated.state.import_accepted_at is None
 
 
@@ -445,17 +486,17 @@ def test_cancel_cleans_up_like_a_permanent_failure(
     state: ImageState, expected_command: type | None, cleanup: str | None
 ) -> None:
     result = cancel(state, now=5.0)
-    assert result.columns["error_code"] == "cancelled"
+    assert written(result).error_code == "cancelled"
     if expected_command is None:
         assert result.finished
         assert result.state.phase is Phase.FAILED
-        assert result.columns.get("cleanup") == cleanup
+        assert finished(result).cleanup == cleanup
         return
     assert isinstance(result.command, DeleteImage)
     assert expected_command is DeleteImage
     final = step(result.state, result.command, Deleted())
     assert final.state.phase is Phase.FAILED
-    assert final.columns["cleanup"] == "deleted"
+    assert finished(final).cleanup == "deleted"
     assert final.error is not None
     assert final.error.code == "cancelled"
 
@@ -484,7 +525,7 @@ def test_retry_budget_counts_from_the_images_first_failure_across_steps() -> Non
         policies=policies,
     )
     assert isinstance(late.command, DeleteImage)
-    assert late.columns["error_code"] == "cloud_unavailable"
+    assert written(late).error_code == "cloud_unavailable"
 
 
 def test_retry_after_sets_the_delay_and_the_recorded_reason() -> None:
@@ -493,35 +534,35 @@ def test_retry_after_sets_the_delay_and_the_recorded_reason() -> None:
     assert isinstance(result.command, StageData)
     assert result.command.delay_s == 7.0
     assert result.event == "image.retry_scheduled"
-    assert "Retry-After 7 s" in str(result.columns["reason"])
-    assert result.columns["step"] == "StageData"
+    assert "Retry-After 7 s" in str(result.detail["reason"])
+    assert result.detail["step"] == "StageData"
 
 
 def test_md5_is_compared_only_when_asked_for() -> None:
     glance_md5 = replace(ACTIVE, checksum="0" * 32)
-    unasked = step(importing_state(), PollImport(), Observed(glance_md5))
-    assert unasked.columns["verification"] == Verification.VERIFIED
+    unasked = step(importing_state(), PollImport(), Polled(glance_md5))
+    assert written(unasked).verification == Verification.VERIFIED
 
     asked = importing_state(verify_md5=True, source_md5="1" * 32)
-    failed = step(asked, PollImport(), Observed(glance_md5))
-    assert failed.columns["error_code"] == "checksum_mismatch"
-    assert "md5" in str(failed.columns["error_message"])
-    matching = step(asked, PollImport(), Observed(replace(ACTIVE, checksum="1" * 32)))
-    assert matching.columns["verification"] == Verification.VERIFIED
+    failed = step(asked, PollImport(), Polled(glance_md5))
+    assert written(failed).error_code == "checksum_mismatch"
+    assert "md5" in str(written(failed).error_message)
+    matching = step(asked, PollImport(), Polled(replace(ACTIVE, checksum="1" * 32)))
+    assert written(matching).verification == Verification.VERIFIED
 
 
 def test_a_lost_md5_is_hashed_again_before_verifying() -> None:
     state = importing_state(verify_md5=True)
-    hashing = step(state, PollImport(), Observed(ACTIVE))
+    hashing = step(state, PollImport(), Polled(ACTIVE))
     assert isinstance(hashing.command, HashSource)
     looked = step(hashing.state, HashSource(), Hashed(HASH, "2" * 32))
-    assert looked.columns["source_md5"] == "2" * 32
+    assert looked.change == SourceHashed(SourceHashes("sha512", HASH, "2" * 32))
 
 
 def test_an_import_frozen_across_an_outage_of_glance_is_made_again() -> None:
     state = importing_state()
     frozen = (TaskFacts("processing", state.import_request_id, updated_at=100.0),)
-    lost = Observed(facts("importing"), frozen, image_outage=(150.0, 200.0))
+    lost = Polled(facts("importing"), frozen, image_outage=(150.0, 200.0))
     policies = Policies(poll=PollPolicy(lost_import_s=60.0))
 
     waiting = decide(state, PollImport(), lost, now=230.0, jitter=0.0, policies=policies)
@@ -530,10 +571,10 @@ def test_an_import_frozen_across_an_outage_of_glance_is_made_again() -> None:
     redone = decide(state, PollImport(), lost, now=261.0, jitter=0.0, policies=policies)
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
-    assert "the import was lost" in str(redone.columns["reason"])
+    assert "the import was lost" in str(redone.detail["reason"])
 
     alive = (TaskFacts("processing", state.import_request_id, updated_at=210.0),)
-    touched = Observed(facts("importing"), alive, image_outage=(150.0, 200.0))
+    touched = Polled(facts("importing"), alive, image_outage=(150.0, 200.0))
     going_on = decide(state, PollImport(), touched, now=261.0, jitter=0.0, policies=policies)
     assert isinstance(going_on.command, PollImport)  # Glance touched it after the outage
 
@@ -542,7 +583,7 @@ def test_an_import_still_pending_across_an_outage_of_glance_is_made_again() -> N
     state = importing_state()
     pending = (TaskFacts("pending", state.import_request_id, updated_at=100.0),)
     locked = facts("uploading", size=state.size_bytes, import_locked=True)
-    lost = Observed(locked, pending, image_outage=(150.0, 200.0))
+    lost = Polled(locked, pending, image_outage=(150.0, 200.0))
     policies = Policies(poll=PollPolicy(lost_import_s=60.0))
 
     redone = decide(state, PollImport(), lost, now=261.0, jitter=0.0, policies=policies)
@@ -558,7 +599,7 @@ def test_an_import_frozen_before_this_process_began_is_made_again_by_its_tasks_a
     policies = Policies(poll=PollPolicy(stale_task_s=300.0))
     stale_s = 300.0 + state.size_bytes / PollPolicy().stale_rate_bytes_per_s
     frozen = (TaskFacts("processing", state.import_request_id, updated_at=100.0),)
-    looked = Observed(facts("importing"), frozen)
+    looked = Polled(facts("importing"), frozen)
 
     waiting = decide(
         state, PollImport(), looked, now=100.0 + stale_s, jitter=0.0, policies=policies
@@ -568,7 +609,7 @@ def test_an_import_frozen_before_this_process_began_is_made_again_by_its_tasks_a
     redone = decide(state, PollImport(), looked, now=101.0 + stale_s, jitter=0.0, policies=policies)
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
-    assert "untouched for" in str(redone.columns["reason"])
+    assert "untouched for" in str(redone.detail["reason"])
 
 
 def test_an_import_with_an_expected_duration_is_looked_at_by_that_expectation() -> None:
@@ -577,18 +618,18 @@ def test_an_import_with_an_expected_duration_is_looked_at_by_that_expectation() 
     assert isinstance(accepted.command, PollImport)
     assert accepted.command.delay_s == 10.0  # half the expected 20 s
     near_end = step(
-        accepted.state, accepted.command, Observed(facts("importing", import_locked=True)), 119.6
+        accepted.state, accepted.command, Polled(facts("importing", import_locked=True)), 119.6
     )
     assert isinstance(near_end.command, PollImport)
     assert near_end.command.delay_s == PollPolicy().dense_s
     # Tasks are read by time, not by the number of looks: every 10 s.
     assert near_end.command.with_tasks
     soon = step(
-        near_end.state, near_end.command, Observed(facts("importing", import_locked=True)), 120.1
+        near_end.state, near_end.command, Polled(facts("importing", import_locked=True)), 120.1
     )
     assert isinstance(soon.command, PollImport)
     assert not soon.command.with_tasks
-    later = step(soon.state, soon.command, Observed(facts("importing", import_locked=True)), 130.0)
+    later = step(soon.state, soon.command, Polled(facts("importing", import_locked=True)), 130.0)
     assert isinstance(later.command, PollImport)
     assert later.command.with_tasks
 
@@ -596,24 +637,24 @@ def test_an_import_with_an_expected_duration_is_looked_at_by_that_expectation() 
 def test_an_import_task_that_failed_across_an_outage_of_the_cloud_is_made_again() -> None:
     state = importing_state()
     failed = (TaskFacts("failure", state.import_request_id, "Task failed due to Internal Error"),)
-    across = Observed(facts("importing"), failed, cloud_outage=(150.0, 200.0))
+    across = Polled(facts("importing"), failed, cloud_outage=(150.0, 200.0))
     looked = step(state, PollImport(), across, now=210.0)
     redone = step(looked.state, PollImport(), across, now=211.0)
     assert isinstance(redone.command, DeleteImage)
     assert redone.command.then_recreate
-    assert "across an outage of the cloud" in str(redone.columns["reason"])
+    assert "across an outage of the cloud" in str(redone.detail["reason"])
     assert redone.state.restarts == 1
 
     # With no outage in the import's time, the same failure is the image's own.
-    again = step(state, PollImport(), Observed(facts("importing"), failed), now=210.0)
-    alone = step(again.state, PollImport(), Observed(facts("importing"), failed), now=211.0)
-    assert alone.columns["error_code"] == "import_failed"
+    again = step(state, PollImport(), Polled(facts("importing"), failed), now=210.0)
+    alone = step(again.state, PollImport(), Polled(facts("importing"), failed), now=211.0)
+    assert written(alone).error_code == "import_failed"
 
 
 def test_a_failed_task_is_read_again_with_the_image_which_then_says_why() -> None:
     failed = (TaskFacts("failure", "req-ours", "Internal Error"),)
-    first = step(importing_state(), PollImport(), Observed(facts("importing"), failed))
+    first = step(importing_state(), PollImport(), Polled(facts("importing"), failed))
     assert isinstance(first.command, PollImport)  # not decided on a task alone
-    why = Observed(facts("importing", es_failed_reason="virtio error"), failed)
+    why = Polled(facts("importing", es_failed_reason="virtio error"), failed)
     decided = step(first.state, first.command, why)
-    assert decided.columns["error_code"] == "virtio_failed"
+    assert written(decided).error_code == "virtio_failed"

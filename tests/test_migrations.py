@@ -69,6 +69,7 @@ EXPECTED_COLUMNS = {
         "request_ids",
         "cleanup",
         "source_md5",
+        "cleanup_settled_at",
     ],
     "events": [
         "id",

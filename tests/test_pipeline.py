@@ -14,11 +14,12 @@ from structlog.testing import capture_logs
 
 from tests.fixtures.batch import migrate, rows_of, sha512_of, submit
 from worker.consumer import Consumer
+from worker.core.changes import Finished
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.settings import WorkerSettings
-from worker.store.store import Claim, ResultRow, Store, open_store
+from worker.store.store import Claim, ResultRow, StepEvent, Store, open_store
 
 
 async def test_a_batch_ends_active_with_sizes_and_hashes_verified(
@@ -251,8 +252,8 @@ async def test_a_once_run_takes_a_row_left_claimable_by_an_image_that_ended_duri
                 await store.release(worker_id="w-once", result_ids=[claim.row.id])
                 image_ended.set()
                 return claim.row
-            return await store.record(
-                claim.row.id, worker_id="w-once", event=Event.IMAGE_FINISHED, phase=Phase.DONE
+            return await store.finish(
+                claim.row.id, Finished(Phase.DONE), StepEvent("w-once", Event.IMAGE_FINISHED)
             )
 
         consumer = Consumer(

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from worker.bus import bound, publisher
+from worker.core.changes import Finished
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.outage import Outages, Service
-from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, Store
+from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, StepEvent, Store
 
 events = publisher(__name__)
 
@@ -268,13 +269,10 @@ class Consumer:
         """
         message = f"{type(exc).__name__}: {exc}"
         try:
-            row = await self._store.record(
+            row = await self._store.finish(
                 claim.row.id,
-                worker_id=self._settings.worker_id,
-                event=Event.IMAGE_FINISHED,
-                phase=Phase.FAILED,
-                error_code="internal_error",
-                error_message=message,
+                Finished(Phase.FAILED, error_code="internal_error", error_message=message),
+                StepEvent(worker_id=self._settings.worker_id, event=Event.IMAGE_FINISHED),
             )
         except Exception:
             events.exception(Event.IMAGE_CRASH_NOT_RECORDED)

@@ -8,14 +8,15 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 from worker.bus import bound, publisher
 from worker.clients.glance import GlanceClient, Image, Task
+from worker.core.changes import Finished, Noted
 from worker.core.events import Event
 from worker.core.machine import (
     CheckStaged,
@@ -30,12 +31,14 @@ from worker.core.machine import (
     ImageFacts,
     ImageState,
     ImportAccepted,
+    Inspected,
     InspectImage,
-    Observed,
     Outcome,
     Policies,
+    Polled,
     PollImport,
     RequestImport,
+    StageChecked,
     Staged,
     StageData,
     Step,
@@ -49,13 +52,11 @@ from worker.errors import MigrationError
 from worker.gate import StageGate
 from worker.outage import Outages, Service
 from worker.source import hash_source
-from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
+from worker.store.store import Claim, ResultRow, StepEvent, Store
 from worker.watch import ImportWatch
 
 events = publisher(__name__)
 
-# Columns of the results table a step may set; anything else a step reports is event detail.
-_TIME_COLUMNS = frozenset({"image_created_at", "staged_at", "import_requested_at", "finished_at"})
 _PROGRESS_EVERY_S = 1.0
 
 
@@ -220,35 +221,45 @@ class ImageRunner:
     async def _dispatch(
         self, claim: Claim, state: ImageState, command: Command
     ) -> tuple[Outcome, str | None]:
+        """Perform one command; it answers with its own outcome (a failure is raised)."""
         image_id = str(state.image_id)
-        if isinstance(command, CreateImage):
-            image = await self.glance.create_image(claim.spec.create_body(state.image_id))
-            return Created(image_facts(image)), image.request_id
-        if isinstance(command, StageData):
-            return await self._stage(claim, state)
-        if isinstance(command, RequestImport):
-            echoed = await self.glance.import_image(image_id, request_id=command.request_id)
-            expected_s = None if self.watch is None else self.watch.pace.expect_s(state.size_bytes)
-            return ImportAccepted(command.request_id, expected_s), echoed
-        if isinstance(command, InspectImage | CheckStaged):
-            image = await self.glance.get_image(image_id)
-            return Observed(image_facts(image)), image.request_id
-        if isinstance(command, PollImport):
-            return await self._poll(state, command)
-        if isinstance(command, DeleteImage):
-            await self.glance.delete_image(image_id)
-            return Deleted(), None
-        if isinstance(command, HashSource):
-            digests = await hash_source(
-                Path(claim.spec.source),
-                _algorithms(state),
-                size_bytes=claim.spec.size_bytes,
-                identity=claim.spec.source_identity,
-            )
-            return Hashed(digests[state.hash_algo], digests.get("md5")), None
-        raise TypeError(f"unknown command {command!r}")
+        match command:
+            case CreateImage():
+                image = await self.glance.create_image(claim.spec.create_body(state.image_id))
+                return Created(image_facts(image)), image.request_id
+            case InspectImage():
+                image = await self.glance.get_image(image_id)
+                return Inspected(image_facts(image)), image.request_id
+            case StageData():
+                return await self._stage(claim, state)
+            case CheckStaged():
+                image = await self.glance.get_image(image_id)
+                return StageChecked(image_facts(image)), image.request_id
+            case RequestImport():
+                echoed = await self.glance.import_image(image_id, request_id=command.request_id)
+                pace = self.watch.pace if self.watch is not None else None
+                expected_s = None if pace is None else pace.expect_s(state.size_bytes)
+                return ImportAccepted(command.request_id, expected_s), echoed
+            case PollImport():
+                return await self._poll(state, command)
+            case HashSource():
+                return await self._hash(claim, state), None
+            case DeleteImage():
+                await self.glance.delete_image(image_id)
+                return Deleted(then_recreate=command.then_recreate), None
+            case _:
+                assert_never(command)
 
-    async def _stage(self, claim: Claim, state: ImageState) -> tuple[Outcome, str | None]:
+    async def _hash(self, claim: Claim, state: ImageState) -> Hashed:
+        digests = await hash_source(
+            Path(claim.spec.source),
+            _hash_algos(state),
+            size_bytes=claim.spec.size_bytes,
+            identity=claim.spec.source_identity,
+        )
+        return Hashed(digests[state.hash_algo], digests.get("md5"))
+
+    async def _stage(self, claim: Claim, state: ImageState) -> tuple[Staged, str | None]:
         last_report = 0.0
         last_bytes = 0
 
@@ -277,7 +288,7 @@ class ImageRunner:
                 str(state.image_id),
                 Path(claim.spec.source),
                 size_bytes=claim.spec.size_bytes,
-                hash_algos=_algorithms(state),
+                hash_algos=_hash_algos(state),
                 progress=progress,
                 identity=claim.spec.source_identity,
                 # Only a disk inspected at submit is inspected again (a row with no identity
@@ -297,7 +308,7 @@ class ImageRunner:
         except Exception as exc:  # progress is advisory; the stage must not fail for it
             events.warning(Event.IMAGE_PROGRESS_NOT_SAVED, error=str(exc))
 
-    async def _poll(self, state: ImageState, command: PollImport) -> tuple[Outcome, str | None]:
+    async def _poll(self, state: ImageState, command: PollImport) -> tuple[Polled, str | None]:
         image_id = str(state.image_id)
         if self.watch is None:
             image = await self.glance.get_image(image_id)
@@ -330,10 +341,8 @@ class ImageRunner:
             cloud_outage is not None and image.status in ("uploading", "importing")
         ):
             tasks = tuple(task_facts(t) for t in await self.glance.image_tasks(image_id))
-        observed = Observed(
-            image_facts(image), tasks, image_outage=outage, cloud_outage=cloud_outage
-        )
-        return observed, image.request_id
+        polled = Polled(image_facts(image), tasks, image_outage=outage, cloud_outage=cloud_outage)
+        return polled, image.request_id
 
     def _outage_since(
         self, service: Service, accepted_at: float | None
@@ -349,28 +358,24 @@ class ImageRunner:
     async def _record(
         self, claim: Claim, previous_phase: Phase, step: Step, *, request_id: str | None
     ) -> ResultRow:
-        """Persist the step (row columns + an event) and log it, before the next command runs."""
+        """Persist the step (its change of the row + an event) and log it, before the next
+        command runs."""
         if step.state.image_exists or step.command is not None:
             self._images[claim.row.id] = step.state.image_id
-        columns, detail = split_columns(step.columns)
-        error_code = columns.pop("error_code", None)
-        error_message = columns.pop("error_message", None)
+        detail = dict(step.detail)
         if step.error is not None:
             detail.update(error_code=step.error.code, error=step.error.message)
         phase = step.state.phase if step.state.phase != previous_phase else None
-        if step.event is None and phase is None:
+        if step.event is None and phase is None and isinstance(step.change, Noted):
             return claim.row  # a quiet poll: nothing changed worth a row update
-        row = await self.store.record(
-            claim.row.id,
+        written = StepEvent(
             worker_id=self.settings.worker_id,
             event=step.event or Event.entered(step.state.phase),
             phase=phase,
-            error_code=str(error_code) if error_code is not None else None,
-            error_message=str(error_message) if error_message is not None else None,
             request_id=request_id,
             detail=detail or None,
-            **columns,
         )
+        row = await self.store.apply(claim.row.id, step.change, written)
         # The end of the image is published once, with its outcome, by _summarise.
         if step.event is not None and step.event != Event.IMAGE_FINISHED:
             fields: dict[str, Any] = {"phase": str(step.state.phase), **detail}
@@ -401,7 +406,8 @@ def _level_of(step: Step, step_level: int) -> int:
     if step.event in (Event.IMAGE_RETRY_SCHEDULED, Event.IMAGE_FAILING, Event.IMAGE_RECREATING):
         return logging.WARNING
     if step.state.phase is Phase.FAILED:
-        refused = step.columns.get("cleanup") == "kept" and not step.state.keep_on_failure
+        kept = isinstance(step.change, Finished) and step.change.cleanup == "kept"
+        refused = kept and not step.state.keep_on_failure
         return logging.ERROR if refused else logging.WARNING
     return step_level
 
@@ -430,22 +436,6 @@ def initial_state(claim: Claim, *, hash_algo: str, verify_md5: bool = False) -> 
         if row.import_requested_at is not None
         else None,
     )
-
-
-def split_columns(values: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-    """Separate what goes into results columns from what goes into the event's detail."""
-    columns: dict[str, object] = {}
-    detail: dict[str, object] = {}
-    for key, value in values.items():
-        if key not in RECORDABLE_COLUMNS and key not in ("error_code", "error_message"):
-            detail[key] = value
-        elif key in _TIME_COLUMNS and isinstance(value, int | float):
-            columns[key] = datetime.fromtimestamp(value, tz=UTC)
-        elif key == "verification" and value is not None:
-            columns[key] = str(value)
-        else:
-            columns[key] = value
-    return columns, detail
 
 
 def image_facts(image: Image) -> ImageFacts:
@@ -490,6 +480,6 @@ def _epoch(text: str | None) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def _algorithms(state: ImageState) -> tuple[str, ...]:
+def _hash_algos(state: ImageState) -> tuple[str, ...]:
     """The hashes to compute of the source: the cloud's algorithm, and md5 when asked for."""
     return (state.hash_algo, "md5") if state.verify_md5 else (state.hash_algo,)

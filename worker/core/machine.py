@@ -1,8 +1,9 @@
 """One image's migration as a pure transition function: (state, outcome, now) -> step.
 
-The executor performs the `Command` of each `Step`, turns what happened into an `Outcome`,
-and feeds it back. Every decision the worker takes about an image is made here, so the
-whole lifecycle can be tested table-style without a cloud, a database or a clock.
+The executor performs the `Command` of each `Step`, turns what happened into that command's
+own `Outcome` (or `Errored`), and feeds it back. Every decision the worker takes about an
+image is made here, so the whole lifecycle can be tested table-style without a cloud, a
+database or a clock.
 
     create -> stage -> check the staged size -> import -> poll ... -> verify -> done
        |         |              |                  |        |           |
@@ -19,9 +20,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeAlias, assert_never
 
+from worker.core.changes import (
+    Change,
+    DataStaged,
+    Failing,
+    Finished,
+    GlanceRecord,
+    ImageCreated,
+    ImageReplaced,
+    ImportRequested,
+    ImportRequesting,
+    Noted,
+    SourceHashed,
+    SourceHashes,
+)
 from worker.core.events import Event
-from worker.core.model import Phase, Verification, next_image_id
+from worker.core.model import DEFAULT_HASH_ALGO, Phase, Verification, next_image_id
 from worker.core.policy import (
     PollPolicy,
     RetryPolicy,
@@ -86,7 +102,7 @@ class ImageState:
     disk_format: str
     asks_for_rewrite: bool
     keep_on_failure: bool = False
-    hash_algo: str = "sha512"
+    hash_algo: str = DEFAULT_HASH_ALGO
     source_hash: str | None = None
     verify_md5: bool = False  # also compare Glance's legacy md5 `checksum` (costs a core)
     source_md5: str | None = None
@@ -111,7 +127,7 @@ class ImageState:
 
 
 @dataclass(frozen=True)
-class Command:
+class CommandBase:
     """An action for the executor, performed after `delay_s`."""
 
     delay_s: float = 0.0
@@ -122,85 +138,108 @@ class Command:
 
 
 @dataclass(frozen=True)
-class CreateImage(Command):
+class CreateImage(CommandBase):
     """POST /v2/images with our chosen id."""
 
 
 @dataclass(frozen=True)
-class InspectImage(Command):
+class InspectImage(CommandBase):
     """GET the image to learn its real status (resume, or after an ambiguous answer)."""
 
 
 @dataclass(frozen=True)
-class StageData(Command):
+class StageData(CommandBase):
     """PUT the source file to the stage endpoint, hashing it on the way."""
 
 
 @dataclass(frozen=True)
-class CheckStaged(Command):
+class CheckStaged(CommandBase):
     """GET the image after the stage and compare its size with ours."""
 
 
 @dataclass(frozen=True)
-class RequestImport(Command):
+class RequestImport(CommandBase):
     """POST the glance-direct import with our request id."""
 
     request_id: str = ""
 
 
 @dataclass(frozen=True)
-class PollImport(Command):
+class PollImport(CommandBase):
     """GET the image (and its tasks, when asked) while the import runs."""
 
     with_tasks: bool = False
 
 
 @dataclass(frozen=True)
-class HashSource(Command):
+class HashSource(CommandBase):
     """Hash the source file locally (the hash from an earlier run was lost)."""
 
 
 @dataclass(frozen=True)
-class DeleteImage(Command):
+class DeleteImage(CommandBase):
     """DELETE the image: cleanup after a failure, or before making it again."""
 
     then_recreate: bool = False
 
 
-# --- what happened ----------------------------------------------------------------------------
+Command: TypeAlias = (
+    CreateImage
+    | InspectImage
+    | StageData
+    | CheckStaged
+    | RequestImport
+    | PollImport
+    | HashSource
+    | DeleteImage
+)
+
+
+# --- what happened: each command's own outcome, or `Errored` ----------------------------------
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What performing a command produced."""
+class Created:
+    """CreateImage: Glance made the image."""
 
-
-@dataclass(frozen=True)
-class Created(Outcome):
     facts: ImageFacts
 
 
 @dataclass(frozen=True)
-class Staged(Outcome):
+class Inspected:
+    """InspectImage: the image's real status."""
+
+    facts: ImageFacts
+
+
+@dataclass(frozen=True)
+class Staged:
+    """StageData: the source is on Glance's staging area, hashed on the way."""
+
     size_bytes: int
     source_hash: str
     source_md5: str | None = None
 
 
 @dataclass(frozen=True)
-class Hashed(Outcome):
-    source_hash: str
-    source_md5: str | None = None
+class StageChecked:
+    """CheckStaged: the image as Glance holds it after the stage."""
+
+    facts: ImageFacts
 
 
 @dataclass(frozen=True)
-class ImportAccepted(Outcome):
+class ImportAccepted:
+    """RequestImport: Glance accepted the import (202)."""
+
     request_id: str
     expected_s: float | None = None  # the import's expected duration, when one can be told
 
 
 @dataclass(frozen=True)
-class Observed(Outcome):
+class Polled:
+    """PollImport: the importing image (and its tasks, when asked or after an outage)."""
+
     facts: ImageFacts
     tasks: tuple[TaskFacts, ...] | None = None
     # (start, end), epoch seconds, of an outage of the image service since the import began.
@@ -211,13 +250,38 @@ class Observed(Outcome):
 
 
 @dataclass(frozen=True)
-class Deleted(Outcome):
-    """The image is gone (deleted now, or it was already)."""
+class Hashed:
+    """HashSource: the source's hashes."""
+
+    source_hash: str
+    source_md5: str | None = None
 
 
 @dataclass(frozen=True)
-class Errored(Outcome):
+class Deleted:
+    """DeleteImage: the image is gone (deleted now, or it was already)."""
+
+    then_recreate: bool = False  # the command's: the image is to be made again
+
+
+@dataclass(frozen=True)
+class Errored:
+    """Any command: it failed with `error`."""
+
     error: MigrationError
+
+
+Outcome: TypeAlias = (
+    Created
+    | Inspected
+    | Staged
+    | StageChecked
+    | ImportAccepted
+    | Polled
+    | Hashed
+    | Deleted
+    | Errored
+)
 
 
 # --- the answer -------------------------------------------------------------------------------
@@ -230,7 +294,8 @@ class Step:
     state: ImageState
     command: Command | None
     event: Event | None = None  # the event to record and log
-    columns: Mapping[str, object] = field(default_factory=dict)
+    change: Change = field(default_factory=Noted)  # what the step changes of the results row
+    detail: Mapping[str, object] = field(default_factory=dict)  # the event's detail
     error: MigrationError | None = None  # the error that ended or delayed the image
 
     @property
@@ -240,6 +305,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Policies:
+    """The configured policies every decision about an image follows."""
+
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     poll: PollPolicy = field(default_factory=PollPolicy)
 
@@ -265,28 +332,42 @@ def decide(
     *,
     now: float,
     jitter: float,
-    policies: Policies | None = None,
+    policies: Policies,
 ) -> Step:
-    """Given the command just performed and its outcome, choose the next step."""
-    policies = policies or Policies()
+    """Given the command just performed and its outcome, choose the next step.
+
+    `command` matters only to a failure (which step to try again, or how to read a 409 or
+    a 404); every other outcome is its command's own and says all that is needed.
+    """
     if isinstance(outcome, Errored):
         return _on_error(state, command, outcome.error, now=now, jitter=jitter, policies=policies)
     state = replace(state, failures=0)
-    if isinstance(outcome, Created):
-        state = replace(state, image_exists=True, phase=Phase.STAGING)
-        return Step(state, StageData(), Event.IMAGE_CREATED, {"image_created_at": now})
-    if isinstance(outcome, Staged):
-        return _on_staged(state, outcome, now)
-    if isinstance(outcome, Hashed):
-        state = replace(state, source_hash=outcome.source_hash, source_md5=outcome.source_md5)
-        return Step(state, InspectImage(), Event.IMAGE_HASHED, _hash_columns(state))
-    if isinstance(outcome, ImportAccepted):
-        return _on_import_accepted(state, outcome, now, jitter, policies.poll)
-    if isinstance(outcome, Observed):
-        return _on_observed(state, command, outcome, now=now, jitter=jitter, policies=policies)
-    if isinstance(outcome, Deleted):
-        return _on_deleted(state, command, now)
-    raise TypeError(f"unknown outcome {outcome!r}")
+    match outcome:
+        case Created():
+            state = replace(state, image_exists=True, phase=Phase.STAGING)
+            return Step(state, StageData(), Event.IMAGE_CREATED, ImageCreated(at=now))
+        case Staged():
+            return _on_staged(state, outcome, now)
+        case Hashed():
+            state = replace(state, source_hash=outcome.source_hash, source_md5=outcome.source_md5)
+            return Step(
+                state, InspectImage(), Event.IMAGE_HASHED, SourceHashed(_hashes(state, outcome))
+            )
+        case ImportAccepted():
+            return _on_import_accepted(state, outcome, now, jitter, policies.poll)
+        case StageChecked(facts=facts):
+            state = _seen(state, facts)
+            return _check_staged(state, facts, now=now, jitter=jitter, policy=policies.poll)
+        case Polled(facts=facts):
+            return _poll(_seen(state, facts), outcome, now=now, jitter=jitter, policy=policies.poll)
+        case Inspected(facts=facts):
+            return _resume(_seen(state, facts), facts, now=now, jitter=jitter, policy=policies.poll)
+        case Deleted(then_recreate=True):
+            return _replace_image(state)
+        case Deleted():
+            return _cleaned_up(state, now)
+        case _:
+            assert_never(outcome)
 
 
 # --- transitions ------------------------------------------------------------------------------
@@ -299,18 +380,12 @@ def _on_staged(state: ImageState, outcome: Staged, now: float) -> Step:
         source_md5=outcome.source_md5,
         stage_conflicted=False,
     )
-    columns = {"bytes_staged": outcome.size_bytes, "staged_at": now, **_hash_columns(state)}
-    return Step(state, CheckStaged(), Event.IMAGE_STAGED, columns)
+    change = DataStaged(bytes_staged=outcome.size_bytes, at=now, hashes=_hashes(state, outcome))
+    return Step(state, CheckStaged(), Event.IMAGE_STAGED, change)
 
 
-def _hash_columns(state: ImageState) -> dict[str, object]:
-    columns: dict[str, object] = {
-        "source_hash_algo": state.hash_algo,
-        "source_hash_value": state.source_hash,
-    }
-    if state.source_md5 is not None:
-        columns["source_md5"] = state.source_md5
-    return columns
+def _hashes(state: ImageState, outcome: Staged | Hashed) -> SourceHashes:
+    return SourceHashes(state.hash_algo, outcome.source_hash, outcome.source_md5)
 
 
 def _request_id(state: ImageState) -> str:
@@ -324,7 +399,7 @@ def _import(state: ImageState) -> Step:
         state,
         RequestImport(request_id=request_id),
         Event.IMAGE_IMPORT_REQUESTING,
-        {"import_request_id": request_id},
+        ImportRequesting(request_id),
     )
 
 
@@ -340,29 +415,18 @@ def _on_import_accepted(
         task_failure_seen=False,
     )
     delay_s = poll_delay_s(0, policy=poll, jitter=jitter, expected_s=outcome.expected_s)
-    columns = {"import_requested_at": now, "import_request_id": outcome.request_id}
-    return Step(state, PollImport(delay_s=delay_s), Event.IMAGE_IMPORT_REQUESTED, columns)
+    change = ImportRequested(outcome.request_id, at=now)
+    return Step(state, PollImport(delay_s=delay_s), Event.IMAGE_IMPORT_REQUESTED, change)
 
 
-def _on_observed(
-    state: ImageState,
-    command: Command,
-    outcome: Observed,
-    *,
-    now: float,
-    jitter: float,
-    policies: Policies,
+def _seen(state: ImageState, facts: ImageFacts) -> ImageState:
+    """Glance answered about the image: it exists, with this status."""
+    return replace(state, image_exists=True, last_status=facts.status)
+
+
+def _check_staged(
+    state: ImageState, facts: ImageFacts, *, now: float, jitter: float, policy: PollPolicy
 ) -> Step:
-    facts = outcome.facts
-    state = replace(state, image_exists=True, last_status=facts.status)
-    if isinstance(command, CheckStaged):
-        return _check_staged(state, facts, now)
-    if isinstance(command, PollImport):
-        return _poll(state, outcome, now=now, jitter=jitter, policy=policies.poll)
-    return _resume(state, facts, now=now, jitter=jitter, policy=policies.poll)
-
-
-def _check_staged(state: ImageState, facts: ImageFacts, now: float) -> Step:
     if facts.status == "queued":
         # The stage did not stick (Glance restores `queued` on a broken upload): send it again.
         return _restart(state, StageData(), Event.IMAGE_STAGE_LOST, "staged data was not kept", now)
@@ -373,7 +437,7 @@ def _check_staged(state: ImageState, facts: ImageFacts, now: float) -> Step:
         return _fail(state, error, now)
     if facts.status == "uploading":
         return _import(state)
-    return _resume(state, facts, now=now, jitter=0.0, policy=PollPolicy())
+    return _resume(state, facts, now=now, jitter=jitter, policy=policy)
 
 
 def _resume(
@@ -397,7 +461,7 @@ def _resume(
     if status == "importing":
         failure = _import_failure(facts, None, state)
         if failure is not None and state.phase in (Phase.IMPORTING, Phase.VERIFYING):
-            return _fail(state, failure, now, glance_status=status)  # our import's outcome
+            return _fail(state, failure, now, glance=GlanceRecord(status))  # our import's outcome
         if failure is not None:
             return _recreate(state, failure.message, now)
         return _resume_polling(state, now, jitter, policy)
@@ -421,7 +485,7 @@ def _resume_polling(state: ImageState, now: float, jitter: float, policy: PollPo
 
 
 def _poll(
-    state: ImageState, outcome: Observed, *, now: float, jitter: float, policy: PollPolicy
+    state: ImageState, outcome: Polled, *, now: float, jitter: float, policy: PollPolicy
 ) -> Step:
     facts = outcome.facts
     if facts.status == "active":
@@ -444,7 +508,7 @@ def _poll(
         reason = f"{failure.message}, across an outage of the cloud"
         return _recreate(state, reason, now)
     if failure is not None:
-        return _fail(state, failure, now, glance_status=facts.status)
+        return _fail(state, failure, now, glance=GlanceRecord(facts.status))
     polls = state.polls + 1
     started = state.import_accepted_at if state.import_accepted_at is not None else now
     tasks_due = now - (state.tasks_looked_at or started) >= policy.tasks_every_s
@@ -486,9 +550,7 @@ def _task_failure(tasks: tuple[TaskFacts, ...] | None, state: ImageState) -> Imp
     return None
 
 
-def _import_lost(
-    state: ImageState, outcome: Observed, now: float, policy: PollPolicy
-) -> str | None:
+def _import_lost(state: ImageState, outcome: Polled, now: float, policy: PollPolicy) -> str | None:
     """Our import task froze across an outage of the image service: its API process died.
 
     A task still `pending` leaves the image `uploading` (locked), one `processing` leaves
@@ -543,18 +605,14 @@ def _verify(state: ImageState, facts: ImageFacts, now: float) -> Step:
     state = replace(state, phase=Phase.VERIFYING)
     if state.source_hash is None or (state.verify_md5 and state.source_md5 is None):
         return Step(state, HashSource(), Event.IMAGE_VERIFYING)
-    columns = _glance_columns(facts)
+    glance = _glance_record(facts)
     verification, mismatch = _compare(state, facts)
     if mismatch is not None:
         error = ChecksumMismatch(mismatch)
-        return _fail(state, error, now, verification=Verification.MISMATCH, **columns)
+        return _fail(state, error, now, verification=Verification.MISMATCH, glance=glance)
     done = replace(state, phase=Phase.DONE)
-    return Step(
-        done,
-        None,
-        Event.IMAGE_FINISHED,
-        {**columns, "verification": verification, "finished_at": now},
-    )
+    change = Finished(Phase.DONE, at=now, verification=verification, glance=glance)
+    return Step(done, None, Event.IMAGE_FINISHED, change)
 
 
 def _compare(state: ImageState, facts: ImageFacts) -> tuple[Verification, str | None]:
@@ -576,15 +634,15 @@ def _compare(state: ImageState, facts: ImageFacts) -> tuple[Verification, str | 
     return Verification.MISMATCH, f"Glance {algo} {theirs} differs from the source's {ours}"
 
 
-def _glance_columns(facts: ImageFacts) -> dict[str, object]:
-    return {
-        "glance_status": facts.status,
-        "glance_size": facts.size,
-        "glance_virtual_size": facts.virtual_size,
-        "glance_checksum": facts.checksum,
-        "glance_os_hash_algo": facts.os_hash_algo,
-        "glance_os_hash_value": facts.os_hash_value,
-    }
+def _glance_record(facts: ImageFacts) -> GlanceRecord:
+    return GlanceRecord(
+        status=facts.status,
+        size=facts.size,
+        virtual_size=facts.virtual_size,
+        checksum=facts.checksum,
+        os_hash_algo=facts.os_hash_algo,
+        os_hash_value=facts.os_hash_value,
+    )
 
 
 def _restart(state: ImageState, command: Command, event: Event, reason: str, now: float) -> Step:
@@ -598,7 +656,7 @@ def _restart(state: ImageState, command: Command, event: Event, reason: str, now
         restarts=restarts,
         phase=Phase.STAGING if isinstance(command, StageData) else state.phase,
     )
-    return Step(state, command, event, {"reason": reason})
+    return Step(state, command, event, detail={"reason": reason})
 
 
 _MAX_RESTARTS = 3
@@ -609,35 +667,27 @@ def _recreate(state: ImageState, reason: str, now: float) -> Step:
     return _restart(state, DeleteImage(then_recreate=True), Event.IMAGE_RECREATING, reason, now)
 
 
-def _on_deleted(state: ImageState, command: Command, now: float) -> Step:
-    if isinstance(command, DeleteImage) and command.then_recreate:
-        fresh = replace(
-            state,
-            phase=Phase.CREATING,
-            image_id=next_image_id(state.image_id),
-            image_exists=False,
-            adopted=False,
-            stage_conflicted=False,
-            import_request_id=None,
-            import_accepted_at=None,
-            polls=0,
-        )
-        # The new id is stored before it is used; the old image's progress is cleared.
-        columns = {"glance_image_id": fresh.image_id, **_CLEARED_ON_RECREATE}
-        return Step(fresh, CreateImage(), Event.IMAGE_CREATING, columns)
-    if isinstance(command, DeleteImage):
-        state = replace(state, image_exists=False)
-        return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
-    # The image vanished under us (404 on a GET): make it again.
-    return _on_deleted(state, DeleteImage(then_recreate=True), now)
+def _replace_image(state: ImageState) -> Step:
+    """The image is gone (deleted to be made again, or vanished): make it under a new id."""
+    fresh = replace(
+        state,
+        phase=Phase.CREATING,
+        image_id=next_image_id(state.image_id),
+        image_exists=False,
+        adopted=False,
+        stage_conflicted=False,
+        import_request_id=None,
+        import_accepted_at=None,
+        polls=0,
+    )
+    # The new id is stored before it is used; the old image's progress is cleared.
+    return Step(fresh, CreateImage(), Event.IMAGE_CREATING, ImageReplaced(fresh.image_id))
 
 
-_CLEARED_ON_RECREATE: Mapping[str, object] = {
-    "bytes_staged": 0,
-    "staged_at": None,
-    "import_requested_at": None,
-    "import_request_id": None,
-}
+def _cleaned_up(state: ImageState, now: float) -> Step:
+    """The failed image's deletion is done: the row fails with the error that ended it."""
+    state = replace(state, image_exists=False)
+    return _finish_failed(state, now, cleanup="deleted", error=state.pending_error)
 
 
 def _on_error(
@@ -670,8 +720,12 @@ def _on_error(
         state,
         retry,
         Event.IMAGE_RETRY_SCHEDULED,
-        {"reason": decision.reason, "delay_s": round(decision.delay_s, 3), "step": command.name},
-        error,
+        detail={
+            "reason": decision.reason,
+            "delay_s": round(decision.delay_s, 3),
+            "step": command.name,
+        },
+        error=error,
     )
 
 
@@ -679,29 +733,41 @@ def _ambiguous_answer(
     state: ImageState, command: Command, error: MigrationError, now: float
 ) -> Step | None:
     """Answers that mean 'look before you go on' rather than 'failed'."""
-    if isinstance(command, CreateImage) and isinstance(error, Conflict):
-        # Our id already exists: an earlier attempt made it. Adopt it.
-        adopted = replace(state, image_exists=True, adopted=True)
-        return Step(adopted, InspectImage(), Event.IMAGE_ADOPTING)
-    if isinstance(command, StageData | RequestImport) and isinstance(error, Conflict):
-        return _on_conflict(state, command, error, now)
-    if isinstance(command, DeleteImage) and isinstance(error, NotFound):
-        return _on_deleted(state, command, now)
-    if isinstance(command, InspectImage | CheckStaged | PollImport) and isinstance(error, NotFound):
-        return _on_missing(state, now)
+    match command:
+        case CreateImage():
+            if isinstance(error, Conflict):
+                # Our id already exists: an earlier attempt made it. Adopt it.
+                adopted = replace(state, image_exists=True, adopted=True)
+                return Step(adopted, InspectImage(), Event.IMAGE_ADOPTING)
+        case StageData() | RequestImport():
+            if isinstance(error, Conflict):
+                return _on_conflict(state, command, error, now)
+        case DeleteImage():
+            if isinstance(error, NotFound):  # gone already: as good as deleted
+                return _replace_image(state) if command.then_recreate else _cleaned_up(state, now)
+        case InspectImage() | CheckStaged() | PollImport():
+            if isinstance(error, NotFound):
+                return _on_missing(state, now)
+        case HashSource():
+            pass
+        case _:
+            assert_never(command)
     return None
 
 
 _MAX_CONFLICTS = 5
 
 
-def _on_conflict(state: ImageState, command: Command, error: Conflict, now: float) -> Step:
+def _on_conflict(
+    state: ImageState, command: StageData | RequestImport, error: Conflict, now: float
+) -> Step:
     """Stage or import already happened (response lost) or the image moved on: look first."""
     conflicts = state.conflicts + 1
     if conflicts > _MAX_CONFLICTS:
         return _fail(state, error, now)
     state = replace(state, conflicts=conflicts, stage_conflicted=isinstance(command, StageData))
-    return Step(state, InspectImage(), Event.IMAGE_CONFLICT_INSPECTING, {"reason": error.message})
+    detail = {"reason": error.message}
+    return Step(state, InspectImage(), Event.IMAGE_CONFLICT_INSPECTING, detail=detail)
 
 
 def _on_missing(state: ImageState, now: float) -> Step:
@@ -712,19 +778,32 @@ def _on_missing(state: ImageState, now: float) -> Step:
     if state.phase is Phase.CREATING and not state.adopted:
         # The create never landed (or is still on its way): the same id keeps it idempotent.
         state = replace(state, image_exists=False)
-        return Step(state, CreateImage(), Event.IMAGE_CREATING, {"reason": "image not found"})
+        detail = {"reason": "image not found"}
+        return Step(state, CreateImage(), Event.IMAGE_CREATING, detail=detail)
     # It existed and is gone; Glance never takes a deleted id again: make a new one.
-    return _on_deleted(state, InspectImage(), now)
+    return _replace_image(state)
 
 
-def _fail(state: ImageState, error: MigrationError, now: float, **columns: object) -> Step:
-    """A permanent failure: delete the half-made image first, unless asked to keep it."""
-    columns = {"error_code": error.code, "error_message": error.message, **columns}
+def _fail(
+    state: ImageState,
+    error: MigrationError,
+    now: float,
+    *,
+    verification: Verification | None = None,
+    glance: GlanceRecord | None = None,
+) -> Step:
+    """A permanent failure: delete the half-made image first, unless asked to keep it.
+
+    `verification` and `glance` are what the comparison with Glance found, when it ran.
+    """
     if state.image_exists and not state.keep_on_failure:
         state = replace(state, pending_error=error)
-        return Step(state, DeleteImage(), Event.IMAGE_FAILING, columns, error)
+        change = Failing(error.code, error.message, verification=verification, glance=glance)
+        return Step(state, DeleteImage(), Event.IMAGE_FAILING, change, error=error)
     cleanup = "kept" if state.image_exists else None
-    return _finish_failed(state, now, cleanup=cleanup, error=error, extra=columns)
+    return _finish_failed(
+        state, now, cleanup=cleanup, error=error, verification=verification, glance=glance
+    )
 
 
 def _finish_failed(
@@ -733,12 +812,16 @@ def _finish_failed(
     *,
     cleanup: str | None,
     error: MigrationError | None = None,
-    extra: Mapping[str, object] | None = None,
+    verification: Verification | None = None,
+    glance: GlanceRecord | None = None,
 ) -> Step:
-    columns: dict[str, object] = {"finished_at": now, **(extra or {})}
-    if cleanup is not None:
-        columns["cleanup"] = cleanup
-    if error is not None:
-        columns.setdefault("error_code", error.code)
-        columns.setdefault("error_message", error.message)
-    return Step(replace(state, phase=Phase.FAILED), None, Event.IMAGE_FINISHED, columns, error)
+    change = Finished(
+        Phase.FAILED,
+        at=now,
+        error_code=error.code if error is not None else None,
+        error_message=error.message if error is not None else None,
+        cleanup=cleanup,
+        verification=verification,
+        glance=glance,
+    )
+    return Step(replace(state, phase=Phase.FAILED), None, Event.IMAGE_FINISHED, change, error=error)

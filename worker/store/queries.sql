@@ -100,78 +100,27 @@ FROM claimed
 JOIN jobs AS j ON j.id = claimed.job_id
 ORDER BY j.submitted_at, claimed.job_id, claimed.disk_index;
 
--- name: record
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 error_code,
--- $6 error_message, $7 request_id to append, $8 event detail,
--- $9 JSON object of the columns to set (names checked by Store.record; a key present with
---    null sets NULL), $10 the step's key.
+-- The statements of one image's steps, one per kind of change (worker/core/changes.py).
+-- Each updates the row and appends the step's event in one statement, and shares these rules:
 -- The row must still belong to the worker: a lease it was not released from, or a row it
--- finished itself. A reclaimed row has another worker_id, so nothing matches.
+-- finished itself. A reclaimed row has another worker_id, so nothing matches (LeaseLost).
 -- A step whose key is already in the events table was written before (the answer was lost
 -- with the connection): nothing changes and the row is returned as it stands.
+-- Only `finish` takes a row to done or failed: it clears the lease and sets finished_at.
+
+-- name: note
+-- A step that changes no column of the row: its event, and perhaps a phase it enters.
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key.
 WITH old AS (
     SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
 ), seen AS (
-    SELECT 1 FROM events WHERE step_key = $10::uuid
+    SELECT 1 FROM events WHERE step_key = $7::uuid
 ), updated AS (
     UPDATE results AS r
     SET phase = coalesce($4::text, r.phase),
-        error_code = coalesce($5::text, r.error_code),
-        error_message = coalesce($6::text, r.error_message),
-        request_ids = CASE WHEN $7::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $7::text) END,
-        bytes_staged = CASE WHEN $9::jsonb ? 'bytes_staged'
-                            THEN ($9::jsonb ->> 'bytes_staged')::bigint ELSE r.bytes_staged END,
-        image_created_at = CASE WHEN $9::jsonb ? 'image_created_at'
-                                THEN ($9::jsonb ->> 'image_created_at')::timestamptz
-                                ELSE r.image_created_at END,
-        staged_at = CASE WHEN $9::jsonb ? 'staged_at'
-                         THEN ($9::jsonb ->> 'staged_at')::timestamptz ELSE r.staged_at END,
-        import_requested_at = CASE WHEN $9::jsonb ? 'import_requested_at'
-                                   THEN ($9::jsonb ->> 'import_requested_at')::timestamptz
-                                   ELSE r.import_requested_at END,
-        finished_at = CASE WHEN $9::jsonb ? 'finished_at'
-                           THEN ($9::jsonb ->> 'finished_at')::timestamptz
-                           WHEN $4::text IN ('done', 'failed') THEN now()
-                           ELSE r.finished_at END,
-        glance_status = CASE WHEN $9::jsonb ? 'glance_status'
-                             THEN $9::jsonb ->> 'glance_status' ELSE r.glance_status END,
-        glance_size = CASE WHEN $9::jsonb ? 'glance_size'
-                           THEN ($9::jsonb ->> 'glance_size')::bigint ELSE r.glance_size END,
-        glance_virtual_size = CASE WHEN $9::jsonb ? 'glance_virtual_size'
-                                   THEN ($9::jsonb ->> 'glance_virtual_size')::bigint
-                                   ELSE r.glance_virtual_size END,
-        glance_checksum = CASE WHEN $9::jsonb ? 'glance_checksum'
-                               THEN $9::jsonb ->> 'glance_checksum' ELSE r.glance_checksum END,
-        glance_os_hash_algo = CASE WHEN $9::jsonb ? 'glance_os_hash_algo'
-                                   THEN $9::jsonb ->> 'glance_os_hash_algo'
-                                   ELSE r.glance_os_hash_algo END,
-        glance_os_hash_value = CASE WHEN $9::jsonb ? 'glance_os_hash_value'
-                                    THEN $9::jsonb ->> 'glance_os_hash_value'
-                                    ELSE r.glance_os_hash_value END,
-        source_hash_algo = CASE WHEN $9::jsonb ? 'source_hash_algo'
-                                THEN $9::jsonb ->> 'source_hash_algo' ELSE r.source_hash_algo END,
-        source_hash_value = CASE WHEN $9::jsonb ? 'source_hash_value'
-                                 THEN $9::jsonb ->> 'source_hash_value'
-                                 ELSE r.source_hash_value END,
-        source_md5 = CASE WHEN $9::jsonb ? 'source_md5'
-                          THEN $9::jsonb ->> 'source_md5'
-                          ELSE r.source_md5 END,
-        verification = CASE WHEN $9::jsonb ? 'verification'
-                            THEN $9::jsonb ->> 'verification' ELSE r.verification END,
-        import_request_id = CASE WHEN $9::jsonb ? 'import_request_id'
-                                 THEN $9::jsonb ->> 'import_request_id'
-                                 ELSE r.import_request_id END,
-        next_attempt_at = CASE WHEN $9::jsonb ? 'next_attempt_at'
-                               THEN ($9::jsonb ->> 'next_attempt_at')::timestamptz
-                               ELSE r.next_attempt_at END,
-        cleanup = CASE WHEN $9::jsonb ? 'cleanup'
-                       THEN $9::jsonb ->> 'cleanup' ELSE r.cleanup END,
-        glance_image_id = CASE WHEN $9::jsonb ? 'glance_image_id'
-                               THEN ($9::jsonb ->> 'glance_image_id')::uuid
-                               ELSE r.glance_image_id END,
-        lease_expires_at = CASE WHEN $4::text IN ('done', 'failed') THEN NULL
-                                ELSE r.lease_expires_at END,
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
         updated_at = now()
     FROM old
     WHERE r.id = old.id
@@ -182,7 +131,312 @@ WITH old AS (
 ), logged AS (
     INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
                         message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, $5, $6, $8::jsonb, $10::uuid
+    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: mark_created
+-- Glance made the image.
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key; $8 image_created_at.
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        image_created_at = $8::timestamptz,
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: mark_staged
+-- The source is staged; its hashes were taken on the way.
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key;
+-- $8 bytes_staged, $9 staged_at, $10 source_hash_algo, $11 source_hash_value,
+-- $12 source_md5 (NULL keeps it).
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        bytes_staged = $8::bigint,
+        staged_at = $9::timestamptz,
+        source_hash_algo = $10::text,
+        source_hash_value = $11::text,
+        source_md5 = coalesce($12::text, r.source_md5),
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: mark_hashed
+-- The source was hashed again (the hash of an earlier run was lost).
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key;
+-- $8 source_hash_algo, $9 source_hash_value, $10 source_md5 (NULL keeps it).
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        source_hash_algo = $8::text,
+        source_hash_value = $9::text,
+        source_md5 = coalesce($10::text, r.source_md5),
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: mark_import_requesting
+-- The import is about to be asked for under our request id.
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key; $8 import_request_id.
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        import_request_id = $8::text,
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: mark_import_requested
+-- Glance accepted the import.
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key;
+-- $8 import_request_id, $9 import_requested_at.
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        import_request_id = $8::text,
+        import_requested_at = $9::timestamptz,
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: mark_replaced
+-- The image is made again under a new id; the old image's progress is cleared.
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key; $8 the new glance_image_id.
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        glance_image_id = $8::uuid,
+        bytes_staged = 0,
+        staged_at = NULL,
+        import_requested_at = NULL,
+        import_request_id = NULL,
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: mark_failing
+-- The image failed for good: the error (and what the verification found, when it
+-- ran) is kept while its half-made image is deleted.
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key;
+-- $8 error_code, $9 error_message, $10 verification, $11-$16 glance_status, glance_size,
+-- glance_virtual_size, glance_checksum, glance_os_hash_algo, glance_os_hash_value (NULL keeps
+-- each).
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = coalesce($4::text, r.phase),
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        error_code = $8::text,
+        error_message = $9::text,
+        verification = coalesce($10::text, r.verification),
+        glance_status = coalesce($11::text, r.glance_status),
+        glance_size = coalesce($12::bigint, r.glance_size),
+        glance_virtual_size = coalesce($13::bigint, r.glance_virtual_size),
+        glance_checksum = coalesce($14::text, r.glance_checksum),
+        glance_os_hash_algo = coalesce($15::text, r.glance_os_hash_algo),
+        glance_os_hash_value = coalesce($16::text, r.glance_os_hash_value),
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, $8, $9, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- name: finish
+-- The row reaches done or failed: the lease ends and finished_at is set.
+-- $1 result id, $2 worker_id, $3 event, $4 phase: done or failed, $5 request id to append,
+-- $6 event detail, $7 the step's key;
+-- $8 finished_at (NULL: now, or as it was for a row finished before), $9 error_code,
+-- $10 error_message, $11 cleanup, $12 verification, $13-$18 the glance_* columns as for
+-- mark_failing (NULL keeps each of $9-$18).
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET phase = $4::text,
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        finished_at = coalesce($8::timestamptz, r.finished_at, now()),
+        lease_expires_at = NULL,
+        error_code = coalesce($9::text, r.error_code),
+        error_message = coalesce($10::text, r.error_message),
+        cleanup = coalesce($11::text, r.cleanup),
+        verification = coalesce($12::text, r.verification),
+        glance_status = coalesce($13::text, r.glance_status),
+        glance_size = coalesce($14::bigint, r.glance_size),
+        glance_virtual_size = coalesce($15::bigint, r.glance_virtual_size),
+        glance_checksum = coalesce($16::text, r.glance_checksum),
+        glance_os_hash_algo = coalesce($17::text, r.glance_os_hash_algo),
+        glance_os_hash_value = coalesce($18::text, r.glance_os_hash_value),
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, $9, $10, $6::jsonb, $7::uuid
     FROM updated
 )
 SELECT * FROM updated
@@ -431,7 +685,7 @@ SELECT id, job_id, glance_image_id FROM results WHERE cleanup = 'owed' ORDER BY 
 -- name: cleanup_done
 -- $1 result id, $2 worker_id. An owed deletion was done (or the image was already gone).
 WITH done AS (
-    UPDATE results SET cleanup = 'deleted', updated_at = now()
+    UPDATE results SET cleanup = 'deleted', cleanup_settled_at = now(), updated_at = now()
     WHERE id = $1 AND cleanup = 'owed'
     RETURNING id, job_id, phase
 )

@@ -9,14 +9,27 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, assert_never, cast
 from uuid import UUID
 
 import asyncpg
 
 from worker.bus import publisher
+from worker.core.changes import (
+    Change,
+    DataStaged,
+    Failing,
+    Finished,
+    GlanceRecord,
+    ImageCreated,
+    ImageReplaced,
+    ImportRequested,
+    ImportRequesting,
+    Noted,
+    SourceHashed,
+)
 from worker.core.events import Event
 from worker.core.model import (
     ImageSpec,
@@ -50,32 +63,6 @@ _CONFLICT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.SerializationError,
 )
 
-# The columns record() may set besides phase, error and request ids; the rest are owned by
-# submit, claim and the lease methods.
-RECORDABLE_COLUMNS = frozenset(
-    {
-        "bytes_staged",
-        "image_created_at",
-        "staged_at",
-        "import_requested_at",
-        "finished_at",
-        "glance_status",
-        "glance_size",
-        "glance_virtual_size",
-        "glance_checksum",
-        "glance_os_hash_algo",
-        "glance_os_hash_value",
-        "source_hash_algo",
-        "source_hash_value",
-        "source_md5",
-        "verification",
-        "import_request_id",
-        "next_attempt_at",
-        "cleanup",
-        "glance_image_id",
-    }
-)
-
 # The ImageSpec attributes kept in results.spec (the rest have columns of their own).
 SPEC_FIELDS = (
     "disk_format",
@@ -87,6 +74,17 @@ SPEC_FIELDS = (
     "tags",
     "properties",
 )
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What every step's write carries besides its change: the event and who writes it."""
+
+    worker_id: str
+    event: Event
+    phase: Phase | None = None  # the phase the row enters; None keeps it
+    request_id: str | None = None  # Glance's request id of the step, kept in request_ids
+    detail: Mapping[str, object] | None = None  # the event's detail
 
 
 class LeaseLost(Exception):
@@ -133,6 +131,7 @@ class ResultRow:
     request_ids: tuple[str, ...]
     cleanup: str | None
     source_md5: str | None
+    cleanup_settled_at: datetime | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
@@ -230,7 +229,7 @@ class Pause:
 class Store:
     """Every database access of the worker; one method per query of queries.sql.
 
-    The worker's own calls (claim, record, release) outlast a lost server: they wait,
+    The worker's own calls (claim, the steps' writes, release) outlast a lost server: they wait,
     reconnect with backoff and try again for up to `reconnect_patience_s`.
     """
 
@@ -426,50 +425,150 @@ class Store:
             )
         return claims
 
-    async def record(
-        self,
-        result_id: int,
-        *,
-        worker_id: str,
-        event: Event,
-        phase: Phase | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        request_id: str | None = None,
-        detail: Mapping[str, object] | None = None,
-        **columns: object,
-    ) -> ResultRow:
-        """Update a held row and append an event, in one statement; return the new row.
+    async def apply(self, result_id: int, change: Change, step: StepEvent) -> ResultRow:
+        """Write one step: `change` by the statement of its kind, with the step's event.
 
+        See `note` for what every step's write shares.
+        """
+        match change:
+            case Noted():
+                return await self.note(result_id, step)
+            case ImageCreated():
+                return await self.mark_created(result_id, change, step)
+            case DataStaged():
+                return await self.mark_staged(result_id, change, step)
+            case SourceHashed():
+                return await self.mark_hashed(result_id, change, step)
+            case ImportRequesting():
+                return await self.mark_import_requesting(result_id, change, step)
+            case ImportRequested():
+                return await self.mark_import_requested(result_id, change, step)
+            case ImageReplaced():
+                return await self.mark_replaced(result_id, change, step)
+            case Failing():
+                return await self.mark_failing(result_id, change, step)
+            case Finished():
+                return await self.finish(result_id, change, step)
+            case _:
+                assert_never(change)
+
+    async def note(self, result_id: int, step: StepEvent) -> ResultRow:
+        """Append a step's event to a held row, which enters `step.phase` (None keeps it).
+
+        What every step's write shares (this one's and the `mark_*` and `finish` ones'):
+        the row is updated and the event appended in one statement, and the new row returned.
         The row is held while this worker's lease on it was neither released nor taken over by
         another worker's claim (an expired lease nobody claimed yet still counts). A row this
-        worker took to done or failed stays recordable by it, for a later cleanup note.
-        A terminal phase clears the lease and sets finished_at (to `finished_at` when given).
-        A lost connection is waited out and the step written again under the same key, so
-        it is recorded exactly once.
-        Raises LeaseLost when the row is not held, ValueError for a column not in
-        RECORDABLE_COLUMNS.
+        worker took to done or failed stays writable by it, for a later cleanup note.
+        `request_id` (Glance's, of the step) is appended to request_ids. A lost connection is
+        waited out and the step written again under the same key, so it is recorded exactly
+        once. Raises LeaseLost when the row is not held. Only `finish` takes a row to done or
+        failed (to its change's phase): a terminal `step.phase` elsewhere is a ValueError.
         """
-        values = _column_values(columns)
+        return await self._step("note", result_id, step)
+
+    async def mark_created(
+        self, result_id: int, change: ImageCreated, step: StepEvent
+    ) -> ResultRow:
+        """Glance made the image (see `note` for what every step's write shares)."""
+        return await self._step("mark_created", result_id, step, _moment(change.at))
+
+    async def mark_staged(self, result_id: int, change: DataStaged, step: StepEvent) -> ResultRow:
+        """The source is staged, hashed on the way (see `note`)."""
+        hashes = change.hashes
+        return await self._step(
+            "mark_staged",
+            result_id,
+            step,
+            change.bytes_staged,
+            _moment(change.at),
+            hashes.algo,
+            hashes.value,
+            hashes.md5,
+        )
+
+    async def mark_hashed(self, result_id: int, change: SourceHashed, step: StepEvent) -> ResultRow:
+        """The source was hashed again (see `note`)."""
+        hashes = change.hashes
+        return await self._step(
+            "mark_hashed", result_id, step, hashes.algo, hashes.value, hashes.md5
+        )
+
+    async def mark_import_requesting(
+        self, result_id: int, change: ImportRequesting, step: StepEvent
+    ) -> ResultRow:
+        """The import is about to be asked for under our request id (see `note`)."""
+        return await self._step("mark_import_requesting", result_id, step, change.request_id)
+
+    async def mark_import_requested(
+        self, result_id: int, change: ImportRequested, step: StepEvent
+    ) -> ResultRow:
+        """Glance accepted the import (see `note`)."""
+        return await self._step(
+            "mark_import_requested", result_id, step, change.request_id, _moment(change.at)
+        )
+
+    async def mark_replaced(
+        self, result_id: int, change: ImageReplaced, step: StepEvent
+    ) -> ResultRow:
+        """The image is made again under a new id; the old one's progress is cleared (see
+        `note`)."""
+        return await self._step("mark_replaced", result_id, step, change.image_id)
+
+    async def mark_failing(self, result_id: int, change: Failing, step: StepEvent) -> ResultRow:
+        """The image failed for good; its error is kept while it is cleaned up (see `note`)."""
+        return await self._step(
+            "mark_failing",
+            result_id,
+            step,
+            change.error_code,
+            change.error_message,
+            _text(change.verification),
+            *_glance_values(change.glance),
+        )
+
+    async def finish(self, result_id: int, change: Finished, step: StepEvent) -> ResultRow:
+        """The row reaches done or failed: its lease ends, finished_at is set (see `note`)."""
+        return await self._step(
+            "finish",
+            result_id,
+            replace(step, phase=change.phase),
+            _moment(change.at),
+            change.error_code,
+            change.error_message,
+            change.cleanup,
+            _text(change.verification),
+            *_glance_values(change.glance),
+        )
+
+    async def _step(
+        self,
+        query: str,
+        result_id: int,
+        step: StepEvent,
+        *values: object,
+    ) -> ResultRow:
+        """Run one step's statement under a fresh key (kept across reconnects)."""
+        phase = step.phase
+        if phase is not None and phase.terminal and query != "finish":
+            raise ValueError(f"{query} cannot take a row to {phase}: finish does")
         step_key = uuid.uuid4()
         record = await self._patiently(
-            "record",
+            query,
             lambda: self._pool.fetchrow(
-                QUERIES["record"],
+                QUERIES[query],
                 result_id,
-                worker_id,
-                event,
-                Phase(phase).value if phase is not None else None,
-                error_code,
-                error_message,
-                request_id,
-                dict(detail) if detail is not None else None,
-                values,
+                step.worker_id,
+                step.event,
+                phase.value if phase is not None else None,
+                step.request_id,
+                dict(step.detail) if step.detail is not None else None,
                 step_key,
+                *values,
             ),
         )
         if record is None:
-            raise LeaseLost(f"result {result_id} is not held by worker {worker_id}")
+            raise LeaseLost(f"result {result_id} is not held by worker {step.worker_id}")
         return ResultRow.from_record(record)
 
     async def set_progress(self, result_id: int, *, worker_id: str, bytes_staged: int) -> None:
@@ -677,21 +776,27 @@ def _disk_row(job_id: UUID, disk: ImageSpec) -> dict[str, object]:
     }
 
 
-def _column_values(columns: Mapping[str, object]) -> dict[str, object]:
-    unknown = sorted(set(columns) - RECORDABLE_COLUMNS)
-    if unknown:
-        raise ValueError(f"record() cannot set column(s): {', '.join(unknown)}")
-    return {name: _column_value(value) for name, value in columns.items()}
+def _moment(at: float | None) -> datetime | None:
+    """Epoch seconds, the machine's clock, as the timestamptz PostgreSQL stores."""
+    return None if at is None else datetime.fromtimestamp(at, tz=UTC)
 
 
-def _column_value(value: object) -> object:
-    if isinstance(value, datetime):
-        # asyncpg takes a naive datetime as UTC; keep that meaning on this JSON path too.
-        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-        return aware.isoformat()
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
+def _text(value: enum.Enum | None) -> str | None:
+    return None if value is None else str(value.value)
+
+
+def _glance_values(glance: GlanceRecord | None) -> tuple[object, ...]:
+    """The glance_* columns' values, in their statements' order (all None: keep them)."""
+    if glance is None:
+        return (None,) * 6
+    return (
+        glance.status,
+        glance.size,
+        glance.virtual_size,
+        glance.checksum,
+        glance.os_hash_algo,
+        glance.os_hash_value,
+    )
 
 
 def _job_ref_params(job_ref: str | None) -> tuple[str | None, UUID | None]:
