@@ -12,9 +12,10 @@ from structlog.testing import capture_logs
 from tests.benchmarks.bandwidth import measure_cap
 from tests.fixtures.db import fetch_rows
 from tests.fixtures.dblink import DatabaseLink
-from worker.cli import cli
+from worker.cli.commands import cli
 from worker.clients.throttle import Throttle
-from worker.controls import (
+from worker.core.events import Event
+from worker.run.bandwidth import (
     BandwidthFollower,
     format_rate,
     get_bandwidth_limit,
@@ -22,7 +23,6 @@ from worker.controls import (
     set_bandwidth_limit,
     worker_share,
 )
-from worker.core.events import Event
 from worker.sandbox import Sandbox
 
 MIB = 1 << 20

@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from tests.fixtures.cli import PROJECT, cloud_env, run_cli, submit, write_job
-from worker.cli import cli
+from worker.cli.commands import cli
 from worker.config import load_cloud_settings
 from worker.core.model import Phase
-from worker.sampledisks import write_monolithic_sparse
+from worker.intake.sampledisks import write_monolithic_sparse
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.store.store import RESULT_COLUMNS
 

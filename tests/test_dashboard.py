@@ -19,8 +19,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fixtures.views import WORKER, Disk, seed_job
+from worker.cli.dashboard import running_dashboard, serving_dashboard
 from worker.core.model import Phase
-from worker.dashboard import running_dashboard, serving_dashboard
 from worker.store import Store
 
 CHROMIUM = Path("/usr/bin/chromium")

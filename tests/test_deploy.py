@@ -14,7 +14,7 @@ import click
 import pytest
 import yaml
 
-from worker.cli import cli
+from worker.cli.commands import cli
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"

@@ -11,10 +11,10 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
-from worker import logs
-from worker.cli import cli
-from worker.preflight import Finding, format_findings
-from worker.sampledisks import write_monolithic_sparse
+from worker.cli.commands import cli
+from worker.intake.preflight import Finding, format_findings
+from worker.intake.sampledisks import write_monolithic_sparse
+from worker.observe import logs
 
 # Sets the terminal's title, clears the screen, and starts a line that looks like another row.
 HOSTILE = "web\x1b]0;owned\x07\x1b[2J\r\n  1  fake-row  done\u202e"

@@ -17,7 +17,8 @@ WORKER = ROOT / "worker"
 AREAS = sorted({event.value.split(".")[0] for event in Event})
 NAME = re.compile(rf"^(?:{'|'.join(AREAS)})\.[a-z_]+$")
 # Strings of that shape that are no event: file and package names.
-NOT_EVENTS = frozenset({"dashboard.html", "worker.store"})
+# Package names and file names that look like `area.what` names.
+NOT_EVENTS = frozenset({"dashboard.html", "worker.store", "worker.cli", "worker.intake"})
 LOG_METHODS = frozenset({"debug", "info", "warning", "error", "exception", "critical"})
 
 

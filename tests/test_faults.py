@@ -19,11 +19,11 @@ from tests.fixtures.batch import FAST, cloud_for, migrate, rows_of, submit
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
 from tests.fixtures.dblink import DatabaseLink
-from worker.app import run_worker
-from worker.consumer import RunSummary
 from worker.core.model import next_image_id
+from worker.run.app import run_worker
+from worker.run.consumer import RunSummary
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 from worker.store.sql import QUERIES
 from worker.store.store import ResultRow, open_store
 

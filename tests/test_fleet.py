@@ -17,9 +17,9 @@ from rich.console import Console
 from tests.fixtures.batch import submit
 from tests.fixtures.cli import PROJECT, cloud_env
 from tests.fixtures.views import WORKER, Disk, seed_job
+from worker.cli.fleet import fleet_snapshot, format_fleet, render_fleet
 from worker.core.model import Phase
-from worker.fleet import fleet_snapshot, format_fleet, render_fleet
-from worker.rates import JobRates
+from worker.observe.rates import JobRates
 from worker.sandbox import Sandbox
 from worker.store import Store
 from worker.store.views import Views

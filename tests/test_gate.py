@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.gate import SLOW_S, StageGate, Window, next_limit
+from worker.run.gate import SLOW_S, StageGate, Window, next_limit
 
 MIB = 1 << 20
 

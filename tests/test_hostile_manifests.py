@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 from click.testing import CliRunner
 
-from worker.cli import cli
-from worker.sampledisks import write_monolithic_sparse
+from worker.cli.commands import cli
+from worker.intake.sampledisks import write_monolithic_sparse
 
 
 def disk(base: Path, name: str = "a.vmdk") -> str:

@@ -19,14 +19,14 @@ from structlog.testing import capture_logs
 from tests.fixtures.batch import migrate, rows_of, submit
 from tests.fixtures.events import named, published
 from tests.fixtures.webhooks import Receiver, serving
-from worker.bus import EventBus, write_log
-from worker.consumer import Consumer
 from worker.core.events import Event
-from worker.metrics import WorkerMetrics
-from worker.notify import WebhookNotifier, WebhookSettings, notifying
-from worker.progress import RunProgress
+from worker.observe.bus import EventBus, write_log
+from worker.observe.metrics import WorkerMetrics
+from worker.observe.notify import WebhookNotifier, WebhookSettings, notifying
+from worker.observe.progress import RunProgress
+from worker.run.consumer import Consumer
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 from worker.store.store import Claim, ResultRow, Store, open_store
 
 

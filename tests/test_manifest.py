@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from worker.errors import InvalidManifest
-from worker.manifest import LoadedManifest, load_manifest, parse_manifest, schema
-from worker.sampledisks import write_monolithic_sparse
+from worker.intake.manifest import LoadedManifest, load_manifest, parse_manifest, schema
+from worker.intake.sampledisks import write_monolithic_sparse
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 EXAMPLE_DISKS = ("disks/web01.vmdk", "disks/web02.vmdk", "disks/db01.vmdk")

@@ -14,12 +14,12 @@ from structlog.testing import capture_logs
 
 from tests.fixtures.batch import FAST, cloud_for, rows_of, submit
 from tests.fixtures.events import record
-from worker.app import run_worker
-from worker.consumer import RunSummary
 from worker.core.events import Event
-from worker.metrics import WorkerMetrics, serving_metrics
+from worker.observe.metrics import WorkerMetrics, serving_metrics
+from worker.run.app import run_worker
+from worker.run.consumer import RunSummary
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

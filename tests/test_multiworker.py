@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 
 from tests.fixtures.batch import FAST, cloud_for, submit_disks
-from worker.app import run_worker
+from worker.run.app import run_worker
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 
 
 def overlapping_tenures(events: list[dict[str, Any]]) -> list[int]:

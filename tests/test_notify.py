@@ -14,14 +14,14 @@ from structlog.testing import capture_logs
 from tests.fixtures.batch import FAST, cloud_for, rows_of, submit
 from tests.fixtures.events import record
 from tests.fixtures.webhooks import SECRET_PATH, Receiver, serving
-from worker.app import run_worker
-from worker.cli import _webhook_settings, cli
+from worker.cli.commands import _webhook_settings, cli
 from worker.config import Secret
-from worker.consumer import RunSummary
 from worker.core.events import Event, EventRecord
-from worker.notify import WebhookNotifier, WebhookSettings, notifying, safe_target
+from worker.observe.notify import WebhookNotifier, WebhookSettings, notifying, safe_target
+from worker.run.app import run_worker
+from worker.run.consumer import RunSummary
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 
 
 async def migrate(database_url: str, sb: Sandbox, webhook: WebhookSettings) -> RunSummary:

@@ -30,16 +30,16 @@ from tests.fixtures.cli import cloud_env, run_cli, write_job
 from tests.fixtures.db import fetch_rows
 from tests.fixtures.dblink import DatabaseLink
 from tests.fixtures.webhooks import Receiver, serving
-from worker.app import run_worker
 from worker.config import load_cloud_settings, with_env_file
-from worker.consumer import RunSummary
 from worker.core.machine import Policies
 from worker.core.policy import OutagePolicy, PollPolicy, RetryPolicy
 from worker.errors import ConnectionFailed
-from worker.notify import WebhookSettings
-from worker.outage import Outages, OutageTooLong, Service
+from worker.observe.notify import WebhookSettings
+from worker.run.app import run_worker
+from worker.run.consumer import RunSummary
+from worker.run.outage import Outages, OutageTooLong, Service
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 
 # One image's retry budget runs out in well under a second: 3 tries, 0.05 s then 0.1 s apart.
 TIGHT = Policies(

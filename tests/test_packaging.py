@@ -43,7 +43,7 @@ def test_help_imports_none_of_the_heavy_libraries() -> None:
     structlog and the sandbox are imported by the commands that use them."""
     probe = (
         "import sys\n"
-        "from worker.cli import cli\n"
+        "from worker.cli.commands import cli\n"
         "try:\n"
         "    cli.main(['--help'], standalone_mode=False)\n"
         "finally:\n"

@@ -13,12 +13,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fixtures.batch import migrate, rows_of, sha512_of, submit
-from worker.consumer import Consumer
 from worker.core.changes import Finished
 from worker.core.events import Event
 from worker.core.model import Phase
+from worker.run.consumer import Consumer
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 from worker.store.store import Claim, ResultRow, StepEvent, Store, open_store
 
 

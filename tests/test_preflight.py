@@ -14,8 +14,8 @@ import pytest
 from worker.clients.glance import open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.core.model import ImageSpec, JobSpec
-from worker.preflight import BLOCKING, OK, WARN, Finding, format_findings, run_preflight
-from worker.sampledisks import write_monolithic_sparse
+from worker.intake.preflight import BLOCKING, OK, WARN, Finding, format_findings, run_preflight
+from worker.intake.sampledisks import write_monolithic_sparse
 from worker.sandbox import Sandbox, SandboxConfig
 
 MIB = 1 << 20

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from tests.fixtures.batch import migrate, rows_of, submit
 from tests.fixtures.events import record
 from worker.core.events import Event
-from worker.progress import IecSpeedColumn, RunProgress, new_bars
+from worker.observe.progress import IecSpeedColumn, RunProgress, new_bars
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.store import Store
 

@@ -7,7 +7,7 @@ from uuid import uuid4
 
 import pytest
 
-from worker.rates import (
+from worker.observe.rates import (
     RATE_WINDOW_S,
     ByteRate,
     JobRates,

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from click.testing import CliRunner
 
-from worker.cli import cli
+from worker.cli.commands import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

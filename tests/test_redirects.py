@@ -26,7 +26,7 @@ from worker.clients.keystone import KeystoneAuth, StaticTokenAuth
 from worker.config import CloudSettings, Secret
 from worker.core.events import Event
 from worker.errors import RedirectRefused
-from worker.notify import WebhookNotifier, WebhookSettings, notifying
+from worker.observe.notify import WebhookNotifier, WebhookSettings, notifying
 
 TOKEN = "tok-3f1d-secret"
 PASSWORD = "pw-never-elsewhere"

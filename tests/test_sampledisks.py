@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from worker.sampledisks import (
+from worker.intake.sampledisks import (
     GD_AT_END,
     write_monolithic_sparse,
     write_sample_batch,

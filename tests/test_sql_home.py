@@ -37,7 +37,7 @@ def modules_outside_the_store() -> list[Path]:
 
 def test_no_module_outside_worker_store_holds_sql() -> None:
     modules = modules_outside_the_store()
-    assert WORKER / "dashboard.py" in modules
+    assert WORKER / "cli" / "dashboard.py" in modules
     found = {
         str(path.relative_to(WORKER.parent)): statements
         for path in modules

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from worker.errors import SourceError, UnsupportedDisk
-from worker.sampledisks import write_monolithic_sparse, write_stream_optimized
+from worker.intake.sampledisks import write_monolithic_sparse, write_stream_optimized
+from worker.intake.vmdk import Inspection, inspect_vmdk, min_disk_warning, parse_descriptor
 from worker.sandbox import Sandbox
-from worker.vmdk import Inspection, inspect_vmdk, min_disk_warning, parse_descriptor
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -13,8 +13,8 @@ from tests.fixtures.cloud import password_settings
 from worker.clients.glance import GlanceClient
 from worker.clients.keystone import KeystoneAuth
 from worker.errors import CloudUnavailable, NotFound
+from worker.run.watch import ImportPace, ImportWatch
 from worker.sandbox import Fault, Sandbox, SandboxConfig
-from worker.watch import ImportPace, ImportWatch
 
 LIST = r"/image/v2/images"
 ONE_IMAGE = r"/image/v2/images/[^/]+"

@@ -15,11 +15,11 @@ import pytest
 from tests.fixtures.batch import FAST, cloud_for, make_disks, rows_of
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
-from worker.app import run_worker
 from worker.errors import InvalidManifest
-from worker.manifest import load_manifest, parse_manifest
+from worker.intake.manifest import load_manifest, parse_manifest
+from worker.run.app import run_worker
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Sandbox
-from worker.settings import WorkerSettings
 from worker.store import Store
 from worker.store.store import open_store
 

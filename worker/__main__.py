@@ -1,6 +1,6 @@
 """`python -m worker` runs the command line, exactly as `vmdk-migrate` does."""
 
-from worker.cli import main
+from worker.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from worker.clients.glance import open_glance
 from worker.config import CloudSettings, load_cloud_settings
-from worker.controls import following_bandwidth, set_bandwidth_limit
+from worker.run.bandwidth import following_bandwidth, set_bandwidth_limit
 from worker.sandbox import Sandbox
 
 MIB = 1 << 20

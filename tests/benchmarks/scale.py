@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.fixtures.db import create_database, drop_database, dsn_with_database, unique_name
-from worker.app import run_worker
 from worker.config import load_cloud_settings
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy
-from worker.manifest import load_manifest
-from worker.sampledisks import write_monolithic_sparse
-from worker.settings import WorkerSettings
+from worker.intake.manifest import load_manifest
+from worker.intake.sampledisks import write_monolithic_sparse
+from worker.run.app import run_worker
+from worker.run.settings import WorkerSettings
 from worker.store.store import Store, open_store
 
 # Polls as often as a busy operator would want to know, not more: the ideal counts only the

@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import logs
 from worker.clients.glance import GlanceClient, Image
 from worker.clients.http import new_session
 from worker.clients.keystone import Authenticator, authenticator_for
 from worker.config import CloudSettings, load_cloud_settings
 from worker.errors import ConfigError, MigrationError, NotFound, RetryableError
-from worker.sampledisks import write_stream_optimized
+from worker.intake.sampledisks import write_stream_optimized
+from worker.observe import logs
 
 NAME_PREFIX = "vmdk-migrate-conformance-"
 TINY_VIRTUAL_SIZE_BYTES = 1 << 20

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conformance import report
 from tests.conformance.conftest import Target
-from worker.sampledisks import write_monolithic_sparse, write_stream_optimized
+from worker.intake.sampledisks import write_monolithic_sparse, write_stream_optimized
 
 pytestmark = pytest.mark.conformance
 
@@ -34,7 +34,7 @@ TASK_ENDS = frozenset({"success", "failure"})
 
 
 def vmdk_bytes(write: Callable[[Path], int]) -> bytes:
-    """The bytes of a sample VMDK written by worker.sampledisks."""
+    """The bytes of a sample VMDK written by worker.intake.sampledisks."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "disk.vmdk"
         write(path)

@@ -28,13 +28,13 @@ from tests.conformance.realstack import RealStack
 from tests.conformance.test_scenarios import cloud_of, qemu_vmdk, rows_of, sha512_of, submit
 from tests.fixtures.db import fetch_rows
 from tests.fixtures.dblink import DatabaseLink
-from worker.app import run_worker
 from worker.config import CloudSettings, load_cloud_settings
-from worker.consumer import RunSummary
-from worker.controls import set_bandwidth_limit
 from worker.core.machine import Policies
 from worker.core.policy import OutagePolicy, PollPolicy, RetryPolicy
-from worker.settings import WorkerSettings
+from worker.run.app import run_worker
+from worker.run.bandwidth import set_bandwidth_limit
+from worker.run.consumer import RunSummary
+from worker.run.settings import WorkerSettings
 
 pytestmark = [
     pytest.mark.conformance,

@@ -40,15 +40,15 @@ from tests.conformance.test_scenarios import (
     unique,
     wait_for_row,
 )
-from worker.app import run_worker
 from worker.clients.glance import open_glance
 from worker.core.machine import Policies
 from worker.core.model import ImageSpec, JobSpec
 from worker.core.policy import RetryPolicy
 from worker.errors import Conflict
-from worker.manifest import load_manifest
+from worker.intake.manifest import load_manifest
+from worker.run.app import run_worker
+from worker.run.settings import WorkerSettings
 from worker.sandbox import SandboxConfig
-from worker.settings import WorkerSettings
 from worker.store.store import ResultRow, open_store
 
 pytestmark = pytest.mark.conformance

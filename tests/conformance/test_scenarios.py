@@ -21,17 +21,17 @@ import asyncpg
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
-from worker.app import run_worker
 from worker.clients.glance import GlanceClient, open_glance
 from worker.config import CloudSettings, load_cloud_settings
-from worker.consumer import RunSummary
 from worker.core.machine import Policies
 from worker.core.model import ImageSpec, JobSpec
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.errors import MigrationError
-from worker.manifest import load_manifest
+from worker.intake.manifest import load_manifest
+from worker.run.app import run_worker
+from worker.run.consumer import RunSummary
+from worker.run.settings import WorkerSettings
 from worker.sandbox import SandboxConfig
-from worker.settings import WorkerSettings
 from worker.store.store import ResultRow, open_store
 
 pytestmark = pytest.mark.conformance

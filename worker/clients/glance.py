@@ -35,7 +35,7 @@ from worker.errors import (
     RequestTimeout,
     SourceError,
 )
-from worker.source import Source
+from worker.intake.source import Source
 
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 # File data one process holds in flight across all its uploads: with many uploads at once each
@@ -214,7 +214,7 @@ class GlanceClient:
     ) -> StageResult:
         """Stream the file as the image's data; on a 401 the whole stream restarts once.
 
-        With `identity` (see worker.source) only that very file is sent, and `reinspect`
+        With `identity` (see worker.intake.source) only that very file is sent, and `reinspect`
         checks its VMDK header again first.
         """
         async with translate_transport_errors("stage"):  # names the operation of our errors

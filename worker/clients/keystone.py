@@ -13,7 +13,6 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from worker.bus import publisher
 from worker.clients.http import (
     REQUEST_ID_HEADER,
     SAFE_REDIRECTS,
@@ -31,6 +30,7 @@ from worker.config import (
 )
 from worker.core.events import Event
 from worker.errors import AuthExpired, AuthFailed, ConfigError, EndpointNotFound
+from worker.observe.bus import publisher
 
 events = publisher(__name__)
 

@@ -1,7 +1,7 @@
 """Every event name the worker says, and the record each one is published as.
 
 One enum, so that a name is written once: the `EventRecord`s published on the event bus
-(worker/bus.py), which the log, metrics, progress and webhooks follow, and the
+(worker/observe/bus.py), which the log, metrics, progress and webhooks follow, and the
 `events.event` column (whose names the SQL in worker/store/queries.sql writes as literals,
 checked against this enum by tests/test_events.py) all use these values, and the README
 documents each of them. Names are `area.what_happened`; the sandbox cloud's own lines

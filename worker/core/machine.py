@@ -1,9 +1,9 @@
 """One image's migration as a pure transition function: (state, outcome, now) -> step.
 
-The executor performs the `Command` of each `Step`, turns what happened into that command's
-own `Outcome` (or `Errored`), and feeds it back. Every decision the worker takes about an
-image is made here, so the whole lifecycle can be tested table-style without a cloud, a
-database or a clock.
+The image runner (worker/run/runner.py) performs the `Command` of each `Step`, turns what
+happened into that command's own `Outcome` (or `Errored`), and feeds it back. Every
+decision the worker takes about an image is made here, so the whole lifecycle can be tested
+table-style without a cloud, a database or a clock.
 
     create -> stage -> check the staged size -> import -> poll ... -> verify -> done
        |         |              |                  |        |           |
@@ -128,7 +128,7 @@ class ImageState:
 
 @dataclass(frozen=True)
 class CommandBase:
-    """An action for the executor, performed after `delay_s`."""
+    """An action for the image runner, performed after `delay_s`."""
 
     delay_s: float = 0.0
 

@@ -16,7 +16,6 @@ from uuid import UUID
 
 import asyncpg
 
-from worker.bus import publisher
 from worker.core.changes import (
     Change,
     DataStaged,
@@ -40,6 +39,7 @@ from worker.core.model import (
     next_image_id,
 )
 from worker.errors import ConfigError
+from worker.observe.bus import publisher
 from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.sql import QUERIES, load_migrations
 

@@ -19,7 +19,7 @@ from worker.errors import (
     RequestTimeout,
     os_reason,
 )
-from worker.logs import printable
+from worker.observe.logs import printable
 
 OK, WARN, BLOCKING = "ok", "warn", "BLOCKING"
 # Checks whose blocking finding is about the cloud or its settings rather than the job:

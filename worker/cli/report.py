@@ -25,8 +25,8 @@ import click
 
 from worker.core.model import Phase
 from worker.errors import InvalidManifest
-from worker.logs import printable
-from worker.outage import Service, format_duration
+from worker.observe.logs import printable
+from worker.run.outage import Service, format_duration
 from worker.store.store import JobSummary, Pause, ResultRow
 
 FORMATS = ("table", "json", "csv")

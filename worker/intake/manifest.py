@@ -25,8 +25,8 @@ import yaml
 
 from worker.core.model import ImageSpec, JobSpec
 from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
-from worker.source import identity_of
-from worker.vmdk import Inspection, inspect_vmdk, min_disk_warning
+from worker.intake.source import identity_of
+from worker.intake.vmdk import Inspection, inspect_vmdk, min_disk_warning
 
 # What a disk gets when neither it nor `defaults` says otherwise.
 BUILTIN_DEFAULTS: Mapping[str, object] = {
@@ -85,7 +85,7 @@ class _Checked:
     base_dir: Path
     source_root: str | None
     files: _Files = field(default_factory=dict)
-    # What each file was when checked (see worker.source): the worker uploads only that file.
+    # What each file was when checked (see worker.intake.source): the worker uploads only that file.
     identities: dict[int, dict[str, int]] = field(default_factory=dict)
     inspections: dict[int, Inspection] = field(default_factory=dict)
     warnings: list[_Found] = field(default_factory=list)
@@ -348,7 +348,11 @@ class _Shape:
 
 @functools.cache
 def _schema() -> dict[str, Any]:
-    text = resources.files("worker").joinpath("manifest.schema.json").read_text(encoding="utf-8")
+    text = (
+        resources.files("worker.intake")
+        .joinpath("manifest.schema.json")
+        .read_text(encoding="utf-8")
+    )
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 

@@ -5,7 +5,7 @@ A module says what happened through its `Publisher` (`events = publisher(__name_
 `EventRecord` with the context bound around it (`bound(job=..., image=...)`), handed to
 every subscriber of the bus of the run it belongs to, in the order they subscribed.
 
-`run_worker` (worker/app.py) builds one bus per run: metrics, progress and webhooks
+`run_worker` (worker/run/app.py) builds one bus per run: metrics, progress and webhooks
 subscribe to it, and so does the bus it runs inside, whose log writer writes the log
 (outside a run, the process's bus only writes the log). None of them reads log lines.
 Subscribers see every record, whatever --log-level says; only the log writer filters by

@@ -28,11 +28,11 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from worker.bus import publisher
 from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
-from worker.logs import printable
-from worker.rates import format_rate
+from worker.observe.bus import publisher
+from worker.observe.logs import printable
+from worker.observe.rates import format_rate
 from worker.store.store import JobSummary, Store
 
 events = publisher(__name__)
@@ -110,7 +110,7 @@ class _Stage:
 
 @dataclass
 class RunProgress:
-    """This worker's images, fed by the executor's progress hook and by log events."""
+    """This worker's images, fed by the image runner's progress hook and by the run's bus."""
 
     store: Store
     mode: str = "auto"  # auto | bars | log | off
@@ -125,7 +125,7 @@ class RunProgress:
     bytes_staged: int = field(default=0, init=False)
 
     def on_progress(self, result_id: int, done_bytes: int) -> None:
-        """Bytes of the current upload so far (the executor's on_progress hook)."""
+        """Bytes of the current upload so far (the image runner's on_progress hook)."""
         previous = self._last_bytes.get(result_id, 0)
         self.bytes_staged += max(0, done_bytes - previous)
         self._last_bytes[result_id] = done_bytes
@@ -201,7 +201,7 @@ class RunProgress:
         known_jobs: set[str] = set()
         with Live(bars, console=console, auto_refresh=False, redirect_stderr=True) as live:
             self._jobs.update(await _unfinished_job_ids(self.store))
-            # Log lines go to sys.stderr as it is when written (worker/logs.py): Live has
+            # Log lines go to sys.stderr as it is when written (worker/observe/logs.py): Live has
             # swapped it for a proxy that prints them above the bars.
             try:
                 await self._draw(live, bars, overall, tasks, sizes, known_jobs)

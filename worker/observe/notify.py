@@ -15,13 +15,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from worker.bus import publisher
 from worker.clients.http import SAFE_REDIRECTS
 from worker.config import Secret
 from worker.core.events import Event, EventRecord
 from worker.core.model import Phase
 from worker.errors import RedirectRefused
-from worker.logs import redact_url
+from worker.observe.bus import publisher
+from worker.observe.logs import redact_url
 from worker.store.store import JobSummary
 
 events = publisher(__name__)

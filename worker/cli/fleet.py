@@ -1,7 +1,7 @@
 """`vmdk-migrate status --watch`: every job's true progress, and the images in flight.
 
 Each job shows its bytes moved of its total (uploads in progress included), the rate of
-bytes moved (a moving average of the last few seconds of samples, worker/rates.py) and the
+bytes moved (a moving average of the last few seconds of samples, worker/observe/rates.py) and the
 ETA at that rate: the same figures as the web dashboard. Images in flight come from the rows
 the workers hold.
 """
@@ -22,11 +22,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from worker.cli.report import pause_lines
 from worker.core.model import Phase
-from worker.logs import printable
-from worker.progress import unfinished
-from worker.rates import JobRates, format_bytes, format_eta, format_rate
-from worker.report import pause_lines
+from worker.observe.logs import printable
+from worker.observe.progress import unfinished
+from worker.observe.rates import JobRates, format_bytes, format_eta, format_rate
 from worker.store.store import JobSummary, Pause, ResultRow, Store
 from worker.store.views import Views
 

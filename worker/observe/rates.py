@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
-from worker.outage import format_duration
+from worker.run.outage import format_duration
 from worker.store.problems import DATABASE_ERRORS
 from worker.store.views import Views
 

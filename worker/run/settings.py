@@ -3,7 +3,7 @@
 The CLI takes its option defaults from `WorkerSettings` and builds one; tests build one too.
 `run_worker` hands it whole to the parts it wires: the consumer and the image runner each
 declare, as a Protocol, the few settings they read of it (`ConsumerSettings` in
-worker/consumer.py, `ExecutorSettings` in worker/executor.py), so nothing is copied field by
+worker/run/consumer.py, `RunnerSettings` in worker/run/runner.py), so nothing is copied field by
 field.
 """
 
@@ -18,7 +18,7 @@ from worker.core.model import DEFAULT_HASH_ALGO
 from worker.core.policy import OutagePolicy
 
 if TYPE_CHECKING:  # the sender, and aiohttp with it, is imported only by a run with a webhook
-    from worker.notify import WebhookSettings
+    from worker.observe.notify import WebhookSettings
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class WorkerSettings:
     worker_id: str = field(default_factory=default_worker_id)
     concurrency: int = 8  # images in flight (creating, staging or importing)
     stage_concurrency: int = 4  # of those, how many may be sending bytes at once (at most)
-    # Start uploads at fewer and add one while the upload rate grows with it (worker/gate.py).
+    # Start uploads at fewer and add one while the upload rate grows with it (worker/run/gate.py).
     adaptive_stages: bool = True
     chunk_bytes: int = 1 << 20
     hash_algo: str = DEFAULT_HASH_ALGO  # must be the cloud's os_hash_algo to verify

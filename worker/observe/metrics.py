@@ -12,10 +12,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from worker.bus import publisher
 from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
-from worker.outage import Outages, Service
+from worker.observe.bus import publisher
+from worker.run.outage import Outages, Service
 
 events = publisher(__name__)
 
@@ -130,7 +130,7 @@ class WorkerMetrics:
             self.outage.labels(service=service.value).set_function(reader(service))
 
     def on_progress(self, result_id: int, done_bytes: int) -> None:
-        """The executor's upload progress hook: counts the bytes sent since the last call."""
+        """The image runner's upload progress hook: counts the bytes sent since the last call."""
         previous = self._progress.get(result_id, 0)
         if done_bytes < previous:
             previous = 0  # a new attempt starts from the first byte again

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from worker.errors import SourceError, UnsupportedDisk
-from worker.vmdk import inspect_open_vmdk
+from worker.intake.vmdk import inspect_open_vmdk
 
 IDENTITY_KEYS = ("device", "inode", "size_bytes", "mtime_ns")
 # No link followed in the last component; a FIFO swapped in must not block the open.

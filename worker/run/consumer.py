@@ -18,18 +18,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from worker.bus import bound, publisher
 from worker.core.changes import Finished
 from worker.core.events import Event
 from worker.core.model import Phase
-from worker.outage import Outages, Service
+from worker.observe.bus import bound, publisher
+from worker.run.outage import Outages, Service
 from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, StepEvent, Store
 
 events = publisher(__name__)
 
 
 class ConsumerSettings(Protocol):
-    """What the consumer reads of the worker's settings (worker/settings.py has each one)."""
+    """What the consumer reads of the worker's settings (worker/run/settings.py has each one)."""
 
     @property
     def worker_id(self) -> str: ...

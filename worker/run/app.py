@@ -9,12 +9,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from worker.bus import EventBus, current_bus, publisher
 from worker.clients.glance import GlanceClient, open_glance
 from worker.clients.keystone import KeystoneAuth
 from worker.config import CloudSettings
-from worker.consumer import Consumer, RunSummary
-from worker.controls import following_bandwidth
 from worker.core.events import Event
 from worker.errors import (
     AuthExpired,
@@ -24,11 +21,14 @@ from worker.errors import (
     EndpointNotFound,
     MigrationError,
 )
-from worker.executor import ImageRunner
-from worker.gate import StageGate
-from worker.metrics import WorkerMetrics, serving_metrics
-from worker.notify import WebhookNotifier, notifying
-from worker.outage import (
+from worker.observe.bus import EventBus, current_bus, publisher
+from worker.observe.metrics import WorkerMetrics, serving_metrics
+from worker.observe.notify import WebhookNotifier, notifying
+from worker.observe.progress import RunProgress, wants_bars
+from worker.run.bandwidth import following_bandwidth
+from worker.run.consumer import Consumer, RunSummary
+from worker.run.gate import StageGate
+from worker.run.outage import (
     Outages,
     OutageTooLong,
     Probe,
@@ -37,11 +37,11 @@ from worker.outage import (
     is_systemic_kind,
     service_of,
 )
-from worker.progress import RunProgress, wants_bars
-from worker.recovery import PauseBoard, discard_if_orphaned, settling_owed_cleanups
-from worker.settings import WorkerSettings
+from worker.run.recovery import PauseBoard, discard_if_orphaned, settling_owed_cleanups
+from worker.run.runner import ImageRunner
+from worker.run.settings import WorkerSettings
+from worker.run.watch import ImportWatch
 from worker.store.store import CONNECTION_ERRORS, Store, open_store
-from worker.watch import ImportWatch
 
 events = publisher(__name__)
 

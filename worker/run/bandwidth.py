@@ -14,10 +14,10 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from worker import rates
-from worker.bus import publisher
 from worker.clients.throttle import Throttle
 from worker.core.events import Event
+from worker.observe import rates
+from worker.observe.bus import publisher
 from worker.store.controls import Controls, open_controls
 from worker.store.problems import DATABASE_ERRORS
 

@@ -7,11 +7,11 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
-from worker.bus import publisher
 from worker.clients.glance import GlanceClient
 from worker.core.events import Event
 from worker.errors import MigrationError, NotFound
-from worker.outage import Outage, Outages, Service
+from worker.observe.bus import publisher
+from worker.run.outage import Outage, Outages, Service
 from worker.store.store import Store
 
 events = publisher(__name__)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import click
 
-from worker.app import run_worker
+from worker.cli.report import print_job_status
 from worker.config import environment, load_cloud_settings
-from worker.manifest import load_manifest
-from worker.report import print_job_status
-from worker.sampledisks import write_sample_batch
+from worker.intake.manifest import load_manifest
+from worker.intake.sampledisks import write_sample_batch
+from worker.run.app import run_worker
+from worker.run.settings import WorkerSettings
 from worker.sandbox import Sandbox, SandboxConfig
-from worker.settings import WorkerSettings
 from worker.store.embedded import resolve_database_url
 from worker.store.store import open_store
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from worker.bus import publisher
 from worker.core.events import Event
 from worker.core.policy import OutagePolicy
 from worker.errors import (
@@ -47,6 +46,7 @@ from worker.errors import (
     RequestTimeout,
     os_reason,
 )
+from worker.observe.bus import publisher
 
 events = publisher(__name__)
 

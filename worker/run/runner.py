@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, assert_never
 
-from worker.bus import bound, publisher
 from worker.clients.glance import GlanceClient, Image, Task
 from worker.core.changes import Finished, Noted
 from worker.core.events import Event
@@ -49,19 +48,20 @@ from worker.core.machine import (
 )
 from worker.core.model import Phase
 from worker.errors import MigrationError
-from worker.gate import StageGate
-from worker.outage import Outages, Service
-from worker.source import hash_source
+from worker.intake.source import hash_source
+from worker.observe.bus import bound, publisher
+from worker.run.gate import StageGate
+from worker.run.outage import Outages, Service
+from worker.run.watch import ImportWatch
 from worker.store.store import Claim, ResultRow, StepEvent, Store
-from worker.watch import ImportWatch
 
 events = publisher(__name__)
 
 _PROGRESS_EVERY_S = 1.0
 
 
-class ExecutorSettings(Protocol):
-    """What the image runner reads of the worker's settings (worker/settings.py)."""
+class RunnerSettings(Protocol):
+    """What the image runner reads of the worker's settings (worker/run/settings.py)."""
 
     @property
     def worker_id(self) -> str: ...
@@ -79,7 +79,7 @@ class ImageRunner:
 
     glance: GlanceClient
     store: Store
-    settings: ExecutorSettings
+    settings: RunnerSettings
     stage_slots: StageGate | asyncio.Semaphore  # admits uploads (the gate adapts its limit)
     clock: Callable[[], float] = time.time
     jitter: Callable[[], float] = random.random

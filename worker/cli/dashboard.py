@@ -1,7 +1,7 @@
 """The read-only web dashboard: job progress and per-image rows from the dashboard views.
 
 Each job's bar, rate and ETA are by bytes moved (dashboard.job_bytes): the page's process
-samples them every second, and the rate is their moving average (worker/rates.py).
+samples them every second, and the rate is their moving average (worker/observe/rates.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from aiohttp import web
 from worker.core.events import Event
 from worker.core.model import Phase
 from worker.errors import ConfigError
-from worker.rates import SAMPLE_EVERY_S, JobRates
+from worker.observe.rates import SAMPLE_EVERY_S, JobRates
 from worker.store.store import open_store
 from worker.store.views import Views
 
@@ -177,7 +177,7 @@ async def serving_dashboard(
 
 
 async def _page(request: web.Request) -> web.Response:
-    text = resources.files("worker").joinpath("dashboard.html").read_text(encoding="utf-8")
+    text = resources.files("worker.cli").joinpath("dashboard.html").read_text(encoding="utf-8")
     return web.Response(text=text, content_type="text/html", headers=_NO_CACHE)
 
 

@@ -38,10 +38,10 @@ from worker.config import (
 from worker.core.events import Event
 from worker.core.model import JobSpec, Phase
 from worker.errors import ConfigError, InvalidManifest, os_reason
-from worker.settings import WorkerSettings
+from worker.run.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from worker.notify import WebhookSettings
+    from worker.observe.notify import WebhookSettings
     from worker.sandbox import Sandbox
     from worker.store.store import JobSummary, ResultRow, Store
 
@@ -50,7 +50,7 @@ DEFAULT_STATUS_ROWS = 20
 # `run --once` serves cron and batch runs: an outage longer than this ends the run (exit 3).
 _ONCE_MAX_OUTAGE_S = 900.0
 T = TypeVar("T")
-FORMATS = ("table", "json", "csv")  # what worker.report writes
+FORMATS = ("table", "json", "csv")  # what worker.cli.report writes
 
 
 def _database_url(explicit: str | None, *, reading: bool = False) -> str:
@@ -70,7 +70,7 @@ def _database_url(explicit: str | None, *, reading: bool = False) -> str:
 
 
 def _webhook_settings(url: str | None, secret: str | None) -> WebhookSettings | None:
-    from worker.notify import WebhookSettings
+    from worker.observe.notify import WebhookSettings
 
     if not url:
         return None
@@ -80,8 +80,8 @@ def _webhook_settings(url: str | None, secret: str | None) -> WebhookSettings | 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     import asyncpg
 
-    from worker import logs
-    from worker.outage import OutageTooLong
+    from worker.observe import logs
+    from worker.run.outage import OutageTooLong
 
     try:
         return asyncio.run(coro)
@@ -166,7 +166,7 @@ def cli(log_level: str, log_format: str) -> None:
     Shell completion: eval "$(_VMDK_MIGRATE_COMPLETE=bash_source vmdk-migrate)" (zsh_source,
     fish_source for those shells).
     """
-    from worker import logs
+    from worker.observe import logs
 
     json_logs = None if log_format == "auto" else log_format == "json"
     logs.configure(level=log_level, json=json_logs)
@@ -188,10 +188,10 @@ def validate(
     manifest: Path, source_root: Path | None, online: bool, cloud_name: str | None, concurrency: int
 ) -> None:
     """Check a job manifest without writing anything; --online also checks the cloud."""
-    from worker.logs import printable
-    from worker.manifest import load_manifest
-    from worker.preflight import ENVIRONMENT_CHECKS, format_findings, run_preflight
-    from worker.report import print_problems
+    from worker.cli.report import print_problems
+    from worker.intake.manifest import load_manifest
+    from worker.intake.preflight import ENVIRONMENT_CHECKS, format_findings, run_preflight
+    from worker.observe.logs import printable
 
     try:
         loaded = load_manifest(manifest, source_root=source_root)
@@ -246,8 +246,8 @@ def submit(
     A manifest whose normalized content equals that of an existing job queues nothing: the
     id of that job is printed (and stderr says so). --again makes a new job all the same.
     """
-    from worker.manifest import load_manifest
-    from worker.report import print_problems
+    from worker.cli.report import print_problems
+    from worker.intake.manifest import load_manifest
     from worker.store.store import open_store
 
     not_before = _parse_at(at_time)
@@ -438,8 +438,8 @@ def run(
     webhook_secret: str | None,
 ) -> None:
     """Work the queue: migrate claimed images until stopped (or drained, with --once)."""
-    from worker.app import run_worker
     from worker.core.policy import OutagePolicy
+    from worker.run.app import run_worker
 
     def load_cloud() -> CloudSettings:
         return load_cloud_settings(with_env_file(environment(), env_file), cloud=cloud_name)
@@ -492,7 +492,7 @@ def run(
 @format_option
 def jobs(database_url: str | None, fmt: str) -> None:
     """One line per job, newest first: counts by phase, bytes done of total, state."""
-    from worker.report import write_jobs
+    from worker.cli.report import write_jobs
     from worker.store.store import open_store
 
     async def go() -> int:
@@ -551,8 +551,8 @@ def status(
     interval_s: float,
 ) -> None:
     """Counts by phase per job, and its first images; --watch follows the whole fleet."""
-    from worker.fleet import watch_fleet
-    from worker.report import pause_lines, print_job_status, write_status
+    from worker.cli.fleet import watch_fleet
+    from worker.cli.report import pause_lines, print_job_status, write_status
     from worker.store.store import open_store
     from worker.store.views import Views
 
@@ -606,7 +606,7 @@ def status(
 @click.option("--output", "-o", type=click.File("w"), default="-", help="Default: stdout.")
 def report(job: str, database_url: str | None, fmt: str, output: Any) -> None:
     """Export every image row of a job (no cap) as CSV, JSON or a table."""
-    from worker.report import write_rows
+    from worker.cli.report import write_rows
     from worker.store.store import open_store
 
     async def go() -> int:
@@ -638,7 +638,7 @@ def dashboard(
     database_url: str | None, host: str, port: int, allowed_hosts: tuple[str, ...]
 ) -> None:
     """Serve a read-only web page of jobs and images that refreshes itself every 2 s."""
-    from worker.dashboard import running_dashboard
+    from worker.cli.dashboard import running_dashboard
 
     async def go() -> None:
         stop = _stop_on_signals()
@@ -740,7 +740,12 @@ def upgrade(database_url: str | None) -> None:
 )
 def limit(database_url: str | None, bandwidth: str | None) -> None:
     """Show or change the bandwidth cap; running workers follow it within two seconds."""
-    from worker.controls import format_rate, get_bandwidth_limit, parse_rate, set_bandwidth_limit
+    from worker.run.bandwidth import (
+        format_rate,
+        get_bandwidth_limit,
+        parse_rate,
+        set_bandwidth_limit,
+    )
     from worker.store.store import open_store
 
     try:
@@ -813,7 +818,7 @@ def _sandbox_banner(cloud: Sandbox) -> str:
 )
 def demo(disks: int, workdir: Path) -> None:
     """Migrate a generated batch into the sandbox cloud on the embedded database."""
-    from worker.demo import run_demo
+    from worker.cli.demo import run_demo
 
     sys.exit(_run(run_demo(disks=disks, workdir=workdir)))
 
@@ -834,7 +839,7 @@ def _parse_at(text: str | None) -> datetime | None:
 
 def _stop_on_signals() -> asyncio.Event:
     """SIGINT/SIGTERM: stop claiming and let images in flight finish; a second one: exit now."""
-    from worker import logs
+    from worker.observe import logs
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
