@@ -229,3 +229,24 @@ def test_query_file_parsing_rejects_duplicate_and_empty_blocks() -> None:
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
     with pytest.raises(ValueError, match="empty"):
         parse_queries("-- name: a\n\n-- name: b\nSELECT 2;\n")
+
+
+def test_a_step_block_is_its_columns_put_into_the_step_template() -> None:
+    text = (
+        "-- template: step\nUPDATE results SET {columns} WHERE id = $1;\n"
+        "INSERT INTO events VALUES ({event_error});\n"
+        "-- step: mark_a\n-- doc: $8 a\na = $8,\nb = 0\n"
+        "-- step: fail_a\n-- event error: $8, $9\nerror_code = $8\n"
+    )
+    assert parse_queries(text) == {
+        "mark_a": "UPDATE results SET a = $8,\n        b = 0 WHERE id = $1;\n"
+        "INSERT INTO events VALUES (NULL, NULL);",
+        "fail_a": "UPDATE results SET error_code = $8 WHERE id = $1;\n"
+        "INSERT INTO events VALUES ($8, $9);",
+    }
+    with pytest.raises(ValueError, match="template"):
+        parse_queries("-- step: mark_a\na = 1\n")
+    with pytest.raises(ValueError, match="twice"):
+        parse_queries(
+            "-- name: mark_a\nSELECT 1;\n-- template: step\n{columns}\n-- step: mark_a\na = 1\n"
+        )

@@ -1,6 +1,7 @@
 -- Every runtime query of worker/store/store.py, one named block per Store method.
 -- A block starts at a `-- name: <name>` line and runs to the next one; the comment lines
--- right under the name document its parameters.
+-- right under the name document its parameters. The steps of an image are `-- step:` blocks
+-- filled into the `-- template: step` block (see below).
 
 -- name: upgrade_lock
 -- Serializes schema upgrades across processes until the transaction ends.
@@ -107,343 +108,129 @@ ORDER BY j.submitted_at, claimed.job_id, claimed.disk_index;
 -- A step whose key is already in the events table was written before (the answer was lost
 -- with the connection): nothing changes and the row is returned as it stands.
 -- Only `finish` takes a row to done or failed: it clears the lease and sets finished_at.
+--
+-- The rules are written once, in the `step` template; each `-- step:` block below holds
+-- only what is its statement's own: the columns it sets, and for a failure the error code and
+-- message its event carries (`-- event error: $8, $9`; none otherwise). The loader
+-- (worker/store/sql.py) puts each block into the template. Every step's parameters start with
+-- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
+-- $6 event detail, $7 the step's key; the block's own follow from $8.
 
--- name: note
+-- template: step
+WITH old AS (
+    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
+), seen AS (
+    SELECT 1 FROM events WHERE step_key = $7::uuid
+), updated AS (
+    UPDATE results AS r
+    SET {columns},
+        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
+                           ELSE array_append(r.request_ids, $5::text) END,
+        updated_at = now()
+    FROM old
+    WHERE r.id = old.id
+      AND r.worker_id = $2
+      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM seen)
+    RETURNING r.*, old.phase AS phase_from
+), logged AS (
+    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
+                        message, detail, step_key)
+    SELECT job_id, id, $3, phase_from, phase, $2, {event_error}, $6::jsonb, $7::uuid
+    FROM updated
+)
+SELECT * FROM updated
+UNION ALL
+SELECT r.*, r.phase AS phase_from
+FROM results AS r
+WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+
+-- step: note
 -- A step that changes no column of the row: its event, and perhaps a phase it enters.
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key.
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+phase = coalesce($4::text, r.phase)
 
--- name: mark_created
--- Glance made the image.
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key; $8 image_created_at.
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        image_created_at = $8::timestamptz,
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+-- step: mark_created
+-- Glance made the image. $8 image_created_at.
+phase = coalesce($4::text, r.phase),
+image_created_at = $8::timestamptz
 
--- name: mark_staged
+-- step: mark_staged
 -- The source is staged; its hashes were taken on the way.
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key;
 -- $8 bytes_staged, $9 staged_at, $10 source_hash_algo, $11 source_hash_value,
 -- $12 source_md5 (NULL keeps it).
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        bytes_staged = $8::bigint,
-        staged_at = $9::timestamptz,
-        source_hash_algo = $10::text,
-        source_hash_value = $11::text,
-        source_md5 = coalesce($12::text, r.source_md5),
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+phase = coalesce($4::text, r.phase),
+bytes_staged = $8::bigint,
+staged_at = $9::timestamptz,
+source_hash_algo = $10::text,
+source_hash_value = $11::text,
+source_md5 = coalesce($12::text, r.source_md5)
 
--- name: mark_hashed
--- The source was hashed again (the hash of an earlier run was lost).
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key;
+-- step: mark_hashed
+-- The source was hashed again (the hash taken while staging was lost).
 -- $8 source_hash_algo, $9 source_hash_value, $10 source_md5 (NULL keeps it).
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        source_hash_algo = $8::text,
-        source_hash_value = $9::text,
-        source_md5 = coalesce($10::text, r.source_md5),
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+phase = coalesce($4::text, r.phase),
+source_hash_algo = $8::text,
+source_hash_value = $9::text,
+source_md5 = coalesce($10::text, r.source_md5)
 
--- name: mark_import_requesting
--- The import is about to be asked for under our request id.
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key; $8 import_request_id.
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        import_request_id = $8::text,
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+-- step: mark_import_requesting
+-- The import is about to be asked for under our request id. $8 import_request_id.
+phase = coalesce($4::text, r.phase),
+import_request_id = $8::text
 
--- name: mark_import_requested
--- Glance accepted the import.
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key;
--- $8 import_request_id, $9 import_requested_at.
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        import_request_id = $8::text,
-        import_requested_at = $9::timestamptz,
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+-- step: mark_import_requested
+-- Glance accepted the import. $8 import_request_id, $9 import_requested_at.
+phase = coalesce($4::text, r.phase),
+import_request_id = $8::text,
+import_requested_at = $9::timestamptz
 
--- name: mark_replaced
+-- step: mark_replaced
 -- The image is made again under a new id; the old image's progress is cleared.
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key; $8 the new glance_image_id.
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        glance_image_id = $8::uuid,
-        bytes_staged = 0,
-        staged_at = NULL,
-        import_requested_at = NULL,
-        import_request_id = NULL,
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, NULL, NULL, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+-- $8 the new glance_image_id.
+phase = coalesce($4::text, r.phase),
+glance_image_id = $8::uuid,
+bytes_staged = 0,
+staged_at = NULL,
+import_requested_at = NULL,
+import_request_id = NULL
 
--- name: mark_failing
+-- step: mark_failing
 -- The image failed for good: the error (and what the verification found, when it
 -- ran) is kept while its half-made image is deleted.
--- $1 result id, $2 worker_id, $3 event, $4 phase (NULL keeps it), $5 request id to append,
--- $6 event detail, $7 the step's key;
 -- $8 error_code, $9 error_message, $10 verification, $11-$16 glance_status, glance_size,
 -- glance_virtual_size, glance_checksum, glance_os_hash_algo, glance_os_hash_value (NULL keeps
 -- each).
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = coalesce($4::text, r.phase),
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        error_code = $8::text,
-        error_message = $9::text,
-        verification = coalesce($10::text, r.verification),
-        glance_status = coalesce($11::text, r.glance_status),
-        glance_size = coalesce($12::bigint, r.glance_size),
-        glance_virtual_size = coalesce($13::bigint, r.glance_virtual_size),
-        glance_checksum = coalesce($14::text, r.glance_checksum),
-        glance_os_hash_algo = coalesce($15::text, r.glance_os_hash_algo),
-        glance_os_hash_value = coalesce($16::text, r.glance_os_hash_value),
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, $8, $9, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+-- event error: $8, $9
+phase = coalesce($4::text, r.phase),
+error_code = $8::text,
+error_message = $9::text,
+verification = coalesce($10::text, r.verification),
+glance_status = coalesce($11::text, r.glance_status),
+glance_size = coalesce($12::bigint, r.glance_size),
+glance_virtual_size = coalesce($13::bigint, r.glance_virtual_size),
+glance_checksum = coalesce($14::text, r.glance_checksum),
+glance_os_hash_algo = coalesce($15::text, r.glance_os_hash_algo),
+glance_os_hash_value = coalesce($16::text, r.glance_os_hash_value)
 
--- name: finish
--- The row reaches done or failed: the lease ends and finished_at is set.
--- $1 result id, $2 worker_id, $3 event, $4 phase: done or failed, $5 request id to append,
--- $6 event detail, $7 the step's key;
+-- step: finish
+-- The row reaches done or failed ($4): the lease ends and finished_at is set.
 -- $8 finished_at (NULL: now, or as it was for a row finished before), $9 error_code,
 -- $10 error_message, $11 cleanup, $12 verification, $13-$18 the glance_* columns as for
 -- mark_failing (NULL keeps each of $9-$18).
-WITH old AS (
-    SELECT id, phase FROM results WHERE id = $1 FOR UPDATE
-), seen AS (
-    SELECT 1 FROM events WHERE step_key = $7::uuid
-), updated AS (
-    UPDATE results AS r
-    SET phase = $4::text,
-        request_ids = CASE WHEN $5::text IS NULL THEN r.request_ids
-                           ELSE array_append(r.request_ids, $5::text) END,
-        finished_at = coalesce($8::timestamptz, r.finished_at, now()),
-        lease_expires_at = NULL,
-        error_code = coalesce($9::text, r.error_code),
-        error_message = coalesce($10::text, r.error_message),
-        cleanup = coalesce($11::text, r.cleanup),
-        verification = coalesce($12::text, r.verification),
-        glance_status = coalesce($13::text, r.glance_status),
-        glance_size = coalesce($14::bigint, r.glance_size),
-        glance_virtual_size = coalesce($15::bigint, r.glance_virtual_size),
-        glance_checksum = coalesce($16::text, r.glance_checksum),
-        glance_os_hash_algo = coalesce($17::text, r.glance_os_hash_algo),
-        glance_os_hash_value = coalesce($18::text, r.glance_os_hash_value),
-        updated_at = now()
-    FROM old
-    WHERE r.id = old.id
-      AND r.worker_id = $2
-      AND (r.lease_expires_at IS NOT NULL OR r.phase IN ('done', 'failed'))
-      AND NOT EXISTS (SELECT 1 FROM seen)
-    RETURNING r.*, old.phase AS phase_from
-), logged AS (
-    INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, error_code,
-                        message, detail, step_key)
-    SELECT job_id, id, $3, phase_from, phase, $2, $9, $10, $6::jsonb, $7::uuid
-    FROM updated
-)
-SELECT * FROM updated
-UNION ALL
-SELECT r.*, r.phase AS phase_from
-FROM results AS r
-WHERE r.id = $1 AND r.worker_id = $2 AND EXISTS (SELECT 1 FROM seen);
+-- event error: $9, $10
+phase = $4::text,
+finished_at = coalesce($8::timestamptz, r.finished_at, now()),
+lease_expires_at = NULL,
+error_code = coalesce($9::text, r.error_code),
+error_message = coalesce($10::text, r.error_message),
+cleanup = coalesce($11::text, r.cleanup),
+verification = coalesce($12::text, r.verification),
+glance_status = coalesce($13::text, r.glance_status),
+glance_size = coalesce($14::bigint, r.glance_size),
+glance_virtual_size = coalesce($15::bigint, r.glance_virtual_size),
+glance_checksum = coalesce($16::text, r.glance_checksum),
+glance_os_hash_algo = coalesce($17::text, r.glance_os_hash_algo),
+glance_os_hash_value = coalesce($18::text, r.glance_os_hash_value)
 
 -- name: set_progress
 -- $1 result id, $2 worker_id, $3 bytes_staged

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from importlib import resources
 
 _PACKAGE = "worker.store"
-_NAME_LINE = re.compile(r"^-- name: (?P<name>\S+)[ \t]*$", re.MULTILINE)
+# A block starts at `-- name: x` (a statement), `-- template: x` (the shared part of several
+# statements) or `-- step: x` (a statement made from the `step` template: see queries.sql).
+_BLOCK_LINE = re.compile(r"^-- (?P<kind>name|template|step): (?P<name>\S+)[ \t]*$", re.MULTILINE)
+_EVENT_ERROR_LINE = re.compile(r"^-- event error: (?P<values>.+)$", re.MULTILINE)
 _VALID_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _MIGRATION_FILE = re.compile(r"(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql")
 
@@ -28,20 +31,43 @@ class Migration:
 
 
 def parse_queries(text: str) -> dict[str, str]:
-    """Split a queries file into {name: sql}; the text before the first name is a header."""
-    parts = _NAME_LINE.split(text)
+    """Split a queries file into {name: sql}; the text before the first block is a header.
+
+    A `-- step: x` block holds only the columns its statement sets (and, on a
+    `-- event error: a, b` line, the error code and message of its event): it becomes the
+    `step` template with `{columns}` and `{event_error}` filled in.
+    """
+    parts = _BLOCK_LINE.split(text)
     queries: dict[str, str] = {}
-    # re.split with one group alternates: header, name, body, name, body, ...
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+    templates: dict[str, str] = {}
+    steps: dict[str, str] = {}
+    # re.split with two groups repeats: header, kind, name, body, kind, name, body, ...
+    for kind, name, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
         if not _VALID_NAME.fullmatch(name):
             raise ValueError(f"invalid query name {name!r}")
-        if name in queries:
+        taken = templates if kind == "template" else {**queries, **steps}
+        if name in taken:
             raise ValueError(f"query {name!r} is defined twice")
+        blocks = templates if kind == "template" else steps if kind == "step" else queries
         sql = body.strip()
-        if not sql:
+        if not _code_of(sql):
             raise ValueError(f"query {name!r} is empty")
-        queries[name] = sql
+        blocks[name] = sql
+    for name, sql in steps.items():
+        if "step" not in templates:
+            raise ValueError(f"step {name!r} needs a `-- template: step` block")
+        error = _EVENT_ERROR_LINE.search(sql)
+        queries[name] = (
+            templates["step"]
+            .replace("{columns}", _code_of(sql).replace("\n", "\n        "))
+            .replace("{event_error}", error["values"].strip() if error else "NULL, NULL")
+        )
     return queries
+
+
+def _code_of(sql: str) -> str:
+    """`sql` without its comment lines."""
+    return "\n".join(line for line in sql.splitlines() if not line.startswith("--")).strip()
 
 
 def load_queries(filename: str = "queries.sql") -> dict[str, str]:
