@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -12,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from worker.background import alongside
 from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
 from worker.observe.bus import publisher
@@ -266,11 +266,8 @@ def build_app(
         return web.json_response(body, status=200 if ready else 503)
 
     async def watch_loop(_: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(watch.run(), name="loop-watch")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with alongside(watch.run(), name="loop-watch"):
+            yield
 
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/healthz", healthz)

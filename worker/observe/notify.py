@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from worker.background import alongside
 from worker.clients.http import SAFE_REDIRECTS
 from worker.config import Secret
 from worker.core.events import Event, EventRecord
@@ -259,12 +260,9 @@ def _plain(value: object) -> object:
 async def notifying(notifier: WebhookNotifier) -> AsyncIterator[WebhookNotifier]:
     """Run the sender while the block runs; then give queued notices `drain_s` to go out."""
     async with aiohttp.ClientSession() as session:
-        task = asyncio.create_task(notifier.run(session), name="webhook")
         try:
-            yield notifier
-            await notifier.drain()
+            async with alongside(notifier.run(session), name="webhook"):
+                yield notifier
+                await notifier.drain()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             notifier.drop_queued()

@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from worker.background import alongside
 from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
 from worker.observe.bus import publisher
@@ -167,13 +168,8 @@ class RunProgress:
             yield
             return
         show = self._bars() if wants_bars(self.mode, self.stream) else self._log_lines()
-        task = asyncio.create_task(show, name="progress")
-        try:
+        async with alongside(show, name="progress"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _log_lines(self) -> None:
         last_bytes, last_at, last_line = 0, self.clock(), None

@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from worker.background import alongside
 from worker.clients.throttle import Throttle
 from worker.core.events import Event
 from worker.observe import rates
@@ -152,10 +153,5 @@ async def following_bandwidth(
     """A Throttle for every upload of this process, kept at its share of the cap meanwhile."""
     throttle = Throttle()
     follower = BandwidthFollower(database_url, worker_id, throttle, every_s=every_s)
-    task = asyncio.create_task(follower.run(), name="bandwidth")
-    try:
+    async with alongside(follower.run(), name="bandwidth"):
         yield throttle
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task

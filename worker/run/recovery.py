@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+from worker.background import alongside
 from worker.clients.glance import GlanceClient
 from worker.core.events import Event
 from worker.errors import MigrationError, NotFound
@@ -128,13 +129,10 @@ async def settling_owed_cleanups(
                 events.warning(Event.IMAGE_CLEANUP_ROUND_FAILED, error=str(exc))
             await asyncio.sleep(every_s)
 
-    task = asyncio.create_task(loop(), name="owed-cleanups")
     try:
-        yield
+        async with alongside(loop(), name="owed-cleanups"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         if outages.describe() is None:  # one last round for what the run itself left owed
             with contextlib.suppress(Exception):
                 await settle_owed_cleanups(store, glance, outages, worker_id=worker_id)
