@@ -69,7 +69,7 @@ HASH = "a" * 128
 def fresh(**changes: object) -> ImageState:
     state = ImageState(
         job_id=JOB,
-        index=3,
+        disk_index=3,
         phase=Phase.PENDING,
         image_id=image_id_for(JOB, 3),
         size_bytes=SIZE,

@@ -146,7 +146,7 @@ def test_defaults_apply_and_the_document_is_normalized(tmp_path: Path) -> None:
 
     (disk,) = loaded.job.disks
     size_bytes = (tmp_path / "disks/Web01.VMDK").stat().st_size
-    assert (disk.index, disk.name, disk.size_bytes) == (0, "Web01", size_bytes)
+    assert (disk.disk_index, disk.name, disk.size_bytes) == (0, "Web01", size_bytes)
     assert (disk.disk_format, disk.container_format, disk.visibility) == ("vmdk", "bare", "private")
     assert (disk.min_disk, disk.min_ram, disk.protected, disk.tags) == (0, 0, False, ())
     assert dict(disk.properties) == {"es_virtio_enabled": "yes"}

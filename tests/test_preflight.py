@@ -13,7 +13,7 @@ import pytest
 
 from worker.clients.glance import open_glance
 from worker.config import CloudSettings, load_cloud_settings
-from worker.core.model import ImageSpec, JobSpec
+from worker.core.model import DiskSpec, JobSpec
 from worker.intake.preflight import BLOCKING, OK, WARN, Finding, format_findings, run_preflight
 from worker.intake.sampledisks import write_monolithic_sparse
 from worker.sandbox import Sandbox, SandboxConfig
@@ -27,7 +27,7 @@ def cloud_for(sb: Sandbox, *, password: str | None = None) -> CloudSettings:
 
 def job_of(*sizes_mib: int, prefix: str = "disk") -> JobSpec:
     disks = tuple(
-        ImageSpec(index=n, name=f"{prefix}-{n}", source=f"/d/{n}.vmdk", size_bytes=size * MIB)
+        DiskSpec(disk_index=n, name=f"{prefix}-{n}", source=f"/d/{n}.vmdk", size_bytes=size * MIB)
         for n, size in enumerate(sizes_mib)
     )
     return JobSpec(name="job", disks=disks)

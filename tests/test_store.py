@@ -25,15 +25,15 @@ from worker.core.changes import (
     SourceHashes,
 )
 from worker.core.events import Event
-from worker.core.model import ImageSpec, JobSpec, Phase, Verification, image_id_for
+from worker.core.model import DiskSpec, JobSpec, Phase, Verification, image_id_for
 from worker.store import LeaseLost, StepEvent, Store
 from worker.store.store import job_state
 
 
 def make_job(disk_count: int, *, name: str = "job", size_bytes: int = 100) -> JobSpec:
     disks = tuple(
-        ImageSpec(
-            index=i,
+        DiskSpec(
+            disk_index=i,
             name=f"{name}-disk-{i}",
             source=f"/srv/vmdk/{name}/{i}.vmdk",
             size_bytes=size_bytes,
@@ -82,7 +82,7 @@ async def test_submit_writes_the_job_a_pending_row_per_disk_and_an_event(
     assert [r.glance_image_id for r in rows] == [image_id_for(job_id, i) for i in range(3)]
     assert [r.attempts for r in rows] == [0, 0, 0]
     assert rows[1].spec["tags"] == ["migrated", "n1"]
-    assert rows[1].image_spec() == job.disks[1]
+    assert rows[1].disk_spec() == job.disks[1]
 
     jobs = await conn.fetch("SELECT * FROM jobs")
     assert len(jobs) == 1
@@ -114,7 +114,7 @@ async def test_submit_of_ten_thousand_disks_in_one_call_writes_every_row(
 async def test_a_failing_submit_writes_nothing(store: Store, conn: asyncpg.Connection) -> None:
     good = make_job(3)
     # Two disks with one name break unique(job_id, image_name) after the job row is inserted.
-    twin = ImageSpec(index=3, name=good.disks[0].name, source="/srv/other.vmdk", size_bytes=1)
+    twin = DiskSpec(disk_index=3, name=good.disks[0].name, source="/srv/other.vmdk", size_bytes=1)
     clash = JobSpec(name="clash", disks=(*good.disks, twin))
     with pytest.raises(asyncpg.UniqueViolationError):
         await submit(store, clash)

@@ -42,7 +42,7 @@ from tests.conformance.test_scenarios import (
 )
 from worker.clients.glance import open_glance
 from worker.core.machine import Policies
-from worker.core.model import ImageSpec, JobSpec
+from worker.core.model import DiskSpec, JobSpec
 from worker.core.policy import RetryPolicy
 from worker.errors import Conflict
 from worker.intake.manifest import load_manifest
@@ -475,8 +475,8 @@ async def queue_unchecked(database_url: str, name: str, path: Path, size: int) -
     job = JobSpec(
         name=unique("unchecked"),
         disks=(
-            ImageSpec(
-                index=0,
+            DiskSpec(
+                disk_index=0,
                 name=name,
                 source=str(path),
                 size_bytes=size,

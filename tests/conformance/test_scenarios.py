@@ -24,7 +24,7 @@ from tests.conformance.conftest import Target, sandbox_target
 from worker.clients.glance import GlanceClient, open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.core.machine import Policies
-from worker.core.model import ImageSpec, JobSpec
+from worker.core.model import DiskSpec, JobSpec
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.errors import MigrationError
 from worker.intake.manifest import load_manifest
@@ -315,8 +315,8 @@ async def test_a_non_vmdk_file_forced_past_preflight_fails_with_import_failed(
     job = JobSpec(
         name=unique("forced"),
         disks=(
-            ImageSpec(
-                index=0,
+            DiskSpec(
+                disk_index=0,
                 name=name,
                 source=str(path),
                 size_bytes=MIB,

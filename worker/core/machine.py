@@ -95,7 +95,7 @@ class ImageState:
     """Everything the machine needs to decide one image's next step."""
 
     job_id: uuid.UUID
-    index: int
+    disk_index: int  # results.disk_index
     phase: Phase
     image_id: uuid.UUID
     size_bytes: int

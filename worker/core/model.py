@@ -38,10 +38,10 @@ class Verification(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class ImageSpec:
-    """One disk of a job: the source file and the Glance image it becomes."""
+class DiskSpec:
+    """One disk of a job's manifest: its source and the Glance image it becomes."""
 
-    index: int
+    disk_index: int  # its place in the manifest (results.disk_index)
     name: str
     source: str
     size_bytes: int
@@ -83,7 +83,7 @@ class JobSpec:
     """A validated manifest: the job's name, options and disks."""
 
     name: str
-    disks: tuple[ImageSpec, ...]
+    disks: tuple[DiskSpec, ...]
     on_failure: str = "delete"  # delete | keep: what to do with a half-made image
 
     @property

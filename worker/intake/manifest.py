@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import jsonschema
 import yaml
 
-from worker.core.model import ImageSpec, JobSpec
+from worker.core.model import DiskSpec, JobSpec
 from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
 from worker.intake.source import identity_of
 from worker.intake.vmdk import Inspection, inspect_vmdk, min_disk_warning
@@ -38,7 +38,7 @@ BUILTIN_DEFAULTS: Mapping[str, object] = {
     "protected": False,
     "es_virtio_enabled": "yes",
 }
-# Named fields that travel to Glance as string properties rather than ImageSpec attributes.
+# Named fields that travel to Glance as string properties rather than DiskSpec attributes.
 _PROPERTY_FIELDS = ("es_virtio_enabled", "os_distro", "os_version", "os_type")
 _HW_KEY = re.compile(r"^hw_[a-z0-9_]+$")
 # Glance's own image attributes: setting one as a free property is refused (403 or 400).
@@ -728,7 +728,7 @@ def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dic
     job = JobSpec(
         name=document["job"],
         disks=tuple(
-            _image_spec(i, disk, files[i][1], identities.get(i)) for i, disk in enumerate(merged)
+            _disk_spec(i, disk, files[i][1], identities.get(i)) for i, disk in enumerate(merged)
         ),
         on_failure=document.get("on_failure", "delete"),
     )
@@ -756,12 +756,12 @@ def _merge(defaults: Mapping[str, Any], disk: Mapping[str, Any], source: str) ->
     return merged
 
 
-def _image_spec(
+def _disk_spec(
     index: int, disk: Mapping[str, Any], size_bytes: int, identity: Mapping[str, int] | None
-) -> ImageSpec:
+) -> DiskSpec:
     named = {k: v for k, v in disk.items() if k in _PROPERTY_FIELDS or _HW_KEY.match(k)}
-    return ImageSpec(
-        index=index,
+    return DiskSpec(
+        disk_index=index,
         name=disk["name"],
         source=disk["source"],
         size_bytes=size_bytes,

@@ -419,7 +419,7 @@ def initial_state(claim: Claim, *, hash_algo: str, verify_md5: bool = False) -> 
     algo_matches = row.source_hash_algo == hash_algo
     return ImageState(
         job_id=row.job_id,
-        index=row.disk_index,
+        disk_index=row.disk_index,
         phase=phase,
         image_id=row.glance_image_id,
         size_bytes=claim.spec.size_bytes,

@@ -31,7 +31,7 @@ from worker.core.changes import (
 )
 from worker.core.events import Event
 from worker.core.model import (
-    ImageSpec,
+    DiskSpec,
     JobSpec,
     Phase,
     Verification,
@@ -63,7 +63,7 @@ _CONFLICT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.SerializationError,
 )
 
-# The ImageSpec attributes kept in results.spec (the rest have columns of their own).
+# The DiskSpec attributes kept in results.spec (the rest have columns of their own).
 SPEC_FIELDS = (
     "disk_format",
     "container_format",
@@ -143,13 +143,13 @@ class ResultRow:
         values["request_ids"] = tuple(values["request_ids"])
         return cls(**values)
 
-    def image_spec(self) -> ImageSpec:
+    def disk_spec(self) -> DiskSpec:
         """The disk as the manifest described it."""
         extra = {name: self.spec[name] for name in SPEC_FIELDS if name in self.spec}
         if "tags" in extra:
             extra["tags"] = tuple(extra["tags"])
-        return ImageSpec(
-            index=self.disk_index,
+        return DiskSpec(
+            disk_index=self.disk_index,
             name=self.image_name,
             source=self.source_path,
             size_bytes=self.source_size_bytes,
@@ -166,7 +166,7 @@ class Claim:
     """A row this worker now holds a lease on, with what it needs to migrate the disk."""
 
     row: ResultRow
-    spec: ImageSpec
+    spec: DiskSpec
     on_failure: str
     cancelled: bool = False  # the job was cancelled: clean up, do not go on
     job_name: str = ""
@@ -417,7 +417,7 @@ class Store:
             claims.append(
                 Claim(
                     row=row,
-                    spec=row.image_spec(),
+                    spec=row.disk_spec(),
                     on_failure=record["job_on_failure"],
                     cancelled=record["job_cancelled"],
                     job_name=record["job_name"],
@@ -760,19 +760,19 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
-def _disk_row(job_id: UUID, disk: ImageSpec) -> dict[str, object]:
+def _disk_row(job_id: UUID, disk: DiskSpec) -> dict[str, object]:
     spec = {name: getattr(disk, name) for name in SPEC_FIELDS}
     spec["tags"] = list(disk.tags)
     spec["properties"] = dict(disk.properties)
     if disk.source_identity is not None:
         spec["source_identity"] = dict(disk.source_identity)
     return {
-        "disk_index": disk.index,
+        "disk_index": disk.disk_index,
         "image_name": disk.name,
         "source_path": disk.source,
         "source_size_bytes": disk.size_bytes,
         "spec": spec,
-        "glance_image_id": str(image_id_for(job_id, disk.index)),
+        "glance_image_id": str(image_id_for(job_id, disk.disk_index)),
     }
 
 
