@@ -1,0 +1,1 @@
+"""Sources that are more than one disk file: VMware OVF directories and OVA archives."""
