@@ -60,6 +60,9 @@ def test_a_truncated_archive_is_refused_naming_the_member(tmp_path: Path) -> Non
     path.write_bytes(data[:700])  # inside the second header
     with path.open("rb") as file, pytest.raises(UnsupportedDisk, match="truncated"):
         read_members(file)
+    path.write_bytes(data[:1024])  # between two members
+    with path.open("rb") as file, pytest.raises(UnsupportedDisk, match="end-of-archive"):
+        read_members(file)
 
 
 def test_sources_are_recognised_by_content_not_by_name(tmp_path: Path) -> None:

@@ -320,21 +320,27 @@ def write_ova(
     tar_format: int = tarfile.USTAR_FORMAT,
     manifest: bool = True,
 ) -> Path:
-    """Write an OVA: the files of an OVF export in a tar archive, the .ovf first and the .mf
-    second, as ovftool orders them."""
+    """Write an OVA of `vms`: the files of an OVF export in a tar archive (see pack_ova)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name[: -len(".ova")] if path.name.endswith(".ova") else path.name
     with tempfile.TemporaryDirectory(dir=path.parent) as parts:
         ovf_path = write_ovf_directory(Path(parts), vms, name=name, manifest=manifest)
-        mf_path = ovf_path.with_suffix(".mf")
-        disks = sorted(p for p in Path(parts).iterdir() if p.suffix == ".vmdk")
-        with tarfile.open(path, "w", format=tar_format) as archive:
-            for member in [ovf_path, *([mf_path] if manifest else []), *disks]:
-                info = archive.gettarinfo(member, arcname=member.name)
-                info.uid = info.gid = 64
-                info.uname = info.gname = "someone"
-                with member.open("rb") as data:
-                    archive.addfile(info, data)
+        pack_ova(ovf_path, path, tar_format=tar_format)
+    return path
+
+
+def pack_ova(ovf_path: Path, path: Path, *, tar_format: int = tarfile.USTAR_FORMAT) -> Path:
+    """Pack the OVF export of `ovf_path` into the OVA `path`: the .ovf first, the .mf second,
+    then the disks, as ovftool orders them."""
+    mf_path = ovf_path.with_suffix(".mf")
+    disks = sorted(p for p in ovf_path.parent.iterdir() if p.suffix == ".vmdk")
+    with tarfile.open(path, "w", format=tar_format) as archive:
+        for member in [ovf_path, *([mf_path] if mf_path.exists() else []), *disks]:
+            info = archive.gettarinfo(member, arcname=member.name)
+            info.uid = info.gid = 64
+            info.uname = info.gname = "someone"
+            with member.open("rb") as data:
+                archive.addfile(info, data)
     return path
 
 

@@ -50,7 +50,7 @@ def read_members(file: BinaryIO, *, size_bytes: int | None = None) -> tuple[Memb
     position = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
-    while (header := _header_at(file, position, size_bytes, first=not members)) is not None:
+    while (header := _header_at(file, position, size_bytes)) is not None:
         kind = header[156:157]
         size = _number(header[124:136], position)
         size = _pax_size(pax["size"], position) if "size" in pax else size
@@ -72,13 +72,20 @@ def read_members(file: BinaryIO, *, size_bytes: int | None = None) -> tuple[Memb
     return tuple(members)
 
 
-def _header_at(file: BinaryIO, position: int, size_bytes: int, *, first: bool) -> bytes | None:
-    """The header block at `position`, or None at the end of the archive."""
+def _header_at(file: BinaryIO, position: int, size_bytes: int) -> bytes | None:
+    """The header block at `position`, or None at the end of the archive (a zero block).
+
+    An archive that just stops, even between two members, was cut short: tar ends every
+    archive with zero blocks.
+    """
     file.seek(position)
     header = file.read(BLOCK)
     if len(header) < BLOCK:
-        if not header and not first:
-            return None  # no end-of-archive blocks: tolerated, as tar does
+        if not header:
+            raise UnsupportedDisk(
+                f"truncated archive: it stops at byte {position} without the end-of-archive "
+                "blocks tar writes; copy the OVA again"
+            )
         raise UnsupportedDisk(_truncated(position, size_bytes, "a member's header"))
     if header == bytes(BLOCK):
         return None

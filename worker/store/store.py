@@ -155,6 +155,8 @@ class ResultRow:
             source=self.source_path,
             size_bytes=self.source_size_bytes,
             source_identity=self.spec.get("source_identity"),
+            appliance=self.spec.get("appliance"),
+            expected_digest=self.spec.get("expected_digest"),
             **extra,
         )
 
@@ -667,6 +669,9 @@ def _disk_row(job_id: UUID, disk: ImageSpec) -> dict[str, object]:
     spec["properties"] = dict(disk.properties)
     if disk.source_identity is not None:
         spec["source_identity"] = dict(disk.source_identity)
+    for name in ("appliance", "expected_digest"):  # disks of OVAs and OVFs only
+        if getattr(disk, name) is not None:
+            spec[name] = dict(getattr(disk, name))
     return {
         "disk_index": disk.index,
         "image_name": disk.name,
