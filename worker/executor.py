@@ -47,6 +47,7 @@ from worker.core.machine import (
 from worker.core.model import Phase
 from worker.errors import MigrationError
 from worker.gate import StageGate
+from worker.intake.digest import check_expected_digest, with_expected_digest
 from worker.outage import Outages, Service
 from worker.source import hash_source
 from worker.store.store import RECORDABLE_COLUMNS, Claim, ResultRow, Store
@@ -274,7 +275,7 @@ class ImageRunner:
                 str(state.image_id),
                 Path(claim.spec.source),
                 size_bytes=claim.spec.size_bytes,
-                hash_algorithms=_algorithms(state),
+                hash_algorithms=with_expected_digest(claim.spec, _algorithms(state)),
                 progress=progress,
                 identity=claim.spec.source_identity,
                 # Only a disk inspected at submit is inspected again (a row with no identity
@@ -283,6 +284,7 @@ class ImageRunner:
                 and claim.spec.source_identity is not None,
             )
         digests = result.digests
+        check_expected_digest(claim.spec, digests)
         staged = Staged(result.size_bytes, digests[state.hash_algo], digests.get("md5"))
         return staged, result.request_id
 
