@@ -170,3 +170,30 @@ def test_ide_and_sata_disks_get_their_bus(tmp_path: Path) -> None:
         (d.properties["hw_disk_bus"], d.properties.get("vmware_adaptertype"))
         for d in loaded.job.disks
     ] == [("ide", "ide"), ("sata", None)]
+
+
+def test_the_source_root_confines_exports_and_their_disks(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    outside = write_ova(tmp_path / "elsewhere" / "v.ova", [SampleVm("v")])
+    ovf = write_ovf_directory(root / "v", [SampleVm("w")], name="w")
+    disk = ovf.parent / "w-disk2.vmdk"
+    moved = disk.rename(tmp_path / "elsewhere" / "w-disk2.vmdk")
+    disk.symlink_to(moved)  # the OVF's file leads outside the root
+    path = tmp_path / "job.json"
+    path.write_text(
+        json.dumps({"job": "j", "disks": [{"source": str(outside)}, {"source": str(ovf)}]})
+    )
+    with pytest.raises(InvalidManifest) as refused:
+        load_manifest(path, source_root=root)
+    problems = [str(p) for p in refused.value.problems]
+    assert problems == [
+        f"disks[0].source: outside the allowed source root {root}: {outside}",
+        f"disks[1].source: outside the allowed source root {root}: {moved} (disk w-disk2)",
+    ]
+
+
+def test_an_image_name_too_long_for_glance_is_refused(tmp_path: Path) -> None:
+    write_ova(tmp_path / "v.ova", [SampleVm("v")])
+    (problem,) = _problems(tmp_path, [{"source": "v.ova", "name": "n" * 250}])
+    assert problem.startswith("disks[0].name: the image name nnnn")
+    assert "256 characters, more than Glance's 255" in problem

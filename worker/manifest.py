@@ -519,7 +519,10 @@ def _expanded(document: object, checked: _Checked) -> object:
         return document
     defaults = document.get("defaults")
     expansion = expand(
-        document["disks"], defaults if isinstance(defaults, dict) else {}, checked.base_dir
+        document["disks"],
+        defaults if isinstance(defaults, dict) else {},
+        checked.base_dir,
+        source_root=checked.source_root,
     )
     checked.expansion = expansion
     for index, disk in expansion.expanded.items():

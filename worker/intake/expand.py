@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from worker.intake.properties import apply, derive
 from worker.vmdk import Inspection, inspect_open_vmdk
 
 _VIRTIO = ("yes", "true", "1")
+_SNIFF_THREADS = 16
+_MAX_NAME = 255  # Glance's limit on image names, which the schema checks for other entries
 
 
 @dataclass(frozen=True)
@@ -59,19 +62,44 @@ class Expansion:
     warnings: list[tuple[int, str]] = field(default_factory=list)  # (entry, message)
 
 
-def expand(disks: Sequence[object], defaults: Mapping[str, object], base_dir: Path) -> Expansion:
-    """Expand every entry whose source is an OVA or an OVF; leave the others as they are."""
+def expand(
+    disks: Sequence[object],
+    defaults: Mapping[str, object],
+    base_dir: Path,
+    *,
+    source_root: str | None = None,
+) -> Expansion:
+    """Expand every entry whose source is an OVA or an OVF; leave the others as they are.
+
+    A source outside `source_root` is not looked at: the ordinary checks refuse it.
+    """
+    paths = [_path_of(entry, base_dir, source_root) for entry in disks]
+    # One small read per source; on a network mount each is a round trip: overlap them.
+    to_sniff = [path for path in paths if path is not None]
+    if len(to_sniff) > 1:
+        with ThreadPoolExecutor(min(_SNIFF_THREADS, len(to_sniff))) as pool:
+            kinds = dict(zip(to_sniff, pool.map(sniff, to_sniff), strict=True))
+    else:
+        kinds = {path: sniff(path) for path in to_sniff}
     result = Expansion()
-    for index, entry in enumerate(disks):
-        source = entry.get("source") if isinstance(entry, dict) else None
-        path = os.path.realpath(os.path.join(base_dir, source)) if isinstance(source, str) else None
-        kind = sniff(path) if path and source else None
+    for index, (entry, path) in enumerate(zip(disks, paths, strict=True)):
+        kind = kinds.get(path) if path is not None else None
         if not isinstance(entry, dict) or path is None or kind is None:
             result.disks.append(entry)
             result.origin.append(index)
             continue
         _expand_entry(result, index, entry, defaults, path, kind)
     return result
+
+
+def _path_of(entry: object, base_dir: Path, source_root: str | None) -> str | None:
+    source = entry.get("source") if isinstance(entry, dict) else None
+    if not isinstance(source, str) or not source:
+        return None
+    path = os.path.realpath(os.path.join(base_dir, source))
+    if source_root is not None and os.path.commonpath([source_root, path]) != source_root:
+        return None
+    return path
 
 
 def _expand_entry(
@@ -108,7 +136,16 @@ def _expand_entry(
             name = f"{own_name}-{disk.vm.name}"
         values = derive(disk.vm, disk.position, virtio=virtio.lower() in _VIRTIO)
         expanded, taken = apply(entry, defaults, values)
-        expanded["name"] = f"{name}-disk{disk.position + 1}"
+        image_name = f"{name}-disk{disk.position + 1}"
+        if len(image_name) > _MAX_NAME:
+            where = "the entry's name" if own_name is not None else "the VM's name: set a name"
+            message = (
+                f"the image name {image_name[:40]}... has {len(image_name)} characters, more "
+                f"than Glance's {_MAX_NAME}; it is made from {where}"
+            )
+            result.problems.append((index, "name" if own_name else "source", message))
+            return
+        expanded["name"] = image_name
         expanded["source"] = disk.path
         result.expanded[len(result.disks)] = ExpandedDisk(index, disk, taken)
         result.disks.append(expanded)
