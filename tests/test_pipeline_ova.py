@@ -3,11 +3,14 @@ against Glance and the export's .mf, with the OVF's properties on the image."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import tarfile
 from pathlib import Path
 
 from tests.fixtures.batch import migrate, rows_of, submit_manifest
+from tests.fixtures.cli import cloud_env, run_cli
 from worker.sampledisks import SampleDisk, SampleVm, pack_ova, write_ova, write_ovf_directory
 from worker.sandbox import Sandbox
 
@@ -161,3 +164,52 @@ async def test_a_multi_vm_ovf_names_each_vms_images_after_it(
     assert images["app-db-disk1"]["vm_name"] == "app-db"
     assert images["app-db-disk1"]["os_distro"] == "rhel"
     assert images["app-web-disk1"]["vm_name"] == "app-web"
+
+
+async def test_status_groups_a_vms_disks_and_report_names_the_vm(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    ovf = write_ovf_directory(tmp_path / "parts", [SampleVm("db01")], name="db01")
+    disk = ovf.parent / "db01-disk2.vmdk"
+    data = bytearray(disk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    disk.write_bytes(bytes(data))
+    web = write_ova(tmp_path / "web01.ova", [SampleVm("web01", seed=4)])
+    loose = write_ovf_directory(
+        tmp_path / "loose", [SampleVm("x", disks=(SampleDisk(),))], name="x"
+    )
+    job_id = await submit_manifest(
+        database_url,
+        tmp_path,
+        {
+            "job": "vms",
+            "defaults": {"es_virtio_enabled": "no"},
+            "disks": [
+                {"source": str(ovf)},
+                {"source": str(web)},
+                {"source": str(loose.parent / "x-disk1.vmdk"), "name": "plain"},
+            ],
+        },
+    )
+    await migrate(database_url, sandbox)
+    env = cloud_env(sandbox, database_url)
+
+    table = await run_cli("status", job_id, env=env)
+    assert table.code == 0, table.err
+    assert "  vm db01: failed, 2 disk(s)  done=1  failed=1" in table.out.splitlines()
+    assert "  vm web01: done, 2 disk(s)  done=2" in table.out.splitlines()
+    as_json = await run_cli("status", job_id, "-f", "json", env=env)
+    (job,) = as_json.json()
+    assert [(vm["vm_name"], vm["state"], vm["done"], vm["failed"]) for vm in job["vms"]] == [
+        ("db01", "failed", 1, 1),
+        ("web01", "done", 2, 0),
+    ]
+    report = await run_cli("report", job_id, "-f", "csv", env=env)
+    rows = list(csv.DictReader(io.StringIO(report.out)))
+    assert [(row["image_name"], row["vm_name"]) for row in rows] == [
+        ("db01-disk1", "db01"),
+        ("db01-disk2", "db01"),
+        ("web01-disk1", "web01"),
+        ("web01-disk2", "web01"),
+        ("plain", ""),
+    ]

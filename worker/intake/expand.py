@@ -37,6 +37,7 @@ class ExpandedDisk:
     def appliance(self) -> dict[str, object]:
         """What the disk's results row keeps about its export (ImageSpec.appliance)."""
         return {
+            "entry": self.entry,
             "vm_name": self.disk.vm.name,
             "vm_disk_index": self.disk.position + 1,
             "file": self.disk.href,
@@ -122,7 +123,8 @@ def _expand_entry(
         appliance = open_appliance(path, kind)
     except (UnsupportedDisk, SourceError) as exc:
         where = "" if path in exc.message else f": {path}"
-        result.problems.append((index, "source", f"{exc.message}{where}"))
+        what = "" if kind.upper() in exc.message else f"{kind.upper()}: "
+        result.problems.append((index, "source", f"{what}{exc.message}{where}"))
         return
     result.warnings += [(index, warning) for warning in appliance.warnings]
     if refused or disk_format != "vmdk":

@@ -106,7 +106,7 @@ def is_envelope(data: bytes) -> bool:
 def looks_like_envelope(head: bytes) -> bool:
     """A cheap first look at a file's start: XML that opens an `Envelope` element."""
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
-    return text.startswith(b"<") and re.search(rb"<(?:[\w.-]+:)?Envelope[\s>]", head) is not None
+    return text.startswith(b"<") and re.search(rb"<(?:[\w.-]+:)?Envelope[\s/>]", head) is not None
 
 
 def _root(data: bytes) -> ET.Element:

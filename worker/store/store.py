@@ -27,6 +27,7 @@ from worker.core.model import (
     next_image_id,
 )
 from worker.errors import ConfigError
+from worker.intake.vms import VmCounts, group_vms
 from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.sql import QUERIES, load_migrations
 
@@ -563,6 +564,11 @@ class Store:
         """Every row of a job in manifest order."""
         records = await self._pool.fetch(QUERIES["result_rows"], job_id)
         return [ResultRow.from_record(record) for record in records]
+
+    async def job_vms(self, job_id: UUID) -> list[VmCounts]:
+        """The VMs of a job's OVA and OVF sources, each with its disks counted by phase."""
+        records = await self._pool.fetch(QUERIES["vm_phases"], job_id)
+        return group_vms((record["spec"], record["phase"]) for record in records)
 
     async def result_page(
         self, job_id: UUID, *, phases: Sequence[str] | None = None, limit: int | None = None
