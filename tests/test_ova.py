@@ -184,3 +184,15 @@ def test_sample_exports_have_every_controller_kind(tmp_path: Path) -> None:
     assert [d.vm.disks[d.position].controller.bus for d in appliance.disks] == [
         "ide", "sata", "scsi",
     ]  # fmt: skip
+
+
+def test_sample_exports_can_carry_qemu_img_disks(tmp_path: Path) -> None:
+    ova = write_ova(tmp_path / "q.ova", [SampleVm("q")], qemu_img=True)
+    appliance = open_appliance(str(ova), OVA)
+    with tarfile.open(ova) as archive:
+        member = archive.extractfile("q-disk1.vmdk")
+        assert member is not None
+        head = member.read(2048)
+    assert head.startswith(b"KDMV")
+    assert b'createType="streamOptimized"' in head
+    assert [d.capacity_bytes for d in appliance.disks] == [16 << 20, 24 << 20]

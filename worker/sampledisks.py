@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+import subprocess
 import tarfile
 import tempfile
 import zlib
@@ -266,7 +267,8 @@ class SampleDisk:
 
 @dataclass(frozen=True)
 class SampleVm:
-    """A VM to export: what its OVF says about it, and its disks, boot disk first."""
+    """A VM to export: what its OVF says about it, and its disks (files VM-disk1, VM-disk2 ...
+    in this order; the images follow the boot order, see worker.intake.ovf.BUS_ORDER)."""
 
     name: str
     disks: tuple[SampleDisk, ...] = (SampleDisk(), SampleDisk(virtual_size_bytes=24 << 20))
@@ -277,24 +279,34 @@ class SampleVm:
 
 
 def write_ovf_directory(
-    directory: Path, vms: Sequence[SampleVm], *, name: str, manifest: bool = True
+    directory: Path,
+    vms: Sequence[SampleVm],
+    *,
+    name: str,
+    manifest: bool = True,
+    qemu_img: bool = False,
 ) -> Path:
     """Write an OVF export (NAME.ovf, NAME.mf, one VM-diskN.vmdk per disk); return the .ovf.
 
-    Several VMs make a VirtualSystemCollection, as a vApp's export does.
+    Several VMs make a VirtualSystemCollection, as a vApp's export does. The disks are
+    streamOptimized with VMware's footer, or, with `qemu_img`, made by `qemu-img convert`.
     """
     directory.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, int]] = []
     for vm in vms:
         for number, disk in enumerate(vm.disks, start=1):
             file_name = f"{vm.name}-disk{number}.vmdk"
-            size = write_stream_optimized(
-                directory / file_name,
-                virtual_size_bytes=disk.virtual_size_bytes,
-                seed=vm.seed * 1000 + number,
-                fill_bytes=disk.fill_bytes,
-                footer=True,
-            )
+            seed = vm.seed * 1000 + number
+            if qemu_img:
+                size = _qemu_stream_optimized(directory / file_name, disk, seed)
+            else:
+                size = write_stream_optimized(
+                    directory / file_name,
+                    virtual_size_bytes=disk.virtual_size_bytes,
+                    seed=seed,
+                    fill_bytes=disk.fill_bytes,
+                    footer=True,
+                )
             files.append((file_name, size))
     ovf_path = directory / f"{name}.ovf"
     ovf_path.write_text(ovf_envelope(vms, files, collection=name), encoding="utf-8")
@@ -303,6 +315,24 @@ def write_ovf_directory(
         lines = [f"SHA256({n})= {_sha256_of(directory / n)}" for n in names]
         (directory / f"{name}.mf").write_text("\n".join(lines) + "\n", encoding="ascii")
     return ovf_path
+
+
+def _qemu_stream_optimized(path: Path, disk: SampleDisk, seed: int) -> int:
+    """A streamOptimized VMDK made by qemu-img from a raw disk whose first bytes are random."""
+    raw = path.with_suffix(".raw")
+    try:
+        with raw.open("wb") as out:
+            out.truncate(disk.virtual_size_bytes)
+            out.write(_pseudo_random(disk.fill_bytes, seed))
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+             str(raw), str(path)],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+    finally:
+        raw.unlink(missing_ok=True)
+    return path.stat().st_size
 
 
 def _sha256_of(path: Path) -> str:
@@ -319,12 +349,15 @@ def write_ova(
     *,
     tar_format: int = tarfile.USTAR_FORMAT,
     manifest: bool = True,
+    qemu_img: bool = False,
 ) -> Path:
     """Write an OVA of `vms`: the files of an OVF export in a tar archive (see pack_ova)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name[: -len(".ova")] if path.name.endswith(".ova") else path.name
     with tempfile.TemporaryDirectory(dir=path.parent) as parts:
-        ovf_path = write_ovf_directory(Path(parts), vms, name=name, manifest=manifest)
+        ovf_path = write_ovf_directory(
+            Path(parts), vms, name=name, manifest=manifest, qemu_img=qemu_img
+        )
         pack_ova(ovf_path, path, tar_format=tar_format)
     return path
 
