@@ -197,3 +197,18 @@ def test_an_image_name_too_long_for_glance_is_refused(tmp_path: Path) -> None:
     (problem,) = _problems(tmp_path, [{"source": "v.ova", "name": "n" * 250}])
     assert problem.startswith("disks[0].name: the image name nnnn")
     assert "256 characters, more than Glance's 255" in problem
+
+
+def test_settings_that_cannot_apply_to_an_export_are_refused(tmp_path: Path) -> None:
+    write_ova(tmp_path / "v.ova", [SampleVm("v")])
+    problems = _problems(
+        tmp_path,
+        [
+            {"source": "v.ova", "flat_as_raw": True},
+            {"source": "v.ova", "name": "w", "disk_format": "raw"},
+        ],
+    )
+    assert problems == [
+        "disks[0].flat_as_raw: does not apply to an OVA source",
+        "disks[1].disk_format: the disks of an OVA are VMDKs: leave it vmdk",
+    ]

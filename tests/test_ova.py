@@ -196,3 +196,11 @@ def test_sample_exports_can_carry_qemu_img_disks(tmp_path: Path) -> None:
     assert head.startswith(b"KDMV")
     assert b'createType="streamOptimized"' in head
     assert [d.capacity_bytes for d in appliance.disks] == [16 << 20, 24 << 20]
+
+
+def test_split_disks_are_refused_naming_the_ovftool_option(tmp_path: Path) -> None:
+    ovf = write_ovf_directory(tmp_path, [SampleVm("a")], name="a", manifest=False)
+    text = ovf.read_text().replace('ovf:id="file2"', 'ovf:id="file2" ovf:chunkSize="7516192768"')
+    ovf.write_text(text)
+    with pytest.raises(UnsupportedDisk, match="--chunkSize"):
+        open_appliance(str(ovf), OVF)

@@ -212,6 +212,11 @@ def _checked_href(ref: FileRef) -> str:
             f"the OVF marks {href!r} ovf:compression={ref.compression!r}: compressed disks are "
             f"refused; {COMPRESSED_HINT}"
         )
+    if ref.chunk_size is not None:
+        raise UnsupportedDisk(
+            f"the OVF splits {href!r} into pieces of {ref.chunk_size} bytes (ovf:chunkSize), "
+            "which are refused: export again without ovftool's --chunkSize option"
+        )
     parts = PurePosixPath(href).parts
     if (
         re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", href)

@@ -111,14 +111,17 @@ def _expand_entry(
     path: str,
     kind: str,
 ) -> None:
-    refused = [key for key in ("flat_as_raw",) if entry.get(key) is True]
-    disk_format = entry.get("disk_format", defaults.get("disk_format", "vmdk"))
-    for key in refused:
-        result.problems.append((index, key, f"does not apply to an {kind.upper()} source"))
-    if disk_format != "vmdk":
+    usable = True
+    if entry.get("flat_as_raw") is True:
+        result.problems.append(
+            (index, "flat_as_raw", f"does not apply to an {kind.upper()} source")
+        )
+        usable = False
+    if entry.get("disk_format", defaults.get("disk_format", "vmdk")) != "vmdk":
         result.problems.append(
             (index, "disk_format", f"the disks of an {kind.upper()} are VMDKs: leave it vmdk")
         )
+        usable = False
     try:
         appliance = open_appliance(path, kind)
     except (UnsupportedDisk, SourceError) as exc:
@@ -127,7 +130,7 @@ def _expand_entry(
         result.problems.append((index, "source", f"{what}{exc.message}{where}"))
         return
     result.warnings += [(index, warning) for warning in appliance.warnings]
-    if refused or disk_format != "vmdk":
+    if not usable:
         return
     virtio = str(entry.get("es_virtio_enabled", defaults.get("es_virtio_enabled", "yes")))
     several = len(appliance.envelope.vms) > 1

@@ -40,6 +40,7 @@ class FileRef:
     href: str
     size_bytes: int | None
     compression: str | None  # "gzip" when the exporter compressed the file itself
+    chunk_size: int | None = None  # set when the exporter split the file into pieces
 
 
 @dataclass(frozen=True)
@@ -161,12 +162,14 @@ def _files(root: ET.Element) -> list[FileRef]:
             if not file_id or not href:
                 raise UnsupportedDisk("an OVF References/File lacks its ovf:id or ovf:href")
             size = _attr(element, "size")
+            chunk = _attr(element, "chunkSize")
             refs.append(
                 FileRef(
                     file_id=file_id,
                     href=href,
                     size_bytes=_integer(size, "ovf:size", href) if size else None,
                     compression=(_attr(element, "compression") or None),
+                    chunk_size=_integer(chunk, "ovf:chunkSize", href) if chunk else None,
                 )
             )
     return refs
