@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -211,4 +212,14 @@ def test_settings_that_cannot_apply_to_an_export_are_refused(tmp_path: Path) -> 
     assert problems == [
         "disks[0].flat_as_raw: does not apply to an OVA source",
         "disks[1].disk_format: the disks of an OVA are VMDKs: leave it vmdk",
+    ]
+
+
+def test_a_fifo_or_a_device_as_source_is_not_opened_as_an_export(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.ova"
+    os.mkfifo(fifo)
+    problems = _problems(tmp_path, [{"source": str(fifo)}, {"source": "/dev/zero"}])
+    assert problems == [
+        f"disks[0].source: not a regular file: {fifo}",
+        "disks[1].source: not a regular file: /dev/zero",
     ]

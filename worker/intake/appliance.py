@@ -81,12 +81,24 @@ class Appliance:
 
 
 def sniff(path: str) -> str | None:
-    """ "ova" for a tar archive, "ovf" for an XML envelope, None for anything else."""
+    """The kind of export at `path`: "ova" for a tar archive, "ovf" for an XML envelope,
+    None for anything else.
+
+    Only a regular file is read (a FIFO would block, a device never end): for anything else,
+    the ordinary source checks say why it cannot be used.
+    """
     try:
-        with open(path, "rb") as file:
-            head = file.read(_SNIFF_BYTES)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None  # the ordinary source checks say why
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.pread(fd, _SNIFF_BYTES, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if is_tar(head):
         return OVA
     if looks_like_envelope(head):
