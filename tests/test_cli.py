@@ -294,7 +294,7 @@ async def test_status_filters_by_phase_limits_rows_and_says_how_many_more(
     assert (job["pending"], job["failed"]) == (3, 2)
     assert [row["image_name"] for row in job["images"]] == ["cli-job-1", "cli-job-3"]
     assert job["images_matched"] == 2
-    assert set(job["images"][0]) == set(RESULT_COLUMNS)
+    assert set(job["images"][0]) == {*RESULT_COLUMNS, "vm_name"}
 
     some = await run_cli(
         "status", job_id, "--phase", "pending", "--phase", "failed", "--limit", "4", "-f", "json",
@@ -306,7 +306,7 @@ async def test_status_filters_by_phase_limits_rows_and_says_how_many_more(
     everything = await run_cli("status", job_id, "--limit", "0", "-f", "csv", env=env)
     rows = list(csv.DictReader(io.StringIO(everything.out)))
     assert len(rows) == 5
-    assert list(rows[0]) == list(RESULT_COLUMNS)
+    assert list(rows[0]) == [*RESULT_COLUMNS, "vm_name"]
 
     wrong = await run_cli("status", job_id, "--phase", "finished", env=env)
     assert wrong.code == 2
@@ -322,7 +322,7 @@ async def test_report_takes_every_format(
     assert table.code == 0
     assert len(table.out.splitlines()) == 3
     as_json = await run_cli("report", job_id, "-f", "json", env=env)
-    assert [set(row) for row in as_json.json()] == [set(RESULT_COLUMNS)] * 2
+    assert [set(row) for row in as_json.json()] == [{*RESULT_COLUMNS, "vm_name"}] * 2
 
 
 # Idempotent submit ----------------------------------------------------------------------------
@@ -577,7 +577,7 @@ async def test_files_that_are_no_disk_image_are_named_through_the_cli(tmp_path: 
     assert result.code == 2
     lines = result.err.splitlines()
     assert lines[1].endswith("not a VMDK: the file is not a disk image (text)")
-    assert "not a disk image (an OVA" in lines[2]
+    assert "OVA: the OVF envelope describes no VirtualSystem" in lines[2]  # read as an OVA
     assert "disk_format: raw" not in lines[1] + lines[2]
     assert "not a disk image (random data); if it is a raw disk" in lines[3]
 

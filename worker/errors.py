@@ -31,6 +31,7 @@ The type of an exception *is* the retry decision; never flatten one into a strin
         ├── ImageGone                   image `killed`, `deleted` or 404 while we waited on it
         ├── ImportTimeout               import did not finish before its size-scaled deadline
         ├── ChecksumMismatch            Glance's hash of the data differs from ours
+        ├── SourceDigestMismatch        the bytes read differ from the export's .mf digest
         └── JobCancelled                the operator cancelled the job (`vmdk-migrate cancel`)
 
 `os_reason` words an operating-system error the same way wherever one reaches an operator.
@@ -287,6 +288,12 @@ class ChecksumMismatch(PermanentError):
     """Glance's hash of the stored data differs from the hash of the source."""
 
     code = "checksum_mismatch"
+
+
+class SourceDigestMismatch(PermanentError):
+    """The source's bytes differ from the digest its export's manifest (.mf) gives."""
+
+    code = "source_digest_mismatch"
 
 
 class JobCancelled(PermanentError):

@@ -576,16 +576,18 @@ def status(
             for line in pause_lines(await store.pauses()):
                 click.echo(line, err=fmt != "table")
             pages: list[tuple[JobSummary, Sequence[ResultRow], int]] = []
+            vms = []
             for summary in summaries:
                 rows, matched = await store.result_page(
                     summary.job_id, phases=phases or None, limit=limit or None
                 )
                 pages.append((summary, rows if images else (), matched))
+                vms.append(await store.job_vms(summary.job_id))
         if fmt != "table":
-            write_status(pages, fmt=fmt, stream=sys.stdout)
+            write_status(pages, fmt=fmt, stream=sys.stdout, vms=vms)
             return EXIT_OK
-        for summary, shown, matched in pages:
-            print_job_status(summary, shown, matched=matched if images else 0)
+        for (summary, shown, matched), job_vms in zip(pages, vms, strict=True):
+            print_job_status(summary, shown, matched=matched if images else 0, vms=job_vms)
         return EXIT_OK
 
     sys.exit(_run(go()))

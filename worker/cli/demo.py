@@ -3,7 +3,9 @@
 Everything is real but local: sample VMDKs written to disk, the sandbox cloud served over
 HTTP on loopback, an embedded PostgreSQL, and the same worker code a production run uses.
 One disk is named so that the sandbox fails its virtio injection, as the vendor's cloud
-reports it, to show what a failure looks like in the results.
+reports it, to show what a failure looks like in the results. One VM comes as an OVA, as
+vSphere exports it: its two disks are uploaded straight from the archive, with the
+properties its OVF gives.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import click
 from worker.cli.report import print_job_status
 from worker.config import environment, load_cloud_settings
 from worker.intake.manifest import load_manifest
-from worker.intake.sampledisks import write_sample_batch
+from worker.intake.sampledisks import SampleDisk, SampleVm, write_ova, write_sample_batch
 from worker.run.app import run_worker
 from worker.run.settings import WorkerSettings
 from worker.sandbox import Sandbox, SandboxConfig
@@ -27,6 +29,13 @@ from worker.store.store import open_store
 FAILING_SUFFIX = "-virtio-broken"
 FILL_BYTES = 4 << 20  # real data per sample disk, so every disk has its own hash
 DEMO_LINK_BYTES_PER_S = 1 << 20
+# The VM exported as an OVA: a boot disk and a data disk.
+DEMO_VM = SampleVm(
+    "demo-vm",
+    disks=(SampleDisk(64 << 20, fill_bytes=FILL_BYTES), SampleDisk(64 << 20, fill_bytes=1 << 20)),
+    seed=7,
+)
+OVA_DISKS = len(DEMO_VM.disks)
 
 
 def write_demo_manifest(workdir: Path, *, disks: int) -> Path:
@@ -40,6 +49,8 @@ def write_demo_manifest(workdir: Path, *, disks: int) -> Path:
         if number == len(paths) - 1:
             name += FAILING_SUFFIX
         entries.append({"source": str(path.relative_to(workdir)), "name": name})
+    ova = write_ova(workdir / "exports" / "demo-vm.ova", [DEMO_VM])
+    entries.append({"source": str(ova.relative_to(workdir))})  # demo-vm-disk1, demo-vm-disk2
     manifest = {
         "job": "demo",
         "defaults": {
@@ -77,7 +88,9 @@ async def run_demo(*, disks: int, workdir: Path) -> int:
             job_id = await store.submit_job(
                 loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
             )
-        click.echo(f"submitted job {job_id} ({disks} disks) to the sandbox cloud")
+        click.echo(
+            f"submitted job {job_id} ({disks} disks and an OVA of {OVA_DISKS}) to the sandbox cloud"
+        )
         settings = WorkerSettings(concurrency=4, stage_concurrency=2, once=True, idle_poll_s=0.2)
         await run_worker(
             database_url=database_url, cloud=cloud, settings=settings, stop=asyncio.Event()
@@ -88,6 +101,8 @@ async def run_demo(*, disks: int, workdir: Path) -> int:
     print_job_status(summary, rows)
     failed = [row for row in rows if row.phase == "failed"]
     done = [row for row in rows if row.phase == "done"]
-    expected = len(done) == disks - 1 and [r.error_code for r in failed] == ["virtio_failed"]
+    expected = len(done) == disks - 1 + OVA_DISKS and [r.error_code for r in failed] == [
+        "virtio_failed"
+    ]
     click.echo("demo: as expected" if expected else "demo: UNEXPECTED outcome")
     return 0 if expected else 1

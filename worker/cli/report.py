@@ -8,6 +8,9 @@ JSON and CSV use the column names of the jobs and results tables. The shapes:
   and `images_matched` (rows in the chosen phases; more than `images` holds when capped).
 - `report`: an array of results rows, every column.
 
+Rows (in `status` and `report`) also carry `vm_name`: the VM of a disk of an OVA or OVF
+source, null for a loose disk. `status` lists a job's VMs, each with its counts by phase.
+
 CSV has one line per object, without the nested `images` (status CSV lists the image rows).
 """
 
@@ -25,6 +28,7 @@ import click
 
 from worker.core.model import Phase
 from worker.errors import InvalidManifest
+from worker.intake.vms import VmCounts, vm_name_of
 from worker.observe.logs import printable
 from worker.run.outage import Service, format_duration
 from worker.store.store import JobSummary, Pause, ResultRow
@@ -64,8 +68,15 @@ def print_problems(error: InvalidManifest) -> None:
         click.echo(printable(f"  {problem.location}: {problem.message}"), err=True)
 
 
-def print_job_status(summary: JobSummary, rows: Sequence[ResultRow], *, matched: int = 0) -> None:
-    """A job's counts by phase, then a table of its images with failures explained.
+def print_job_status(
+    summary: JobSummary,
+    rows: Sequence[ResultRow],
+    *,
+    matched: int = 0,
+    vms: Sequence[VmCounts] = (),
+) -> None:
+    """A job's counts by phase, its VMs (of OVA and OVF sources) with theirs, then a table of
+    its images with failures explained.
 
     `matched` > len(rows): the table was capped; a last line says how many rows were left out.
     """
@@ -79,6 +90,13 @@ def print_job_status(summary: JobSummary, rows: Sequence[ResultRow], *, matched:
     )
     if summary.cleanups_owed:
         click.echo(f"  {summary.cleanups_owed} image deletion(s) owed: done once Glance answers")
+    for vm in vms:
+        vm_counts = "  ".join(
+            f"{phase}={vm.counts.get(phase, 0)}" for phase in Phase if vm.counts.get(phase, 0)
+        )
+        click.echo(
+            f"  vm {printable(vm.vm_name)}: {vm.state}, {vm.disk_count} disk(s)  {vm_counts}"
+        )
     if not rows:
         return
     table = [[_cell(getattr(row, attr)) for _, attr in _STATUS_COLUMNS] for row in rows]
@@ -115,8 +133,10 @@ def job_record(summary: JobSummary) -> dict[str, Any]:
 
 
 def row_record(row: ResultRow) -> dict[str, Any]:
-    """A results row with every column, as JSON values."""
-    return {k: _jsonable(v) for k, v in dataclasses.asdict(row).items()}
+    """A results row with every column, as JSON values, and its disk's VM (`vm_name`)."""
+    record = {k: _jsonable(v) for k, v in dataclasses.asdict(row).items()}
+    record["vm_name"] = vm_name_of(row.spec)
+    return record
 
 
 def write_jobs(summaries: Sequence[JobSummary], *, fmt: str, stream: IO[str]) -> None:
@@ -141,9 +161,14 @@ def write_jobs(summaries: Sequence[JobSummary], *, fmt: str, stream: IO[str]) ->
 
 
 def write_status(
-    pages: Sequence[tuple[JobSummary, Sequence[ResultRow], int]], *, fmt: str, stream: IO[str]
+    pages: Sequence[tuple[JobSummary, Sequence[ResultRow], int]],
+    *,
+    fmt: str,
+    stream: IO[str],
+    vms: Sequence[Sequence[VmCounts]] = (),
 ) -> None:
-    """status -f json|csv: jobs with their (capped) image rows; CSV lists the image rows."""
+    """status -f json|csv: jobs with their (capped) image rows and their VMs (`vms`, one list
+    per page); CSV lists the image rows."""
     if fmt == "csv":
         write_rows([row for _, rows, _ in pages for row in rows], fmt="csv", stream=stream)
         return
@@ -151,6 +176,8 @@ def write_status(
         {**job_record(s), "images": [row_record(r) for r in rows], "images_matched": matched}
         for s, rows, matched in pages
     ]
+    for record, job_vms in zip(records, vms, strict=False):
+        record["vms"] = [vm.record() for vm in job_vms]
     json.dump(records, stream, indent=2)
     stream.write("\n")
 
@@ -161,7 +188,7 @@ def write_rows(rows: Sequence[ResultRow], *, fmt: str, stream: IO[str]) -> None:
         cells = [[_cell(getattr(row, attr)) for _, attr in _STATUS_COLUMNS] for row in rows]
         _write_table([header for header, _ in _STATUS_COLUMNS], cells, stream)
         return
-    names = [f.name for f in dataclasses.fields(ResultRow)]
+    names = [*(f.name for f in dataclasses.fields(ResultRow)), "vm_name"]
     _write_records([row_record(row) for row in rows], fmt=fmt, stream=stream, fields=names)
 
 

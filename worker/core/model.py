@@ -53,8 +53,15 @@ class DiskSpec:
     protected: bool = False
     tags: tuple[str, ...] = ()
     properties: Mapping[str, str] = field(default_factory=dict)
-    # The file as inspected at submit (device, inode, size_bytes, mtime_ns); None if unknown.
+    # The file as inspected at submit (device, inode, size_bytes, mtime_ns; and offset, for a
+    # disk inside an OVA); None if unknown.
     source_identity: Mapping[str, int] | None = None
+    # For a disk of an OVA or OVF: its VM (vm_name, vm_disk_index), its file there and the
+    # values that came from the OVF (from_ovf). None for a loose disk.
+    appliance: Mapping[str, object] | None = None
+    # The digest the export's manifest (.mf) gives for the source's bytes (algorithm, value,
+    # manifest), checked while they are uploaded; None when there is none.
+    expected_digest: Mapping[str, str] | None = None
 
     @property
     def asks_for_rewrite(self) -> bool:

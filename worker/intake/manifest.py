@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -25,7 +26,8 @@ import yaml
 
 from worker.core.model import DiskSpec, JobSpec
 from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
-from worker.intake.source import identity_of
+from worker.intake.expand import Expansion, capacity_problem, expand, inspect_member
+from worker.intake.source import OFFSET_KEY, identity_of
 from worker.intake.vmdk import Inspection, inspect_vmdk, min_disk_warning
 
 # What a disk gets when neither it nor `defaults` says otherwise.
@@ -89,6 +91,10 @@ class _Checked:
     identities: dict[int, dict[str, int]] = field(default_factory=dict)
     inspections: dict[int, Inspection] = field(default_factory=dict)
     warnings: list[_Found] = field(default_factory=list)
+    # The disks of OVA and OVF entries (see worker.intake.expand), by disk index.
+    expansion: Expansion = field(default_factory=Expansion)
+    # Disks inside an archive: disk index -> (offset, size_bytes) of their bytes in the file.
+    ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,13 +160,18 @@ def _load(text: str, raw: bytes, *, checked: _Checked, fmt: str, source: str) ->
         found = _Shape().problems_of(document)
     except ValueError as exc:
         raise InvalidManifest([Problem("<file>", str(exc))], source=source) from exc
-    found += _schema_problems(document) + _semantic_problems(document, checked)
+    found += _schema_problems(document)
+    expanded = _expanded(document, checked)
+    found += _at_entries(_semantic_problems(expanded, checked), checked)
+    checked.warnings = _at_entries(checked.warnings, checked)
+    found += _appliance_problems(checked)
     found += _schedule_problems(document)
     if found:
         found.sort(key=lambda item: item[0])
         raise InvalidManifest([problem for _, problem in found], source=source)
     assert isinstance(document, dict)  # the schema passed, so the top level is a mapping
-    job, normalized = _build(document, checked)
+    assert isinstance(expanded, dict)
+    job, normalized = _build(expanded, checked)
     return LoadedManifest(
         job=job,
         document=normalized,
@@ -503,6 +514,84 @@ def _known_zone(name: str) -> bool:
     return True
 
 
+# OVA and OVF sources: one disk entry per disk of their VMs ----------------------------------
+
+
+def _expanded(document: object, checked: _Checked) -> object:
+    """The document with its OVA and OVF entries expanded (see worker.intake.expand)."""
+    if not isinstance(document, dict) or not isinstance(document.get("disks"), list):
+        return document
+    defaults = document.get("defaults")
+    expansion = expand(
+        document["disks"],
+        defaults if isinstance(defaults, dict) else {},
+        checked.base_dir,
+        source_root=checked.source_root,
+    )
+    checked.expansion = expansion
+    for index, disk in expansion.expanded.items():
+        if disk.disk.offset is not None:
+            checked.ranges[index] = (disk.disk.offset, disk.disk.size_bytes)
+    return {**document, "disks": expansion.disks}
+
+
+def _at_entries(found: list[_Found], checked: _Checked) -> list[_Found]:
+    """Problems of the expanded document, told at the manifest entry each disk comes from
+    (an expanded disk's message names the disk)."""
+    expansion = checked.expansion
+    if all(index == entry for index, entry in enumerate(expansion.origin)):
+        return found
+    result: list[_Found] = []
+    for sort_key, problem in found:
+        match = re.match(r"disks\[(\d+)\]", problem.location)
+        if match is None:
+            result.append((sort_key, problem))
+            continue
+        index = int(match.group(1))
+        location = f"disks[{expansion.origin[index]}]{problem.location[match.end() :]}"
+        message = re.sub(
+            r"disks\[(\d+)\]",
+            lambda m: f"disks[{expansion.origin[int(m.group(1))]}]",
+            problem.message,
+        )
+        disk = expansion.disks[index]
+        if index in expansion.expanded and isinstance(disk, dict):
+            message = f"{message} (disk {disk.get('name')})"
+        result.append((_sort_key(_path_of(location)), Problem(location, message)))
+    return result
+
+
+def _appliance_problems(checked: _Checked) -> list[_Found]:
+    """What expanding the OVA and OVF entries found, and disks whose VMDK's virtual size
+    disagrees with the OVF; the expansion's warnings go with the others."""
+    expansion = checked.expansion
+    found = [
+        (_sort_key(("disks", entry, key)), Problem(_location(("disks", entry, key)), message))
+        for entry, key, message in expansion.problems
+    ]
+    for index, disk in expansion.expanded.items():
+        inspection = checked.inspections.get(index)
+        message = capacity_problem(disk, inspection) if inspection is not None else None
+        if message is not None:
+            name = expansion.disks[index]
+            where: _Path = ("disks", disk.entry, "source")
+            named = f"{message} (disk {name.get('name') if isinstance(name, dict) else ''})"
+            found.append((_sort_key(where), Problem(_location(where), named)))
+    checked.warnings += [
+        (_sort_key(("disks", entry, "source")), Problem(f"disks[{entry}].source", message))
+        for entry, message in expansion.warnings
+    ]
+    return found
+
+
+def _path_of(location: str) -> _Path:
+    """The path of a location as _location writes it (disks[3].source -> ("disks", 3, ...))."""
+    path: list[str | int] = []
+    for part in re.findall(r"\[(\d+)\]|([^.\[\]]+)", location):
+        path.append(int(part[0]) if part[0] else part[1])
+    return tuple(path)
+
+
 # Meaning: what the schema cannot see ----------------------------------------------------------
 
 
@@ -598,6 +687,10 @@ def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) 
     if isinstance(status, os.stat_result):
         checked.files[index] = (path, status.st_size)
         checked.identities[index] = identity_of(status)
+        if index in checked.ranges:  # a disk inside an archive: its byte range of the file
+            offset, size_bytes = checked.ranges[index]
+            checked.files[index] = (path, size_bytes)
+            checked.identities[index] = {**identity_of(status), OFFSET_KEY: offset}
     else:
         yield _source_problem(index, f"{status}: {path}")
 
@@ -623,6 +716,8 @@ def _inspection_problems(
         path = Path(checked.files[index][0])
         flat_as_raw = disks[index].get("flat_as_raw") is True
         try:
+            if index in checked.ranges:
+                return inspect_member(path, *checked.ranges[index])
             return inspect_vmdk(path, flat_as_raw=flat_as_raw)
         except (UnsupportedDisk, SourceError) as exc:
             return exc.message
@@ -725,12 +820,15 @@ def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dic
             identities.pop(index, None)  # the descriptor's identity is not the extent's
             if inspection.upload_status is not None:
                 identities[index] = identity_of(inspection.upload_status)
+    specs = [_disk_spec(i, disk, files[i][1], identities.get(i)) for i, disk in enumerate(merged)]
+    for index, expanded in checked.expansion.expanded.items():
+        appliance = expanded.appliance()
+        specs[index] = dataclasses.replace(
+            specs[index], appliance=appliance, expected_digest=expanded.expected_digest()
+        )
+        merged[index]["appliance"] = appliance
     job = JobSpec(
-        name=document["job"],
-        disks=tuple(
-            _disk_spec(i, disk, files[i][1], identities.get(i)) for i, disk in enumerate(merged)
-        ),
-        on_failure=document.get("on_failure", "delete"),
+        name=document["job"], disks=tuple(specs), on_failure=document.get("on_failure", "delete")
     )
     normalized: dict[str, object] = {
         "job": job.name,

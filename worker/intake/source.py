@@ -6,6 +6,9 @@ component, checks on the open file that it is still a regular file with that ide
 for a VMDK, re-inspects its header), reads no further than the recorded size, and checks when
 it has read everything that nothing was written meanwhile. A disk swapped for a link to
 another file, rewritten in place, or replaced by a device such as /dev/zero is a SourceError.
+
+A disk inside an OVA is a byte range of the archive: its identity is the archive's, plus the
+`offset` where the member's data starts; the source reads exactly the member's size from there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from worker.errors import SourceError, UnsupportedDisk
 from worker.intake.vmdk import inspect_open_vmdk
 
 IDENTITY_KEYS = ("device", "inode", "size_bytes", "mtime_ns")
+# In the identity of a disk inside an archive: where its bytes start (size_bytes is the archive's).
+OFFSET_KEY = "offset"
 # No link followed in the last component; a FIFO swapped in must not block the open.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -41,12 +46,23 @@ def identity_of(status: os.stat_result) -> dict[str, int]:
 class Source:
     """One source file, open and checked; its calls block (async callers use a thread)."""
 
-    def __init__(self, path: Path, file: BinaryIO, opened: os.stat_result, size_bytes: int):
+    def __init__(
+        self,
+        path: Path,
+        file: BinaryIO,
+        opened: os.stat_result,
+        size_bytes: int,
+        *,
+        member: bool = False,
+    ):
         self.path = path
         self._file = file
         self._opened = opened
         self._size_bytes = size_bytes
         self._read_bytes = 0
+        # A whole file may be read one byte past its size, to see it grew; a member may not:
+        # the next byte is the archive's, and the archive's identity says it is unchanged.
+        self._limit = size_bytes if member else size_bytes + 1
 
     @classmethod
     def open(
@@ -57,7 +73,11 @@ class Source:
         identity: Mapping[str, int] | None = None,
         reinspect: bool = False,
     ) -> Source:
-        """Open `path` and check it is the file expected, or raise SourceError."""
+        """Open `path` and check it is the file expected, or raise SourceError.
+
+        With an `offset` in the identity, the source is `size_bytes` of the file from there.
+        """
+        offset = identity.get(OFFSET_KEY) if identity is not None else None
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except OSError as exc:
@@ -70,23 +90,23 @@ class Source:
             # Checked on the descriptor, before it becomes a file object: a directory in the
             # file's place opens, but fdopen would raise a bare IsADirectoryError.
             opened = os.fstat(fd)
-            _check(path, opened, size_bytes, identity)
+            _check(path, opened, size_bytes, identity, offset)
         except BaseException:
             os.close(fd)
             raise
         file = os.fdopen(fd, "rb")
         try:
             if reinspect:
-                _reinspect(path, file)
-                file.seek(0)
+                _reinspect(path, file, offset, size_bytes)
+            file.seek(offset or 0)
         except BaseException:
             file.close()
             raise
-        return cls(path, file, opened, size_bytes)
+        return cls(path, file, opened, size_bytes, member=offset is not None)
 
     def read(self, size: int) -> bytes:
         """Up to `size` bytes, never more than the recorded size and one byte (a grown file)."""
-        allowed = self._size_bytes + 1 - self._read_bytes
+        allowed = self._limit - self._read_bytes
         try:
             chunk = self._file.read(max(0, min(size, allowed)))
         except OSError as exc:
@@ -124,7 +144,11 @@ class Source:
 
 
 def _check(
-    path: Path, status: os.stat_result, size_bytes: int, identity: Mapping[str, int] | None
+    path: Path,
+    status: os.stat_result,
+    size_bytes: int,
+    identity: Mapping[str, int] | None,
+    offset: int | None = None,
 ) -> None:
     if not stat.S_ISREG(status.st_mode):
         raise SourceError(f"source changed: {path} is not a regular file any more")
@@ -142,15 +166,24 @@ def _check(
                 f"source changed since it was inspected: {path} was modified "
                 f"({', '.join(f'{key} {identity.get(key)} -> {found[key]}' for key in changed)})"
             )
-    if status.st_size != size_bytes:
+    if offset is not None:
+        if offset + size_bytes > status.st_size:
+            raise SourceError(
+                f"source changed: {path} has {status.st_size} bytes, too few for the "
+                f"{size_bytes} bytes of the disk at byte {offset}"
+            )
+    elif status.st_size != size_bytes:
         raise SourceError(
             f"source changed: {path} has {status.st_size} bytes, expected {size_bytes}"
         )
 
 
-def _reinspect(path: Path, file: BinaryIO) -> None:
+def _reinspect(path: Path, file: BinaryIO, offset: int | None, size_bytes: int) -> None:
     try:
-        inspect_open_vmdk(file, path)
+        if offset is None:
+            inspect_open_vmdk(file, path)
+        else:
+            inspect_open_vmdk(file, path, offset=offset, size_bytes=size_bytes)
     except UnsupportedDisk as exc:
         raise SourceError(
             f"source changed: {path} is no longer the VMDK that was inspected: {exc.message}"

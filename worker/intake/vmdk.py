@@ -93,9 +93,22 @@ def inspect_vmdk(path: Path, *, flat_as_raw: bool = False) -> Inspection:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def inspect_open_vmdk(file: BinaryIO, path: Path, *, flat_as_raw: bool = False) -> Inspection:
-    """The same inspection of a file already open (its position is not kept)."""
-    reader = _Reader(file, os.fstat(file.fileno()).st_size)
+def inspect_open_vmdk(
+    file: BinaryIO,
+    path: Path,
+    *,
+    flat_as_raw: bool = False,
+    offset: int = 0,
+    size_bytes: int | None = None,
+) -> Inspection:
+    """The same inspection of a file already open (its position is not kept).
+
+    With `offset` and `size_bytes`, the VMDK is those bytes of the file (a member of an OVA),
+    inspected exactly as a file of its own.
+    """
+    if size_bytes is None:
+        size_bytes = os.fstat(file.fileno()).st_size - offset
+    reader = _Reader(file, size_bytes, base=offset)
     return _inspect(path, reader, flat_as_raw=flat_as_raw)
 
 
@@ -117,17 +130,19 @@ def convert_hint(path: Path) -> str:
 
 
 class _Reader:
-    """Positioned reads of one open file, counting every byte read."""
+    """Positioned reads of one open file (or of `size_bytes` of it from `base`), counting every
+    byte read."""
 
-    def __init__(self, file: BinaryIO, size_bytes: int) -> None:
+    def __init__(self, file: BinaryIO, size_bytes: int, *, base: int = 0) -> None:
         self._file = file
+        self._base = base
         self.size_bytes = size_bytes
         self.bytes_read = 0
 
     def read_at(self, offset: int, length: int) -> bytes:
         offset = max(0, min(offset, self.size_bytes))
         length = max(0, min(length, self.size_bytes - offset))
-        self._file.seek(offset)
+        self._file.seek(self._base + offset)
         data = self._file.read(length)
         self.bytes_read += len(data)
         return data

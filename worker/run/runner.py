@@ -48,6 +48,7 @@ from worker.core.machine import (
 )
 from worker.core.model import Phase
 from worker.errors import MigrationError
+from worker.intake.digest import check_expected_digest, with_expected_digest
 from worker.intake.source import hash_source
 from worker.observe.bus import bound, publisher
 from worker.run.gate import StageGate
@@ -288,7 +289,7 @@ class ImageRunner:
                 str(state.image_id),
                 Path(claim.spec.source),
                 size_bytes=claim.spec.size_bytes,
-                hash_algos=_hash_algos(state),
+                hash_algos=with_expected_digest(claim.spec, _hash_algos(state)),
                 progress=progress,
                 identity=claim.spec.source_identity,
                 # Only a disk inspected at submit is inspected again (a row with no identity
@@ -297,6 +298,7 @@ class ImageRunner:
                 and claim.spec.source_identity is not None,
             )
         digests = result.digests
+        check_expected_digest(claim.spec, digests)
         staged = Staged(result.size_bytes, digests[state.hash_algo], digests.get("md5"))
         return staged, result.request_id
 

@@ -317,6 +317,10 @@ ORDER BY j.submitted_at DESC, j.id;
 -- $1 job id
 SELECT * FROM results WHERE job_id = $1 ORDER BY disk_index;
 
+-- name: job_vms
+-- The rows of a job's OVA and OVF disks (their spec names the VM), in manifest order.
+SELECT spec, phase FROM results WHERE job_id = $1 AND spec ? 'appliance' ORDER BY disk_index;
+
 -- name: result_page
 -- $1 job id, $2 phases to keep (NULL: every phase), $3 most rows to return (NULL: no cap).
 -- `matched` is the number of rows that match before the cap.

@@ -39,6 +39,7 @@ from worker.core.model import (
     next_image_id,
 )
 from worker.errors import ConfigError
+from worker.intake.vms import VmCounts, group_vms
 from worker.observe.bus import publisher
 from worker.store.problems import DATABASE_ERRORS, describe_database_error
 from worker.store.sql import QUERIES, load_migrations
@@ -154,6 +155,8 @@ class ResultRow:
             source=self.source_path,
             size_bytes=self.source_size_bytes,
             source_identity=self.spec.get("source_identity"),
+            appliance=self.spec.get("appliance"),
+            expected_digest=self.spec.get("expected_digest"),
             **extra,
         )
 
@@ -661,6 +664,11 @@ class Store:
         records = await self._pool.fetch(QUERIES["result_rows"], job_id)
         return [ResultRow.from_record(record) for record in records]
 
+    async def job_vms(self, job_id: UUID) -> list[VmCounts]:
+        """The VMs of a job's OVA and OVF sources, each with its disks counted by phase."""
+        records = await self._pool.fetch(QUERIES["job_vms"], job_id)
+        return group_vms((record["spec"], record["phase"]) for record in records)
+
     async def result_page(
         self, job_id: UUID, *, phases: Sequence[str] | None = None, limit: int | None = None
     ) -> tuple[list[ResultRow], int]:
@@ -766,6 +774,9 @@ def _disk_row(job_id: UUID, disk: DiskSpec) -> dict[str, object]:
     spec["properties"] = dict(disk.properties)
     if disk.source_identity is not None:
         spec["source_identity"] = dict(disk.source_identity)
+    for name in ("appliance", "expected_digest"):  # disks of OVAs and OVFs only
+        if getattr(disk, name) is not None:
+            spec[name] = dict(getattr(disk, name))
     return {
         "disk_index": disk.disk_index,
         "image_name": disk.name,
