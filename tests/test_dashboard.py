@@ -55,9 +55,18 @@ async def job_ids(store: Store, database_url: str) -> dict[str, UUID]:
         store,
         "wave-2",
         [
-            Disk("app-01", 60 * GIB, Phase.DONE, finish_after_s=600, bytes_staged=60 * GIB),
-            Disk("app-02", 60 * GIB, Phase.DONE, finish_after_s=1200, bytes_staged=60 * GIB),
-            Disk("app-03", 80 * GIB, Phase.FAILED, "import_timeout", finish_after_s=1800),
+            Disk(
+                "app-01", 60 * GIB, Phase.DONE, finish_after_s=600, bytes_staged=60 * GIB, vm="shop"
+            ),
+            Disk(
+                "app-02",
+                60 * GIB,
+                Phase.DONE,
+                finish_after_s=1200,
+                bytes_staged=60 * GIB,
+                vm="shop",
+            ),
+            Disk("app-03", 80 * GIB, Phase.FAILED, "import_timeout", finish_after_s=1800, vm="crm"),
             Disk("app-04", 80 * GIB, Phase.STAGING, bytes_staged=52 * GIB),
             Disk("app-05", 80 * GIB, Phase.IMPORTING, bytes_staged=80 * GIB),
             Disk("app-06", 100 * GIB),
@@ -110,6 +119,14 @@ async def test_jobs_endpoint_lists_jobs_newest_first_with_counts_and_failures(
     assert jobs[0]["rate_bytes_per_s"] in (None, 0.0)
     assert jobs[0]["eta_s"] is None
     assert jobs[1]["eta_s"] == 0
+    # The OVA VMs of the job: one whose disks are all done, one whose disk failed.
+    assert [
+        (vm["vm_name"], vm["state"], vm["done"], vm["disk_count"]) for vm in jobs[0]["vms"]
+    ] == [
+        ("shop", "done", 2, 2),
+        ("crm", "failed", 0, 1),
+    ]
+    assert jobs[1]["vms"] == []
     assert jobs[1]["failures"] == [
         {"error_code": "virtio_failed", "images": 1, "last_message": "db-01: virtio_failed"}
     ]
@@ -260,6 +277,8 @@ async def test_the_page_renders_jobs_counts_and_the_failed_images_error_code(
     assert row is not None
     assert "import_timeout" in row.group(0)
     assert "virtio_failed × 1" in text
+    assert "vm shop: done 2/2" in text
+    assert "vm crm: failed 0/1" in text
     status = re.search(r'<span id="status"[^>]*>([^<]*)<', dom)
     assert status is not None
     assert status.group(1).startswith("updated ")

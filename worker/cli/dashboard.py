@@ -186,7 +186,9 @@ async def _jobs(request: web.Request) -> web.Response:
     rates = request.app[RATES_KEY]
     jobs = await views.jobs(limit=MAX_JOBS)
     failures = await views.job_failures([job["job_id"] for job in jobs])
+    vms = await views.job_vms([job["job_id"] for job in jobs])
     for job in jobs:
+        job["vms"] = [vm.record() for vm in vms.get(job["job_id"], [])]
         job["rate_bytes_per_s"] = rates.rate_bytes_per_s(job["job_id"])
         job["eta_s"] = rates.eta_s(job["job_id"], job["bytes_to_move"])
         job["failures"] = [

@@ -6,12 +6,14 @@ method runs the query of views.sql of the same name and returns plain dicts, rea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from worker.intake.vms import VmCounts, group_vms
 from worker.store.sql import load_queries
 
 VIEW_QUERIES = load_queries("views.sql")
@@ -47,6 +49,15 @@ class Views:
         """Failed images of these jobs by error code (job_id, error_code, images, last_message)."""
         records = await self._pool.fetch(VIEW_QUERIES["job_failures"], list(job_ids))
         return [dict(r) for r in records]
+
+    async def job_vms(self, job_ids: Sequence[UUID]) -> dict[UUID, list[VmCounts]]:
+        """The VMs of these jobs' OVA and OVF sources, each with its disks counted by phase."""
+        records = await self._pool.fetch(VIEW_QUERIES["job_vms"], list(job_ids))
+        by_job: dict[UUID, list[tuple[Mapping[str, object], str]]] = {}
+        for record in records:
+            spec = json.loads(record["spec"])  # this pool reads jsonb as text
+            by_job.setdefault(record["job_id"], []).append((spec, record["phase"]))
+        return {job_id: group_vms(rows) for job_id, rows in by_job.items()}
 
     async def job_exists(self, job_id: UUID) -> bool:
         """Whether there is a job with this id."""

@@ -48,3 +48,11 @@ SELECT job_id, name, total_bytes, bytes_moved, bytes_done, bytes_in_flight, byte
        bytes_to_move, moved_percent
 FROM dashboard.job_bytes
 ORDER BY job_id;
+
+-- name: job_vms
+-- The disks of these jobs' OVA and OVF sources (their spec names the VM), in manifest order.
+-- $1 the job ids.
+SELECT job_id, jsonb_build_object('appliance', spec -> 'appliance')::text AS spec, phase
+FROM results
+WHERE job_id = ANY($1::uuid[]) AND spec ? 'appliance'
+ORDER BY job_id, disk_index;
