@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from tests.conformance.conftest import Target, mariadb_only
+from tests.conformance.helpers import cloud_of, qemu_vmdk, rows_of, sha512_of, submit
 from tests.conformance.realstack import RealStack
-from tests.conformance.test_scenarios import cloud_of, qemu_vmdk, rows_of, sha512_of, submit
 from tests.fixtures.db import fetch_rows
 from tests.fixtures.dblink import DatabaseLink
 from worker.config import CloudSettings, load_cloud_settings

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conformance.conftest import Target
-from worker.config import load_cloud_settings
+from tests.conformance.helpers import cloud_of
 from worker.core.machine import Policies
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.intake.manifest import load_manifest
@@ -76,17 +76,7 @@ async def test_an_ova_ends_done_verified_with_the_ovf_properties(
         job_id = await store.submit_job(
             loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
         )
-    cloud = load_cloud_settings(
-        {},
-        overrides={
-            "auth_url": target.auth_url,
-            "username": target.username,
-            "password": target.password,
-            "user_domain_name": target.domain,
-            "project_name": target.project_name,
-            "project_domain_name": target.domain,
-        },
-    )
+    cloud = cloud_of(target)
     settings = WorkerSettings(
         once=True, idle_poll_s=0.1, heartbeat_s=1.0, policies=FAST, progress="off", concurrency=1
     )

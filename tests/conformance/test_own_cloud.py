@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
+from tests.conformance.helpers import PROJECT_ROOT, cloud_of, os_environment
 from tests.conformance.own_cloud import NAME_PREFIX, check_cloud
-from tests.conformance.test_scenarios import PROJECT_ROOT, cloud_of, os_environment
 from worker.sandbox import SandboxConfig
 
 pytestmark = pytest.mark.conformance

@@ -20,8 +20,7 @@ import asyncpg
 import pytest
 
 from tests.conformance.conftest import Target, mariadb_only, sandbox_target
-from tests.conformance.realstack import GlanceProfile, RealStack
-from tests.conformance.test_scenarios import (
+from tests.conformance.helpers import (
     FAST,
     MIB,
     PROJECT_ROOT,
@@ -40,6 +39,7 @@ from tests.conformance.test_scenarios import (
     unique,
     wait_for_row,
 )
+from tests.conformance.realstack import GlanceProfile, RealStack
 from worker.clients.glance import open_glance
 from worker.core.machine import Policies
 from worker.core.model import DiskSpec, JobSpec
