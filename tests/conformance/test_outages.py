@@ -46,6 +46,8 @@ pytestmark = [
 MIB = 1 << 20
 OUTAGE_S = 90.0
 DISKS = 6
+# Six disks of 24 MiB cannot be staged at this rate before the outage begins.
+HELD_BYTES_PER_S = 1 * MIB
 # The production retry policy, so "longer than one image's retry budget" means what it says;
 # polls and the lost-import wait are shortened to keep the suite quick.
 POLICIES = Policies(
@@ -222,13 +224,20 @@ async def test_a_90_s_outage_costs_no_image(
     mariadb_only()
     begin, end = OUTAGES[outage]
     job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
-    async with running(start_worker(database_url, lambda: cloud_of(target))) as worker:
-        await in_flight(database_url, job_id)
-        await asyncio.to_thread(begin, real_stack)
-        await asyncio.sleep(OUTAGE_S)
-        paused = await paused_services(database_url)
-        await asyncio.to_thread(end, real_stack)
-        summary = await worker
+    # The uploads are held to a trickle until the outage is in place: on loopback the batch
+    # would otherwise be done in seconds, before stopping a service has taken effect.
+    await set_bandwidth_limit(database_url, HELD_BYTES_PER_S)
+    try:
+        async with running(start_worker(database_url, lambda: cloud_of(target))) as worker:
+            await in_flight(database_url, job_id)
+            await asyncio.to_thread(begin, real_stack)
+            await asyncio.sleep(OUTAGE_S)
+            paused = await paused_services(database_url)
+            await asyncio.to_thread(end, real_stack)
+            await set_bandwidth_limit(database_url, None)
+            summary = await worker
+    finally:
+        await set_bandwidth_limit(database_url, None)
 
     assert summary.by_phase == {"done": DISKS}, await outcomes(database_url, job_id)
     # Keystone down alone may pass unnoticed while Glance's cached tokens last; anything
