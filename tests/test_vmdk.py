@@ -21,7 +21,8 @@ import pytest
 
 from worker.errors import SourceError, UnsupportedDisk
 from worker.intake.sampledisks import write_monolithic_sparse, write_stream_optimized
-from worker.intake.vmdk import Inspection, inspect_vmdk, min_disk_warning, parse_descriptor
+from worker.intake.source import inspect_source
+from worker.intake.vmdk import Inspection, min_disk_warning, parse_descriptor
 from worker.sandbox import Sandbox
 
 MIB = 1 << 20
@@ -71,6 +72,12 @@ def qemu_info(qemu_img: str, path: Path) -> dict[str, object]:
     )
     info: dict[str, object] = json.loads(answer.stdout)
     return info
+
+
+def inspect_vmdk(path: Path, *, flat_as_raw: bool = False) -> Inspection:
+    """The submit-time inspection of the whole file as it is now."""
+    size_bytes = path.stat().st_size if path.exists() else 0
+    return inspect_source(path, size_bytes=size_bytes, flat_as_raw=flat_as_raw)
 
 
 def refusal(path: Path, *, flat_as_raw: bool = False) -> str:

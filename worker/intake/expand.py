@@ -19,7 +19,7 @@ from pathlib import Path
 from worker.errors import SourceError, UnsupportedDisk
 from worker.intake.appliance import ApplianceDisk, open_appliance, sniff
 from worker.intake.properties import apply, derive
-from worker.intake.vmdk import Inspection, inspect_open_vmdk
+from worker.intake.vmdk import Inspection
 
 _VIRTIO = ("yes", "true", "1")
 _SNIFF_THREADS = 16
@@ -155,16 +155,6 @@ def _expand_entry(
         result.expanded[len(result.disks)] = ExpandedDisk(index, disk, taken)
         result.disks.append(expanded)
         result.origin.append(index)
-
-
-def inspect_member(path: Path, offset: int, size_bytes: int) -> Inspection:
-    """Inspect the VMDK that is `size_bytes` of the archive at `path` from `offset`, exactly
-    as a loose file is inspected."""
-    try:
-        with open(path, "rb") as file:
-            return inspect_open_vmdk(file, path, offset=offset, size_bytes=size_bytes)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def capacity_problem(expanded: ExpandedDisk, inspection: Inspection) -> str | None:

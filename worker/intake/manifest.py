@@ -26,9 +26,9 @@ import yaml
 
 from worker.core.model import DiskSpec, JobSpec
 from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
-from worker.intake.expand import Expansion, capacity_problem, expand, inspect_member
-from worker.intake.source import OFFSET_KEY, identity_of
-from worker.intake.vmdk import Inspection, inspect_vmdk, min_disk_warning
+from worker.intake.expand import Expansion, capacity_problem, expand
+from worker.intake.source import OFFSET_KEY, identity_of, inspect_source
+from worker.intake.vmdk import Inspection, min_disk_warning
 
 # What a disk gets when neither it nor `defaults` says otherwise.
 BUILTIN_DEFAULTS: Mapping[str, object] = {
@@ -713,12 +713,14 @@ def _inspection_problems(
     """Inspect every VMDK's headers (in threads); record inspections, return the problems."""
 
     def inspect(index: int) -> Inspection | str:
-        path = Path(checked.files[index][0])
-        flat_as_raw = disks[index].get("flat_as_raw") is True
+        path, size_bytes = checked.files[index]
         try:
-            if index in checked.ranges:
-                return inspect_member(path, *checked.ranges[index])
-            return inspect_vmdk(path, flat_as_raw=flat_as_raw)
+            return inspect_source(
+                Path(path),
+                size_bytes=size_bytes,
+                identity=checked.identities[index],
+                flat_as_raw=disks[index].get("flat_as_raw") is True,
+            )
         except (UnsupportedDisk, SourceError) as exc:
             return exc.message
 

@@ -1,7 +1,8 @@
 """A disk's bytes as the worker reads them: the file inspected at submit, and nothing else.
 
-At submit the manifest records each source's identity (device, inode, size, mtime). To upload
-or hash it, the worker opens the path without following a symbolic link in its last
+At submit the manifest records each source's identity (device, inode, size, mtime) and
+inspects the VMDK through a Source opened with that identity. To upload or hash it, the
+worker opens the path without following a symbolic link in its last
 component, checks on the open file that it is still a regular file with that identity (and,
 for a VMDK, re-inspects its header), reads no further than the recorded size, and checks when
 it has read everything that nothing was written meanwhile. A disk swapped for a link to
@@ -24,7 +25,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from worker.errors import SourceError, UnsupportedDisk
-from worker.intake.vmdk import inspect_open_vmdk
+from worker.intake.vmdk import Inspection, inspect_open_vmdk
 
 IDENTITY_KEYS = ("device", "inode", "size_bytes", "mtime_ns")
 # In the identity of a disk inside an archive: where its bytes start (size_bytes is the archive's).
@@ -53,16 +54,17 @@ class Source:
         opened: os.stat_result,
         size_bytes: int,
         *,
-        member: bool = False,
+        offset: int | None = None,
     ):
         self.path = path
         self._file = file
+        self._offset = offset
         self._opened = opened
         self._size_bytes = size_bytes
         self._read_bytes = 0
         # A whole file may be read one byte past its size, to see it grew; a member may not:
         # the next byte is the archive's, and the archive's identity says it is unchanged.
-        self._limit = size_bytes if member else size_bytes + 1
+        self._limit = size_bytes if offset is not None else size_bytes + 1
 
     @classmethod
     def open(
@@ -94,15 +96,38 @@ class Source:
         except BaseException:
             os.close(fd)
             raise
-        file = os.fdopen(fd, "rb")
+        source = cls(path, os.fdopen(fd, "rb"), opened, size_bytes, offset=offset)
         try:
             if reinspect:
-                _reinspect(path, file, offset, size_bytes)
-            file.seek(offset or 0)
+                source.reinspect()
+            source._file.seek(offset or 0)
         except BaseException:
-            file.close()
+            source.close()
             raise
-        return cls(path, file, opened, size_bytes, member=offset is not None)
+        return source
+
+    def inspect(self, *, flat_as_raw: bool = False) -> Inspection:
+        """The VMDK inspection of these bytes (UnsupportedDisk says what is wrong with them)."""
+        try:
+            return inspect_open_vmdk(
+                self._file,
+                self.path,
+                flat_as_raw=flat_as_raw,
+                offset=self._offset or 0,
+                size_bytes=self._size_bytes,
+            )
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+
+    def reinspect(self) -> None:
+        """SourceError unless the bytes are still the VMDK that was inspected at submit."""
+        try:
+            self.inspect()
+        except UnsupportedDisk as exc:
+            raise SourceError(
+                f"source changed: {self.path} is no longer the VMDK that was inspected: "
+                f"{exc.message}"
+            ) from exc
 
     def read(self, size: int) -> bytes:
         """Up to `size` bytes, never more than the recorded size and one byte (a grown file)."""
@@ -178,18 +203,22 @@ def _check(
         )
 
 
-def _reinspect(path: Path, file: BinaryIO, offset: int | None, size_bytes: int) -> None:
-    try:
-        if offset is None:
-            inspect_open_vmdk(file, path)
-        else:
-            inspect_open_vmdk(file, path, offset=offset, size_bytes=size_bytes)
-    except UnsupportedDisk as exc:
-        raise SourceError(
-            f"source changed: {path} is no longer the VMDK that was inspected: {exc.message}"
-        ) from exc
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+def inspect_source(
+    path: Path,
+    *,
+    size_bytes: int,
+    identity: Mapping[str, int] | None = None,
+    flat_as_raw: bool = False,
+) -> Inspection:
+    """Inspect the VMDK at `path` (or, with an offset in `identity`, inside it) from its
+    headers, through the same checked open as the upload; UnsupportedDisk says what is wrong.
+
+    With `flat_as_raw`, a monolithicFlat or vmfs descriptor yields its flat extent to upload
+    as disk_format raw. Reads the header, the descriptor and, for streamOptimized files with
+    GD_AT_END, the footer at the end: a few KiB whatever the disk's size.
+    """
+    with Source.open(path, size_bytes=size_bytes, identity=identity) as source:
+        return source.inspect(flat_as_raw=flat_as_raw)
 
 
 async def hash_source(

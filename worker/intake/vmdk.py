@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from worker.errors import SourceError, UnsupportedDisk
+from worker.errors import UnsupportedDisk
 
 SECTOR_BYTES = 512
 GIB = 1 << 30
@@ -77,20 +77,6 @@ class Inspection:
     warnings: tuple[str, ...] = ()
     # The stat of a flat extent to upload, taken when it was checked (None: the file itself).
     upload_status: os.stat_result | None = field(default=None, compare=False, repr=False)
-
-
-def inspect_vmdk(path: Path, *, flat_as_raw: bool = False) -> Inspection:
-    """Inspect the VMDK at `path` from its headers; raise UnsupportedDisk saying what is wrong.
-
-    With `flat_as_raw`, a monolithicFlat or vmfs descriptor yields its flat extent to upload as
-    disk_format raw. Reads the header, the descriptor and, for streamOptimized files with
-    GD_AT_END, the footer at the end: a few KiB whatever the disk's size.
-    """
-    try:
-        with open(path, "rb") as file:
-            return inspect_open_vmdk(file, path, flat_as_raw=flat_as_raw)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def inspect_open_vmdk(
