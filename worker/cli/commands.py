@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -669,26 +669,37 @@ async def _one_job_id(store: Store, job: str) -> UUID | None:
     return None
 
 
-@cli.command()
-@click.argument("job")
-@database_option
-def cancel(job: str, database_url: str | None) -> None:
-    """Cancel a job: no new image starts; images in flight stop and are cleaned up."""
+def _on_one_job(
+    job: str, database_url: str | None, act: Callable[[Store, UUID], Awaitable[int]]
+) -> None:
+    """Exit with what `act` answers for the one job named or numbered `job`."""
     from worker.store.store import open_store
 
     async def go() -> int:
         async with open_store(_database_url(database_url)) as store:
             job_id = await _one_job_id(store, job)
-            result = await store.cancel_job(job_id, by=default_worker_id()) if job_id else None
-            if result is None:
-                return EXIT_BAD_INPUT
-            click.echo(
-                f"job {job_id} cancelled: {result.not_started} image(s) will not start, "
-                f"{result.in_flight} in flight will stop and clean up"
-            )
-            return EXIT_OK
+            return EXIT_BAD_INPUT if job_id is None else await act(store, job_id)
 
     sys.exit(_run(go()))
+
+
+@cli.command()
+@click.argument("job")
+@database_option
+def cancel(job: str, database_url: str | None) -> None:
+    """Cancel a job: no new image starts; images in flight stop and are cleaned up."""
+
+    async def act(store: Store, job_id: UUID) -> int:
+        result = await store.cancel_job(job_id, by=default_worker_id())
+        if result is None:
+            return EXIT_BAD_INPUT
+        click.echo(
+            f"job {job_id} cancelled: {result.not_started} image(s) will not start, "
+            f"{result.in_flight} in flight will stop and clean up"
+        )
+        return EXIT_OK
+
+    _on_one_job(job, database_url, act)
 
 
 @cli.command()
@@ -696,22 +707,17 @@ def cancel(job: str, database_url: str | None) -> None:
 @database_option
 def retry(job: str, database_url: str | None) -> None:
     """Queue a job's failed images again (lifting a cancel); done images never move again."""
-    from worker.store.store import open_store
 
-    async def go() -> int:
-        async with open_store(_database_url(database_url)) as store:
-            job_id = await _one_job_id(store, job)
-            if job_id is None:
-                return EXIT_BAD_INPUT
-            (before,) = await store.job_summaries(str(job_id))
-            requeued = await store.retry_job(job_id, by=default_worker_id())
-            if requeued is None:
-                return EXIT_BAD_INPUT
-            lifted = "the cancel is lifted, " if before.cancelled else ""
-            click.echo(f"job {job_id}: {lifted}{requeued} failed image(s) queued again")
-            return EXIT_OK
+    async def act(store: Store, job_id: UUID) -> int:
+        (before,) = await store.job_summaries(str(job_id))
+        requeued = await store.retry_job(job_id, by=default_worker_id())
+        if requeued is None:
+            return EXIT_BAD_INPUT
+        lifted = "the cancel is lifted, " if before.cancelled else ""
+        click.echo(f"job {job_id}: {lifted}{requeued} failed image(s) queued again")
+        return EXIT_OK
 
-    sys.exit(_run(go()))
+    _on_one_job(job, database_url, act)
 
 
 @cli.group()

@@ -259,21 +259,27 @@ def _application_credential_identity(settings: CloudSettings) -> dict[str, Any]:
 
 
 def _user_ref(settings: CloudSettings) -> dict[str, Any]:
-    if settings.user_id:
-        return {"id": settings.user_id}
-    return {
-        "name": settings.username,
-        "domain": _domain(settings.user_domain_id, settings.user_domain_name),
-    }
+    return _ref(
+        settings.user_id, settings.username, settings.user_domain_id, settings.user_domain_name
+    )
 
 
 def _project_ref(settings: CloudSettings) -> dict[str, Any]:
-    if settings.project_id:
-        return {"id": settings.project_id}
-    return {
-        "name": settings.project_name,
-        "domain": _domain(settings.project_domain_id, settings.project_domain_name),
-    }
+    return _ref(
+        settings.project_id,
+        settings.project_name,
+        settings.project_domain_id,
+        settings.project_domain_name,
+    )
+
+
+def _ref(
+    id_: str | None, name: str | None, domain_id: str | None, domain_name: str | None
+) -> dict[str, Any]:
+    """A user or project as Keystone wants it: by id, or by name within its domain."""
+    if id_:
+        return {"id": id_}
+    return {"name": name, "domain": _domain(domain_id, domain_name)}
 
 
 def _domain(domain_id: str | None, domain_name: str | None) -> dict[str, str]:
