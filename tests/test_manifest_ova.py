@@ -54,7 +54,7 @@ def test_an_ova_becomes_one_disk_per_vm_disk_with_the_ovf_properties(tmp_path: P
     assert boot.source_identity is not None
     assert data.source_identity is not None
     with (tmp_path / "web.ova").open("rb") as file:
-        file.seek(boot.source_identity["offset"])
+        file.seek(int(boot.source_identity["offset"]))
         assert file.read(4) == b"KDMV"
     assert boot.size_bytes < (tmp_path / "web.ova").stat().st_size
     assert boot.expected_digest is not None

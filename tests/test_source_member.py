@@ -15,7 +15,7 @@ from worker.intake.sampledisks import SampleVm, write_ova
 from worker.intake.source import OFFSET_KEY, Source, hash_source, identity_of
 
 
-def _disk(ova: Path, name: str) -> tuple[dict[str, int], int, bytes]:
+def _disk(ova: Path, name: str) -> tuple[dict[str, int | str], int, bytes]:
     """The identity, size and bytes of the member `name`, as submit records them."""
     with ova.open("rb") as file:
         member = next(m for m in read_members(file) if m.name == name)
@@ -47,14 +47,14 @@ def test_a_rewritten_archive_or_a_member_that_is_no_vmdk_is_refused(tmp_path: Pa
     ova = write_ova(tmp_path / "v.ova", [SampleVm("v")])
     identity, size, _ = _disk(ova, "v-disk2.vmdk")
 
-    wrong = {**identity, OFFSET_KEY: identity[OFFSET_KEY] - 512}  # the member's tar header
+    wrong = {**identity, OFFSET_KEY: int(identity[OFFSET_KEY]) - 512}  # the member's tar header
     with pytest.raises(SourceError, match="no longer the VMDK that was inspected"):
         Source.open(ova, size_bytes=size, identity=wrong, reinspect=True)
     with pytest.raises(SourceError, match="too few"):
         Source.open(ova, size_bytes=ova.stat().st_size, identity=identity)
 
     with ova.open("r+b") as file:
-        file.seek(identity[OFFSET_KEY] + size // 2)
+        file.seek(int(identity[OFFSET_KEY]) + size // 2)
         file.write(b"changed")
     with pytest.raises(SourceError, match="modified"):
         Source.open(ova, size_bytes=size, identity=identity)

@@ -249,7 +249,7 @@ def _from_clouds_yaml(
         raise ConfigError(f"{_no_such_cloud(found, cloud_name)} (searched: {searched})")
     secure = _secure_yaml(env, found)
     if secure is not None:
-        entry = _deep_merge(entry, _cloud_entry(secure, cloud_name) or {})
+        entry = deep_merge(entry, _cloud_entry(secure, cloud_name) or {})
     return _cloud_values(entry, cloud_name)
 
 
@@ -324,11 +324,11 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -178,6 +178,12 @@ class SourceError(PermanentError):
     code = "source_error"
 
 
+class SourceChanged(SourceError):
+    """The source is not the file inspected at submit any more (its validator changed)."""
+
+    code = "source_changed"
+
+
 class UnsupportedDisk(PermanentError):
     """The source is not a disk Glance accepts: wrong format, VMDK subformat or safety check."""
 

@@ -323,6 +323,13 @@ def _already_submitted(summary: JobSummary) -> str:
     help="Of those, how many may be uploading bytes at once (at most; see --fixed-stages).",
 )
 @click.option(
+    "--source-concurrency",
+    default=WorkerSettings.source_concurrency,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="URL sources read at once from one host (a datastore's ESXi host limits them).",
+)
+@click.option(
     "--fixed-stages",
     is_flag=True,
     help="Upload --stage-concurrency at once from the start, instead of starting at 4 and "
@@ -421,6 +428,7 @@ def run(
     once: bool,
     concurrency: int,
     stage_concurrency: int,
+    source_concurrency: int,
     fixed_stages: bool,
     chunk_mib: int,
     worker_id: str | None,
@@ -454,6 +462,7 @@ def run(
     settings = WorkerSettings(
         concurrency=concurrency,
         stage_concurrency=min(stage_concurrency, concurrency),
+        source_concurrency=source_concurrency,
         adaptive_stages=not fixed_stages,
         chunk_bytes=chunk_mib << 20,
         hash_algo=hash_algo,

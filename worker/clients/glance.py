@@ -33,9 +33,8 @@ from worker.errors import (
     MigrationError,
     NotFound,
     RequestTimeout,
-    SourceError,
 )
-from worker.intake.source import Source
+from worker.intake.source import LocalHandle, SourceHandle, read_whole
 
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 # File data one process holds in flight across all its uploads: with many uploads at once each
@@ -204,28 +203,30 @@ class GlanceClient:
     async def stage(
         self,
         image_id: str,
-        path: Path,
+        source: Path | SourceHandle,
         *,
         size_bytes: int,
         hash_algos: Sequence[str] = (DEFAULT_HASH_ALGO,),
         progress: Callable[[int], None] | None = None,
-        identity: Mapping[str, int] | None = None,
+        identity: Mapping[str, int | str] | None = None,
         reinspect: bool = False,
     ) -> StageResult:
-        """Stream the file as the image's data; on a 401 the whole stream restarts once.
+        """Stream the source as the image's data; on a 401 the whole stream restarts once.
 
-        With `identity` (see worker.intake.source) only that very file is sent, and `reinspect`
-        checks its VMDK header again first.
+        A path is a local file: with `identity` (see worker.intake.source) only that very file
+        is sent, and `reinspect` checks its VMDK header again first.
         """
+        if isinstance(source, Path):
+            source = LocalHandle(
+                source, size_bytes=size_bytes, identity=identity, reinspect=reinspect
+            )
         async with translate_transport_errors("stage"):  # names the operation of our errors
-            await asyncio.to_thread(_check_source, path, size_bytes, identity, reinspect)
+            await source.check()
         bodies: list[_FileBody] = []
 
         def new_body() -> _FileBody:
             body = _FileBody(
-                path,
-                identity=identity,
-                size_bytes=size_bytes,
+                source,
                 chunk_bytes=self._chunk_bytes,
                 hash_algos=hash_algos,
                 progress=progress,
@@ -397,15 +398,6 @@ class GlanceClient:
         raise AssertionError("unreachable: the second attempt returns or raises")
 
 
-def _check_source(
-    path: Path, size_bytes: int, identity: Mapping[str, int] | None, reinspect: bool
-) -> None:
-    """Before any request: the source is there, is the file expected, and (if asked) still
-    the VMDK that was inspected."""
-    with Source.open(path, size_bytes=size_bytes, identity=identity, reinspect=reinspect):
-        pass
-
-
 def _truthy(value: object) -> bool:
     return value is True or str(value).lower() == "true"
 
@@ -422,25 +414,22 @@ def chunk_size_for(chunk_bytes: int, *, uploads: int) -> int:
 
 
 class _FileBody(Payload):
-    """A file streamed chunk by chunk with a declared size, hashed as it goes; single-use."""
+    """A source streamed chunk by chunk with a declared size, hashed as it goes; single-use."""
 
     def __init__(
         self,
-        path: Path,
+        source: SourceHandle,
         *,
-        identity: Mapping[str, int] | None,
-        size_bytes: int,
         chunk_bytes: int,
         hash_algos: Sequence[str],
         progress: Callable[[int], None] | None,
         write_timeout_s: float,
         throttle: Throttle,
     ) -> None:
-        super().__init__(path, content_type="application/octet-stream")
+        super().__init__(source, content_type="application/octet-stream")
         # A known size makes aiohttp send Content-Length instead of chunked encoding.
-        self._size = size_bytes
-        self._path = path
-        self._identity = identity
+        self._size = source.size_bytes
+        self._source = source
         self._chunk_bytes = chunk_bytes
         self._hashers = {name: hashlib.new(name) for name in hash_algos}
         self._progress = progress
@@ -475,26 +464,10 @@ class _FileBody(Payload):
         return {name: hasher.hexdigest() for name, hasher in self._hashers.items()}
 
     async def _stream(self, writer: AbstractStreamWriter) -> None:
-        remaining = self._size or 0
-        # Opened and checked again for each attempt: the file may have been swapped meanwhile.
-        source = await asyncio.to_thread(
-            Source.open, self._path, size_bytes=remaining, identity=self._identity
-        )
-        try:
-            while remaining > 0:
-                chunk = await asyncio.to_thread(source.read, min(self._chunk_size(), remaining))
-                if not chunk:
-                    raise self._changed(f"it ended after {self._size_done(remaining)} bytes")
-                remaining -= len(chunk)
-                # Checked before the last chunk leaves, so a grown or rewritten file is never
-                # staged whole.
-                if remaining == 0:
-                    if await asyncio.to_thread(source.read, 1):
-                        raise self._changed("it grew past the declared size")
-                    await asyncio.to_thread(source.check_unchanged)
-                await self._send(writer, chunk)
-        finally:
-            source.close()
+        async def send(chunk: bytes) -> None:
+            await self._send(writer, chunk)
+
+        await read_whole(self._source, self._chunk_size, send)
 
     def _chunk_size(self) -> int:
         return chunk_size_for(self._chunk_bytes, uploads=self._throttle.streams)
@@ -528,16 +501,6 @@ class _FileBody(Payload):
             # The timeout is per slice: waiting for the cap is not the cloud being slow.
             async with asyncio.timeout(self._write_timeout_s):
                 await writer.write(piece)
-
-    def _size_done(self, remaining: int) -> int:
-        return (self._size or 0) - remaining
-
-    def _changed(self, how: str) -> SourceError:
-        return SourceError(
-            f"source changed while reading: {self._path} was declared as {self._size} bytes "
-            f"but {how}",
-            operation="stage",
-        )
 
 
 @asynccontextmanager

@@ -53,9 +53,13 @@ class DiskSpec:
     protected: bool = False
     tags: tuple[str, ...] = ()
     properties: Mapping[str, str] = field(default_factory=dict)
-    # The file as inspected at submit (device, inode, size_bytes, mtime_ns; and offset, for a
-    # disk inside an OVA); None if unknown.
-    source_identity: Mapping[str, int] | None = None
+    # The source as inspected at submit: for a file, device, inode, size_bytes, mtime_ns (and
+    # offset, for a disk inside an OVA); for a URL, size_bytes, etag and last_modified. None if
+    # unknown.
+    source_identity: Mapping[str, int | str] | None = None
+    # For a URL source: the name of its credentials (worker.intake.source_auth), never the
+    # credentials themselves.
+    source_auth: str | None = None
     # For a disk of an OVA or OVF: its VM (vm_name, vm_disk_index), its file there and the
     # values that came from the OVF (from_ovf). None for a loose disk.
     appliance: Mapping[str, object] | None = None

@@ -19,6 +19,7 @@ from pathlib import Path
 from worker.errors import SourceError, UnsupportedDisk
 from worker.intake.appliance import ApplianceDisk, open_appliance, sniff
 from worker.intake.properties import apply, derive
+from worker.intake.remote import is_url
 from worker.intake.vmdk import Inspection
 
 _VIRTIO = ("yes", "true", "1")
@@ -95,8 +96,8 @@ def expand(
 
 def _path_of(entry: object, base_dir: Path, source_root: str | None) -> str | None:
     source = entry.get("source") if isinstance(entry, dict) else None
-    if not isinstance(source, str) or not source:
-        return None
+    if not isinstance(source, str) or not source or is_url(source):
+        return None  # an appliance is read from the worker's host only
     path = os.path.realpath(os.path.join(base_dir, source))
     if source_root is not None and os.path.commonpath([source_root, path]) != source_root:
         return None

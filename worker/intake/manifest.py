@@ -12,22 +12,32 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import jsonschema
 import yaml
 
 from worker.core.model import DiskSpec, JobSpec
-from worker.errors import InvalidManifest, Problem, SourceError, UnsupportedDisk
+from worker.errors import (
+    ConfigError,
+    InvalidManifest,
+    Problem,
+    RedirectRefused,
+    SourceError,
+    UnsupportedDisk,
+)
 from worker.intake.expand import Expansion, capacity_problem, expand
+from worker.intake.remote import RemoteFile, file_name_of, inspect_remote, is_url, probe_remote
 from worker.intake.source import OFFSET_KEY, identity_of, inspect_source
+from worker.intake.source_auth import NO_AUTH, SourceAuth, find_source_auth
 from worker.intake.vmdk import Inspection, min_disk_warning
 
 # What a disk gets when neither it nor `defaults` says otherwise.
@@ -88,7 +98,9 @@ class _Checked:
     source_root: str | None
     files: _Files = field(default_factory=dict)
     # What each file was when checked (see worker.intake.source): the worker uploads only that file.
-    identities: dict[int, dict[str, int]] = field(default_factory=dict)
+    identities: dict[int, dict[str, int | str]] = field(default_factory=dict)
+    # Disks whose source is a URL: disk index -> its credentials (None: none needed).
+    remote: dict[int, SourceAuth] = field(default_factory=dict)
     inspections: dict[int, Inspection] = field(default_factory=dict)
     warnings: list[_Found] = field(default_factory=list)
     # The disks of OVA and OVF entries (see worker.intake.expand), by disk index.
@@ -617,6 +629,8 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
             found += _duplicate_problems(index, disk, first_of_name)
             if index in checked.files and _setting(disk, defaults, "disk_format") == "vmdk":
                 to_inspect[index] = {**defaults, **disk}
+            found += _source_auth_problems(index, disk, defaults, checked)
+    found += _remote_problems(disks if isinstance(disks, list) else [], defaults, checked)
     found += _inspection_problems(to_inspect, checked)
     return found
 
@@ -681,6 +695,21 @@ def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) 
     source = disk.get("source")
     if not isinstance(source, str) or not source:
         return  # the schema reports it
+    if is_url(source):
+        if checked.source_root is not None:
+            yield _source_problem(index, f"a URL is outside the allowed source root: {source}")
+        elif not urlsplit(source).hostname:
+            yield _source_problem(index, f"the URL names no host: {source}")
+        elif disk.get("flat_as_raw") is True:
+            where: _Path = ("disks", index, "flat_as_raw")
+            message = (
+                "flat_as_raw is for descriptors on the worker's host: for a flat disk served "
+                "over HTTP, give the URL of its -flat extent as the source, with disk_format raw"
+            )
+            yield _sort_key(where), Problem(_location(where), message)
+        else:
+            checked.remote[index] = NO_AUTH
+        return
     # os.path rather than pathlib: this runs once per disk, and manifests list thousands.
     path = os.path.realpath(os.path.join(checked.base_dir, source))
     status = _outside(path, checked.source_root) or _file_status(path)
@@ -698,6 +727,70 @@ def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) 
 def _source_problem(index: int, message: str) -> _Found:
     where: _Path = ("disks", index, "source")
     return _sort_key(where), Problem(_location(where), message)
+
+
+def _source_auth_problems(
+    index: int, disk: Mapping[str, object], defaults: Mapping[str, object], checked: _Checked
+) -> Iterator[_Found]:
+    """The credentials a URL source names must exist (where the worker will look for them);
+    a file source names none."""
+    name = disk.get("source_auth", defaults.get("source_auth"))
+    if not isinstance(name, str):
+        return  # none, or the schema reports it
+    place: _Path = (
+        ("disks", index, "source_auth") if "source_auth" in disk else ("defaults", "source_auth")
+    )
+    if index not in checked.remote:
+        if (
+            "source_auth" in disk
+            and isinstance(disk.get("source"), str)
+            and not is_url(str(disk["source"]))
+        ):
+            message = "source_auth is for URL sources; this source is a file"
+            yield _sort_key(place), Problem(_location(place), message)
+        return
+    try:
+        checked.remote[index] = find_source_auth(name)
+    except ConfigError as exc:
+        del checked.remote[index]
+        yield _sort_key(place), Problem(_location(place), exc.message)
+
+
+def _remote_problems(
+    disks: Sequence[Any], defaults: Mapping[str, object], checked: _Checked
+) -> list[_Found]:
+    """Probe every URL source (in threads), with ranged reads of a few KiB: its size, its
+    validators and, for a VMDK, its inspection; record them, return the problems."""
+
+    def probe(index: int) -> tuple[Inspection | None, RemoteFile] | str:
+        url = str(disks[index]["source"])
+        auth = checked.remote[index]
+        try:
+            if _setting(disks[index], defaults, "disk_format") == "vmdk":
+                return inspect_remote(url, auth)
+            return None, probe_remote(url, auth)
+        except (UnsupportedDisk, SourceError, RedirectRefused) as exc:
+            return exc.message
+
+    indexes = list(checked.remote)
+    if len(indexes) > 1:
+        with ThreadPoolExecutor(min(_INSPECTION_THREADS, len(indexes))) as pool:
+            results = dict(zip(indexes, pool.map(probe, indexes), strict=True))
+    else:
+        results = {index: probe(index) for index in indexes}
+    found: list[_Found] = []
+    for index, result in results.items():
+        if isinstance(result, str):
+            found.append(_source_problem(index, result))
+            continue
+        inspection, remote = result
+        checked.files[index] = (remote.url, remote.size_bytes)
+        checked.identities[index] = remote.identity()
+        if inspection is not None:
+            checked.inspections[index] = inspection
+            disk = {**defaults, **disks[index]}
+            checked.warnings.extend(_inspection_warnings(index, disk, inspection))
+    return found
 
 
 def _outside(path: str, source_root: str | None) -> str | None:
@@ -801,7 +894,7 @@ def _image_name(disk: Mapping[str, object]) -> str | None:
         return name
     if not isinstance(source, str) or not source:
         return None
-    file_name = os.path.basename(source)
+    file_name = file_name_of(source) if is_url(source) else os.path.basename(source)
     return file_name[: -len(".vmdk")] if file_name.lower().endswith(".vmdk") else file_name
 
 
@@ -857,7 +950,7 @@ def _merge(defaults: Mapping[str, Any], disk: Mapping[str, Any], source: str) ->
 
 
 def _disk_spec(
-    index: int, disk: Mapping[str, Any], size_bytes: int, identity: Mapping[str, int] | None
+    index: int, disk: Mapping[str, Any], size_bytes: int, identity: Mapping[str, int | str] | None
 ) -> DiskSpec:
     named = {k: v for k, v in disk.items() if k in _PROPERTY_FIELDS or _HW_KEY.match(k)}
     return DiskSpec(
@@ -874,4 +967,5 @@ def _disk_spec(
         tags=tuple(disk.get("tags", ())),
         properties={**disk["properties"], **named},
         source_identity=identity,
+        source_auth=disk.get("source_auth") if is_url(disk["source"]) else None,
     )

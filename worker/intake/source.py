@@ -19,10 +19,10 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from worker.errors import SourceError, UnsupportedDisk
 from worker.intake.vmdk import Inspection, inspect_open_vmdk
@@ -34,7 +34,7 @@ OFFSET_KEY = "offset"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def identity_of(status: os.stat_result) -> dict[str, int]:
+def identity_of(status: os.stat_result) -> dict[str, int | str]:
     """What a file is, as recorded at submit and compared at upload."""
     return {
         "device": status.st_dev,
@@ -72,14 +72,14 @@ class Source:
         path: Path,
         *,
         size_bytes: int,
-        identity: Mapping[str, int] | None = None,
+        identity: Mapping[str, int | str] | None = None,
         reinspect: bool = False,
     ) -> Source:
         """Open `path` and check it is the file expected, or raise SourceError.
 
         With an `offset` in the identity, the source is `size_bytes` of the file from there.
         """
-        offset = identity.get(OFFSET_KEY) if identity is not None else None
+        offset = int(identity[OFFSET_KEY]) if identity and OFFSET_KEY in identity else None
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except OSError as exc:
@@ -172,7 +172,7 @@ def _check(
     path: Path,
     status: os.stat_result,
     size_bytes: int,
-    identity: Mapping[str, int] | None,
+    identity: Mapping[str, int | str] | None,
     offset: int | None = None,
 ) -> None:
     if not stat.S_ISREG(status.st_mode):
@@ -207,7 +207,7 @@ def inspect_source(
     path: Path,
     *,
     size_bytes: int,
-    identity: Mapping[str, int] | None = None,
+    identity: Mapping[str, int | str] | None = None,
     flat_as_raw: bool = False,
 ) -> Inspection:
     """Inspect the VMDK at `path` (or, with an offset in `identity`, inside it) from its
@@ -221,38 +221,145 @@ def inspect_source(
         return source.inspect(flat_as_raw=flat_as_raw)
 
 
+class SourceStream(Protocol):
+    """One read of a source from its start, in order; async callers await each chunk."""
+
+    async def read(self, size: int) -> bytes:
+        """Up to `size` bytes; b"" once the source ended."""
+        ...
+
+    async def finish(self) -> None:
+        """After the recorded size was read: SourceError if the source grew or changed."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class SourceHandle(Protocol):
+    """A disk's source, ready to be read (once, or again after a failed attempt)."""
+
+    size_bytes: int
+    shown: str  # the source as messages name it
+
+    async def check(self) -> None:
+        """Before any request: SourceError unless the source is there and the one expected."""
+        ...
+
+    async def stream(self) -> SourceStream:
+        """A new read from the first byte."""
+        ...
+
+
+class LocalHandle:
+    """A file on the worker's host (or a member of an archive there), read through `Source`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        size_bytes: int,
+        identity: Mapping[str, int | str] | None = None,
+        reinspect: bool = False,
+    ) -> None:
+        self.path = path
+        self.size_bytes = size_bytes
+        self.shown = str(path)
+        self._identity = identity
+        self._reinspect = reinspect
+
+    async def check(self) -> None:
+        """SourceError unless the file is there and the one expected (its VMDK header
+        inspected again when asked)."""
+        source = await asyncio.to_thread(
+            Source.open,
+            self.path,
+            size_bytes=self.size_bytes,
+            identity=self._identity,
+            reinspect=self._reinspect,
+        )
+        source.close()
+
+    async def stream(self) -> _LocalStream:
+        # Opened and checked again for each read: the file may have been swapped meanwhile.
+        source = await asyncio.to_thread(
+            Source.open, self.path, size_bytes=self.size_bytes, identity=self._identity
+        )
+        return _LocalStream(source, self.size_bytes)
+
+
+class _LocalStream:
+    """One thread call per chunk, so that a cancelled read stops at the next chunk."""
+
+    def __init__(self, source: Source, size_bytes: int) -> None:
+        self._source = source
+        self._size_bytes = size_bytes
+
+    async def read(self, size: int) -> bytes:
+        return await asyncio.to_thread(self._source.read, size)
+
+    async def finish(self) -> None:
+        path = self._source.path
+        if await asyncio.to_thread(self._source.read, 1):
+            raise SourceError(
+                f"source changed while reading: {path} was declared as {self._size_bytes} "
+                "bytes but it grew past the declared size"
+            )
+        await asyncio.to_thread(self._source.check_unchanged)
+
+    async def aclose(self) -> None:
+        self._source.close()
+
+
+async def read_whole(
+    handle: SourceHandle, chunk_bytes: Callable[[], int], each: Callable[[bytes], Awaitable[None]]
+) -> None:
+    """Read exactly the source's recorded size, in chunks of `chunk_bytes()` (asked again
+    for each), handing each chunk to `each` in order; SourceError when it ends early, goes on
+    past that size, or changed meanwhile."""
+    stream = await handle.stream()
+    try:
+        remaining = handle.size_bytes
+        while remaining > 0:
+            chunk = await stream.read(min(chunk_bytes(), remaining))
+            if not chunk:
+                raise SourceError(
+                    f"source changed while reading: {handle.shown} was declared as "
+                    f"{handle.size_bytes} bytes but it ended after "
+                    f"{handle.size_bytes - remaining} bytes"
+                )
+            remaining -= len(chunk)
+            if remaining == 0:
+                # Checked before the last chunk is handed on, so that a grown or rewritten
+                # file is never sent whole.
+                await stream.finish()
+            await each(chunk)
+    finally:
+        await stream.aclose()
+
+
 async def hash_source(
-    path: Path,
+    source: Path | SourceHandle,
     hash_algos: Sequence[str],
     *,
     size_bytes: int,
-    identity: Mapping[str, int] | None = None,
+    identity: Mapping[str, int | str] | None = None,
     chunk_bytes: int = 4 << 20,
 ) -> dict[str, str]:
     """The digests of exactly `size_bytes` of the source, off the event loop; SourceError when
     it is not the file expected, ends early, goes on past that size, or changes meanwhile."""
+    handle = (
+        LocalHandle(source, size_bytes=size_bytes, identity=identity)
+        if isinstance(source, Path)
+        else source
+    )
     hashers = [hashlib.new(name) for name in hash_algos]
 
     def update(chunk: bytes) -> None:
         for hasher in hashers:
             hasher.update(chunk)
 
-    # One thread call per chunk, so that a cancelled hash stops at the next chunk.
-    source = await asyncio.to_thread(Source.open, path, size_bytes=size_bytes, identity=identity)
-    try:
-        remaining = size_bytes
-        while remaining > 0:
-            chunk = await asyncio.to_thread(source.read, min(chunk_bytes, remaining))
-            if not chunk:
-                raise SourceError(
-                    f"source changed: {path} ended after {size_bytes - remaining} of "
-                    f"{size_bytes} bytes"
-                )
-            remaining -= len(chunk)
-            await asyncio.to_thread(update, chunk)
-        if await asyncio.to_thread(source.read, 1):
-            raise SourceError(f"source changed: {path} grew past {size_bytes} bytes")
-        await asyncio.to_thread(source.check_unchanged)
-    finally:
-        source.close()
+    async def each(chunk: bytes) -> None:
+        await asyncio.to_thread(update, chunk)
+
+    await read_whole(handle, lambda: chunk_bytes, each)
     return {name: hasher.hexdigest() for name, hasher in zip(hash_algos, hashers, strict=True)}

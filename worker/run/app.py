@@ -21,6 +21,7 @@ from worker.errors import (
     EndpointNotFound,
     MigrationError,
 )
+from worker.intake.remote import RemoteSources
 from worker.observe.bus import EventBus, current_bus, publisher
 from worker.observe.metrics import WorkerMetrics, serving_metrics
 from worker.observe.notify import WebhookNotifier, notifying
@@ -85,6 +86,7 @@ async def _run(
     async with (
         open_store(database_url, max_size=min(settings.concurrency + 2, 20)) as store,
         following_bandwidth(database_url, worker_id=settings.worker_id) as throttle,
+        RemoteSources(per_host=settings.source_concurrency) as remote_sources,
         open_glance(
             cloud,
             chunk_bytes=settings.chunk_bytes,
@@ -103,7 +105,9 @@ async def _run(
         store.on_connection = outages.report_database
         try:
             await authenticate_first(glance, outages)
-            return await _consume(bus, store, glance, gate, outages, ops, settings, stop)
+            return await _consume(
+                bus, store, glance, gate, remote_sources, outages, ops, settings, stop
+            )
         finally:
             store.on_connection = None
             await outages.aclose()
@@ -115,6 +119,7 @@ async def _consume(
     store: Store,
     glance: GlanceClient,
     gate: StageGate,
+    remote_sources: RemoteSources,
     outages: Outages,
     ops: Operations,
     settings: WorkerSettings,
@@ -129,6 +134,7 @@ async def _consume(
         on_progress=ops.on_progress,
         outages=outages,
         watch=watch,
+        remote_sources=remote_sources,
         # Per-step lines are detail while bars show each image's progress.
         step_log_level=logging.DEBUG if wants_bars(settings.progress, sys.stderr) else logging.INFO,
     )

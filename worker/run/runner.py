@@ -8,7 +8,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,10 +46,11 @@ from worker.core.machine import (
     cancel,
     decide,
 )
-from worker.core.model import Phase
+from worker.core.model import DiskSpec, Phase
 from worker.errors import MigrationError
 from worker.intake.digest import check_expected_digest, with_expected_digest
-from worker.intake.source import hash_source
+from worker.intake.remote import RemoteSources, is_url
+from worker.intake.source import LocalHandle, SourceHandle, hash_source
 from worker.observe.bus import bound, publisher
 from worker.run.gate import StageGate
 from worker.run.outage import Outages, Service
@@ -92,6 +93,8 @@ class ImageRunner:
     watch: ImportWatch | None = None
     # Level of the per-step lines (created, staged, ...): debug while bars show the progress.
     step_log_level: int = logging.INFO
+    # Reads URL sources, at most --source-concurrency at once from each host.
+    remote_sources: RemoteSources = field(default_factory=RemoteSources)
     # The Glance image each row in flight works on now, kept when its run is cut off.
     _images: dict[int, uuid.UUID] = field(default_factory=dict, init=False)
     _progress_writes: set[asyncio.Future[None]] = field(default_factory=set, init=False)
@@ -252,13 +255,32 @@ class ImageRunner:
                 assert_never(command)
 
     async def _hash(self, claim: Claim, state: ImageState) -> Hashed:
-        digests = await hash_source(
-            Path(claim.spec.source),
-            _hash_algos(state),
-            size_bytes=claim.spec.size_bytes,
-            identity=claim.spec.source_identity,
-        )
+        async with self._source(claim.spec) as source:
+            digests = await hash_source(
+                source, _hash_algos(state), size_bytes=claim.spec.size_bytes
+            )
         return Hashed(digests[state.hash_algo], digests.get("md5"))
+
+    @contextlib.asynccontextmanager
+    async def _source(
+        self, spec: DiskSpec, *, reinspect: bool = False
+    ) -> AsyncIterator[SourceHandle]:
+        """The disk's source, ready to read; a URL's holds one of its host's read slots."""
+        if is_url(spec.source):
+            async with self.remote_sources.reading(
+                spec.source,
+                size_bytes=spec.size_bytes,
+                identity=spec.source_identity,
+                auth_name=spec.source_auth,
+            ) as handle:
+                yield handle
+            return
+        yield LocalHandle(
+            Path(spec.source),
+            size_bytes=spec.size_bytes,
+            identity=spec.source_identity,
+            reinspect=reinspect,
+        )
 
     async def _stage(self, claim: Claim, state: ImageState) -> tuple[Staged, str | None]:
         last_report = 0.0
@@ -278,7 +300,12 @@ class ImageRunner:
                 self._progress_writes.add(write)
                 write.add_done_callback(self._progress_writes.discard)
 
-        async with self.stage_slots:
+        # Only a disk inspected at submit is inspected again (a row with no identity recorded
+        # was queued past the manifest checks).
+        reinspect = claim.spec.disk_format == "vmdk" and claim.spec.source_identity is not None
+        # The source's slot first: a busy datastore host must not hold upload slots that
+        # disks on other hosts could use.
+        async with self._source(claim.spec, reinspect=reinspect) as source, self.stage_slots:
             events.log(
                 self.step_log_level,
                 Event.IMAGE_STAGING,
@@ -287,15 +314,10 @@ class ImageRunner:
             )
             result = await self.glance.stage(
                 str(state.image_id),
-                Path(claim.spec.source),
+                source,
                 size_bytes=claim.spec.size_bytes,
                 hash_algos=with_expected_digest(claim.spec, _hash_algos(state)),
                 progress=progress,
-                identity=claim.spec.source_identity,
-                # Only a disk inspected at submit is inspected again (a row with no identity
-                # recorded was queued past the manifest checks).
-                reinspect=claim.spec.disk_format == "vmdk"
-                and claim.spec.source_identity is not None,
             )
         digests = result.digests
         check_expected_digest(claim.spec, digests)

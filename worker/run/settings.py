@@ -28,6 +28,7 @@ class WorkerSettings:
     worker_id: str = field(default_factory=default_worker_id)
     concurrency: int = 8  # images in flight (creating, staging or importing)
     stage_concurrency: int = 4  # of those, how many may be sending bytes at once (at most)
+    source_concurrency: int = 4  # URL sources read at once from one host (ESXi limits them)
     # Start uploads at fewer and add one while the upload rate grows with it (worker/run/gate.py).
     adaptive_stages: bool = True
     chunk_bytes: int = 1 << 20

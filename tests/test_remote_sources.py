@@ -1,0 +1,213 @@
+"""Disks read over HTTP: Range preflight, resume in mid-stream, credentials, per-host slots."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.fixtures.batch import migrate, rows_of, submit_manifest
+from tests.fixtures.db import fetch_rows
+from worker.errors import InvalidManifest
+from worker.intake.manifest import load_manifest
+from worker.intake.sampledisks import write_stream_optimized
+from worker.sandbox import Sandbox
+from worker.sandbox.files import FileServer
+
+MIB = 1 << 20
+PASSWORD = "datastore-pass-7f3c"
+TOKEN = "bearer-token-91ab"
+
+
+def write_disks(directory: Path, count: int, *, fill_bytes: int = 2 * MIB) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number in range(count):
+        path = directory / f"vm{number}.vmdk"
+        write_stream_optimized(
+            path, virtual_size_bytes=16 * MIB, seed=number, fill_bytes=fill_bytes
+        )
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+async def datastore(tmp_path: Path) -> AsyncIterator[FileServer]:
+    async with FileServer(tmp_path / "datastore").serve() as server:
+        yield server
+
+
+def manifest_of(server: FileServer, paths: list[Path], **defaults: object) -> dict[str, object]:
+    return {
+        "job": "from-datastore",
+        "defaults": {"es_virtio_enabled": "no", **defaults},
+        "disks": [{"source": server.url(path.name)} for path in paths],
+    }
+
+
+def stage_uploads(sandbox: Sandbox) -> int:
+    return sandbox.count("PUT", r"/image/v2/images/[^/]+/stage")
+
+
+async def test_a_read_that_breaks_twice_is_resumed_into_one_stage_upload(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    (path,) = write_disks(datastore.root, 1)
+    job_id = await submit_manifest(database_url, tmp_path, manifest_of(datastore, [path]))
+    datastore.drop_after(700 << 10, times=2)
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"done": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert row.verification == "verified"
+    assert row.source_hash_value == hashlib.sha512(path.read_bytes()).hexdigest()
+    assert stage_uploads(sandbox) == 1
+    # The whole read, then two resumes, each from the byte after the last one that arrived
+    # (at most the 700 KiB sent before the connection died, fewer if some were in flight).
+    reads = datastore.gets(path.name)[-3:]
+    starts = [int((served.range or "").removeprefix("bytes=").rstrip("-")) for served in reads]
+    assert starts[0] == 0
+    assert starts[0] < starts[1] <= 700 << 10
+    assert starts[1] < starts[2] <= starts[1] + (700 << 10)
+
+
+async def test_a_file_changed_after_submit_ends_source_changed(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    (path,) = write_disks(datastore.root, 1)
+    job_id = await submit_manifest(database_url, tmp_path, manifest_of(datastore, [path]))
+    replacement = tmp_path / "other.vmdk"
+    write_stream_optimized(replacement, virtual_size_bytes=16 * MIB, seed=99, fill_bytes=MIB)
+    os.replace(replacement, path)  # another file under the same URL: another ETag
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"failed": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert row.error_code == "source_changed"
+    assert "changed since it was inspected" in (row.error_message or "")
+    assert sandbox.images() == []  # nothing half-made is left behind
+
+
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [("ranges", "refuses Range requests"), ("sizes", "gives no size")],
+)
+async def test_a_server_the_worker_could_not_resume_from_is_refused_at_validation(
+    datastore: FileServer, tmp_path: Path, setting: str, said: str
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
+    setattr(datastore, setting, False)
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(manifest_of(datastore, [path])))
+
+    with pytest.raises(InvalidManifest) as caught:
+        await asyncio.to_thread(load_manifest, manifest)
+
+    (problem,) = caught.value.problems
+    assert problem.location == "disks[0].source"
+    assert said in problem.message
+
+
+@pytest.mark.parametrize("kind", ["basic", "bearer"])
+async def test_credentials_reach_the_source_and_nothing_else(
+    database_url: str,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    if kind == "basic":
+        server = FileServer(tmp_path / "datastore", username="root", password=PASSWORD)
+        monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_USERNAME", "root")
+        monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_PASSWORD", PASSWORD)
+        secret = PASSWORD
+    else:
+        server = FileServer(tmp_path / "datastore", token=TOKEN)
+        sources = tmp_path / "sources.yaml"
+        (tmp_path / "secure.yaml").write_text(f"sources:\n  esxi01:\n    token: {TOKEN}\n")
+        sources.write_text("sources:\n  esxi01: {}\n")
+        monkeypatch.setenv("VMDK_MIGRATE_SOURCES_FILE", str(sources))
+        secret = TOKEN
+    async with server.serve():
+        paths = write_disks(server.root, 2, fill_bytes=256 << 10)
+        manifest = manifest_of(server, paths, source_auth="esxi01")
+        with capture_logs() as logs:
+            job_id = await submit_manifest(database_url, tmp_path, manifest)
+            summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"done": 2}
+    assert {row.verification for row in (await rows_of(database_url, job_id)).values()} == {
+        "verified"
+    }
+    assert all(served.status != 401 for served in server.served)
+    assert secret not in repr(logs)
+    for table in ("jobs", "results", "events"):
+        texts = await fetch_rows(database_url, f"SELECT t::text AS row FROM {table} AS t")
+        assert texts
+        assert not any(secret in record["row"] for record in texts)
+
+
+async def test_a_source_auth_that_names_no_credentials_is_refused_at_its_field(
+    datastore: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
+    monkeypatch.setenv("VMDK_MIGRATE_SOURCES_FILE", str(tmp_path / "absent.yaml"))
+    manifest = tmp_path / "job.json"
+    document = manifest_of(datastore, [path])
+    document["disks"] = [{"source": datastore.url(path.name), "source_auth": "nowhere"}]
+    manifest.write_text(json.dumps(document))
+
+    with pytest.raises(InvalidManifest) as caught:
+        await asyncio.to_thread(load_manifest, manifest)
+
+    (problem,) = caught.value.problems
+    assert problem.location == "disks[0].source_auth"
+    assert "no source credentials named 'nowhere'" in problem.message
+
+
+async def test_credentials_are_not_sent_along_a_redirect_to_another_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_PASSWORD", PASSWORD)
+    monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_USERNAME", "root")
+    async with (
+        FileServer(tmp_path / "a", username="root", password=PASSWORD).serve() as first,
+        FileServer(tmp_path / "b").serve() as elsewhere,
+    ):
+        (path,) = write_disks(elsewhere.root, 1, fill_bytes=64 << 10)
+        first.root.mkdir()
+        first.redirects[path.name] = elsewhere.url(path.name).replace("127.0.0.1", "localhost")
+        manifest = tmp_path / "job.json"
+        document = manifest_of(first, [path], source_auth="esxi01")
+        manifest.write_text(json.dumps(document))
+
+        with pytest.raises(InvalidManifest) as caught:
+            await asyncio.to_thread(load_manifest, manifest)
+
+    (problem,) = caught.value.problems
+    assert "refused to follow a redirect to another origin" in problem.message
+    assert elsewhere.served == []
+
+
+async def test_reads_from_one_host_never_exceed_the_source_concurrency(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    paths = write_disks(datastore.root, 6, fill_bytes=MIB)
+    job_id = await submit_manifest(database_url, tmp_path, manifest_of(datastore, paths))
+    datastore.peak_streaming = 0  # the submit's probes are not the run's reads
+
+    summary = await migrate(
+        database_url, sandbox, concurrency=6, stage_concurrency=6, source_concurrency=2
+    )
+
+    assert summary.by_phase == {"done": 6}
+    assert len(await rows_of(database_url, job_id)) == 6
+    assert 1 <= datastore.peak_streaming <= 2
