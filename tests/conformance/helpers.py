@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -21,9 +20,11 @@ import asyncpg
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
+from tests.fixtures.cli import WORKER_CLI
 from worker.clients.glance import GlanceClient
 from worker.config import CloudSettings, load_cloud_settings
 from worker.core.machine import Policies
+from worker.core.model import DiskSpec, JobSpec
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.errors import MigrationError
 from worker.intake.manifest import load_manifest
@@ -159,6 +160,30 @@ async def submit(database_url: str, directory: Path, disks: Mapping[str, Path]) 
         )
 
 
+async def queue_unchecked(
+    database_url: str, name: str, path: Path, size: int, *, job_stem: str = "unchecked"
+) -> uuid.UUID:
+    """Straight into the queue, past the manifest checks (which would refuse the file)."""
+    job = JobSpec(
+        name=unique(job_stem),
+        disks=(
+            DiskSpec(
+                disk_index=0,
+                name=name,
+                source=str(path),
+                size_bytes=size,
+                properties={"es_virtio_enabled": "no"},
+            ),
+        ),
+    )
+    async with open_store(database_url) as store:
+        return await store.submit_job(
+            job,
+            manifest={"job": job.name, "disks": [{"source": str(path), "name": name}]},
+            manifest_sha256=hashlib.sha256(name.encode()).hexdigest(),
+        )
+
+
 async def rows_of(database_url: str, job_id: uuid.UUID) -> dict[str, ResultRow]:
     async with open_store(database_url) as store:
         return {row.image_name: row for row in await store.result_rows(job_id)}
@@ -209,11 +234,7 @@ async def start_worker(
     fill up and stall a worker that runs for a minute)."""
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "--log-format",
-            "json",
+            *WORKER_CLI,
             "run",
             "--metrics-port",
             "0",

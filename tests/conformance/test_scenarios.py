@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ from tests.conformance.helpers import (
     os_environment,
     preflight_table,
     qemu_vmdk,
+    queue_unchecked,
     refusal,
     rows_of,
     run_batch,
@@ -46,8 +46,6 @@ from tests.conformance.helpers import (
     write_manifest,
 )
 from worker.clients.glance import open_glance
-from worker.core.model import DiskSpec, JobSpec
-from worker.store.store import open_store
 
 pytestmark = pytest.mark.conformance
 
@@ -118,24 +116,7 @@ async def test_a_non_vmdk_file_forced_past_preflight_fails_with_import_failed(
     path = tmp_path / "random.vmdk"
     path.write_bytes(os.urandom(MIB))
     # Straight into the queue: the manifest checks would refuse this file before a byte moved.
-    job = JobSpec(
-        name=unique("forced"),
-        disks=(
-            DiskSpec(
-                disk_index=0,
-                name=name,
-                source=str(path),
-                size_bytes=MIB,
-                properties={"es_virtio_enabled": "no"},
-            ),
-        ),
-    )
-    async with open_store(database_url) as store:
-        job_id = await store.submit_job(
-            job,
-            manifest={"job": job.name, "disks": [{"source": str(path), "name": name}]},
-            manifest_sha256=hashlib.sha256(name.encode()).hexdigest(),
-        )
+    job_id = await queue_unchecked(database_url, name, path, MIB, job_stem="forced")
 
     summary = await run_batch(database_url, target)
 
