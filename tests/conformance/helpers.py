@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -225,6 +226,30 @@ async def image_answer(target: Target, image_id: object) -> tuple[int, dict[str,
     ):
         body = await answer.json(content_type=None) if answer.status == 200 else {}
         return answer.status, body
+
+
+async def run_python_module(
+    module: str,
+    *args: str,
+    env: Mapping[str, str],
+    timeout_s: float,
+    merge_stderr: bool = False,
+) -> tuple[int, str, str]:
+    """`python -m MODULE ARGS` from the project root, waited for: its exit code, stdout and
+    stderr (with `merge_stderr`, stderr goes into stdout in the order written, and is "")."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        env=dict(env),
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), (err or b"").decode()
 
 
 async def start_worker(

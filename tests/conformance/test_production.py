@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -22,7 +21,6 @@ from tests.conformance.conftest import Target, mariadb_only, sandbox_target
 from tests.conformance.helpers import (
     FAST,
     MIB,
-    PROJECT_ROOT,
     VIRTUAL_SIZE_BYTES,
     cloud_of,
     finished,
@@ -33,6 +31,7 @@ from tests.conformance.helpers import (
     queue_unchecked,
     rows_of,
     run_batch,
+    run_python_module,
     sha512_of,
     start_worker,
     submit,
@@ -303,9 +302,7 @@ async def usage_of(target: Target) -> dict[str, Any]:
 
 
 async def validate_online(manifest: Path, target: Target, concurrency: int) -> tuple[int, str]:
-    done = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    code, out, _ = await run_python_module(
         "worker",
         "validate",
         "--online",
@@ -313,13 +310,10 @@ async def validate_online(manifest: Path, target: Target, concurrency: int) -> t
         str(concurrency),
         str(manifest),
         env=os_environment(target),
-        cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        timeout_s=60,
+        merge_stderr=True,
     )
-    out, _ = await asyncio.wait_for(done.communicate(), timeout=60)
-    assert done.returncode is not None
-    return done.returncode, out.decode()
+    return code, out
 
 
 async def events_of(database_url: str, query: str, *args: object) -> list[asyncpg.Record]:

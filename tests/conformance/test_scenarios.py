@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,6 @@ from tests.conformance.helpers import (
     KILLED_DISK_DATA_BYTES,
     KILLED_DISK_VIRTUAL_BYTES,
     MIB,
-    PROJECT_ROOT,
     VIRTUAL_SIZE_BYTES,
     cloud_of,
     create_type,
@@ -35,6 +33,7 @@ from tests.conformance.helpers import (
     refusal,
     rows_of,
     run_batch,
+    run_python_module,
     settled_active,
     sha512_of,
     short_lived_tokens,
@@ -259,22 +258,11 @@ async def test_validate_online_reads_the_cloud_and_exits_0(target: Target, tmp_p
     manifest = write_manifest(tmp_path, name, {name: disk})
     requests_before = info_requests(target)
 
-    done = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "validate",
-        "--online",
-        str(manifest),
-        env=os_environment(target),
-        cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, text, err = await run_python_module(
+        "worker", "validate", "--online", str(manifest), env=os_environment(target), timeout_s=60
     )
-    out, err = await asyncio.wait_for(done.communicate(), timeout=60)
 
-    text = out.decode()
-    assert done.returncode == 0, text + err.decode()
+    assert code == 0, text + err
     findings = preflight_table(text)
     assert all(status != "BLOCKING" for status, _ in findings.values()), text
     assert findings["import method"] == (
