@@ -17,7 +17,6 @@ import hashlib
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import asyncpg
 import pytest
 
 from tests.fixtures.batch import submit_disks
-from tests.fixtures.cli import cloud_env
+from tests.fixtures.cli import WORKER_CLI, cloud_env
 from worker.sandbox import Fault, Sandbox, SandboxConfig
 
 PROJECT = Path(__file__).parent.parent
@@ -73,11 +72,7 @@ class Fleet:
         worker_id = f"w{slot}-{self.started}"
         log = (self.log_dir / f"{worker_id}.log").open("wb")
         self.processes[worker_id] = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "--log-format",
-            "json",
+            *WORKER_CLI,
             "run",
             "--worker-id",
             worker_id,

@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import sys
-import tarfile
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,7 +20,8 @@ import click
 import pytest
 import yaml
 
-from tests.fixtures.cli import PROJECT, cloud_env, run_cli, submit, write_job
+from tests.fixtures.archives import tar_bytes
+from tests.fixtures.cli import PROJECT, WORKER_CLI, cloud_env, run_cli, submit, write_job
 from worker.cli.commands import cli
 from worker.config import load_cloud_settings
 from worker.core.model import Phase
@@ -36,9 +36,7 @@ async def test_submit_run_status_report_round_trip(
     env = cloud_env(sandbox, database_url)
     manifest = write_job(tmp_path, 3)
 
-    code, out, _ = await run_cli("submit", str(manifest), env=env)
-    assert code == 0
-    job_id = out.strip()
+    job_id = await submit(manifest, env=env)
     assert len(job_id) == 36
 
     code, _, err = await run_cli("run", "--once", "--concurrency", "2", env=env)
@@ -143,11 +141,7 @@ async def test_sigterm_lets_images_in_flight_finish_and_releases_nothing_half_do
     # 6 disks of ~0.5 s of upload each at the sandbox's slow link; 2 run at a time.
     await run_cli("submit", str(write_job(tmp_path, 6, fill_bytes=128 << 10)), env=env)
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "--log-format",
-        "json",
+        *WORKER_CLI,
         "run",
         "--concurrency",
         "2",
@@ -582,16 +576,6 @@ async def test_files_that_are_no_disk_image_are_named_through_the_cli(tmp_path: 
     assert "not a disk image (random data); if it is a raw disk" in lines[3]
 
 
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 # Ctrl-C -----------------------------------------------------------------------------------------
 
 
@@ -620,7 +604,7 @@ async def test_ctrl_c_in_a_command_exits_130_with_one_line(
         args = ["validate", "--online", str(write_job(tmp_path, 1))]
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "--log-format", "json", *args,
+            *WORKER_CLI, *args,
             env=env, cwd=PROJECT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         await asyncio.wait_for(heard.wait(), timeout=60)

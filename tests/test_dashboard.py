@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from tests.fixtures.cli import WORKER_CLI
 from tests.fixtures.views import WORKER, Disk, seed_job
 from worker.cli.dashboard import running_dashboard, serving_dashboard
 from worker.core.model import Phase
@@ -307,11 +307,7 @@ async def test_the_dashboard_command_serves_until_sigterm(
     database_url: str, job_ids: dict[str, UUID]
 ) -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "--log-format",
-        "json",
+        *WORKER_CLI,
         "dashboard",
         "--port",
         "0",

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from tests.fixtures.batch import FAST, cloud_for, migrate, rows_of, submit
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
+from tests.fixtures.cli import submit as submit_cli
 from tests.fixtures.dblink import DatabaseLink
 from worker.core.model import next_image_id
 from worker.run.app import run_worker
@@ -463,9 +464,7 @@ async def test_cancel_and_retry_commands_from_the_command_line(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     env = cloud_env(sandbox, database_url)
-    code, out, _ = await vmdk_migrate("submit", str(write_job(tmp_path, 3)), env=env)
-    assert code == 0
-    job_id = out.strip()
+    job_id = await submit_cli(write_job(tmp_path, 3), env=env)
 
     assert (await vmdk_migrate("cancel", "no-such-job", env=env))[0] == 2
     code, out, _ = await vmdk_migrate("cancel", job_id, env=env)

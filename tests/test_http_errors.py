@@ -7,8 +7,11 @@ import errno
 import json
 import socket
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -221,24 +224,47 @@ def test_long_bodies_are_truncated() -> None:
     assert len(error.message) <= 500
 
 
+E = TypeVar("E", bound=MigrationError)
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def transport_error(
+    expected: type[E], operation: str, method: str, url: str, settings: CloudSettings, **kw: Any
+) -> E:
+    """The error `translate_transport_errors` makes of one request that fails on the way."""
+    session = new_session(settings)
+    try:
+        with pytest.raises(expected) as caught:
+            async with translate_transport_errors(operation, url):
+                await session.request(method, url, **kw)
+    finally:
+        await session.close()
+    return caught.value
+
+
+@asynccontextmanager
+async def images_url_served_by(handler: Handler) -> AsyncIterator[str]:
+    """A loopback server that treats every connection with `handler`: its /v2/images URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v2/images"
+    finally:
+        server.close()
+
+
 async def test_refused_connection_becomes_connection_failed() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://migrator:hunter2@127.0.0.1:{port}/v2/images?token=t0ken"
-    session = new_session(CloudSettings(connect_timeout_s=2.0, read_timeout_s=2.0))
-    try:
-        with pytest.raises(ConnectionFailed) as caught:
-            async with translate_transport_errors("get_image", url):
-                await session.get(url)
-    finally:
-        await session.close()
+    settings = CloudSettings(connect_timeout_s=2.0, read_timeout_s=2.0)
+    error = await transport_error(ConnectionFailed, "get_image", "GET", url, settings)
 
-    assert caught.value.operation == "get_image"
-    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectionError)
+    assert error.operation == "get_image"
+    assert isinstance(error.__cause__, aiohttp.ClientConnectionError)
     # The URL without its user information or query, and the OS's reason in words.
-    assert caught.value.message == (
-        f"cannot connect to http://127.0.0.1:{port}/v2/images: connection refused"
+    assert (
+        error.message == f"cannot connect to http://127.0.0.1:{port}/v2/images: connection refused"
     )
 
 
@@ -247,20 +273,12 @@ async def test_silent_server_becomes_request_timeout() -> None:
         await reader.read()  # until the client gives up and closes
         writer.close()
 
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v2/images"
-    session = new_session(CloudSettings(connect_timeout_s=1.0, read_timeout_s=0.2))
-    try:
-        with pytest.raises(RequestTimeout) as caught:
-            async with translate_transport_errors("get_image", url):
-                await session.get(url)
-    finally:
-        await session.close()
-        server.close()
+    settings = CloudSettings(connect_timeout_s=1.0, read_timeout_s=0.2)
+    async with images_url_served_by(never_answer) as url:
+        error = await transport_error(RequestTimeout, "get_image", "GET", url, settings)
 
-    assert isinstance(caught.value.__cause__, TimeoutError)
-    assert caught.value.message == f"no answer in time from {url}"
+    assert isinstance(error.__cause__, TimeoutError)
+    assert error.message == f"no answer in time from {url}"
 
 
 async def test_a_server_that_hangs_up_is_named_with_the_url() -> None:
@@ -268,20 +286,14 @@ async def test_a_server_that_hangs_up_is_named_with_the_url() -> None:
         await reader.readuntil(b"\r\n\r\n")  # the whole request head, then no answer
         writer.close()
 
-    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v2/images"
-    session = new_session(CloudSettings(connect_timeout_s=2.0, read_timeout_s=2.0))
-    try:
-        with pytest.raises(ConnectionFailed) as caught:
-            # POST: aiohttp repeats an idempotent request itself on a dropped connection.
-            async with translate_transport_errors("create_image", url):
-                await session.post(url, json={})
-    finally:
-        await session.close()
-        server.close()
+    settings = CloudSettings(connect_timeout_s=2.0, read_timeout_s=2.0)
+    async with images_url_served_by(hang_up) as url:
+        # POST: aiohttp repeats an idempotent request itself on a dropped connection.
+        error = await transport_error(
+            ConnectionFailed, "create_image", "POST", url, settings, json={}
+        )
 
-    assert caught.value.message == f"{url}: the server closed the connection"
+    assert error.message == f"{url}: the server closed the connection"
 
 
 async def test_payload_errors_become_connection_failed() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -48,50 +49,37 @@ async def test_token_from_header_and_image_endpoint_from_catalog(
     assert issued[0]["expires_at"]
 
 
-async def test_user_and_project_by_id(sandbox: Sandbox, session: aiohttp.ClientSession) -> None:
-    settings = load_cloud_settings(
-        {
-            "OS_AUTH_URL": sandbox.auth_url,
-            "OS_USER_ID": sandbox.user_id,
-            "OS_PASSWORD": sandbox.password,
-            "OS_PROJECT_ID": sandbox.project_id,
-        }
-    )
-    auth = KeystoneAuth(session, settings)
-
-    assert await glance_answers(session, await auth.image_endpoint(), await auth.token()) == 200
+def user_and_project_by_id(sb: Sandbox) -> dict[str, str]:
+    return {"OS_USER_ID": sb.user_id, "OS_PASSWORD": sb.password, "OS_PROJECT_ID": sb.project_id}
 
 
-async def test_application_credential_by_id(
-    sandbox: Sandbox, session: aiohttp.ClientSession
+def application_credential_by_id(sb: Sandbox) -> dict[str, str]:
+    return {
+        "OS_APPLICATION_CREDENTIAL_ID": sb.app_cred_id,
+        "OS_APPLICATION_CREDENTIAL_SECRET": sb.app_cred_secret,
+    }
+
+
+def application_credential_by_name_and_user(sb: Sandbox) -> dict[str, str]:
+    return {
+        "OS_AUTH_TYPE": "v3applicationcredential",
+        "OS_APPLICATION_CREDENTIAL_NAME": sb.app_cred_name,
+        "OS_APPLICATION_CREDENTIAL_SECRET": sb.app_cred_secret,
+        "OS_USERNAME": sb.username,
+        "OS_USER_DOMAIN_NAME": sb.domain_name,
+    }
+
+
+@pytest.mark.parametrize(
+    "os_variables",
+    [user_and_project_by_id, application_credential_by_id, application_credential_by_name_and_user],
+)
+async def test_other_credentials_get_a_token_glance_accepts(
+    sandbox: Sandbox,
+    session: aiohttp.ClientSession,
+    os_variables: Callable[[Sandbox], dict[str, str]],
 ) -> None:
-    settings = load_cloud_settings(
-        {
-            "OS_AUTH_URL": sandbox.auth_url,
-            "OS_APPLICATION_CREDENTIAL_ID": sandbox.app_cred_id,
-            "OS_APPLICATION_CREDENTIAL_SECRET": sandbox.app_cred_secret,
-        }
-    )
-    auth = KeystoneAuth(session, settings)
-
-    token = await auth.token()
-
-    assert await glance_answers(session, await auth.image_endpoint(), token) == 200
-
-
-async def test_application_credential_by_name_and_user(
-    sandbox: Sandbox, session: aiohttp.ClientSession
-) -> None:
-    settings = load_cloud_settings(
-        {
-            "OS_AUTH_URL": sandbox.auth_url,
-            "OS_AUTH_TYPE": "v3applicationcredential",
-            "OS_APPLICATION_CREDENTIAL_NAME": sandbox.app_cred_name,
-            "OS_APPLICATION_CREDENTIAL_SECRET": sandbox.app_cred_secret,
-            "OS_USERNAME": sandbox.username,
-            "OS_USER_DOMAIN_NAME": sandbox.domain_name,
-        }
-    )
+    settings = load_cloud_settings({"OS_AUTH_URL": sandbox.auth_url, **os_variables(sandbox)})
     auth = KeystoneAuth(session, settings)
 
     assert await glance_answers(session, await auth.image_endpoint(), await auth.token()) == 200
@@ -113,13 +101,11 @@ async def test_wrong_password_is_auth_failed(
 async def test_wrong_application_credential_secret_is_auth_failed(
     sandbox: Sandbox, session: aiohttp.ClientSession
 ) -> None:
-    settings = load_cloud_settings(
-        {
-            "OS_AUTH_URL": sandbox.auth_url,
-            "OS_APPLICATION_CREDENTIAL_ID": sandbox.app_cred_id,
-            "OS_APPLICATION_CREDENTIAL_SECRET": "not-it",
-        }
-    )
+    os_variables = {
+        **application_credential_by_id(sandbox),
+        "OS_APPLICATION_CREDENTIAL_SECRET": "not-it",
+    }
+    settings = load_cloud_settings({"OS_AUTH_URL": sandbox.auth_url, **os_variables})
 
     with pytest.raises(AuthFailed):
         await KeystoneAuth(session, settings).token()

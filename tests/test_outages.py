@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 
 from tests.fixtures.batch import rows_of, submit
 from tests.fixtures.cli import cloud_env, run_cli, write_job
+from tests.fixtures.cli import submit as submit_cli
 from tests.fixtures.db import fetch_rows
 from tests.fixtures.dblink import DatabaseLink
 from tests.fixtures.webhooks import Receiver, serving
@@ -52,7 +53,9 @@ PROBING = OutagePolicy(probe_first_s=0.05, probe_factor=2.0, probe_max_s=0.2, wa
 BUDGETS = 10
 PROBES = 4
 SLOW_STAGES = SandboxConfig(stage_rate_bytes_per_s=512 << 10)
+SLOWER_STAGES = SandboxConfig(stage_rate_bytes_per_s=256 << 10)
 DISKS = [f"out{n}" for n in range(6)]
+Logs = list[MutableMapping[str, Any]]
 
 
 async def until(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 60.0) -> None:
@@ -154,6 +157,11 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def logged(logs: Logs, event: str) -> None:
+    """Hold until `event` is among the logs."""
+    await until(lambda: _true(any(e["event"] == event for e in logs)))
+
+
 async def assert_nothing_lost(database_url: str, sandbox: Sandbox, job_id: str) -> None:
     """Every row done and verified, claimed once; the cloud holds exactly the rows' images."""
     rows = await rows_of(database_url, job_id)
@@ -220,7 +228,7 @@ async def test_a_breaker_shows_in_readyz_the_gauge_the_logs_and_status(
         sandbox.set_outage("image", "down")
         await outage_seen(sandbox, database_url, "image")
         # Long enough for the once-a-minute warning (0.3 s here) to have been said.
-        await until(lambda: _true(any(e["event"] == "outage.ongoing" for e in logs)))
+        await logged(logs, "outage.ongoing")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/readyz") as response:
                 ready_status, ready = response.status, await response.json()
@@ -277,10 +285,39 @@ async def test_an_outage_sends_one_webhook_notice_as_it_starts_and_one_as_it_end
 
 
 @pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
+async def rotate_the_password_mid_run(
+    database_url: str,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    write_credentials: Callable[[str], None],
+    env: Callable[[], dict[str, str]],
+    *,
+    new_password: str,
+) -> Logs:
+    """Run a job on the credentials `write_credentials` puts where `env` reads them; mid-run
+    rotate the password to `new_password`, and write that once the worker has paused for it.
+    Every image ends done, the credentials were read again, and the new password was never
+    logged; returns the logs."""
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+    write_credentials(sandbox.password)
+    with capture_logs() as logs:
+        worker = start_worker(database_url, sandbox, reload_env=env)
+        await some_images_in_flight(database_url, job_id)
+        sandbox.rotate_password(new_password)
+        await outage_seen(sandbox, database_url, "identity")
+        write_credentials(new_password)
+        summary = await asyncio.wait_for(worker, timeout=60)
+
+    assert summary.by_phase == {"done": len(DISKS)}
+    await assert_nothing_lost(database_url, sandbox, job_id)
+    assert any(e["event"] == "auth.credentials_reloaded" for e in logs)
+    assert new_password not in repr(logs)
+    return logs
+
+
 async def test_credentials_rotated_mid_run_pause_until_clouds_yaml_is_fixed(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    job_id, _ = await submit(database_url, tmp_path, DISKS)
     clouds_yaml = tmp_path / "clouds.yaml"
 
     def write_clouds(password: str) -> None:
@@ -297,23 +334,14 @@ async def test_credentials_rotated_mid_run_pause_until_clouds_yaml_is_fixed(
     def env() -> dict[str, str]:
         return {"OS_CLOUD": "sandbox", "OS_CLIENT_CONFIG_FILE": str(clouds_yaml)}
 
-    write_clouds(sandbox.password)
-    with capture_logs() as logs:
-        worker = start_worker(database_url, sandbox, reload_env=env)
-        await some_images_in_flight(database_url, job_id)
-        sandbox.rotate_password("rotated-secret")
-        await outage_seen(sandbox, database_url, "identity")
-        write_clouds("rotated-secret")
-        summary = await asyncio.wait_for(worker, timeout=60)
+    logs = await rotate_the_password_mid_run(
+        database_url, sandbox, tmp_path, write_clouds, env, new_password="rotated-secret"
+    )
 
-    assert summary.by_phase == {"done": len(DISKS)}
-    await assert_nothing_lost(database_url, sandbox, job_id)
     started = [e for e in logs if e["event"] == "outage.started"]
     assert [(e["service"], e["reason"]) for e in started] == [
         ("identity", "refusing the credentials")
     ]
-    assert any(e["event"] == "auth.credentials_reloaded" for e in logs)
-    assert "rotated-secret" not in repr(logs)
 
 
 async def test_credentials_rotated_mid_run_pause_until_the_env_file_is_fixed(
@@ -321,7 +349,6 @@ async def test_credentials_rotated_mid_run_pause_until_the_env_file_is_fixed(
 ) -> None:
     # As `run --env-file` reads it: OS_* lines laid over the environment, read again when
     # the credentials are refused (a systemd EnvironmentFile, a mounted k8s secret).
-    job_id, _ = await submit(database_url, tmp_path, DISKS)
     env_file = tmp_path / "vmdk-migrate.env"
 
     def write_env(password: str) -> None:
@@ -331,36 +358,30 @@ async def test_credentials_rotated_mid_run_pause_until_the_env_file_is_fixed(
     def env() -> dict[str, str]:
         return with_env_file({}, env_file)
 
-    write_env(sandbox.password)
-    with capture_logs() as logs:
-        worker = start_worker(database_url, sandbox, reload_env=env)
-        await some_images_in_flight(database_url, job_id)
-        sandbox.rotate_password("rotated-in-the-env-file")
-        await outage_seen(sandbox, database_url, "identity")
-        write_env("rotated-in-the-env-file")
-        summary = await asyncio.wait_for(worker, timeout=60)
-
-    assert summary.by_phase == {"done": len(DISKS)}
-    await assert_nothing_lost(database_url, sandbox, job_id)
-    assert any(e["event"] == "auth.credentials_reloaded" for e in logs)
-    assert "rotated-in-the-env-file" not in repr(logs)
+    await rotate_the_password_mid_run(
+        database_url, sandbox, tmp_path, write_env, env, new_password="rotated-in-the-env-file"
+    )
 
 
-@pytest.mark.parametrize(
-    "sandbox_config", [SandboxConfig(stage_rate_bytes_per_s=256 << 10)], indirect=True
-)
-async def test_a_postgresql_restart_costs_no_image_and_no_attempt(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
-) -> None:
-    job_id, _ = await submit(database_url, tmp_path, DISKS)
+async def through_a_database_outage(
+    database_url: str,
+    sandbox: Sandbox,
+    job_id: str,
+    *,
+    while_away: Callable[[Logs], Awaitable[None]],
+    **extra: Any,
+) -> Logs:
+    """Run the job through a DatabaseLink; once images are in flight, cut the link (every
+    connection reset, new ones refused: a restart) until `while_away(logs)` returns. Every
+    image ends done and nothing is lost; returns the logs."""
     link = DatabaseLink(database_url)
     await link.up()
     try:
         with capture_logs() as logs:
-            worker = start_worker(link.dsn, sandbox)
+            worker = start_worker(link.dsn, sandbox, **extra)
             await some_images_in_flight(database_url, job_id)
-            await link.down()  # every connection reset, new ones refused: a restart
-            await until(lambda: _true(any(e["event"] == "outage.started" for e in logs)))
+            await link.down()
+            await while_away(logs)
             await link.up()
             summary = await asyncio.wait_for(worker, timeout=60)
     finally:
@@ -368,36 +389,40 @@ async def test_a_postgresql_restart_costs_no_image_and_no_attempt(
 
     assert summary.by_phase == {"done": len(DISKS)}
     await assert_nothing_lost(database_url, sandbox, job_id)
+    return logs
+
+
+@pytest.mark.parametrize("sandbox_config", [SLOWER_STAGES], indirect=True)
+async def test_a_postgresql_restart_costs_no_image_and_no_attempt(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    job_id, _ = await submit(database_url, tmp_path, DISKS)
+
+    logs = await through_a_database_outage(
+        database_url, sandbox, job_id, while_away=lambda logs: logged(logs, "outage.started")
+    )
+
     started = [e for e in logs if e["event"] == "outage.started"]
     assert {e["service"] for e in started} == {"database"}
     assert any(e["event"] == "outage.ended" and e["service"] == "database" for e in logs)
 
 
-@pytest.mark.parametrize(
-    "sandbox_config", [SandboxConfig(stage_rate_bytes_per_s=256 << 10)], indirect=True
-)
+@pytest.mark.parametrize("sandbox_config", [SLOWER_STAGES], indirect=True)
 async def test_a_database_outage_longer_than_the_lease_costs_no_attempt(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     # The leases run out while the database is away: the images in flight are stopped (another
     # worker may take them once it is back), and taking them up again is not a new attempt.
     job_id, _ = await submit(database_url, tmp_path, DISKS)
-    link = DatabaseLink(database_url)
-    await link.up()
-    try:
-        with capture_logs() as logs:
-            worker = start_worker(link.dsn, sandbox, lease_s=2.0)
-            await some_images_in_flight(database_url, job_id)
-            await link.down()
-            await until(lambda: _true(any(e["event"] == "image.lease_expired" for e in logs)))
-            await until(lambda: leases_expired(database_url, job_id))
-            await link.up()
-            summary = await asyncio.wait_for(worker, timeout=60)
-    finally:
-        await link.down()
 
-    assert summary.by_phase == {"done": len(DISKS)}
-    await assert_nothing_lost(database_url, sandbox, job_id)
+    async def until_the_leases_expired(logs: Logs) -> None:
+        await logged(logs, "image.lease_expired")
+        await until(lambda: leases_expired(database_url, job_id))
+
+    logs = await through_a_database_outage(
+        database_url, sandbox, job_id, while_away=until_the_leases_expired, lease_s=2.0
+    )
+
     assert not [e for e in logs if e["event"] == "image.orphan_left"]
 
 
@@ -432,9 +457,7 @@ async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     env = cloud_env(sandbox, database_url)
-    code, out, _ = await run_cli("submit", str(write_job(tmp_path, 4)), env=env)
-    assert code == 0
-    job_id = out.strip()
+    job_id = await submit_cli(write_job(tmp_path, 4), env=env)
     env["OS_PASSWORD"] = "not-the-password"
 
     started = time.monotonic()
@@ -455,9 +478,7 @@ async def test_an_unreachable_keystone_past_max_outage_exits_3_naming_it_and_tou
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     env = cloud_env(sandbox, database_url)
-    code, out, _ = await run_cli("submit", str(write_job(tmp_path, 3)), env=env)
-    assert code == 0
-    job_id = out.strip()
+    job_id = await submit_cli(write_job(tmp_path, 3), env=env)
     auth_url = f"http://127.0.0.1:{free_port()}/v3"  # nothing listens there
     env["OS_AUTH_URL"] = auth_url
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.archives import tar_bytes
 from worker.errors import UnsupportedDisk
 from worker.intake.appliance import OVA, OVF, open_appliance, parse_mf, sniff
 from worker.intake.ova import is_tar, read_members
@@ -18,11 +18,7 @@ LONG = "a-virtual-machine-with-a-name-that-goes-on-" + "and-on-" * 10 + "end"
 
 
 def _tar(path: Path, files: dict[str, bytes], tar_format: int) -> None:
-    with tarfile.open(path, "w", format=tar_format) as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
+    path.write_bytes(tar_bytes(files, tar_format))
 
 
 @pytest.mark.parametrize("kind", ["gnu", "pax"])

@@ -22,15 +22,27 @@ from worker.sandbox import Fault, Sandbox, SandboxConfig
 from worker.store.store import Claim, ResultRow, StepEvent, Store, open_store
 
 
+async def migrate_all(
+    database_url: str, sandbox: Sandbox, tmp_path: Path, count: int, **settings: Any
+) -> tuple[str, dict[str, Path]]:
+    """Submit `count` disks (disk-0, disk-1, ...) and migrate them with `settings`: all end
+    done. Returns the job id and each disk's path."""
+    names = [f"disk-{n}" for n in range(count)]
+    job_id, paths = await submit(database_url, tmp_path, names)
+
+    summary = await migrate(database_url, sandbox, **settings)
+
+    assert summary.by_phase == {"done": count}
+    return job_id, paths
+
+
 async def test_a_batch_ends_active_with_sizes_and_hashes_verified(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    names = [f"disk-{n}" for n in range(6)]
-    job_id, paths = await submit(database_url, tmp_path, names)
+    job_id, paths = await migrate_all(
+        database_url, sandbox, tmp_path, 6, concurrency=3, stage_concurrency=2
+    )
 
-    summary = await migrate(database_url, sandbox, concurrency=3, stage_concurrency=2)
-
-    assert summary.by_phase == {"done": 6}
     rows = await rows_of(database_url, job_id)
     images = {image["name"]: image for image in sandbox.images()}
     for name, path in paths.items():
@@ -104,12 +116,8 @@ async def test_each_failure_signal_fails_its_image_only_and_leaves_no_image(
 async def test_stages_in_flight_never_exceed_the_limit(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    names = [f"disk-{n}" for n in range(8)]
-    await submit(database_url, tmp_path, names)
+    await migrate_all(database_url, sandbox, tmp_path, 8, concurrency=8, stage_concurrency=2)
 
-    summary = await migrate(database_url, sandbox, concurrency=8, stage_concurrency=2)
-
-    assert summary.by_phase == {"done": 8}
     # Seen from the cloud's side: never more than two uploads at once, and two did overlap.
     assert sandbox.peak_concurrent_stages == 2
 
@@ -143,12 +151,8 @@ async def test_bad_files_fail_alone_and_the_rest_of_the_batch_finishes(
 async def test_tokens_that_expire_mid_batch_are_renewed(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    names = [f"disk-{n}" for n in range(4)]
-    _job_id, _ = await submit(database_url, tmp_path, names)
+    await migrate_all(database_url, sandbox, tmp_path, 4, concurrency=2, stage_concurrency=1)
 
-    summary = await migrate(database_url, sandbox, concurrency=2, stage_concurrency=1)
-
-    assert summary.by_phase == {"done": 4}
     assert sandbox.issued_tokens >= 2
 
 

@@ -103,14 +103,21 @@ async def test_an_ovf_directory_with_two_disks_gives_the_boot_disk_virtio(
     assert "hw_vif_model" not in rows["app-disk1"].spec["appliance"]["from_ovf"]
 
 
-async def test_a_tampered_disk_fails_with_source_digest_mismatch_and_leaves_no_image(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
-) -> None:
+def db01_with_disk2_tampered(tmp_path: Path) -> Path:
+    """The OVF export of VM db01 with one byte of disk2 flipped inside the grains: the headers
+    still read as before, but the bytes no longer match the manifest's digest."""
     ovf = write_ovf_directory(tmp_path / "parts", [SampleVm("db01")], name="db01")
     disk = ovf.parent / "db01-disk2.vmdk"
     data = bytearray(disk.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # inside the grains: the headers still read as before
+    data[len(data) // 2] ^= 0xFF
     disk.write_bytes(bytes(data))
+    return ovf
+
+
+async def test_a_tampered_disk_fails_with_source_digest_mismatch_and_leaves_no_image(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    ovf = db01_with_disk2_tampered(tmp_path)
     ova = pack_ova(ovf, tmp_path / "db01.ova")
     job_id = await submit_manifest(
         database_url,
@@ -169,11 +176,7 @@ async def test_a_multi_vm_ovf_names_each_vms_images_after_it(
 async def test_status_groups_a_vms_disks_and_report_names_the_vm(
     database_url: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    ovf = write_ovf_directory(tmp_path / "parts", [SampleVm("db01")], name="db01")
-    disk = ovf.parent / "db01-disk2.vmdk"
-    data = bytearray(disk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    disk.write_bytes(bytes(data))
+    ovf = db01_with_disk2_tampered(tmp_path)
     web = write_ova(tmp_path / "web01.ova", [SampleVm("web01", seed=4)])
     loose = write_ovf_directory(
         tmp_path / "loose", [SampleVm("x", disks=(SampleDisk(),))], name="x"

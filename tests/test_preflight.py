@@ -6,11 +6,11 @@ import asyncio
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.cli import WORKER_CLI
 from worker.clients.glance import open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.core.model import DiskSpec, JobSpec
@@ -219,7 +219,7 @@ def write_job(tmp_path: Path, count: int = 3, **defaults: object) -> Path:
 
 async def validate(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "--log-format", "json", "validate", *args,
+        *WORKER_CLI, "validate", *args,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)

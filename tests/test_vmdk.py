@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import io
 import json
 import os
 import random
@@ -12,13 +11,13 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.archives import tar_bytes
+from tests.fixtures.cli import WORKER_CLI
 from worker.errors import SourceError, UnsupportedDisk
 from worker.intake.sampledisks import write_monolithic_sparse, write_stream_optimized
 from worker.intake.source import inspect_source
@@ -641,16 +640,6 @@ def test_files_that_are_not_vmdks_are_named(tmp_path: Path, content: bytes, expe
     assert refusal(path).startswith(expected)
 
 
-def tar_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 OVF = b"""<?xml version="1.0" encoding="UTF-8"?>
 <Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1">
   <References><File ovf:href="web01-disk1.vmdk" ovf:id="file1"/></References>
@@ -665,8 +654,8 @@ RAW_ADVICE = "set disk_format: raw"
         (b"hello, this is a text file\n" * 40, "not a disk image (text)", False),
         (b"just text, and 512 bytes of it" + b"." * 482, "not a disk image (text)", False),
         (OVF, "not a disk image (an OVF descriptor", False),
-        (tar_of({"web01.ovf": OVF, "web01-disk1.vmdk": bytes(1024)}), "an OVA", False),
-        (tar_of({"notes.txt": b"x"}), "not a disk image (a tar archive)", False),
+        (tar_bytes({"web01.ovf": OVF, "web01-disk1.vmdk": bytes(1024)}), "an OVA", False),
+        (tar_bytes({"notes.txt": b"x"}), "not a disk image (a tar archive)", False),
         (gzip.compress(bytes(4096)), "not a disk image (a gzip-compressed file)", False),
         (random_bytes(100_000), "not a disk image (random data; 100000 bytes", False),
         (random_bytes(64 << 10), "not a disk image (random data)", True),
@@ -741,7 +730,7 @@ def bad_and_good_disks(qemu_img: str, directory: Path) -> dict[str, Path]:
 
 async def vmdk_migrate(*args: str, env: dict[str, str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "--log-format", "json", *args,
+        *WORKER_CLI, *args,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)

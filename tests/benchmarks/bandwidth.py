@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.fixtures.batch import cloud_for
 from worker.clients.glance import open_glance
-from worker.config import CloudSettings, load_cloud_settings
 from worker.run.bandwidth import following_bandwidth, set_bandwidth_limit
 from worker.sandbox import Sandbox
 
@@ -38,20 +38,6 @@ class CapFigures:
     @property
     def second_error(self) -> float:
         return self.second_rate_bytes_per_s / self.second_limit_bytes_per_s - 1
-
-
-def cloud_for(sb: Sandbox) -> CloudSettings:
-    return load_cloud_settings(
-        {},
-        overrides={
-            "auth_url": sb.auth_url,
-            "username": sb.username,
-            "password": sb.password,
-            "user_domain_name": sb.domain_name,
-            "project_name": sb.project_name,
-            "project_domain_name": sb.domain_name,
-        },
-    )
 
 
 def slope(samples: list[tuple[float, int]], start_s: float, end_s: float) -> float:

@@ -21,9 +21,11 @@ import asyncpg
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
+from tests.fixtures.cli import WORKER_CLI
 from worker.clients.glance import GlanceClient
 from worker.config import CloudSettings, load_cloud_settings
 from worker.core.machine import Policies
+from worker.core.model import DiskSpec, JobSpec
 from worker.core.policy import PollPolicy, RetryPolicy
 from worker.errors import MigrationError
 from worker.intake.manifest import load_manifest
@@ -159,6 +161,30 @@ async def submit(database_url: str, directory: Path, disks: Mapping[str, Path]) 
         )
 
 
+async def queue_unchecked(
+    database_url: str, name: str, path: Path, size: int, *, job_stem: str = "unchecked"
+) -> uuid.UUID:
+    """Straight into the queue, past the manifest checks (which would refuse the file)."""
+    job = JobSpec(
+        name=unique(job_stem),
+        disks=(
+            DiskSpec(
+                disk_index=0,
+                name=name,
+                source=str(path),
+                size_bytes=size,
+                properties={"es_virtio_enabled": "no"},
+            ),
+        ),
+    )
+    async with open_store(database_url) as store:
+        return await store.submit_job(
+            job,
+            manifest={"job": job.name, "disks": [{"source": str(path), "name": name}]},
+            manifest_sha256=hashlib.sha256(name.encode()).hexdigest(),
+        )
+
+
 async def rows_of(database_url: str, job_id: uuid.UUID) -> dict[str, ResultRow]:
     async with open_store(database_url) as store:
         return {row.image_name: row for row in await store.result_rows(job_id)}
@@ -202,6 +228,30 @@ async def image_answer(target: Target, image_id: object) -> tuple[int, dict[str,
         return answer.status, body
 
 
+async def run_python_module(
+    module: str,
+    *args: str,
+    env: Mapping[str, str],
+    timeout_s: float,
+    merge_stderr: bool = False,
+) -> tuple[int, str, str]:
+    """`python -m MODULE ARGS` from the project root, waited for: its exit code, stdout and
+    stderr (with `merge_stderr`, stderr goes into stdout in the order written, and is "")."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        env=dict(env),
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), (err or b"").decode()
+
+
 async def start_worker(
     env: Mapping[str, str], log_path: Path, *args: str
 ) -> asyncio.subprocess.Process:
@@ -209,11 +259,7 @@ async def start_worker(
     fill up and stall a worker that runs for a minute)."""
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "--log-format",
-            "json",
+            *WORKER_CLI,
             "run",
             "--metrics-port",
             "0",

@@ -147,6 +147,8 @@ def failure_signalled(image: Mapping[str, Any]) -> bool:
 
 # ---- the states a case starts from -----------------------------------------------------
 
+Given = Callable[[Cloud], Awaitable[str]]
+
 
 async def given_nothing(cloud: Cloud) -> str:
     return str(uuid.uuid4())
@@ -172,28 +174,21 @@ async def given_deleted(cloud: Cloud) -> str:
     return image_id
 
 
-async def given_staged(cloud: Cloud) -> str:
-    image_id = await cloud.create()
-    await cloud.stage(image_id, VALID_VMDK)
-    return image_id
+def given_staged_with(data: bytes, **properties: str) -> Given:
+    """The state: an image created with `properties` and `data` staged to it."""
+
+    async def given(cloud: Cloud) -> str:
+        image_id = await cloud.create(**properties)
+        await cloud.stage(image_id, data)
+        return image_id
+
+    return given
 
 
-async def given_staged_stream(cloud: Cloud) -> str:
-    image_id = await cloud.create()
-    await cloud.stage(image_id, STREAM_VMDK)
-    return image_id
-
-
-async def given_staged_random(cloud: Cloud) -> str:
-    image_id = await cloud.create()
-    await cloud.stage(image_id, RANDOM_BYTES)
-    return image_id
-
-
-async def given_staged_virtio(cloud: Cloud) -> str:
-    image_id = await cloud.create(es_virtio_enabled="yes")
-    await cloud.stage(image_id, VALID_VMDK)
-    return image_id
+given_staged = given_staged_with(VALID_VMDK)
+given_staged_stream = given_staged_with(STREAM_VMDK)
+given_staged_random = given_staged_with(RANDOM_BYTES)
+given_staged_virtio = given_staged_with(VALID_VMDK, es_virtio_enabled="yes")
 
 
 async def given_active(cloud: Cloud) -> str:
@@ -203,8 +198,6 @@ async def given_active(cloud: Cloud) -> str:
     assert image["status"] == "active", f"setup import ended {image['status']}: {image}"
     return image_id
 
-
-Given = Callable[[Cloud], Awaitable[str]]
 
 # ---- facts gathered after the request ------------------------------------------------
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conformance.conftest import Target, sandbox_target
-from tests.conformance.helpers import PROJECT_ROOT, cloud_of, os_environment
+from tests.conformance.helpers import cloud_of, os_environment, run_python_module
 from tests.conformance.own_cloud import NAME_PREFIX, check_cloud
 from worker.sandbox import SandboxConfig
 
@@ -34,20 +32,10 @@ CHECKS = [
 
 
 async def own_cloud_run(env: dict[str, str], *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.conformance.run",
-        "--cloud",
-        *args,
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    code, out, _ = await run_python_module(
+        "tests.conformance.run", "--cloud", *args, env=env, timeout_s=120, merge_stderr=True
     )
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    return code, out
 
 
 def report_lines(output: str) -> dict[str, tuple[str, str]]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -23,7 +21,6 @@ from tests.conformance.conftest import Target, mariadb_only, sandbox_target
 from tests.conformance.helpers import (
     FAST,
     MIB,
-    PROJECT_ROOT,
     VIRTUAL_SIZE_BYTES,
     cloud_of,
     finished,
@@ -31,18 +28,20 @@ from tests.conformance.helpers import (
     os_environment,
     preflight_table,
     qemu_vmdk,
+    queue_unchecked,
     rows_of,
     run_batch,
+    run_python_module,
     sha512_of,
     start_worker,
     submit,
     unique,
     wait_for_row,
+    write_manifest,
 )
 from tests.conformance.realstack import GlanceProfile, RealStack
 from worker.clients.glance import open_glance
 from worker.core.machine import Policies
-from worker.core.model import DiskSpec, JobSpec
 from worker.core.policy import RetryPolicy
 from worker.errors import Conflict
 from worker.intake.manifest import load_manifest
@@ -266,18 +265,7 @@ async def test_data_rewritten_during_import_ends_done_and_transformed(
         for subformat in SUBFORMATS
     }
     async with converting(target, request) as cloud:
-        manifest = {
-            "job": unique("rewrite"),
-            "defaults": {"es_virtio_enabled": "no"},
-            "disks": [{"source": str(path), "name": name} for name, path in disks.items()],
-        }
-        path = tmp_path / "rewrite.json"
-        path.write_text(json.dumps(manifest))
-        loaded = load_manifest(path)
-        async with open_store(database_url) as store:
-            job_id = await store.submit_job(
-                loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256
-            )
+        job_id = await submit(database_url, tmp_path, disks)
         summary = await run_batch(database_url, cloud, concurrency=2)
         rows = await rows_of(database_url, job_id)
         images = {
@@ -314,9 +302,7 @@ async def usage_of(target: Target) -> dict[str, Any]:
 
 
 async def validate_online(manifest: Path, target: Target, concurrency: int) -> tuple[int, str]:
-    done = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    code, out, _ = await run_python_module(
         "worker",
         "validate",
         "--online",
@@ -324,24 +310,10 @@ async def validate_online(manifest: Path, target: Target, concurrency: int) -> t
         str(concurrency),
         str(manifest),
         env=os_environment(target),
-        cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        timeout_s=60,
+        merge_stderr=True,
     )
-    out, _ = await asyncio.wait_for(done.communicate(), timeout=60)
-    assert done.returncode is not None
-    return done.returncode, out.decode()
-
-
-def quota_manifest(directory: Path, disks: Mapping[str, Path]) -> Path:
-    manifest = {
-        "job": unique("quota"),
-        "defaults": {"es_virtio_enabled": "no"},
-        "disks": [{"source": str(path), "name": name} for name, path in disks.items()],
-    }
-    path = directory / f"{manifest['job']}.json"
-    path.write_text(json.dumps(manifest))
-    return path
+    return code, out
 
 
 async def events_of(database_url: str, query: str, *args: object) -> list[asyncpg.Record]:
@@ -382,11 +354,11 @@ async def test_a_job_over_the_stage_quota_at_its_concurrency_is_throttled_not_fa
     cleanup.append(prefix_of(disks))
     largest_mib = max(-(-path.stat().st_size // MIB) for path in disks.values())
     stage_limit_mib = QUOTA_FITS * largest_mib
-    manifest = quota_manifest(tmp_path, disks)
+    manifest = write_manifest(tmp_path, unique("quota"), disks)
     big = qemu_vmdk(
         tmp_path / "big.vmdk", "streamOptimized", data_bytes=4 * MIB, virtual_bytes=64 * MIB
     )
-    big_manifest = quota_manifest(tmp_path, {unique(f"{tag}-too-big"): big})
+    big_manifest = write_manifest(tmp_path, unique("quota"), {unique(f"{tag}-too-big"): big})
     big_mib = -(-big.stat().st_size // MIB)
 
     with real_stack.glance_profile(GlanceProfile(keystone_limits=True)):
@@ -468,28 +440,6 @@ def safety_check_failures(stack: RealStack) -> int:
     """How many imports Glance's log says its format inspector refused as unsafe."""
     log = stack.base_dir / "log" / "glance-api.log"
     return log.read_text(errors="replace").count("failed with exception Image failed safety")
-
-
-async def queue_unchecked(database_url: str, name: str, path: Path, size: int) -> uuid.UUID:
-    """Straight into the queue, past the manifest checks (which would refuse the file)."""
-    job = JobSpec(
-        name=unique("unchecked"),
-        disks=(
-            DiskSpec(
-                disk_index=0,
-                name=name,
-                source=str(path),
-                size_bytes=size,
-                properties={"es_virtio_enabled": "no"},
-            ),
-        ),
-    )
-    async with open_store(database_url) as store:
-        return await store.submit_job(
-            job,
-            manifest={"job": job.name, "disks": [{"source": str(path), "name": name}]},
-            manifest_sha256=hashlib.sha256(name.encode()).hexdigest(),
-        )
 
 
 @REAL

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +17,6 @@ from tests.conformance.helpers import (
     KILLED_DISK_DATA_BYTES,
     KILLED_DISK_VIRTUAL_BYTES,
     MIB,
-    PROJECT_ROOT,
     VIRTUAL_SIZE_BYTES,
     cloud_of,
     create_type,
@@ -32,9 +29,11 @@ from tests.conformance.helpers import (
     os_environment,
     preflight_table,
     qemu_vmdk,
+    queue_unchecked,
     refusal,
     rows_of,
     run_batch,
+    run_python_module,
     settled_active,
     sha512_of,
     short_lived_tokens,
@@ -46,8 +45,6 @@ from tests.conformance.helpers import (
     write_manifest,
 )
 from worker.clients.glance import open_glance
-from worker.core.model import DiskSpec, JobSpec
-from worker.store.store import open_store
 
 pytestmark = pytest.mark.conformance
 
@@ -118,24 +115,7 @@ async def test_a_non_vmdk_file_forced_past_preflight_fails_with_import_failed(
     path = tmp_path / "random.vmdk"
     path.write_bytes(os.urandom(MIB))
     # Straight into the queue: the manifest checks would refuse this file before a byte moved.
-    job = JobSpec(
-        name=unique("forced"),
-        disks=(
-            DiskSpec(
-                disk_index=0,
-                name=name,
-                source=str(path),
-                size_bytes=MIB,
-                properties={"es_virtio_enabled": "no"},
-            ),
-        ),
-    )
-    async with open_store(database_url) as store:
-        job_id = await store.submit_job(
-            job,
-            manifest={"job": job.name, "disks": [{"source": str(path), "name": name}]},
-            manifest_sha256=hashlib.sha256(name.encode()).hexdigest(),
-        )
+    job_id = await queue_unchecked(database_url, name, path, MIB, job_stem="forced")
 
     summary = await run_batch(database_url, target)
 
@@ -278,22 +258,11 @@ async def test_validate_online_reads_the_cloud_and_exits_0(target: Target, tmp_p
     manifest = write_manifest(tmp_path, name, {name: disk})
     requests_before = info_requests(target)
 
-    done = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "validate",
-        "--online",
-        str(manifest),
-        env=os_environment(target),
-        cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, text, err = await run_python_module(
+        "worker", "validate", "--online", str(manifest), env=os_environment(target), timeout_s=60
     )
-    out, err = await asyncio.wait_for(done.communicate(), timeout=60)
 
-    text = out.decode()
-    assert done.returncode == 0, text + err.decode()
+    assert code == 0, text + err
     findings = preflight_table(text)
     assert all(status != "BLOCKING" for status, _ in findings.values()), text
     assert findings["import method"] == (
