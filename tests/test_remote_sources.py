@@ -17,8 +17,8 @@ from tests.fixtures.db import fetch_rows
 from worker.errors import InvalidManifest
 from worker.intake.manifest import load_manifest
 from worker.intake.sampledisks import write_stream_optimized
-from worker.sandbox import Sandbox
-from worker.sandbox.files import FileServer
+from worker.sandbox import Sandbox, SandboxConfig
+from worker.sandbox.files import FileServer, Served
 
 MIB = 1 << 20
 PASSWORD = "datastore-pass-7f3c"
@@ -211,3 +211,117 @@ async def test_reads_from_one_host_never_exceed_the_source_concurrency(
     assert summary.by_phase == {"done": 6}
     assert len(await rows_of(database_url, job_id)) == 6
     assert 1 <= datastore.peak_streaming <= 2
+
+
+# web-download: Glance reads the URL itself ------------------------------------------------------
+
+
+def web_download_manifest(server: FileServer, path: Path, **disk: object) -> dict[str, object]:
+    return {
+        "job": "by-web-download",
+        "defaults": {"es_virtio_enabled": "no", "import_method": "web-download"},
+        "disks": [{"source": server.url(path.name), **disk}],
+    }
+
+
+def worker_reads(server: FileServer, name: str) -> list[Served]:
+    """The worker's whole reads of `name` (Glance's download asks for no Range)."""
+    return [served for served in server.gets(name) if served.range == "bytes=0-"]
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+async def test_web_download_is_verified_against_the_manifest_digest(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path, algorithm: str
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=512 << 10)
+    digest = hashlib.new(algorithm, path.read_bytes()).hexdigest()
+    manifest = web_download_manifest(datastore, path, source_digest=f"{algorithm}:{digest}")
+    job_id = await submit_manifest(database_url, tmp_path, manifest)
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"done": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert row.verification == "verified"
+    assert row.glance_os_hash_value == hashlib.sha512(path.read_bytes()).hexdigest()
+    assert stage_uploads(sandbox) == 0
+    # Glance hashes in sha512: a sha512 digest is compared as it is, a sha256 one makes the
+    # worker read the source once to hash it in both.
+    assert len(worker_reads(datastore, path.name)) == (1 if algorithm == "sha256" else 0)
+
+
+async def test_web_download_without_a_digest_checks_the_size_only(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=256 << 10)
+    job_id = await submit_manifest(database_url, tmp_path, web_download_manifest(datastore, path))
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"done": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert row.verification == "not_checked"
+    assert row.glance_size == path.stat().st_size
+    assert worker_reads(datastore, path.name) == []
+
+
+async def test_web_download_of_bytes_other_than_the_digest_fails_and_leaves_nothing(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=256 << 10)
+    manifest = web_download_manifest(datastore, path, source_digest="sha256:" + "0" * 64)
+    job_id = await submit_manifest(database_url, tmp_path, manifest)
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"failed": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert row.error_code == "source_digest_mismatch"
+    assert sandbox.images() == []
+
+
+@pytest.mark.parametrize(
+    "sandbox_config",
+    [SandboxConfig(import_latency_s=0.05, web_download_disallowed_hosts=("127.0.0.1",))],
+    indirect=True,
+)
+async def test_a_uri_glance_refuses_to_download_fails_with_its_reason(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
+    job_id = await submit_manifest(database_url, tmp_path, web_download_manifest(datastore, path))
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"failed": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert "does not pass filtering" in (row.error_message or "")
+    assert sandbox.images() == []
+
+
+@pytest.mark.parametrize(
+    ("disk", "said"),
+    [
+        ({"source": "disk.vmdk"}, "web-download needs an http(s) URL as the source"),
+        ({"source_auth": "esxi01"}, "web-download cannot hand credentials to Glance"),
+    ],
+)
+async def test_web_download_needs_a_url_glance_can_read_alone(
+    datastore: FileServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    disk: dict[str, str],
+    said: str,
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
+    write_disks(tmp_path, 1, fill_bytes=64 << 10)[0].rename(tmp_path / "disk.vmdk")
+    monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_TOKEN", TOKEN)
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(web_download_manifest(datastore, path, **disk)))
+
+    with pytest.raises(InvalidManifest) as caught:
+        await asyncio.to_thread(load_manifest, manifest)
+
+    (problem,) = caught.value.problems
+    assert problem.location == "defaults.import_method"
+    assert said in problem.message

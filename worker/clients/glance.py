@@ -27,7 +27,7 @@ from worker.clients.http import (
 from worker.clients.keystone import Authenticator, authenticator_for
 from worker.clients.throttle import Throttle
 from worker.config import CloudSettings
-from worker.core.model import DEFAULT_HASH_ALGO
+from worker.core.model import DEFAULT_HASH_ALGO, GLANCE_DIRECT
 from worker.errors import (
     CloudUnavailable,
     MigrationError,
@@ -262,15 +262,26 @@ class GlanceClient:
         return StageResult(size_bytes, digests, answer.request_id)
 
     async def import_image(
-        self, image_id: str, *, request_id: str, method: str = "glance-direct"
+        self,
+        image_id: str,
+        *,
+        request_id: str,
+        method: str = GLANCE_DIRECT,
+        uri: str | None = None,
     ) -> str:
-        """Ask for the import under our request id; the id Glance echoes names its task."""
+        """Ask for the import under our request id; the id Glance echoes names its task.
+
+        web-download takes the `uri` Glance downloads the image from.
+        """
+        body: dict[str, object] = {"name": method}
+        if uri is not None:
+            body["uri"] = uri
         answer = await self._call(
             "POST",
             f"/v2/images/{image_id}/import",
             operation="import_image",
             expected=(202,),
-            json_body={"method": {"name": method}},
+            json_body={"method": body},
             headers={"X-Openstack-Request-ID": request_id},
         )
         return answer.request_id or request_id

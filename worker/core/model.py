@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 # The hash the worker computes of each source and compares with Glance's os_hash_value:
 # Glance's default os_hash_algo. Spelled as Glance spells it (hashlib's name too).
 DEFAULT_HASH_ALGO = "sha512"
+# Glance's import methods the worker drives: it stages the bytes itself, or Glance reads a URL.
+GLANCE_DIRECT = "glance-direct"
+WEB_DOWNLOAD = "web-download"
 
 
 class Phase(enum.StrEnum):
@@ -60,6 +63,8 @@ class DiskSpec:
     # For a URL source: the name of its credentials (worker.intake.source_auth), never the
     # credentials themselves.
     source_auth: str | None = None
+    # glance-direct: the worker stages the bytes; web-download: Glance reads the URL itself.
+    import_method: str = GLANCE_DIRECT
     # For a disk of an OVA or OVF: its VM (vm_name, vm_disk_index), its file there and the
     # values that came from the OVF (from_ovf). None for a loose disk.
     appliance: Mapping[str, object] | None = None

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import jsonschema
 import yaml
 
-from worker.core.model import DiskSpec, JobSpec
+from worker.core.model import GLANCE_DIRECT, WEB_DOWNLOAD, DiskSpec, JobSpec
 from worker.errors import (
     ConfigError,
     InvalidManifest,
@@ -49,6 +49,7 @@ BUILTIN_DEFAULTS: Mapping[str, object] = {
     "min_ram": 0,
     "protected": False,
     "es_virtio_enabled": "yes",
+    "import_method": GLANCE_DIRECT,
 }
 # Named fields that travel to Glance as string properties rather than DiskSpec attributes.
 _PROPERTY_FIELDS = ("es_virtio_enabled", "os_distro", "os_version", "os_type")
@@ -630,6 +631,7 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
             if index in checked.files and _setting(disk, defaults, "disk_format") == "vmdk":
                 to_inspect[index] = {**defaults, **disk}
             found += _source_auth_problems(index, disk, defaults, checked)
+            found += _import_method_problems(index, disk, defaults)
     found += _remote_problems(disks if isinstance(disks, list) else [], defaults, checked)
     found += _inspection_problems(to_inspect, checked)
     return found
@@ -754,6 +756,29 @@ def _source_auth_problems(
     except ConfigError as exc:
         del checked.remote[index]
         yield _sort_key(place), Problem(_location(place), exc.message)
+
+
+def _import_method_problems(
+    index: int, disk: Mapping[str, object], defaults: Mapping[str, object]
+) -> Iterator[_Found]:
+    """web-download needs a URL that Glance can read on its own."""
+    if _setting(disk, defaults, "import_method") != WEB_DOWNLOAD:
+        return
+    where: _Path = (
+        ("disks", index, "import_method")
+        if "import_method" in disk
+        else ("defaults", "import_method")
+    )
+    source = disk.get("source")
+    if isinstance(source, str) and not is_url(source):
+        message = "web-download needs an http(s) URL as the source: Glance downloads it"
+        yield _sort_key(where), Problem(_location(where), message)
+    elif _setting(disk, defaults, "source_auth") is not None:
+        message = (
+            "web-download cannot hand credentials to Glance: the URL must be readable without "
+            "them (a presigned URL), or use glance-direct"
+        )
+        yield _sort_key(where), Problem(_location(where), message)
 
 
 def _remote_problems(
@@ -968,4 +993,14 @@ def _disk_spec(
         properties={**disk["properties"], **named},
         source_identity=identity,
         source_auth=disk.get("source_auth") if is_url(disk["source"]) else None,
+        import_method=disk["import_method"],
+        expected_digest=_manifest_digest(disk.get("source_digest")),
     )
+
+
+def _manifest_digest(value: object) -> dict[str, str] | None:
+    """A disk's `source_digest` ('sha256:HEX') as DiskSpec.expected_digest."""
+    if not isinstance(value, str):
+        return None
+    algorithm, _, digest = value.partition(":")
+    return {"algorithm": algorithm, "value": digest, "manifest": "of the job"}

@@ -28,7 +28,6 @@ ENVIRONMENT_CHECKS = frozenset(
     {"credentials", "identity service", "image endpoint", "import method"}
 )
 MIB = 1 << 20
-IMPORT_METHOD = "glance-direct"
 # Up to this many names are looked up one by one; more, and one listing of every image is cheaper.
 NAME_LOOKUP_LIMIT = 50
 NAME_LOOKUP_CONCURRENCY = 8
@@ -80,7 +79,7 @@ async def check_cloud(
     findings = [
         Finding("credentials", OK, "the cloud accepted them (a token was issued)"),
         Finding("image endpoint", OK, "answered GET /v2/info/import"),
-        _import_finding(methods),
+        *_import_findings(methods, job),
     ]
     need = _need(job, concurrency)
     checks: Sequence[tuple[str, Check]] = (
@@ -151,16 +150,23 @@ def describe_unreachable(exc: MigrationError, cloud: CloudSettings) -> str | Non
     return f"cannot connect to the {service} at {url}: {reason}"
 
 
-def _import_finding(methods: Sequence[str]) -> Finding:
+def _import_findings(methods: Sequence[str], job: JobSpec) -> list[Finding]:
+    """One finding per import method the job's disks use: is it enabled on this cloud?"""
     listed = ", ".join(methods) or "none"
-    if IMPORT_METHOD in methods:
-        return Finding("import method", OK, f"{IMPORT_METHOD} is enabled ({listed})")
-    return Finding(
-        "import method",
-        BLOCKING,
-        f"{IMPORT_METHOD} is not enabled (enabled: {listed}): the operator must add it to "
-        "Glance's enabled_import_methods",
-    )
+    findings = []
+    for method in sorted({disk.import_method for disk in job.disks}):
+        if method in methods:
+            findings.append(Finding("import method", OK, f"{method} is enabled ({listed})"))
+            continue
+        findings.append(
+            Finding(
+                "import method",
+                BLOCKING,
+                f"{method} is not enabled (enabled: {listed}): the operator must add it to "
+                "Glance's enabled_import_methods",
+            )
+        )
+    return findings
 
 
 def _need(job: JobSpec, concurrency: int) -> _Need:

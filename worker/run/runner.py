@@ -46,7 +46,7 @@ from worker.core.machine import (
     cancel,
     decide,
 )
-from worker.core.model import DiskSpec, Phase
+from worker.core.model import WEB_DOWNLOAD, DiskSpec, Phase
 from worker.errors import MigrationError
 from worker.intake.digest import check_expected_digest, with_expected_digest
 from worker.intake.remote import RemoteSources, is_url
@@ -240,7 +240,13 @@ class ImageRunner:
                 image = await self.glance.get_image(image_id)
                 return StageChecked(image_facts(image)), image.request_id
             case RequestImport():
-                echoed = await self.glance.import_image(image_id, request_id=command.request_id)
+                web_download = claim.spec.import_method == WEB_DOWNLOAD
+                echoed = await self.glance.import_image(
+                    image_id,
+                    request_id=command.request_id,
+                    method=claim.spec.import_method,
+                    uri=claim.spec.source if web_download else None,
+                )
                 pace = self.watch.pace if self.watch is not None else None
                 expected_s = None if pace is None else pace.expect_s(state.size_bytes)
                 return ImportAccepted(command.request_id, expected_s), echoed
@@ -255,10 +261,10 @@ class ImageRunner:
                 assert_never(command)
 
     async def _hash(self, claim: Claim, state: ImageState) -> Hashed:
+        algorithms = with_expected_digest(claim.spec, _hash_algos(state))
         async with self._source(claim.spec) as source:
-            digests = await hash_source(
-                source, _hash_algos(state), size_bytes=claim.spec.size_bytes
-            )
+            digests = await hash_source(source, algorithms, size_bytes=claim.spec.size_bytes)
+        check_expected_digest(claim.spec, digests)
         return Hashed(digests[state.hash_algo], digests.get("md5"))
 
     @contextlib.asynccontextmanager
@@ -450,6 +456,10 @@ def initial_state(claim: Claim, *, hash_algo: str, verify_md5: bool = False) -> 
         disk_format=claim.spec.disk_format,
         asks_for_rewrite=claim.spec.asks_for_rewrite,
         keep_on_failure=claim.on_failure == "keep",
+        web_download=claim.spec.import_method == WEB_DOWNLOAD,
+        expected_digest=None
+        if claim.spec.expected_digest is None
+        else (claim.spec.expected_digest["algorithm"], claim.spec.expected_digest["value"]),
         hash_algo=hash_algo,
         source_hash=row.source_hash_value if algo_matches else None,
         verify_md5=verify_md5,

@@ -40,6 +40,9 @@ class SandboxConfig:
     # Imports stop once `processing` until `Sandbox.release_imports()`: a test can hold them
     # there (to lose them, say) without racing a timer.
     hold_imports: bool = False
+    # web-download's import filtering: URIs on these hosts are refused (400), as an operator's
+    # disallowed_hosts makes Glance refuse them.
+    web_download_disallowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.convert_to not in (None, *CONVERSION_FORMATS):

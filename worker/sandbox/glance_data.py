@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiofiles
 import structlog
@@ -24,6 +25,7 @@ log = structlog.get_logger(__name__)
 
 STAGE_CHUNK_BYTES = 1024 * 1024
 GLANCE_DIRECT = "glance-direct"
+WEB_DOWNLOAD = "web-download"
 
 
 class StageRefused(Exception):
@@ -148,15 +150,36 @@ def _method_name(body: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _method_uri(body: Any) -> str | None:
+    method = body.get("method") if isinstance(body, dict) else None
+    uri = method.get("uri") if isinstance(method, dict) else None
+    return uri if isinstance(uri, str) and uri else None
+
+
+def _uri_problem(state: CloudState, uri: str | None) -> str:
+    """Glance's 400 text for a web-download URI it refuses, or "" (its import filtering:
+    http(s) only, and the hosts the cloud's operator disallowed)."""
+    if uri is None:
+        return "URI is required for web-download import method. Please use the 'uri' field."
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or (
+        parts.hostname in state.config.web_download_disallowed_hosts
+    ):
+        return f"URI for web-download does not pass filtering: {uri}"
+    return ""
+
+
 def _import_conflict(image: Image, method: str) -> str:
     """Glance's 409 text for an import it refuses, or "" when the import may start."""
     if image.status == "active" and method != "copy-image":
         return "Image with status active cannot be target for import"
     if method == GLANCE_DIRECT and image.status != "uploading":
         return "Image needs to be staged before 'glance-direct' method can be used"
+    if method == WEB_DOWNLOAD and image.status != "queued":
+        return f"Image with status {image.status} cannot be target for import"
     if not image.container_format or not image.disk_format:
         return "'container_format' and 'disk_format' must be set before import"
-    if method != GLANCE_DIRECT:
+    if method not in (GLANCE_DIRECT, WEB_DOWNLOAD):
         return f"Import method '{method}' is not available in this sandbox cloud"
     if LOCK in image.properties:
         return "Image has active task"
@@ -166,13 +189,16 @@ def _import_conflict(image: Image, method: str) -> str:
 async def import_image(request: web.Request) -> web.Response:
     state = state_of(request)
     try:
-        method = _method_name(await read_json(request))
+        body = await read_json(request)
     except ValueError:
         return glance_error(request, 400, "Malformed JSON in request body.")
+    method, uri = _method_name(body), _method_uri(body)
     if method is None:
         return glance_error(request, 400, "Import request requires a 'method' field.")
     if method not in state.config.import_methods:
         return glance_error(request, 400, f"Unknown import method name '{method}'.")
+    if method == WEB_DOWNLOAD and _uri_problem(state, uri):
+        return glance_error(request, 400, _uri_problem(state, uri))
     problem = _stage_quota_problem(state, request, "image_size_total", 0)
     if problem:
         return glance_error(request, 413, problem)
@@ -182,14 +208,16 @@ async def import_image(request: web.Request) -> web.Response:
     conflict = _import_conflict(image, method)
     if conflict:
         return glance_error(request, 409, conflict)
-    task = _new_task(state, request, image, method)
+    task = _new_task(state, request, image, method, uri)
     image.properties[LOCK] = task.id
     image.touch()
     request.app[BACKGROUND_KEY].spawn(ImportFlow(state, image.id, task).run())
     return web.Response(status=202, content_type="text/html")
 
 
-def _new_task(state: CloudState, request: web.Request, image: Image, method: str) -> Task:
+def _new_task(
+    state: CloudState, request: web.Request, image: Image, method: str, uri: str | None
+) -> Task:
     now = utcnow()
     token = token_of(request)
     task = Task(
@@ -199,7 +227,7 @@ def _new_task(state: CloudState, request: web.Request, image: Image, method: str
         user_id=token.user_id,
         # The task keeps the id exactly as the client sent it; only the header gets `req-`.
         request_id=request.headers.get("x-openstack-request-id") or request_id_of(request),
-        import_req={"method": {"name": method}},
+        import_req={"method": {"name": method, **({"uri": uri} if uri else {})}},
         backend=[default_store(state)],
         created_at=now,
         updated_at=now,

@@ -10,6 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiofiles
+import aiohttp
 import structlog
 
 from worker.sandbox.inspect import inspect_file
@@ -123,6 +125,9 @@ class ImportFlow:
         if quota_message:
             self._end_queued(image, quota_message, delete_staged=False)
             return
+        uri = self.task.import_req["method"].get("uri")
+        if uri is not None and not await self._download(uri):
+            return
         await self.state.imports_released.wait()
         await asyncio.sleep(latency_s)
         image = self._image()
@@ -137,6 +142,37 @@ class ImportFlow:
         image.set_status("importing")
         image.properties[TO_STORES] = self.store
         image.properties[FAILED_STORES] = ""
+
+    async def _download(self, uri: str) -> bool:
+        """web-download: Glance fetches the URI onto its staging area first, then imports as
+        for glance-direct; a failed download reverts the image to `queued`."""
+        staged = self.state.staged_path(self.image_id)
+        size = 0
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(uri) as response,
+                aiofiles.open(staged, "wb") as file,
+            ):
+                response.raise_for_status()
+                async for chunk in response.content.iter_chunked(COPY_CHUNK_BYTES):
+                    await file.write(chunk)
+                    size += len(chunk)
+        except (aiohttp.ClientError, OSError) as exc:
+            log.info("sandbox.download_failed", image_id=self.image_id, reason=str(exc))
+            image = self._image()
+            if image is None:
+                self._fail_task(INTERNAL_ERROR)
+            else:
+                self._end_queued(image, f"Failed to download {uri}: {exc}", delete_staged=True)
+            return False
+        image = self._image()
+        if image is None:
+            staged.unlink(missing_ok=True)
+            self._fail_task(INTERNAL_ERROR)
+            return False
+        image.size = size
+        return True
 
     def _quota_problem(self, image: Image) -> str:
         staged_mib = (image.size or 0) // MIB

@@ -67,6 +67,7 @@ _CONFLICT_ERRORS: tuple[type[Exception], ...] = (
 # The DiskSpec attributes kept in results.spec (the rest have columns of their own).
 SPEC_FIELDS = (
     "source_auth",
+    "import_method",
     "disk_format",
     "container_format",
     "visibility",
