@@ -154,7 +154,21 @@ def write_manifest(directory: Path, job: str, disks: Mapping[str, Path]) -> Path
 
 async def submit(database_url: str, directory: Path, disks: Mapping[str, Path]) -> uuid.UUID:
     """Queue the disks as one job through the manifest checks, as `vmdk-migrate submit` does."""
-    loaded = load_manifest(write_manifest(directory, unique("job"), disks))
+    return await _submit_file(database_url, write_manifest(directory, unique("job"), disks))
+
+
+async def submit_document(
+    database_url: str, directory: Path, manifest: Mapping[str, Any]
+) -> uuid.UUID:
+    """Queue a manifest written out as it is, through the manifest checks."""
+    path = directory / f"{manifest['job']}.json"
+    path.write_text(json.dumps(manifest))
+    return await _submit_file(database_url, path)
+
+
+async def _submit_file(database_url: str, path: Path) -> uuid.UUID:
+    # In a thread: a URL source's checks ask a server that may run on this event loop.
+    loaded = await asyncio.to_thread(load_manifest, path)
     async with open_store(database_url) as store:
         return await store.submit_job(
             loaded.job, manifest=loaded.document, manifest_sha256=loaded.sha256

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
@@ -39,12 +40,14 @@ from tests.conformance.helpers import (
     short_lived_tokens,
     start_worker,
     submit,
+    submit_document,
     submit_small,
     unique,
     wait_for_row,
     write_manifest,
 )
 from worker.clients.glance import open_glance
+from worker.sandbox.files import FileServer
 
 pytestmark = pytest.mark.conformance
 
@@ -105,6 +108,41 @@ async def test_a_batch_of_qemu_img_disks_ends_done_with_sizes_and_hashes_verifie
         assert (image["name"], image["status"]) == (name, "active")
         assert image["os_hash_value"] == digest
         assert image["virtual_size"] == VIRTUAL_SIZE_BYTES
+
+
+async def test_web_download_reads_the_url_in_glance_and_is_verified_against_a_sha256(
+    target: Target, database_url: str, tmp_path: Path, made: list[str]
+) -> None:
+    name = unique("web-download")
+    made.append(name)
+    async with FileServer(tmp_path / "web").serve() as web:
+        web.root.mkdir()
+        disk = qemu_vmdk(
+            web.root / f"{name}.vmdk",
+            "streamOptimized",
+            data_bytes=2 * MIB,
+            virtual_bytes=VIRTUAL_SIZE_BYTES,
+        )
+        sha256 = hashlib.sha256(disk.read_bytes()).hexdigest()
+        manifest = {
+            "job": unique("web-download"),
+            "defaults": {"es_virtio_enabled": "no", "import_method": "web-download"},
+            "disks": [{"source": web.url(disk.name), "source_digest": f"sha256:{sha256}"}],
+        }
+        job_id = await submit_document(database_url, tmp_path, manifest)
+
+        summary = await run_batch(database_url, target)
+
+    assert summary.by_phase == {"done": 1}
+    row = (await rows_of(database_url, job_id))[name]
+    assert (row.phase, row.verification, row.error_code) == ("done", "verified", None)
+    assert row.glance_size == disk.stat().st_size
+    assert row.glance_os_hash_value == sha512_of(disk)
+    assert row.bytes_staged == 0  # nothing passed through the worker to Glance
+    # Glance's own download (no Range), and the worker's read to hash the source in sha512.
+    reads = [served.range for served in web.gets(disk.name)]
+    assert None in reads
+    assert "bytes=0-" in reads
 
 
 async def test_a_non_vmdk_file_forced_past_preflight_fails_with_import_failed(
