@@ -658,3 +658,61 @@ def test_a_failed_task_is_read_again_with_the_image_which_then_says_why() -> Non
     why = Polled(facts("importing", es_failed_reason="virtio error"), failed)
     decided = step(first.state, first.command, why)
     assert written(decided).error_code == "virtio_failed"
+
+
+# web-download: Glance reads the URL; nothing is staged ---------------------------------------
+
+
+def web_download_accepted(**changes: object) -> Step:
+    """A web-download image created and its import accepted."""
+    created = step(
+        begin(fresh(web_download=True, **changes)).state, CreateImage(), Created(facts("queued"))
+    )
+    assert isinstance(created.command, RequestImport)
+    assert created.state.phase is Phase.IMPORTING
+    return step(created.state, created.command, ImportAccepted(created.command.request_id))
+
+
+def test_a_web_download_still_queued_under_its_import_lock_is_waited_for() -> None:
+    accepted = web_download_accepted()
+
+    waiting = step(accepted.state, PollImport(), Polled(facts("queued", import_locked=True)))
+    reverted = step(accepted.state, PollImport(), Polled(facts("queued")))
+
+    assert isinstance(waiting.command, PollImport)
+    assert waiting.error is None
+    assert written(reverted).error_code == "import_reverted"
+
+
+@pytest.mark.parametrize(
+    ("digest", "verification", "next_command"),
+    [
+        (None, Verification.NOT_CHECKED, None),
+        (("sha512", HASH), Verification.VERIFIED, None),
+        (("sha256", "b" * 64), None, HashSource),  # Glance hashed in another algorithm
+    ],
+)
+def test_a_web_download_is_checked_against_what_is_known_of_the_source(
+    digest: tuple[str, str] | None,
+    verification: Verification | None,
+    next_command: type[Command] | None,
+) -> None:
+    accepted = web_download_accepted(expected_digest=digest)
+
+    result = step(accepted.state, PollImport(), Polled(ACTIVE))
+
+    if next_command is None:
+        assert finished(result).verification is verification
+    else:
+        assert isinstance(result.command, next_command)
+
+
+def test_a_web_download_of_another_size_or_digest_fails_as_a_mismatch() -> None:
+    sized = web_download_accepted()
+    digested = web_download_accepted(expected_digest=("sha512", "c" * 128))
+
+    short = step(sized.state, PollImport(), Polled(replace(ACTIVE, size=SIZE - 1)))
+    other = step(digested.state, PollImport(), Polled(ACTIVE))
+
+    for result in (short, other):
+        assert written(result).verification is Verification.MISMATCH

@@ -325,3 +325,26 @@ async def test_web_download_needs_a_url_glance_can_read_alone(
     (problem,) = caught.value.problems
     assert problem.location == "defaults.import_method"
     assert said in problem.message
+
+
+async def test_a_flat_descriptor_over_http_uploads_the_extent_beside_it_as_raw(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    datastore.root.mkdir(parents=True)
+    extent = datastore.root / "web-flat.vmdk"
+    extent.write_bytes(hashlib.sha512(b"flat").digest() * (4 * MIB // 64))
+    (datastore.root / "web.vmdk").write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n\nRW 8192 FLAT "web-flat.vmdk" 0\n'
+    )
+    disk = {"source": datastore.url("web.vmdk"), "flat_as_raw": True}
+    manifest = {"job": "flat", "defaults": {"es_virtio_enabled": "no"}, "disks": [disk]}
+    job_id = await submit_manifest(database_url, tmp_path, manifest)
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"done": 1}
+    row = (await rows_of(database_url, job_id))["web"]
+    assert row.source_path == datastore.url("web-flat.vmdk")  # its query kept
+    assert (row.verification, row.glance_size) == ("verified", 4 * MIB)
+    assert sandbox.images()[0]["disk_format"] == "raw"

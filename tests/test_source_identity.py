@@ -24,8 +24,9 @@ from tests.fixtures.batch import make_disks, migrate, rows_of, sha512_of
 from worker.clients.glance import GlanceClient
 from worker.clients.keystone import StaticTokenAuth
 from worker.errors import SourceError
+from worker.intake.identity import identity_of
 from worker.intake.manifest import load_manifest
-from worker.intake.source import Source, hash_source, identity_of
+from worker.intake.source import Source, hash_source
 from worker.sandbox import Sandbox
 from worker.store.store import open_store
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from worker.errors import SourceError
+from worker.intake.identity import identity_of
 from worker.intake.ova import read_members
 from worker.intake.sampledisks import SampleVm, write_ova
-from worker.intake.source import OFFSET_KEY, Source, hash_source, identity_of
+from worker.intake.source import OFFSET_KEY, Source, hash_source
 
 
 def _disk(ova: Path, name: str) -> tuple[dict[str, int | str], int, bytes]:

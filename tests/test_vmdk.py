@@ -137,7 +137,7 @@ def test_qemu_sparse_and_stream_files_are_accepted(
         subformat=subformat,
         virtual_size_bytes=4 * MIB,
         disk_format="vmdk",
-        upload_path=path,
+        upload_source=str(path),
         upload_size_bytes=path.stat().st_size,
         bytes_read=inspection.bytes_read,
     )
@@ -253,7 +253,7 @@ def test_monolithic_flat_with_flat_as_raw_uploads_its_extent_as_raw(
         subformat="monolithicFlat",
         virtual_size_bytes=4 * MIB,
         disk_format="raw",
-        upload_path=extent,
+        upload_source=str(extent),
         upload_size_bytes=extent.stat().st_size,
         bytes_read=path.stat().st_size,
     )
@@ -271,7 +271,7 @@ def test_monolithic_flat_from_qemu_convert_uploads_its_extent_as_raw(
     inspection = inspect_vmdk(path, flat_as_raw=True)
 
     assert (inspection.subformat, inspection.disk_format) == ("monolithicFlat", "raw")
-    assert (inspection.upload_path, inspection.upload_size_bytes) == (extent, 4 * MIB)
+    assert (inspection.upload_source, inspection.upload_size_bytes) == (str(extent), 4 * MIB)
     assert extent.read_bytes() == (tmp_path / "source.raw").read_bytes()
 
 
@@ -317,8 +317,8 @@ def test_vmfs_descriptor_both_ways(tmp_path: Path) -> None:
     assert "VMDK subformat vmfs is a descriptor" in refusal(path)
     inspection = inspect_vmdk(path, flat_as_raw=True)
     assert (inspection.subformat, inspection.disk_format) == ("vmfs", "raw")
-    assert (inspection.upload_path, inspection.upload_size_bytes) == (
-        tmp_path / "esx-flat.vmdk",
+    assert (inspection.upload_source, inspection.upload_size_bytes) == (
+        str(tmp_path / "esx-flat.vmdk"),
         8192,
     )
 

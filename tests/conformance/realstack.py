@@ -534,8 +534,8 @@ task_pool_threads = 4
 [import_filtering_opts]
 # web-download scenarios read from a file server on loopback, on a port of its own: Glance
 # refuses loopback hosts unless allowed, and allows ports 80 and 443 only by default.
-allowed_hosts = 127.0.0.1
-allowed_ports =
+allowed_hosts = [127.0.0.1]
+allowed_ports = []
 
 [keystone_authtoken]
 www_authenticate_uri = {self.auth_url}

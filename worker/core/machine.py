@@ -546,6 +546,8 @@ def _import_failure(
     """Recognise every terminal failure of an import, not just success (semantics 1.9)."""
     if facts.status in ("killed", "deleted", "pending_delete"):
         return ImageGone(f"image became {facts.status} during the import")
+    if facts.status == "queued" and state.web_download and facts.import_locked:
+        return None  # a web-download stays `queued` until its task starts downloading
     if facts.status == "queued" and state.import_accepted_at is not None:
         return ImportReverted("image dropped back to queued after the import was accepted")
     if facts.status != "importing":

@@ -35,8 +35,9 @@ from worker.errors import (
     UnsupportedDisk,
 )
 from worker.intake.expand import Expansion, capacity_problem, expand
+from worker.intake.identity import identity_of
 from worker.intake.remote import RemoteFile, file_name_of, inspect_remote, is_url, probe_remote
-from worker.intake.source import OFFSET_KEY, identity_of, inspect_source
+from worker.intake.source import OFFSET_KEY, inspect_source
 from worker.intake.source_auth import NO_AUTH, SourceAuth, find_source_auth
 from worker.intake.vmdk import Inspection, min_disk_warning
 
@@ -702,13 +703,6 @@ def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) 
             yield _source_problem(index, f"a URL is outside the allowed source root: {source}")
         elif not urlsplit(source).hostname:
             yield _source_problem(index, f"the URL names no host: {source}")
-        elif disk.get("flat_as_raw") is True:
-            where: _Path = ("disks", index, "flat_as_raw")
-            message = (
-                "flat_as_raw is for descriptors on the worker's host: for a flat disk served "
-                "over HTTP, give the URL of its -flat extent as the source, with disk_format raw"
-            )
-            yield _sort_key(where), Problem(_location(where), message)
         else:
             checked.remote[index] = NO_AUTH
         return
@@ -792,7 +786,8 @@ def _remote_problems(
         auth = checked.remote[index]
         try:
             if _setting(disks[index], defaults, "disk_format") == "vmdk":
-                return inspect_remote(url, auth)
+                flat_as_raw = _setting(disks[index], defaults, "flat_as_raw") is True
+                return inspect_remote(url, auth, flat_as_raw=flat_as_raw)
             return None, probe_remote(url, auth)
         except (UnsupportedDisk, SourceError, RedirectRefused) as exc:
             return exc.message
@@ -852,9 +847,9 @@ def _inspection_problems(
         if isinstance(result, str):
             found.append(_source_problem(index, result))
             continue
-        outside = _outside(str(result.upload_path), checked.source_root)
+        outside = _outside(result.upload_source, checked.source_root)
         if outside:
-            found.append(_source_problem(index, f"{outside}: {result.upload_path}"))
+            found.append(_source_problem(index, f"{outside}: {result.upload_source}"))
             continue
         checked.inspections[index] = result
         checked.warnings.extend(_inspection_warnings(index, disks[index], result))
@@ -934,12 +929,12 @@ def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dic
     for index, inspection in checked.inspections.items():
         if inspection.disk_format != merged[index]["disk_format"]:
             # A flat extent uploaded as raw: the image is made of the extent, not the descriptor.
-            files[index] = (str(inspection.upload_path), inspection.upload_size_bytes)
-            merged[index]["source"] = str(inspection.upload_path)
+            files[index] = (inspection.upload_source, inspection.upload_size_bytes)
+            merged[index]["source"] = inspection.upload_source
             merged[index]["disk_format"] = inspection.disk_format
             identities.pop(index, None)  # the descriptor's identity is not the extent's
-            if inspection.upload_status is not None:
-                identities[index] = identity_of(inspection.upload_status)
+            if inspection.upload_identity is not None:
+                identities[index] = dict(inspection.upload_identity)
     specs = [_disk_spec(i, disk, files[i][1], identities.get(i)) for i, disk in enumerate(merged)]
     for index, expanded in checked.expansion.expanded.items():
         appliance = expanded.appliance()

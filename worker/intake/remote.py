@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from yarl import URL
 
 from worker.clients.http import SAFE_REDIRECTS, USER_AGENT, redirect_refusal, shown_url
-from worker.errors import RedirectRefused, SourceChanged, SourceError
+from worker.errors import RedirectRefused, SourceChanged, SourceError, UnsupportedDisk
 from worker.intake.source_auth import NO_AUTH, SourceAuth, find_source_auth
 from worker.intake.vmdk import Inspection, inspect_open_vmdk
 
@@ -210,16 +210,39 @@ def probe_remote(url: str, auth: SourceAuth = NO_AUTH) -> RemoteFile:
     return ranges.file
 
 
-def inspect_remote(url: str, auth: SourceAuth = NO_AUTH) -> tuple[Inspection, RemoteFile]:
-    """Inspect the VMDK at `url` from its headers, as a local file is inspected."""
+def inspect_remote(
+    url: str, auth: SourceAuth = NO_AUTH, *, flat_as_raw: bool = False
+) -> tuple[Inspection, RemoteFile]:
+    """Inspect the VMDK at `url` from its headers, as a local file is inspected; the flat
+    extent a descriptor names is the URL beside it, probed as the descriptor was."""
+
+    def beside(name: str, size_bytes: int) -> tuple[str, Mapping[str, int | str]]:
+        # Beside the descriptor, with its query: a datastore URL names its datacenter there.
+        extent_url = urlunsplit(
+            urlsplit(url)._replace(path=urlsplit(urljoin(url, quote(name))).path)
+        )
+        try:
+            extent = probe_remote(extent_url, auth)
+        except SourceError as exc:
+            raise UnsupportedDisk(
+                f"the flat extent '{name}' cannot be used: {exc.message}"
+            ) from exc
+        if extent.size_bytes != size_bytes:
+            raise UnsupportedDisk(
+                f"the flat extent '{name}' has {extent.size_bytes} bytes, the descriptor says "
+                f"{size_bytes}: {shown_url(URL(extent_url))}"
+            )
+        return extent_url, extent.identity()
+
     ranges = _Ranges(url, auth)
     ranges.get(0, 1)
     assert ranges.file is not None
-    name = Path(file_name_of(url) or "disk.vmdk")
     inspection = inspect_open_vmdk(
         _RangedReader(ranges),  # type: ignore[arg-type]
-        name,
+        Path(file_name_of(url) or "disk.vmdk"),
         size_bytes=ranges.file.size_bytes,
+        flat_as_raw=flat_as_raw,
+        locate_extent=beside,
     )
     return inspection, ranges.file
 

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import BinaryIO, Protocol
 
 from worker.errors import SourceError, UnsupportedDisk
+from worker.intake.identity import identity_of
 from worker.intake.vmdk import Inspection, inspect_open_vmdk
 
 IDENTITY_KEYS = ("device", "inode", "size_bytes", "mtime_ns")
@@ -32,16 +33,6 @@ IDENTITY_KEYS = ("device", "inode", "size_bytes", "mtime_ns")
 OFFSET_KEY = "offset"
 # No link followed in the last component; a FIFO swapped in must not block the open.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def identity_of(status: os.stat_result) -> dict[str, int | str]:
-    """What a file is, as recorded at submit and compared at upload."""
-    return {
-        "device": status.st_dev,
-        "inode": status.st_ino,
-        "size_bytes": status.st_size,
-        "mtime_ns": status.st_mtime_ns,
-    }
 
 
 class Source:

@@ -6,11 +6,13 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from worker.errors import UnsupportedDisk
+from worker.intake.identity import identity_of
 
 SECTOR_BYTES = 512
 GIB = 1 << 30
@@ -71,12 +73,19 @@ class Inspection:
     subformat: str  # createType as VMware spells it
     virtual_size_bytes: int
     disk_format: str  # "vmdk", or "raw" when a flat extent is uploaded as it is
-    upload_path: Path
+    upload_source: str  # the file (or URL) to upload: the VMDK itself, or its flat extent
     upload_size_bytes: int
     bytes_read: int
     warnings: tuple[str, ...] = ()
-    # The stat of a flat extent to upload, taken when it was checked (None: the file itself).
-    upload_status: os.stat_result | None = field(default=None, compare=False, repr=False)
+    # The identity of a flat extent to upload, taken when it was checked (None: the file
+    # itself, whose identity the caller took).
+    upload_identity: Mapping[str, int | str] | None = field(default=None, compare=False, repr=False)
+
+
+# Where the flat extent a descriptor names is, for the caller who reads the descriptor: its
+# name and size as the descriptor gives them -> what to upload and its identity, or
+# UnsupportedDisk. The descriptor's own place decides what "beside it" means.
+ExtentLocator = Callable[[str, int], tuple[str, Mapping[str, int | str]]]
 
 
 def inspect_open_vmdk(
@@ -86,6 +95,7 @@ def inspect_open_vmdk(
     flat_as_raw: bool = False,
     offset: int = 0,
     size_bytes: int | None = None,
+    locate_extent: ExtentLocator | None = None,
 ) -> Inspection:
     """The same inspection of a file already open (its position is not kept).
 
@@ -95,7 +105,8 @@ def inspect_open_vmdk(
     if size_bytes is None:
         size_bytes = os.fstat(file.fileno()).st_size - offset
     reader = _Reader(file, size_bytes, base=offset)
-    return _inspect(path, reader, flat_as_raw=flat_as_raw)
+    locate = locate_extent or _beside(path)
+    return _inspect(path, reader, flat_as_raw=flat_as_raw, locate=locate)
 
 
 def min_disk_warning(virtual_size_bytes: int, min_disk_gib: int) -> str | None:
@@ -134,7 +145,9 @@ class _Reader:
         return data
 
 
-def _inspect(path: Path, reader: _Reader, *, flat_as_raw: bool) -> Inspection:
+def _inspect(
+    path: Path, reader: _Reader, *, flat_as_raw: bool, locate: ExtentLocator
+) -> Inspection:
     head = reader.read_at(0, SECTOR_BYTES)
     if head.startswith(b"KDMV"):
         return _inspect_sparse(path, reader, head)
@@ -145,7 +158,7 @@ def _inspect(path: Path, reader: _Reader, *, flat_as_raw: bool) -> Inspection:
             f"{CONVERT_COMMAND} DESCRIPTOR.vmdk {path.stem}-stream.vmdk"
         )
     if _looks_like_descriptor(head):
-        return _inspect_descriptor(path, reader, head, flat_as_raw=flat_as_raw)
+        return _inspect_descriptor(path, reader, head, flat_as_raw=flat_as_raw, locate=locate)
     raise UnsupportedDisk(_not_a_vmdk(path, reader, head))
 
 
@@ -188,7 +201,7 @@ def _inspect_sparse(path: Path, reader: _Reader, head: bytes) -> Inspection:
         subformat=subformat,
         virtual_size_bytes=capacity * SECTOR_BYTES,
         disk_format="vmdk",
-        upload_path=path,
+        upload_source=str(path),
         upload_size_bytes=reader.size_bytes,
         bytes_read=reader.bytes_read,
         warnings=_sparse_warnings(descriptor, capacity, unclean=fields[11]),
@@ -285,7 +298,7 @@ def _looks_like_descriptor(head: bytes) -> bool:
 
 
 def _inspect_descriptor(
-    path: Path, reader: _Reader, head: bytes, *, flat_as_raw: bool
+    path: Path, reader: _Reader, head: bytes, *, flat_as_raw: bool, locate: ExtentLocator
 ) -> Inspection:
     if reader.size_bytes > DESCRIPTOR_MAX_BYTES:
         raise UnsupportedDisk(
@@ -309,7 +322,9 @@ def _inspect_descriptor(
     kind = descriptor.create_type.lower()
     _check_not_delta(descriptor, path)
     if kind in _FLAT:
-        return _flat_extent(path, reader, descriptor, _FLAT[kind], flat_as_raw=flat_as_raw)
+        return _flat_extent(
+            path, reader, descriptor, _FLAT[kind], flat_as_raw=flat_as_raw, locate=locate
+        )
     if kind in _MONOLITHIC:
         names = [extent.file_name for extent in descriptor.extents if extent.file_name]
         raise UnsupportedDisk(
@@ -320,7 +335,13 @@ def _inspect_descriptor(
 
 
 def _flat_extent(
-    path: Path, reader: _Reader, descriptor: Descriptor, subformat: str, *, flat_as_raw: bool
+    path: Path,
+    reader: _Reader,
+    descriptor: Descriptor,
+    subformat: str,
+    *,
+    flat_as_raw: bool,
+    locate: ExtentLocator,
 ) -> Inspection:
     extents = descriptor.extents
     extent = extents[0]
@@ -339,16 +360,26 @@ def _flat_extent(
             f"the flat extent '{name}' starts at sector {extent.offset_sectors}, not 0: "
             f"it cannot be uploaded as raw; convert it first with {convert_hint(path)}"
         )
-    extent_path = Path(os.path.realpath(path.parent / name))
+    upload_source, identity = locate(name, size_bytes)
     return Inspection(
         subformat=subformat,
         virtual_size_bytes=size_bytes,
         disk_format="raw",
-        upload_path=extent_path,
+        upload_source=upload_source,
         upload_size_bytes=size_bytes,
         bytes_read=reader.bytes_read,
-        upload_status=_check_flat_file(extent_path, name, size_bytes),
+        upload_identity=identity,
     )
+
+
+def _beside(path: Path) -> ExtentLocator:
+    """A flat extent in the descriptor's directory on this host."""
+
+    def locate(name: str, size_bytes: int) -> tuple[str, Mapping[str, int | str]]:
+        extent_path = Path(os.path.realpath(path.parent / name))
+        return str(extent_path), identity_of(_check_flat_file(extent_path, name, size_bytes))
+
+    return locate
 
 
 def _check_flat_file(extent_path: Path, name: str, size_bytes: int) -> os.stat_result:
