@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import json
 import os
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -348,3 +350,49 @@ async def test_a_flat_descriptor_over_http_uploads_the_extent_beside_it_as_raw(
     assert row.source_path == datastore.url("web-flat.vmdk")  # its query kept
     assert (row.verification, row.glance_size) == ("verified", 4 * MIB)
     assert sandbox.images()[0]["disk_format"] == "raw"
+
+
+def make_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context for 127.0.0.1 signed by a CA of its own, and that CA's bundle."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, request, cert = (
+        directory / name for name in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem")
+    )
+    extensions = directory / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "1", "-subj", "/CN=test datastore CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", extensions],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, ca
+
+
+async def test_an_https_source_is_trusted_through_its_ca_bundle_only(
+    database_url: str,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tls, ca = await asyncio.to_thread(make_tls, tmp_path / "tls")
+    async with FileServer(tmp_path / "datastore", token=TOKEN).serve(tls=tls) as server:
+        (path,) = write_disks(server.root, 1, fill_bytes=256 << 10)
+        document = manifest_of(server, [path], source_auth="esxi01")
+        manifest = tmp_path / "job.json"
+        manifest.write_text(json.dumps(document))
+        monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_TOKEN", TOKEN)
+        with pytest.raises(InvalidManifest) as caught:
+            await asyncio.to_thread(load_manifest, manifest)
+        monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_CACERT", str(ca))
+        job_id = await submit_manifest(database_url, tmp_path, document)
+        summary = await migrate(database_url, sandbox)
+
+    assert "certificate verify failed" in caught.value.problems[0].message
+    assert summary.by_phase == {"done": 1}
+    assert (await rows_of(database_url, job_id))["vm0"].verification == "verified"

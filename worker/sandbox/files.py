@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -67,16 +68,20 @@ class FileServer:
         return [s for s in self.served if s.method == "GET" and s.name == name and s.status < 300]
 
     @asynccontextmanager
-    async def serve(self, host: str = "127.0.0.1") -> AsyncIterator[FileServer]:
+    async def serve(
+        self, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None
+    ) -> AsyncIterator[FileServer]:
+        """Serve until the block exits (over TLS with `tls`); `base_url` says where."""
         app = web.Application()
         app.router.add_route("*", "/folder/{name:.+}", self._handle)
         app.router.add_route("*", "/{name:.+}", self._handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, 0)
+            site = web.TCPSite(runner, host, 0, ssl_context=tls)
             await site.start()
-            self.base_url = f"http://{host}:{runner.addresses[0][1]}"
+            scheme = "https" if tls is not None else "http"
+            self.base_url = f"{scheme}://{host}:{runner.addresses[0][1]}"
             yield self
         finally:
             await runner.cleanup()
