@@ -286,10 +286,22 @@ async def test_each_row_records_the_stores_that_took_its_image_and_those_that_fa
     finished = [e for e in events if e["event"] == Event.IMAGE_FINISHED]
     assert [event["detail"] for event in finished] == [{"failed_stores": ["slow"]}]
     # What each import asked for, as the import tasks record it.
-    backends = {
-        name: sandbox.tasks(str(rows[name].glance_image_id))[-1]["input"]["backend"]
+    inputs = {
+        name: sandbox.tasks(str(rows[name].glance_image_id))[-1]["input"]
         for name in ("two", "allowed", "every", "default")
     }
+    glance_direct = {"method": {"name": "glance-direct"}}
+    assert {name: given["import_req"] for name, given in inputs.items()} == {
+        "two": {**glance_direct, "stores": ["fast", "cold"], "all_stores_must_succeed": True},
+        "allowed": {
+            **glance_direct,
+            "stores": ["slow", "fast"],
+            "all_stores_must_succeed": False,
+        },
+        "every": {**glance_direct, "all_stores": True, "all_stores_must_succeed": False},
+        "default": glance_direct,  # no store named: a body any cloud takes
+    }
+    backends = {name: given["backend"] for name, given in inputs.items()}
     assert backends == {
         "two": ["fast", "cold"],
         "allowed": ["slow", "fast"],

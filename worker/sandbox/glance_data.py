@@ -236,7 +236,7 @@ async def import_image(request: web.Request) -> web.Response:
     if not must_succeed and not state.config.stores:
         message = "All_stores_must_succeed can only be set with enabled_backends"
         return glance_error(request, 400, message)
-    task = _new_task(state, request, image, method, stores)
+    task = _new_task(state, request, image, body, stores)
     image.properties[LOCK] = task.id
     image.touch()
     flow = ImportFlow(state, image.id, task, stores=stores, all_stores_must_succeed=must_succeed)
@@ -245,7 +245,11 @@ async def import_image(request: web.Request) -> web.Response:
 
 
 def _new_task(
-    state: CloudState, request: web.Request, image: Image, method: str, stores: tuple[str, ...]
+    state: CloudState,
+    request: web.Request,
+    image: Image,
+    import_req: dict[str, Any],
+    stores: tuple[str, ...],
 ) -> Task:
     now = utcnow()
     token = token_of(request)
@@ -256,7 +260,7 @@ def _new_task(
         user_id=token.user_id,
         # The task keeps the id exactly as the client sent it; only the header gets `req-`.
         request_id=request.headers.get("x-openstack-request-id") or request_id_of(request),
-        import_req={"method": {"name": method}},
+        import_req=import_req,  # the request's body, as Glance keeps it
         backend=list(stores),
         created_at=now,
         updated_at=now,

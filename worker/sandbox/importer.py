@@ -258,22 +258,23 @@ class ImportFlow:
         for index, store in enumerate(targets):
             if index:  # one copy after the other: each store's end can be seen on its own
                 await asyncio.sleep(self.state.config.import_latency_s / 2)
-            if store not in failing and stored is None:
-                stored = await asyncio.to_thread(self._copy, image, data)
+            took: Stored | None = None  # what this store holds now; None when it failed
+            if store not in failing:
+                stored = took = stored or await asyncio.to_thread(self._copy, image, data)
             found = self._image()
             if found is None:
                 self._abandon()
                 return
             current = found
-            if store in failing and self.all_stores_must_succeed:
+            if took is None and self.all_stores_must_succeed:
                 self._end_store_failure(current, store)
                 return
-            if store in failing or stored is None:
+            if took is None:
                 _add_store(current, FAILED_STORES, store)
             else:
                 current.stores = ",".join(filter(None, [current.stores, store])) or None
                 if index == len(targets) - 1 or not self.all_stores_must_succeed:
-                    self._activate(current, stored, virtual_size)
+                    self._activate(current, took, virtual_size)
             _remove_store(current, TO_STORES, store)
         if current.status != "active":  # no store took it: Glance's state check reverts
             self._end_queued(current, INTERNAL_ERROR, delete_staged=True)
