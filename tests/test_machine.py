@@ -19,6 +19,7 @@ from worker.core.changes import (
     SourceHashed,
     SourceHashes,
 )
+from worker.core.events import Event
 from worker.core.machine import (
     CheckStaged,
     Command,
@@ -716,3 +717,80 @@ def test_a_web_download_of_another_size_or_digest_fails_as_a_mismatch() -> None:
 
     for result in (short, other):
         assert written(result).verification is Verification.MISMATCH
+
+
+# --- multi-store imports ------------------------------------------------------------------------
+
+STORED = {"os_hash_algo": "sha512", "os_hash_value": HASH, "size": SIZE, "disk_format": "vmdk"}
+
+
+@pytest.mark.parametrize(
+    ("observed", "must_succeed"),
+    [
+        # Active after the first store, the second still copying (all_stores_must_succeed
+        # false, or the moment between Glance's last store write and its list update).
+        (facts("active", stores="fast", importing_to_stores="slow", **STORED), True),
+        (facts("active", stores="fast", importing_to_stores="slow", **STORED), False),
+        # A store failed, another still copies: with all_stores_must_succeed false it may
+        # still take the image.
+        (facts("importing", failed_import="slow", importing_to_stores="fast"), False),
+    ],
+)
+def test_a_multi_store_import_with_stores_left_to_do_is_polled_on(
+    observed: ImageFacts, must_succeed: bool
+) -> None:
+    state = importing_state(all_stores_must_succeed=must_succeed)
+
+    result = step(state, PollImport(), Polled(observed))
+
+    assert isinstance(result.command, PollImport)
+    assert result.state.phase is Phase.IMPORTING
+
+
+def test_a_multi_store_import_is_done_once_no_store_is_left_with_the_failed_ones_recorded() -> None:
+    observed = facts("active", stores="fast", failed_import="slow", **STORED)
+
+    result = step(importing_state(all_stores_must_succeed=False), PollImport(), Polled(observed))
+
+    change = finished(result)
+    assert change.phase is Phase.DONE
+    assert change.glance is not None
+    assert (change.glance.stores, change.glance.failed_stores) == (("fast",), ("slow",))
+    assert result.detail == {"failed_stores": ["slow"]}
+
+
+@pytest.mark.parametrize(
+    ("observed", "must_succeed"),
+    [
+        (facts("importing", failed_import="slow", importing_to_stores="cold"), True),
+        (facts("importing", failed_import="slow,fast"), False),  # no store took it
+    ],
+)
+def test_a_failed_store_fails_the_import_when_all_must_succeed_or_none_is_left(
+    observed: ImageFacts, must_succeed: bool
+) -> None:
+    state = importing_state(all_stores_must_succeed=must_succeed)
+
+    result = step(state, PollImport(), Polled(observed))
+
+    change = written(result)
+    assert change.error_code == "import_failed"
+    assert change.glance is not None
+    assert change.glance.failed_stores == tuple(str(observed.failed_import).split(","))
+
+
+def test_a_resumed_image_active_in_one_store_of_two_is_polled_not_verified() -> None:
+    observed = facts("active", stores="fast", importing_to_stores="slow", **STORED)
+
+    result = step(importing_state(), InspectImage(), Inspected(observed))
+
+    assert isinstance(result.command, PollImport)
+    assert result.event is Event.IMAGE_RESUMED_IMPORTING
+
+
+def test_a_single_store_cloud_records_no_stores() -> None:
+    result = step(importing_state(), PollImport(), Polled(facts("active", **STORED)))
+
+    change = finished(result)
+    assert change.glance is not None
+    assert (change.glance.stores, change.glance.failed_stores) == (None, None)

@@ -70,6 +70,8 @@ EXPECTED_COLUMNS = {
         "cleanup",
         "source_md5",
         "cleanup_settled_at",
+        "glance_stores",
+        "glance_failed_stores",
     ],
     "events": [
         "id",

@@ -157,6 +157,9 @@ class GlanceProfile:
 
     conversion: bool = False  # the image_conversion import plugin, output format raw
     keystone_limits: bool = False  # use_keystone_limits, with registered limits in Keystone
+    # Two file stores instead of `fs`: `fast` (the default) and `slow`, each in its own
+    # directory under images/ (see RealStack.store_unwritable).
+    two_stores: bool = False
 
 
 @dataclass(frozen=True)
@@ -494,7 +497,7 @@ bind_host = {HOST}
 bind_port = {self.glance_port}
 public_endpoint = {self.image_url}
 worker_self_reference_url = {self.image_url}
-enabled_backends = fs:file
+enabled_backends = {self._backends()}
 enabled_import_methods = [glance-direct,web-download,copy-image]
 image_cache_dir = {base}/cache
 debug = false
@@ -505,12 +508,7 @@ use_keystone_limits = {self.profile.keystone_limits}
 [database]
 connection = {self.database_url}
 
-[glance_store]
-default_backend = fs
-
-[fs]
-filesystem_store_datadir = {base}/images/
-
+{self._stores_conf()}
 [os_glance_staging_store]
 filesystem_store_datadir = {base}/staging/
 
@@ -549,6 +547,45 @@ project_domain_name = {self.domain}
 region_name = {self.region}
 service_token_roles_required = false
 {self._conversion_conf()}{self._limits_conf()}"""
+
+    def _backends(self) -> str:
+        return "fast:file, slow:file" if self.profile.two_stores else "fs:file"
+
+    def _stores_conf(self) -> str:
+        base = self.base_dir
+        if not self.profile.two_stores:
+            return f"""[glance_store]
+default_backend = fs
+
+[fs]
+filesystem_store_datadir = {base}/images/
+"""
+        return f"""[glance_store]
+default_backend = fast
+
+[fast]
+filesystem_store_datadir = {self._store_dir("fast")}/
+
+[slow]
+filesystem_store_datadir = {self._store_dir("slow")}/
+"""
+
+    def _store_dir(self, store: str) -> Path:
+        return self._path("images", store)
+
+    @contextlib.contextmanager
+    def store_unwritable(self, store: str) -> Iterator[None]:
+        """Inside the block, every write to the store fails: its directory is put aside and a
+        file takes its place (permissions would not stop a Glance running as root)."""
+        directory = self._store_dir(store)
+        aside = directory.with_name(f"{store}.aside")
+        directory.rename(aside)
+        directory.write_text("not a directory: writes to this store fail\n")
+        try:
+            yield
+        finally:
+            directory.unlink()
+            aside.rename(directory)
 
     def _conversion_conf(self) -> str:
         if not self.profile.conversion:
@@ -896,6 +933,9 @@ endpoint_id = {self.image_endpoint_id}
             self.start_keystone()
         if self.profile.keystone_limits:
             self.set_limits()
+        if self.profile.two_stores:
+            for store in ("fast", "slow"):
+                self._store_dir(store).mkdir(parents=True, exist_ok=True)
         self._path("etc/glance/glance-api.conf").write_text(self._glance_conf())
         self._save_state()
         self.start_glance()

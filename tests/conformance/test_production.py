@@ -5,7 +5,9 @@ the refusals Glance itself makes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import subprocess
 import time
 import uuid
@@ -35,6 +37,7 @@ from tests.conformance.helpers import (
     sha512_of,
     start_worker,
     submit,
+    submit_document,
     unique,
     wait_for_row,
     write_manifest,
@@ -289,6 +292,123 @@ async def test_data_rewritten_during_import_ends_done_and_transformed(
         assert row.glance_size == row.glance_virtual_size == VIRTUAL_SIZE_BYTES
         assert (image["disk_format"], image["container_format"]) == ("raw", "bare")
         assert (image["os_hash_value"], image["checksum"]) == (sha512, md5)
+
+
+# ---- stores ------------------------------------------------------------------------------
+
+TWO_STORES = ({"id": "fast", "default": True}, {"id": "slow"})
+
+
+@asynccontextmanager
+async def two_stores(
+    target: Target, request: pytest.FixtureRequest, *, failing: str | None = None
+) -> AsyncIterator[Target]:
+    """The target with two file stores, `fast` (the default) and `slow`, every write to
+    `failing` failing: the real Glance restarted with them (the store's directory replaced by
+    a file), or a sandbox of its own configured so (`fail_stores`)."""
+    if target.name == "sandbox":
+        config = SandboxConfig(stores=TWO_STORES, fail_stores=(failing,) if failing else ())
+        async with sandbox_target(config) as sandbox:
+            yield sandbox
+        return
+    stack: RealStack = request.getfixturevalue("real_stack")
+    if stack.profile != GlanceProfile(two_stores=True):
+        stack.restart_glance(GlanceProfile(two_stores=True))
+    with stack.store_unwritable(failing) if failing else contextlib.nullcontext():
+        yield target
+
+
+async def submit_to_stores(
+    database_url: str, directory: Path, disks: Mapping[str, tuple[Path, dict[str, object]]]
+) -> uuid.UUID:
+    """One job of the disks, each with its own store settings (stores, all_stores_must_succeed)."""
+    manifest = {
+        "job": unique("stores"),
+        "defaults": {"es_virtio_enabled": "no"},
+        "disks": [
+            {"source": str(path), "name": name, **settings}
+            for name, (path, settings) in disks.items()
+        ],
+    }
+    return await submit_document(database_url, directory, manifest)
+
+
+async def delete_images_of(cloud: Target, rows: Mapping[str, ResultRow]) -> None:
+    async with cloud.session() as http:
+        for row in rows.values():
+            async with http.delete(cloud.glance(f"/v2/images/{row.glance_image_id}")):
+                pass
+
+
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
+async def test_an_import_to_two_stores_records_the_stores_that_took_it_and_those_that_failed(
+    target: Target, request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> None:
+    disk = qemu_vmdk(
+        tmp_path / "stores.vmdk",
+        "streamOptimized",
+        data_bytes=2 * MIB,
+        virtual_bytes=VIRTUAL_SIZE_BYTES,
+    )
+    both = unique("stores-both")
+    async with two_stores(target, request) as cloud:
+        job_id = await submit_to_stores(
+            database_url, tmp_path, {both: (disk, {"stores": ["fast", "slow"]})}
+        )
+        manifest = tmp_path / "online.json"
+        manifest.write_text(
+            json.dumps(
+                {"job": "online", "disks": [{"source": str(disk), "stores": ["fast", "slow"]}]}
+            )
+        )
+        code, output = await validate_online(manifest, cloud, concurrency=1)
+        await run_batch(database_url, cloud, concurrency=1)
+        rows = await rows_of(database_url, job_id)
+        _, image = await image_answer(cloud, rows[both].glance_image_id)
+        await delete_images_of(cloud, rows)
+
+    assert code == 0, output
+    assert preflight_table(output)["stores"] == (
+        "ok",
+        "2 store(s): fast (default), slow; the job uses fast, slow",
+    )
+    row = rows[both]
+    assert (row.phase, row.verification, row.error_code) == ("done", "verified", None), row
+    assert sorted(row.glance_stores or ()) == ["fast", "slow"]
+    assert row.glance_failed_stores == ()
+    assert sorted(image["stores"].split(",")) == ["fast", "slow"]
+
+    # `slow` refuses every write: with all_stores_must_succeed false the image is done in
+    # `fast`, `slow` recorded as failed; with the default (true) the image fails.
+    allowed, required = unique("stores-allowed"), unique("stores-required")
+    async with two_stores(target, request, failing="slow") as cloud:
+        job_id = await submit_to_stores(
+            database_url,
+            tmp_path,
+            {
+                allowed: (disk, {"stores": ["slow", "fast"], "all_stores_must_succeed": False}),
+                required: (disk, {"stores": ["fast", "slow"]}),
+            },
+        )
+        await run_batch(database_url, cloud, concurrency=1)
+        rows = await rows_of(database_url, job_id)
+        _, image = await image_answer(cloud, rows[allowed].glance_image_id)
+        gone, _ = await image_answer(cloud, rows[required].glance_image_id)
+        await delete_images_of(cloud, rows)
+
+    row = rows[allowed]
+    assert (row.phase, row.verification, row.error_code) == ("done", "verified", None), row
+    assert (row.glance_stores, row.glance_failed_stores) == (("fast",), ("slow",))
+    assert (image["status"], image["stores"], image["os_glance_failed_import"]) == (
+        "active",
+        "fast",
+        "slow",
+    )
+    row = rows[required]
+    assert (row.phase, row.error_code, row.cleanup) == ("failed", "import_failed", "deleted"), row
+    assert row.glance_failed_stores == ("slow",)
+    assert "slow" in (row.error_message or "")
+    assert gone == 404
 
 
 # ---- quotas ------------------------------------------------------------------------------

@@ -268,20 +268,31 @@ class GlanceClient:
         request_id: str,
         method: str = GLANCE_DIRECT,
         uri: str | None = None,
+        stores: Sequence[str] = (),
+        all_stores: bool = False,
+        all_stores_must_succeed: bool = True,
     ) -> str:
         """Ask for the import under our request id; the id Glance echoes names its task.
 
-        web-download takes the `uri` Glance downloads the image from.
+        web-download takes the `uri` Glance downloads the image from. `stores` (or
+        `all_stores`) asks a multi-store cloud to copy the image to those stores; without
+        either the body names none, as a single-store cloud wants (it refuses
+        `all_stores_must_succeed` with 400).
         """
-        body: dict[str, object] = {"name": method}
+        method_body: dict[str, object] = {"name": method}
         if uri is not None:
-            body["uri"] = uri
+            method_body["uri"] = uri
+        body: dict[str, object] = {"method": method_body}
+        if stores or all_stores:
+            # Glance refuses all_stores beside a `stores` key (400), even an empty one.
+            body.update({"all_stores": True} if all_stores else {"stores": list(stores)})
+            body["all_stores_must_succeed"] = all_stores_must_succeed
         answer = await self._call(
             "POST",
             f"/v2/images/{image_id}/import",
             operation="import_image",
             expected=(202,),
-            json_body={"method": body},
+            json_body=body,
             headers={"X-Openstack-Request-ID": request_id},
         )
         return answer.request_id or request_id

@@ -89,6 +89,8 @@ class GlanceRecord:
     checksum: str | None = None
     os_hash_algo: str | None = None
     os_hash_value: str | None = None
+    stores: tuple[str, ...] | None = None  # the stores holding the image's data
+    failed_stores: tuple[str, ...] | None = None  # os_glance_failed_import
 
 
 @dataclass(frozen=True)

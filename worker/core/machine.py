@@ -78,6 +78,15 @@ class ImageFacts:
     es_failed_reason: str | None = None  # vendor: os_glance_es_failed_reason
     failed_import: str | None = None  # upstream: os_glance_failed_import
     import_locked: bool = False  # os_glance_import_task present
+    # Multi-store clouds (comma lists, as Glance gives them): the stores holding the image's
+    # data, and those the import has still to copy it to (os_glance_importing_to_stores).
+    stores: str | None = None
+    importing_to_stores: str | None = None
+
+    @property
+    def stores_pending(self) -> bool:
+        """The import still copies the image to a store: it is not over, even when active."""
+        return bool(self.importing_to_stores)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,8 @@ class ImageState:
     web_download: bool = False  # Glance reads the source's URL itself: nothing is staged
     # The digest the export or the manifest gives for the source's bytes: (algorithm, value).
     expected_digest: tuple[str, str] | None = None
+    # False: the import to several stores succeeds when one store takes the image.
+    all_stores_must_succeed: bool = True
     hash_algo: str = DEFAULT_HASH_ALGO
     source_hash: str | None = None
     verify_md5: bool = False  # also compare Glance's legacy md5 `checksum` (costs a core)
@@ -475,9 +486,11 @@ def _resume(
     if status == "importing":
         failure = _import_failure(facts, None, state)
         if failure is not None and state.phase in (Phase.IMPORTING, Phase.VERIFYING):
-            return _fail(state, failure, now, glance=GlanceRecord(status))  # our import's outcome
+            return _fail(state, failure, now, glance=_failure_record(facts))  # our import's outcome
         if failure is not None:
             return _recreate(state, failure.message, now)
+        return _resume_polling(state, now, jitter, policy)
+    if status == "active" and facts.stores_pending:
         return _resume_polling(state, now, jitter, policy)
     if status == "active":
         return _verify(state, facts, now)
@@ -502,7 +515,7 @@ def _poll(
     state: ImageState, outcome: Polled, *, now: float, jitter: float, policy: PollPolicy
 ) -> Step:
     facts = outcome.facts
-    if facts.status == "active":
+    if facts.status == "active" and not facts.stores_pending:
         return _verify(state, facts, now)
     failure = _import_failure(facts, None, state)
     if failure is None:
@@ -522,7 +535,7 @@ def _poll(
         reason = f"{failure.message}, across an outage of the cloud"
         return _recreate(state, reason, now)
     if failure is not None:
-        return _fail(state, failure, now, glance=GlanceRecord(facts.status))
+        return _fail(state, failure, now, glance=_failure_record(facts))
     polls = state.polls + 1
     started = state.import_accepted_at if state.import_accepted_at is not None else now
     tasks_due = now - (state.tasks_looked_at or started) >= policy.tasks_every_s
@@ -549,11 +562,16 @@ def _import_failure(
     if facts.status == "queued" and state.web_download and facts.import_locked:
         return None  # a web-download stays `queued` until its task starts downloading
     if facts.status == "queued" and state.import_accepted_at is not None:
-        return ImportReverted("image dropped back to queued after the import was accepted")
+        failed = (
+            f" (import failed for store(s): {facts.failed_import})" if facts.failed_import else ""
+        )
+        return ImportReverted(f"image dropped back to queued after the import was accepted{failed}")
     if facts.status != "importing":
         return None
     if facts.es_failed_reason:
         return VirtioInjectionFailed(f"os_glance_es_failed_reason: {facts.es_failed_reason}")
+    if facts.failed_import and facts.stores_pending and not state.all_stores_must_succeed:
+        return None  # the stores still to do may take the image: that is success enough
     if facts.failed_import:
         return ImportFailed(f"import failed for store(s): {facts.failed_import}")
     return _task_failure(tasks, state)
@@ -630,7 +648,9 @@ def _verify(state: ImageState, facts: ImageFacts, now: float) -> Step:
         return _fail(state, error, now, verification=Verification.MISMATCH, glance=glance)
     done = replace(state, phase=Phase.DONE)
     change = Finished(Phase.DONE, at=now, verification=verification, glance=glance)
-    return Step(done, None, Event.IMAGE_FINISHED, change)
+    # Done, although some stores failed (all_stores_must_succeed false): say which.
+    detail = {"failed_stores": list(glance.failed_stores)} if glance.failed_stores else {}
+    return Step(done, None, Event.IMAGE_FINISHED, change, detail=detail)
 
 
 def _verify_download(state: ImageState, facts: ImageFacts, now: float) -> Step:
@@ -685,14 +705,30 @@ def _compare(state: ImageState, facts: ImageFacts) -> tuple[Verification, str | 
 
 
 def _glance_record(facts: ImageFacts) -> GlanceRecord:
-    return GlanceRecord(
-        status=facts.status,
+    return replace(
+        _failure_record(facts),
         size=facts.size,
         virtual_size=facts.virtual_size,
         checksum=facts.checksum,
         os_hash_algo=facts.os_hash_algo,
         os_hash_value=facts.os_hash_value,
     )
+
+
+def _failure_record(facts: ImageFacts) -> GlanceRecord:
+    """What a failed import leaves worth recording: the status, and where the data went."""
+    if facts.stores is None and facts.failed_import is None:
+        return GlanceRecord(facts.status)  # a single-store cloud names no store
+    return GlanceRecord(
+        facts.status,
+        stores=_store_names(facts.stores),
+        failed_stores=_store_names(facts.failed_import),
+    )
+
+
+def _store_names(listed: str | None) -> tuple[str, ...]:
+    """Glance's comma list of store ids as a tuple (None or "": none)."""
+    return tuple(name.strip() for name in (listed or "").split(",") if name.strip())
 
 
 def _restart(state: ImageState, command: Command, event: Event, reason: str, now: float) -> Step:

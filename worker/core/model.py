@@ -71,6 +71,12 @@ class DiskSpec:
     # The digest the export's manifest (.mf) gives for the source's bytes (algorithm, value,
     # manifest), checked while they are uploaded; None when there is none.
     expected_digest: Mapping[str, str] | None = None
+    # Multi-store clouds: the stores the import copies the image to (none: Glance's default
+    # store), or every store with `all_stores`. With `all_stores_must_succeed` false, the
+    # image is done when at least one store took it; the others are recorded as failed.
+    stores: tuple[str, ...] = ()
+    all_stores: bool = False
+    all_stores_must_succeed: bool = True
 
     @property
     def asks_for_rewrite(self) -> bool:

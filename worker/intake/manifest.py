@@ -56,6 +56,8 @@ BUILTIN_DEFAULTS: Mapping[str, object] = {
 _PROPERTY_FIELDS = ("es_virtio_enabled", "os_distro", "os_version", "os_type")
 _HW_KEY = re.compile(r"^hw_[a-z0-9_]+$")
 # Glance's own image attributes: setting one as a free property is refused (403 or 400).
+# `stores` is also the manifest's field naming the stores an import copies to (beside
+# `properties`, never inside).
 _GLANCE_ATTRIBUTES = frozenset(
     {
         "id", "status", "checksum", "os_hash_algo", "os_hash_value", "owner", "size",
@@ -71,7 +73,19 @@ _MAX_PROPERTY_KEY = 255
 _FOUR_BYTE = re.compile("[\U00010000-\U0010ffff]")
 # What the create body carries as strings that Glance checks; tags (a list) and the source
 # path (never sent) are not among them.
-_NOT_SENT_AS_STRINGS = frozenset({"source", "tags", "properties", "flat_as_raw"})
+_NOT_SENT_AS_STRINGS = frozenset(
+    {
+        "source",
+        "tags",
+        "properties",
+        "flat_as_raw",
+        "stores",
+        "all_stores",
+        "all_stores_must_succeed",
+    }
+)
+# The choice of stores an import copies to: a disk's replaces the defaults' as a whole.
+_STORE_CHOICE = ("stores", "all_stores")
 # A manifest is four levels deep (disks[3].properties.key); anything much deeper is hostile.
 _MAX_DEPTH = 32
 # Values YAML aliases may add to a document. Reuse in a real manifest adds a few per disk; an
@@ -621,6 +635,7 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
     else:
         defaults = {}
     disks = document.get("disks")
+    found += _store_problems(defaults, disks if isinstance(disks, list) else [])
     first_of_name: dict[str, int] = {}
     to_inspect: dict[int, Mapping[str, object]] = {}
     for index, disk in enumerate(disks if isinstance(disks, list) else []):
@@ -636,6 +651,43 @@ def _semantic_problems(document: object, checked: _Checked) -> list[_Found]:
     found += _remote_problems(disks if isinstance(disks, list) else [], defaults, checked)
     found += _inspection_problems(to_inspect, checked)
     return found
+
+
+def _store_choice(
+    defaults: Mapping[str, object], disk: Mapping[str, object]
+) -> Mapping[str, object]:
+    """The stores a disk's import copies to: its own choice, or else the defaults'."""
+    chosen = disk if any(key in disk for key in _STORE_CHOICE) else defaults
+    return {key: chosen[key] for key in _STORE_CHOICE if key in chosen}
+
+
+def _names_stores(choice: Mapping[str, object]) -> bool:
+    return bool(choice.get("stores")) or choice.get("all_stores") is True
+
+
+def _store_problems(defaults: Mapping[str, object], disks: list[object]) -> Iterator[_Found]:
+    """Store choices Glance refuses (stores with all_stores: 400), and an
+    all_stores_must_succeed that no import naming stores would carry."""
+    entries: list[tuple[_Path, Mapping[str, object]]] = [(("defaults",), defaults)]
+    entries += [(("disks", i), disk) for i, disk in enumerate(disks) if isinstance(disk, dict)]
+    for path, entry in entries:
+        if entry.get("stores") and entry.get("all_stores") is True:
+            where = (*path, "all_stores")
+            message = "cannot be combined with 'stores' (Glance answers 400): keep one of them"
+            yield _sort_key(where), Problem(_location(where), message)
+    choices = [_store_choice(defaults, entry) for path, entry in entries[1:]]
+    for (path, entry), choice in zip(entries[1:], choices, strict=True):
+        if "all_stores_must_succeed" in entry and not _names_stores(choice):
+            where = (*path, "all_stores_must_succeed")
+            yield _sort_key(where), Problem(_location(where), _MUST_SUCCEED_ALONE)
+    if "all_stores_must_succeed" in defaults and not any(map(_names_stores, choices)):
+        where = ("defaults", "all_stores_must_succeed")
+        yield _sort_key(where), Problem(_location(where), _MUST_SUCCEED_ALONE)
+
+
+_MUST_SUCCEED_ALONE = (
+    "applies only to an import to chosen stores: give 'stores' or 'all_stores' too"
+)
 
 
 def _setting(disk: Mapping[str, object], defaults: Mapping[str, object], key: str) -> object:
@@ -656,10 +708,13 @@ def _property_key_message(key: object) -> str | None:
         return f"property names must be strings, got {_show(key)} (quote it in YAML)"
     if key.startswith("os_glance"):
         return "os_glance* properties are reserved for Glance, which answers 403"
+    if key in _GLANCE_ATTRIBUTES:
+        beside = ""
+        if key in _named_fields():
+            beside = f"; to choose the stores the import copies to, set {key!r} beside 'properties'"
+        return f"{key!r} is an attribute Glance maintains itself{beside}"
     if key in _named_fields() or _HW_KEY.match(key):
         return f"{key!r} is a named field: set it beside 'properties', not inside"
-    if key in _GLANCE_ATTRIBUTES:
-        return f"{key!r} is an attribute Glance maintains itself"
     if key in _GLANCE_RESERVED:
         return f"{key!r} is reserved by Glance, which answers 403"
     if not key or len(key) > _MAX_PROPERTY_KEY:
@@ -962,7 +1017,14 @@ def _build(document: Mapping[str, Any], checked: _Checked) -> tuple[JobSpec, dic
 def _merge(defaults: Mapping[str, Any], disk: Mapping[str, Any], source: str) -> dict[str, Any]:
     """A disk with every default applied: tags replace the defaults', properties merge over them."""
     merged: dict[str, Any] = {"name": _image_name(disk), "source": source}
-    merged.update({k: v for k, v in defaults.items() if k not in merged})
+    own_choice = any(key in disk for key in _STORE_CHOICE)
+    merged.update(
+        {
+            k: v
+            for k, v in defaults.items()
+            if k not in merged and not (own_choice and k in _STORE_CHOICE)
+        }
+    )
     merged.update({k: v for k, v in disk.items() if k != "source"})
     merged["min_disk"], merged["min_ram"] = int(merged["min_disk"]), int(merged["min_ram"])
     merged["properties"] = {**defaults.get("properties", {}), **disk.get("properties", {})}
@@ -973,6 +1035,7 @@ def _disk_spec(
     index: int, disk: Mapping[str, Any], size_bytes: int, identity: Mapping[str, int | str] | None
 ) -> DiskSpec:
     named = {k: v for k, v in disk.items() if k in _PROPERTY_FIELDS or _HW_KEY.match(k)}
+    names_stores = _names_stores(disk)
     return DiskSpec(
         disk_index=index,
         name=disk["name"],
@@ -990,6 +1053,10 @@ def _disk_spec(
         source_auth=disk.get("source_auth") if is_url(disk["source"]) else None,
         import_method=disk["import_method"],
         expected_digest=_manifest_digest(disk.get("source_digest")),
+        stores=tuple(disk.get("stores", ())),
+        all_stores=disk.get("all_stores", False),
+        # Glance's default, unless an import naming stores asks otherwise.
+        all_stores_must_succeed=disk.get("all_stores_must_succeed", True) if names_stores else True,
     )
 
 

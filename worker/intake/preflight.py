@@ -179,11 +179,29 @@ def _need(job: JobSpec, concurrency: int) -> _Need:
     )
 
 
-async def _store_findings(glance: GlanceClient, _job: JobSpec, _need: _Need) -> list[Finding]:
+async def _store_findings(glance: GlanceClient, job: JobSpec, _need: _Need) -> list[Finding]:
     stores = await glance.stores()
+    asked = sorted({name for disk in job.disks for name in disk.stores})
+    # What the manifest asks for, in its words: the stores it names, and all_stores.
+    wanted = ", ".join([*asked, *(["all_stores"] if any(d.all_stores for d in job.disks) else [])])
     if not stores:
+        if wanted:
+            return [
+                Finding(
+                    "stores",
+                    BLOCKING,
+                    f"the job names stores ({wanted}) but the cloud has a single store "
+                    "(no multi-store backends): remove stores and all_stores from the manifest",
+                )
+            ]
         return [Finding("stores", OK, "single store (no multi-store backends): nothing to choose")]
     listed = ", ".join(store.id + (" (default)" if store.default else "") for store in stores)
+    unknown = [name for name in asked if name not in {store.id for store in stores}]
+    if unknown:
+        detail = f"the job names store(s) the cloud lacks: {', '.join(unknown)} (it has {listed})"
+        return [Finding("stores", BLOCKING, f"{detail}: Glance would refuse the import (409)")]
+    if wanted:
+        return [Finding("stores", OK, f"{len(stores)} store(s): {listed}; the job uses {wanted}")]
     if any(store.default for store in stores):
         return [Finding("stores", OK, f"{len(stores)} store(s): {listed}")]
     return [Finding("stores", WARN, f"no default store among {listed}: imports must name one")]

@@ -240,12 +240,15 @@ class ImageRunner:
                 image = await self.glance.get_image(image_id)
                 return StageChecked(image_facts(image)), image.request_id
             case RequestImport():
-                web_download = claim.spec.import_method == WEB_DOWNLOAD
+                spec = claim.spec
                 echoed = await self.glance.import_image(
                     image_id,
                     request_id=command.request_id,
-                    method=claim.spec.import_method,
-                    uri=claim.spec.source if web_download else None,
+                    method=spec.import_method,
+                    uri=spec.source if spec.import_method == WEB_DOWNLOAD else None,
+                    stores=spec.stores,
+                    all_stores=spec.all_stores,
+                    all_stores_must_succeed=spec.all_stores_must_succeed,
                 )
                 pace = self.watch.pace if self.watch is not None else None
                 expected_s = None if pace is None else pace.expect_s(state.size_bytes)
@@ -425,6 +428,8 @@ class ImageRunner:
             duration_s=round(duration_s, 3),
             attempts=row.attempts,
             glance_status=row.glance_status,
+            glance_stores=row.glance_stores,
+            glance_failed_stores=row.glance_failed_stores,
             verification=row.verification,
             error_code=row.error_code,
             error=row.error_message,
@@ -460,6 +465,7 @@ def initial_state(claim: Claim, *, hash_algo: str, verify_md5: bool = False) -> 
         expected_digest=None
         if claim.spec.expected_digest is None
         else (claim.spec.expected_digest["algorithm"], claim.spec.expected_digest["value"]),
+        all_stores_must_succeed=claim.spec.all_stores_must_succeed,
         hash_algo=hash_algo,
         source_hash=row.source_hash_value if algo_matches else None,
         verify_md5=verify_md5,
@@ -491,6 +497,8 @@ def image_facts(image: Image) -> ImageFacts:
         es_failed_reason=text("os_glance_es_failed_reason"),
         failed_import=text("os_glance_failed_import"),
         import_locked=text("os_glance_import_task") is not None,
+        stores=text("stores"),
+        importing_to_stores=text("os_glance_importing_to_stores"),
     )
 
 

@@ -5,8 +5,9 @@ than one GET per image, the watch sends one `GET /v2/images?id=in:...` for all i
 waiting, and hands each its image:
 
 - at its due time (or a moment before, to share the call with others due soon);
-- sooner, when the list shows that its status changed or that its import failed, so an image
-  is seen `active` within one tick of another image's look, whatever its own schedule.
+- sooner, when the list shows that its status changed, that its import failed or that a store
+  of a multi-store import finished, so an image is seen `active` within one tick of another
+  image's look, whatever its own schedule.
 
 The watch also learns how long imports take on this cloud (`ImportPace`), so that the machine
 can look densely around an import's expected end instead of along a fixed curve.
@@ -87,6 +88,7 @@ class ImportWatch:
         self._share_s = share_s
         self._waiters: dict[str, _Waiter] = {}
         self._busy_at: dict[str, float] = {}  # when each image was last seen still importing
+        self._signals: dict[str, _Signals] = {}  # each image's signals at the last look
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self.pace = ImportPace()
@@ -124,6 +126,7 @@ class ImportWatch:
     def forget(self, image_id: str) -> None:
         """The image's run ended: drop what the watch remembers of it."""
         self._busy_at.pop(image_id, None)
+        self._signals.pop(image_id, None)
 
     async def close(self) -> None:
         if self._loop is not None:
@@ -176,7 +179,8 @@ class ImportWatch:
                     await self._look_alone(image_id, waiter)
                 continue
             self._note(image_id, image, waiter, now)
-            if due or _changed(image, waiter.seen_status):
+            changed = self._changed(image_id, image, waiter.seen_status)  # remembers it too
+            if due or changed:
                 waiter.answer.set_result(image)
 
     async def _look_alone(self, image_id: str, waiter: _Waiter) -> None:
@@ -202,6 +206,19 @@ class ImportWatch:
             if waiter is not None and not waiter.answer.done():
                 waiter.answer.set_exception(error)
 
+    def _changed(self, image_id: str, image: Image, seen_status: str | None) -> bool:
+        """Worth handing over before its due time: a new status, a failure signal, or (in a
+        multi-store import) a store done since the last look."""
+        signals = _signals_of(image)
+        before = self._signals.get(image_id)
+        self._signals[image_id] = signals
+        if image.status != seen_status:
+            return True
+        if before is None:
+            failed_import, es_failed_reason, _ = signals
+            return bool(failed_import or es_failed_reason)
+        return signals != before
+
     def _note(self, image_id: str, image: Image, waiter: _Waiter, now: float) -> None:
         """Learn the pace: an import seen active ended between the last busy look and now."""
         if image.status in ("uploading", "importing"):
@@ -212,9 +229,15 @@ class ImportWatch:
             self.pace.record(waiter.size_bytes, (busy_at + now) / 2 - waiter.accepted_at)
 
 
-def _changed(image: Image, seen_status: str | None) -> bool:
-    """Worth handing over before its due time: a new status, or a failure signal."""
-    if image.status != seen_status:
-        return True
-    props = image.properties
-    return bool(props.get("os_glance_failed_import") or props.get("os_glance_es_failed_reason"))
+# The properties whose change is worth handing an image over before its due time: failure
+# signals, and the stores a multi-store import has still to do (its end, when active).
+_SIGNAL_KEYS = (
+    "os_glance_failed_import",
+    "os_glance_es_failed_reason",
+    "os_glance_importing_to_stores",
+)
+_Signals = tuple[str, ...]
+
+
+def _signals_of(image: Image) -> _Signals:
+    return tuple(str(image.properties.get(key) or "") for key in _SIGNAL_KEYS)

@@ -29,6 +29,9 @@ class SandboxConfig:
     stores: tuple[dict[str, Any], ...] = field(
         default_factory=lambda: ({"id": "fs", "default": True},)
     )
+    # Stores whose writes fail (full, or their directory unwritable): an import copying to
+    # one of them fails there, and ends as all_stores_must_succeed says.
+    fail_stores: tuple[str, ...] = ()
     data_dir: str | None = None
     password: str = "secret"  # the admin user's password (tests use a distinctive one)
     stage_rate_bytes_per_s: float | None = None  # receive stages no faster than this

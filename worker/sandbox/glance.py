@@ -68,7 +68,13 @@ async def info_import(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+# Glance's answer on a cloud without enabled_backends (a single store).
+_SINGLE_STORE = "Multi backend is not supported at this site."
+
+
 async def info_stores(request: web.Request) -> web.Response:
+    if not state_of(request).config.stores:
+        return glance_error(request, 404, _SINGLE_STORE)
     stores = []
     for store in state_of(request).config.stores:
         entry = {key: value for key, value in store.items() if key != "default"}
@@ -80,6 +86,8 @@ async def info_stores(request: web.Request) -> web.Response:
 
 async def stores_available(request: web.Request) -> web.Response:
     """The vendor's path: same list, `default` as a JSON boolean."""
+    if not state_of(request).config.stores:
+        return glance_error(request, 404, _SINGLE_STORE)
     stores = []
     for store in state_of(request).config.stores:
         entry = {key: value for key, value in store.items() if key != "default"}

@@ -18,7 +18,7 @@ from worker.sandbox.context import BACKGROUND_KEY, request_id_of, state_of, toke
 from worker.sandbox.errors import glance_error, quota_message
 from worker.sandbox.faults import body_chunks, drop_connection, read_json
 from worker.sandbox.glance_images import find_image, not_found
-from worker.sandbox.importer import LOCK, ImportFlow, default_store, name_in
+from worker.sandbox.importer import LOCK, ImportFlow, default_store, name_in, writable_stores
 from worker.sandbox.state import MIB, CloudState, Image, Task, utcnow
 
 log = structlog.get_logger(__name__)
@@ -186,6 +186,47 @@ def _import_conflict(image: Image, method: str) -> str:
     return ""
 
 
+class StoresRefused(Exception):
+    """The import's choice of stores is refused with `status` (400 or 409) and `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise StoresRefused(400, f"'{key}' must be boolean value only")
+    return value
+
+
+def _import_stores(state: CloudState, body: dict[str, Any]) -> tuple[str, ...]:
+    """The stores the import copies to, resolved as Glance does (`get_stores_from_request`);
+    a single-store cloud (no stores configured) ignores the choice."""
+    if not state.config.stores:
+        return ()
+    known = {str(store["id"]) for store in state.config.stores}
+    if body.get("all_stores", False):
+        if "stores" in body:
+            raise StoresRefused(
+                400,
+                "All_stores parameter can't be used with x-image-meta-store header or stores "
+                "parameter",
+            )
+        return writable_stores(state)
+    chosen = body.get("stores")
+    if chosen is None:
+        return (default_store(state),)
+    if not isinstance(chosen, list):
+        raise StoresRefused(400, "Invalid type value: stores must be a list")
+    for store in chosen:
+        if store not in known:
+            raise StoresRefused(409, f"Store for identifier {store} not found")
+    return tuple(str(store) for store in chosen)
+
+
 async def import_image(request: web.Request) -> web.Response:
     state = state_of(request)
     try:
@@ -199,6 +240,11 @@ async def import_image(request: web.Request) -> web.Response:
         return glance_error(request, 400, f"Unknown import method name '{method}'.")
     if method == WEB_DOWNLOAD and _uri_problem(state, uri):
         return glance_error(request, 400, _uri_problem(state, uri))
+    try:
+        _flag(body, "all_stores", False)
+        must_succeed = _flag(body, "all_stores_must_succeed", True)
+    except StoresRefused as exc:
+        return glance_error(request, exc.status, exc.message)
     problem = _stage_quota_problem(state, request, "image_size_total", 0)
     if problem:
         return glance_error(request, 413, problem)
@@ -208,15 +254,27 @@ async def import_image(request: web.Request) -> web.Response:
     conflict = _import_conflict(image, method)
     if conflict:
         return glance_error(request, 409, conflict)
-    task = _new_task(state, request, image, method, uri)
+    try:
+        stores = _import_stores(state, body)
+    except StoresRefused as exc:
+        return glance_error(request, exc.status, exc.message)
+    if not must_succeed and not state.config.stores:
+        message = "All_stores_must_succeed can only be set with enabled_backends"
+        return glance_error(request, 400, message)
+    task = _new_task(state, request, image, body, stores)
     image.properties[LOCK] = task.id
     image.touch()
-    request.app[BACKGROUND_KEY].spawn(ImportFlow(state, image.id, task).run())
+    flow = ImportFlow(state, image.id, task, stores=stores, all_stores_must_succeed=must_succeed)
+    request.app[BACKGROUND_KEY].spawn(flow.run())
     return web.Response(status=202, content_type="text/html")
 
 
 def _new_task(
-    state: CloudState, request: web.Request, image: Image, method: str, uri: str | None
+    state: CloudState,
+    request: web.Request,
+    image: Image,
+    import_req: dict[str, Any],
+    stores: tuple[str, ...],
 ) -> Task:
     now = utcnow()
     token = token_of(request)
@@ -227,8 +285,8 @@ def _new_task(
         user_id=token.user_id,
         # The task keeps the id exactly as the client sent it; only the header gets `req-`.
         request_id=request.headers.get("x-openstack-request-id") or request_id_of(request),
-        import_req={"method": {"name": method, **({"uri": uri} if uri else {})}},
-        backend=[default_store(state)],
+        import_req=import_req,  # the request's body, as Glance keeps it
+        backend=list(stores),
         created_at=now,
         updated_at=now,
     )

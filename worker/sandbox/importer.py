@@ -42,6 +42,29 @@ def default_store(state: CloudState) -> str:
     return str(chosen["id"])
 
 
+def writable_stores(state: CloudState) -> tuple[str, ...]:
+    """The stores an import with all_stores copies to: Glance leaves out read-only ones."""
+    return tuple(
+        str(store["id"])
+        for store in state.config.stores
+        if str(store.get("read-only", "")).lower() != "true"
+    )
+
+
+def _listed(image: Image, key: str) -> list[str]:
+    return [name for name in image.properties.get(key, "").split(",") if name]
+
+
+def _add_store(image: Image, key: str, store: str | None) -> None:
+    names = _listed(image, key)
+    if store is not None and store not in names:
+        image.properties[key] = ",".join([*names, store])
+
+
+def _remove_store(image: Image, key: str, store: str | None) -> None:
+    image.properties[key] = ",".join(name for name in _listed(image, key) if name != store)
+
+
 def wants_virtio(image: Image) -> bool:
     return image.properties.get("es_virtio_enabled", "").lower() in ("yes", "true", "1")
 
@@ -96,13 +119,28 @@ def convert_file(source: Path, target: Path, source_format: str | None, output_f
 
 
 class ImportFlow:
-    """One import task's life, from `pending` to `success` or `failure`."""
+    """One import task's life, from `pending` to `success` or `failure`.
 
-    def __init__(self, state: CloudState, image_id: str, task: Task) -> None:
+    The data is copied to `stores` one after the other (none: a single-store cloud). With
+    `all_stores_must_succeed` the image turns active after the last store, and a store that
+    fails fails the import; without it, each store that takes the image makes it active and
+    the ones that fail are listed in os_glance_failed_import.
+    """
+
+    def __init__(
+        self,
+        state: CloudState,
+        image_id: str,
+        task: Task,
+        *,
+        stores: tuple[str, ...] = (),
+        all_stores_must_succeed: bool = True,
+    ) -> None:
         self.state = state
         self.image_id = image_id
         self.task = task
-        self.store = default_store(state)
+        self.stores = stores
+        self.all_stores_must_succeed = all_stores_must_succeed
 
     def _image(self) -> Image | None:
         """The image, if it still exists and this task still holds its import lock."""
@@ -140,7 +178,7 @@ class ImportFlow:
         self.task.status = "processing"
         self.task.updated_at = utcnow()
         image.set_status("importing")
-        image.properties[TO_STORES] = self.store
+        image.properties[TO_STORES] = ",".join(self.stores)
         image.properties[FAILED_STORES] = ""
 
     async def _download(self, uri: str) -> bool:
@@ -248,36 +286,82 @@ class ImportFlow:
         return converted
 
     async def _store(self, image: Image, data: Path, virtual_size: int | None) -> None:
-        inject = self.state.config.rewrite_virtio and wants_virtio(image)
-        stored_path = self.state.stored_path(image.id)
-        corrupt = name_in(image, self.state.config.corrupt_names)
-        stored = await asyncio.to_thread(copy_to_store, data, stored_path, inject, corrupt)
-        current = self._image()
-        if current is None:
-            stored_path.unlink(missing_ok=True)
-            self._fail_task(INTERNAL_ERROR)
+        """Copy the data to each store in turn, as Glance's _ImportToStore tasks do."""
+        failing = self.state.config.fail_stores
+        stored: Stored | None = None
+        current = image
+        targets: tuple[str | None, ...] = self.stores or (None,)
+        for index, store in enumerate(targets):
+            if index:  # one copy after the other: each store's end can be seen on its own
+                await asyncio.sleep(self.state.config.import_latency_s / 2)
+            took: Stored | None = None  # what this store holds now; None when it failed
+            if store not in failing:
+                stored = took = stored or await asyncio.to_thread(self._copy, image, data)
+            found = self._image()
+            if found is None:
+                self._abandon()
+                return
+            current = found
+            if took is None and self.all_stores_must_succeed:
+                self._end_store_failure(current, store)
+                return
+            if took is None:
+                _add_store(current, FAILED_STORES, store)
+            else:
+                current.stores = ",".join(filter(None, [current.stores, store])) or None
+                if index == len(targets) - 1 or not self.all_stores_must_succeed:
+                    self._activate(current, took, virtual_size)
+            _remove_store(current, TO_STORES, store)
+        if current.status != "active":  # no store took it: Glance's state check reverts
+            self._end_queued(current, INTERNAL_ERROR, delete_staged=True)
             return
-        self._end_active(current, stored, virtual_size)
+        self._complete(current)
 
-    def _end_active(self, image: Image, stored: Stored, virtual_size: int | None) -> None:
-        staged_mib = (image.size or 0) // MIB
+    def _copy(self, image: Image, data: Path) -> Stored:
+        """The stored bytes (blocking: call it in a thread); one file serves every store."""
+        inject = self.state.config.rewrite_virtio and wants_virtio(image)
+        corrupt = name_in(image, self.state.config.corrupt_names)
+        return copy_to_store(data, self.state.stored_path(image.id), inject, corrupt)
+
+    def _abandon(self) -> None:
+        """The image was deleted (or its lock taken) while the data was copied."""
+        self.state.stored_path(self.image_id).unlink(missing_ok=True)
+        self._fail_task(INTERNAL_ERROR)
+
+    def _activate(self, image: Image, stored: Stored, virtual_size: int | None) -> None:
+        if image.status == "active":
+            return
         image.size = stored.size_bytes
         image.virtual_size = virtual_size
         image.checksum = stored.md5
         image.os_hash_algo = "sha512"
         image.os_hash_value = stored.sha512
-        image.stores = self.store
-        image.properties[TO_STORES] = ""
-        image.properties.pop(LOCK, None)
         image.set_status("active")
+
+    def _complete(self, image: Image) -> None:
+        staged_mib = (image.size or 0) // MIB
+        image.properties.pop(LOCK, None)
+        image.touch()
         self.state.staged_path(image.id).unlink(missing_ok=True)
         self.task.finish("success", f"Copied {staged_mib} MiB", {"image_id": image.id})
-        log.info("sandbox.import_succeeded", image_id=image.id)
+        log.info("sandbox.import_succeeded", image_id=image.id, stores=image.stores)
+
+    def _end_store_failure(self, image: Image, store: str | None) -> None:
+        """A store failed and all must succeed: the copies made are removed with their
+        locations, the stores not reached stay listed to do, the image stays `importing`."""
+        _add_store(image, FAILED_STORES, store)
+        _remove_store(image, TO_STORES, store)
+        image.stores = None
+        self.state.stored_path(image.id).unlink(missing_ok=True)
+        image.properties.pop(LOCK, None)
+        image.touch()
+        self._fail_task(INTERNAL_ERROR)
+        log.info("sandbox.import_failed", image_id=image.id, reason=f"store {store} failed")
 
     def _end_upstream_failure(self, image: Image, reason: str) -> None:
         """No reverting plugin: the image stays `importing`, the staged file stays."""
         image.properties[TO_STORES] = ""
-        image.properties[FAILED_STORES] = self.store
+        image.properties[FAILED_STORES] = ",".join(self.stores)
         image.properties.pop(LOCK, None)
         image.touch()
         self._fail_task(INTERNAL_ERROR)
@@ -295,7 +379,8 @@ class ImportFlow:
         """A reverting plugin or the in-flow quota check: back to `queued`, sizes wiped."""
         image.properties[TO_STORES] = ""
         if delete_staged:
-            image.properties[FAILED_STORES] = self.store
+            for store in self.stores:
+                _add_store(image, FAILED_STORES, store)
             self.state.staged_path(image.id).unlink(missing_ok=True)
         image.properties.pop(LOCK, None)
         image.set_status("queued")

@@ -197,9 +197,9 @@ import_request_id = NULL
 -- step: mark_failing
 -- The image failed for good: the error (and what the verification found, when it
 -- ran) is kept while its half-made image is deleted.
--- $8 error_code, $9 error_message, $10 verification, $11-$16 glance_status, glance_size,
--- glance_virtual_size, glance_checksum, glance_os_hash_algo, glance_os_hash_value (NULL keeps
--- each).
+-- $8 error_code, $9 error_message, $10 verification, $11-$18 glance_status, glance_size,
+-- glance_virtual_size, glance_checksum, glance_os_hash_algo, glance_os_hash_value,
+-- glance_stores, glance_failed_stores (NULL keeps each).
 -- event error: $8, $9
 phase = coalesce($4::text, r.phase),
 error_code = $8::text,
@@ -210,13 +210,15 @@ glance_size = coalesce($12::bigint, r.glance_size),
 glance_virtual_size = coalesce($13::bigint, r.glance_virtual_size),
 glance_checksum = coalesce($14::text, r.glance_checksum),
 glance_os_hash_algo = coalesce($15::text, r.glance_os_hash_algo),
-glance_os_hash_value = coalesce($16::text, r.glance_os_hash_value)
+glance_os_hash_value = coalesce($16::text, r.glance_os_hash_value),
+glance_stores = coalesce($17::text[], r.glance_stores),
+glance_failed_stores = coalesce($18::text[], r.glance_failed_stores)
 
 -- step: finish
 -- The row reaches done or failed ($4): the lease ends and finished_at is set.
 -- $8 finished_at (NULL: now, or as it was for a row finished before), $9 error_code,
--- $10 error_message, $11 cleanup, $12 verification, $13-$18 the glance_* columns as for
--- mark_failing (NULL keeps each of $9-$18).
+-- $10 error_message, $11 cleanup, $12 verification, $13-$20 the glance_* columns as for
+-- mark_failing (NULL keeps each of $9-$20).
 -- event error: $9, $10
 phase = $4::text,
 finished_at = coalesce($8::timestamptz, r.finished_at, now()),
@@ -230,7 +232,9 @@ glance_size = coalesce($14::bigint, r.glance_size),
 glance_virtual_size = coalesce($15::bigint, r.glance_virtual_size),
 glance_checksum = coalesce($16::text, r.glance_checksum),
 glance_os_hash_algo = coalesce($17::text, r.glance_os_hash_algo),
-glance_os_hash_value = coalesce($18::text, r.glance_os_hash_value)
+glance_os_hash_value = coalesce($18::text, r.glance_os_hash_value),
+glance_stores = coalesce($19::text[], r.glance_stores),
+glance_failed_stores = coalesce($20::text[], r.glance_failed_stores)
 
 -- name: set_progress
 -- $1 result id, $2 worker_id, $3 bytes_staged
@@ -430,7 +434,8 @@ WITH job AS (
         verification = NULL, cleanup = NULL, bytes_staged = 0, staged_at = NULL,
         import_requested_at = NULL, import_request_id = NULL, glance_status = NULL,
         glance_size = NULL, glance_virtual_size = NULL, glance_checksum = NULL,
-        glance_os_hash_algo = NULL, glance_os_hash_value = NULL, lease_expires_at = NULL,
+        glance_os_hash_algo = NULL, glance_os_hash_value = NULL, glance_stores = NULL,
+        glance_failed_stores = NULL, lease_expires_at = NULL,
         next_attempt_at = now(), updated_at = now(),
         glance_image_id = coalesce(
             (SELECT m.new_id FROM unnest($3::bigint[], $4::uuid[]) AS m (id, new_id)

@@ -76,6 +76,9 @@ SPEC_FIELDS = (
     "protected",
     "tags",
     "properties",
+    "stores",
+    "all_stores",
+    "all_stores_must_succeed",
 )
 
 
@@ -135,6 +138,8 @@ class ResultRow:
     cleanup: str | None
     source_md5: str | None
     cleanup_settled_at: datetime | None
+    glance_stores: tuple[str, ...] | None
+    glance_failed_stores: tuple[str, ...] | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
@@ -144,13 +149,17 @@ class ResultRow:
         if values["verification"] is not None:
             values["verification"] = Verification(values["verification"])
         values["request_ids"] = tuple(values["request_ids"])
+        for name in ("glance_stores", "glance_failed_stores"):
+            if values[name] is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def disk_spec(self) -> DiskSpec:
         """The disk as the manifest described it."""
         extra = {name: self.spec[name] for name in SPEC_FIELDS if name in self.spec}
-        if "tags" in extra:
-            extra["tags"] = tuple(extra["tags"])
+        for name in ("tags", "stores"):
+            if name in extra:
+                extra[name] = tuple(extra[name])
         return DiskSpec(
             disk_index=self.disk_index,
             name=self.image_name,
@@ -774,6 +783,7 @@ def _disk_row(job_id: UUID, disk: DiskSpec) -> dict[str, object]:
     spec = {name: getattr(disk, name) for name in SPEC_FIELDS}
     spec["tags"] = list(disk.tags)
     spec["properties"] = dict(disk.properties)
+    spec["stores"] = list(disk.stores)
     if disk.source_identity is not None:
         spec["source_identity"] = dict(disk.source_identity)
     for name in ("appliance", "expected_digest"):  # disks of OVAs and OVFs only
@@ -801,7 +811,7 @@ def _text(value: enum.Enum | None) -> str | None:
 def _glance_values(glance: GlanceRecord | None) -> tuple[object, ...]:
     """The glance_* columns' values, in their statements' order (all None: keep them)."""
     if glance is None:
-        return (None,) * 6
+        return (None,) * 8
     return (
         glance.status,
         glance.size,
@@ -809,6 +819,8 @@ def _glance_values(glance: GlanceRecord | None) -> tuple[object, ...]:
         glance.checksum,
         glance.os_hash_algo,
         glance.os_hash_value,
+        None if glance.stores is None else list(glance.stores),
+        None if glance.failed_stores is None else list(glance.failed_stores),
     )
 
 
