@@ -281,20 +281,26 @@ def _secure_yaml(env: Mapping[str, str], clouds_file: Path) -> Path | None:
 
 
 def _cloud_entry(path: Path, cloud_name: str) -> dict[str, Any] | None:
+    return yaml_entry(path, "clouds", cloud_name)
+
+
+def yaml_entry(path: Path, section: str, name: str) -> dict[str, Any] | None:
+    """The mapping `name` under the top-level `section:` mapping of a YAML file (clouds.yaml,
+    secure.yaml, sources.yaml); None when it has no such entry, ConfigError when unusable."""
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot read {path}: {yaml_problem(exc)}") from None
-    clouds = document.get("clouds") if isinstance(document, dict) else None
-    if not isinstance(clouds, dict):
-        raise ConfigError(f"{path}: no top-level 'clouds:' mapping")
-    entry = clouds.get(cloud_name)
+    entries = document.get(section) if isinstance(document, dict) else None
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{path}: no top-level '{section}:' mapping")
+    entry = entries.get(name)
     if entry is None:
         return None
     if not isinstance(entry, dict):
-        raise ConfigError(f"{path}: cloud {cloud_name!r} is not a mapping")
+        raise ConfigError(f"{path}: {section.removesuffix('s')} {name!r} is not a mapping")
     return entry
 
 

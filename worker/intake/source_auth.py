@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from worker.config import deep_merge, yaml_problem
+from worker.config import deep_merge, yaml_entry
 from worker.errors import ConfigError
 
 SOURCES_FILE_ENV = "VMDK_MIGRATE_SOURCES_FILE"
@@ -138,16 +136,4 @@ def _candidates(env: Mapping[str, str]) -> list[Path]:
 
 
 def _entry(path: Path, name: str) -> dict[str, Any]:
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot read {path}: {yaml_problem(exc)}") from None
-    sources = document.get("sources") if isinstance(document, dict) else None
-    if not isinstance(sources, dict):
-        raise ConfigError(f"{path}: no top-level 'sources:' mapping")
-    entry = sources.get(name) or {}
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{path}: source {name!r} is not a mapping")
-    return dict(entry)
+    return yaml_entry(path, "sources", name) or {}
