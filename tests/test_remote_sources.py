@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from tests.fixtures.batch import migrate, rows_of, submit_manifest
 from tests.fixtures.db import fetch_rows
 from worker.errors import InvalidManifest
+from worker.intake.remote import MAX_REOPENS
 from worker.intake.manifest import load_manifest
 from worker.intake.sampledisks import write_stream_optimized
 from worker.sandbox import Sandbox, SandboxConfig
@@ -78,6 +79,26 @@ async def test_a_read_that_breaks_twice_is_resumed_into_one_stage_upload(
     assert starts[0] == 0
     assert starts[0] < starts[1] <= 700 << 10
     assert starts[1] < starts[2] <= starts[1] + (700 << 10)
+
+
+async def test_a_read_that_keeps_breaking_fails_the_disk_after_the_bounded_reopens(
+    database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=MIB)
+    job_id = await submit_manifest(database_url, tmp_path, manifest_of(datastore, [path]))
+    datastore.drop_after(64 << 10, times=MAX_REOPENS + 1)
+
+    summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"failed": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert row.error_code == "source_error"
+    assert f"broke {MAX_REOPENS + 1} times" in (row.error_message or "")
+    # The first read and every reopen ask for the rest of the file (the submit's probes for
+    # closed ranges of a few KiB).
+    reads = [s for s in datastore.gets(path.name) if (s.range or "").endswith("-")]
+    assert len(reads) == MAX_REOPENS + 1
+    assert sandbox.images() == []
 
 
 async def test_a_file_changed_after_submit_ends_source_changed(
@@ -196,6 +217,29 @@ async def test_credentials_are_not_sent_along_a_redirect_to_another_host(
 
     (problem,) = caught.value.problems
     assert "refused to follow a redirect to another origin" in problem.message
+    assert elsewhere.served == []
+
+
+async def test_a_read_redirected_elsewhere_after_submit_keeps_its_credentials_home(
+    database_url: str,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_TOKEN", TOKEN)
+    async with (
+        FileServer(tmp_path / "a", token=TOKEN).serve() as first,
+        FileServer(tmp_path / "b").serve() as elsewhere,
+    ):
+        (path,) = write_disks(first.root, 1, fill_bytes=64 << 10)
+        manifest = manifest_of(first, [path], source_auth="esxi01")
+        job_id = await submit_manifest(database_url, tmp_path, manifest)
+        first.redirects[path.name] = elsewhere.url(path.name).replace("127.0.0.1", "localhost")
+
+        summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"failed": 1}
+    assert (await rows_of(database_url, job_id))["vm0"].error_code == "redirect_refused"
     assert elsewhere.served == []
 
 
