@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 from tests.fixtures.batch import migrate, rows_of, submit_manifest
 from tests.fixtures.db import fetch_rows
 from worker.errors import InvalidManifest
-from worker.intake.remote import MAX_REOPENS
 from worker.intake.manifest import load_manifest
+from worker.intake.remote import MAX_REOPENS
 from worker.intake.sampledisks import write_stream_optimized
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.sandbox.files import FileServer, Served
