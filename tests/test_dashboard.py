@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from tests.fixtures.cli import WORKER_CLI
 from tests.fixtures.views import WORKER, Disk, seed_job
-from worker.cli.dashboard import running_dashboard, serving_dashboard
+from worker.cli.dashboard import serving_dashboard
 from worker.core.model import Phase
 from worker.store import Store
 
@@ -87,8 +87,8 @@ async def job_ids(store: Store, database_url: str) -> dict[str, UUID]:
 
 @pytest.fixture
 async def dashboard_url(database_url: str, job_ids: dict[str, UUID]) -> AsyncIterator[str]:
-    async with running_dashboard(database_url, port=0) as url:
-        yield url
+    async with serving_dashboard(database_url, port=0) as served:
+        yield served.url
 
 
 async def get(url: str) -> tuple[int, object]:
@@ -204,7 +204,8 @@ async def test_only_loopback_host_names_are_answered_by_default(
 async def test_configured_host_names_are_answered_too(
     database_url: str, job_ids: dict[str, UUID]
 ) -> None:
-    async with running_dashboard(database_url, port=0, extra_hosts=("Dash.Example",)) as url:
+    async with serving_dashboard(database_url, extra_hosts=("Dash.Example",)) as served:
+        url = served.url
         accepted, _ = await get_as(url + "api/jobs", "dash.example:8780")
         page, _ = await get_as(url + "api/jobs", "127.0.0.1")
         refused, _ = await get_as(url + "api/jobs", "other.example")

@@ -11,19 +11,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from worker.core.changes import (
-    DataStaged,
-    Failing,
-    Finished,
-    GlanceRecord,
-    ImageCreated,
-    ImageReplaced,
-    ImportRequested,
-    ImportRequesting,
-    Noted,
-    SourceHashed,
-    SourceHashes,
-)
+from worker.core import changes
 from worker.core.events import Event
 from worker.core.model import DiskSpec, JobSpec, Phase, Verification, image_id_for
 from worker.store import LeaseLost, StepEvent, Store
@@ -305,13 +293,15 @@ async def test_each_kind_of_change_writes_its_columns_and_an_event(store: Store)
 
     created = await store.apply(
         row_id,
-        ImageCreated(at=at("2024-05-01T12:00:00")),
+        changes.ImageCreated(at=at("2024-05-01T12:00:00")),
         StepEvent("w1", Event.IMAGE_CREATED, Phase.STAGING, request_id="req-1"),
     )
     assert (created.phase, created.image_created_at) == (Phase.STAGING, utc("2024-05-01T12:00:00"))
     staged = await store.apply(
         row_id,
-        DataStaged(100, at("2024-05-01T12:01:00"), SourceHashes("sha512", "h1", "m1")),
+        changes.DataStaged(
+            100, at("2024-05-01T12:01:00"), changes.SourceHashes("sha512", "h1", "m1")
+        ),
         StepEvent("w1", Event.IMAGE_STAGED, request_id="req-2", detail={"bytes": 100}),
     )
     assert (staged.bytes_staged, staged.staged_at) == (100, utc("2024-05-01T12:01:00"))
@@ -321,7 +311,9 @@ async def test_each_kind_of_change_writes_its_columns_and_an_event(store: Store)
         "m1",
     )
     hashed = await store.apply(
-        row_id, SourceHashed(SourceHashes("sha256", "h2")), StepEvent("w1", Event.IMAGE_HASHED)
+        row_id,
+        changes.SourceHashed(changes.SourceHashes("sha256", "h2")),
+        StepEvent("w1", Event.IMAGE_HASHED),
     )
     # No md5 this time: the one recorded before is kept.
     assert (hashed.source_hash_algo, hashed.source_hash_value, hashed.source_md5) == (
@@ -331,34 +323,40 @@ async def test_each_kind_of_change_writes_its_columns_and_an_event(store: Store)
     )
     requesting = await store.apply(
         row_id,
-        ImportRequesting("req-ours"),
+        changes.ImportRequesting("req-ours"),
         StepEvent("w1", Event.IMAGE_IMPORT_REQUESTING, Phase.IMPORTING),
     )
     assert (requesting.phase, requesting.import_request_id) == (Phase.IMPORTING, "req-ours")
     requested = await store.apply(
         row_id,
-        ImportRequested("req-ours", at=at("2024-05-01T12:02:00")),
+        changes.ImportRequested("req-ours", at=at("2024-05-01T12:02:00")),
         StepEvent("w1", Event.IMAGE_IMPORT_REQUESTED, request_id="req-3"),
     )
     assert requested.import_requested_at == utc("2024-05-01T12:02:00")
     replaced = await store.apply(
-        row_id, ImageReplaced(new_image), StepEvent("w1", Event.IMAGE_CREATING, Phase.CREATING)
+        row_id,
+        changes.ImageReplaced(new_image),
+        StepEvent("w1", Event.IMAGE_CREATING, Phase.CREATING),
     )
     assert (replaced.phase, replaced.glance_image_id) == (Phase.CREATING, new_image)
     assert (replaced.bytes_staged, replaced.staged_at) == (0, None)
     assert (replaced.import_requested_at, replaced.import_request_id) == (None, None)
     assert replaced.source_hash_value == "h2"  # the source is the same
     noted = await store.apply(
-        row_id, Noted(), StepEvent("w1", Event.IMAGE_RETRY_SCHEDULED, detail={"delay_s": 1.5})
+        row_id,
+        changes.Noted(),
+        StepEvent("w1", Event.IMAGE_RETRY_SCHEDULED, detail={"delay_s": 1.5}),
     )
     assert noted.phase is Phase.CREATING
     failing = await store.apply(
         row_id,
-        Failing(
+        changes.Failing(
             "checksum_mismatch",
             "hashes differ",
             verification=Verification.MISMATCH,
-            glance=GlanceRecord("active", size=100, os_hash_algo="sha512", os_hash_value="g"),
+            glance=changes.GlanceRecord(
+                "active", size=100, os_hash_algo="sha512", os_hash_value="g"
+            ),
         ),
         StepEvent("w1", Event.IMAGE_FAILING, detail={"error": "hashes differ"}),
     )
@@ -372,7 +370,7 @@ async def test_each_kind_of_change_writes_its_columns_and_an_event(store: Store)
     assert failing.lease_expires_at is not None
     finished = await store.apply(
         row_id,
-        Finished(Phase.FAILED, at=at("2024-05-01T12:03:00"), cleanup="deleted"),
+        changes.Finished(Phase.FAILED, at=at("2024-05-01T12:03:00"), cleanup="deleted"),
         StepEvent("w1", Event.IMAGE_FINISHED),
     )
     # What the failing step wrote stays: a finish leaves None alone.
@@ -410,11 +408,11 @@ async def test_each_kind_of_change_writes_its_columns_and_an_event(store: Store)
 async def test_a_finished_image_records_what_glance_said_and_the_verdict(store: Store) -> None:
     await submit(store, make_job(1))
     (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
-    glance = GlanceRecord("active", 100, 400, "c" * 32, "sha512", "h" * 128)
+    glance = changes.GlanceRecord("active", 100, 400, "c" * 32, "sha512", "h" * 128)
 
     row = await store.finish(
         claim.row.id,
-        Finished(Phase.DONE, verification=Verification.VERIFIED, glance=glance),
+        changes.Finished(Phase.DONE, verification=Verification.VERIFIED, glance=glance),
         StepEvent("w1", Event.IMAGE_FINISHED),
     )
 
@@ -443,11 +441,11 @@ async def test_a_write_by_another_worker_raises_lease_lost_and_changes_nothing(
 
     with pytest.raises(LeaseLost):
         await store.mark_created(
-            claim.row.id, ImageCreated(at=0.0), StepEvent("w2", Event.IMAGE_CREATED)
+            claim.row.id, changes.ImageCreated(at=0.0), StepEvent("w2", Event.IMAGE_CREATED)
         )
     with pytest.raises(LeaseLost):
         await store.finish(
-            claim.row.id, Finished(Phase.DONE), StepEvent("w2", Event.IMAGE_FINISHED)
+            claim.row.id, changes.Finished(Phase.DONE), StepEvent("w2", Event.IMAGE_FINISHED)
         )
 
     (row,) = await store.result_rows(job_id)
@@ -462,7 +460,7 @@ async def test_only_finish_takes_a_row_to_a_terminal_phase(store: Store) -> None
     with pytest.raises(ValueError, match="finish"):
         await store.note(claim.row.id, StepEvent("w1", Event.IMAGE_FINISHED, Phase.DONE))
     with pytest.raises(ValueError, match="done or failed"):
-        Finished(Phase.STAGING)
+        changes.Finished(Phase.STAGING)
 
     (row,) = await store.result_rows(job_id)
     assert row.updated_at == claim.row.updated_at
@@ -475,12 +473,14 @@ async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Sto
 
     done_row = await store.finish(
         done.row.id,
-        Finished(Phase.DONE, at=finished.timestamp()),
+        changes.Finished(Phase.DONE, at=finished.timestamp()),
         StepEvent("w1", Event.IMAGE_FINISHED),
     )
     failed_row = await store.finish(
         failed.row.id,
-        Finished(Phase.FAILED, error_code="checksum_mismatch", error_message="hashes differ"),
+        changes.Finished(
+            Phase.FAILED, error_code="checksum_mismatch", error_message="hashes differ"
+        ),
         StepEvent("w1", Event.IMAGE_FAILED),
     )
 
@@ -507,7 +507,7 @@ async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Sto
     # The finisher may still note what it did with the half-made image; nobody else may.
     noted = await store.finish(
         failed.row.id,
-        Finished(Phase.FAILED, cleanup="kept"),
+        changes.Finished(Phase.FAILED, cleanup="kept"),
         StepEvent("w1", Event.IMAGE_CLEANUP_DONE),
     )
     assert (noted.cleanup, noted.phase) == ("kept", Phase.FAILED)
@@ -515,7 +515,7 @@ async def test_a_terminal_phase_clears_the_lease_and_sets_finished_at(store: Sto
     with pytest.raises(LeaseLost):
         await store.finish(
             failed.row.id,
-            Finished(Phase.FAILED, cleanup="deleted"),
+            changes.Finished(Phase.FAILED, cleanup="deleted"),
             StepEvent("w2", Event.IMAGE_CLEANUP_DONE),
         )
     await asyncio.sleep(0.01)
@@ -526,8 +526,8 @@ async def test_settling_an_owed_cleanup_says_when(store: Store) -> None:
     await submit(store, make_job(2))
     owed, kept = await store.claim(worker_id="w1", limit=2, lease_s=30)
     failed = StepEvent("w1", Event.IMAGE_FINISHED)
-    await store.finish(owed.row.id, Finished(Phase.FAILED, cleanup="owed"), failed)
-    await store.finish(kept.row.id, Finished(Phase.FAILED, cleanup="kept"), failed)
+    await store.finish(owed.row.id, changes.Finished(Phase.FAILED, cleanup="owed"), failed)
+    await store.finish(kept.row.id, changes.Finished(Phase.FAILED, cleanup="kept"), failed)
     assert [result_id for result_id, _ in await store.owed_cleanups()] == [owed.row.id]
 
     await store.cleanup_done(owed.row.id, worker_id="w2")
@@ -615,7 +615,9 @@ async def test_job_summaries_count_by_phase_and_find_jobs_by_name_or_id(
     first, second = await store.claim(worker_id="w1", limit=2, lease_s=30)
     await store.set_progress(first.row.id, worker_id="w1", bytes_staged=70)
     await store.set_progress(second.row.id, worker_id="w1", bytes_staged=100)
-    await store.finish(second.row.id, Finished(Phase.DONE), StepEvent("w1", Event.IMAGE_FINISHED))
+    await store.finish(
+        second.row.id, changes.Finished(Phase.DONE), StepEvent("w1", Event.IMAGE_FINISHED)
+    )
 
     by_name = await store.job_summaries("nightly")
     by_id = await store.job_summaries(str(older).upper())
@@ -649,7 +651,9 @@ async def test_outstanding_counts_unfinished_rows_of_live_jobs(store: Store) -> 
     (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
     assert await store.outstanding() == 3
 
-    await store.finish(claim.row.id, Finished(Phase.FAILED), StepEvent("w1", Event.IMAGE_FAILED))
+    await store.finish(
+        claim.row.id, changes.Finished(Phase.FAILED), StepEvent("w1", Event.IMAGE_FAILED)
+    )
 
     assert await store.outstanding() == 2
 

@@ -310,7 +310,7 @@ def _already_submitted(summary: JobSummary) -> str:
 @click.option("--once", is_flag=True, help="Exit when nothing is left to claim (cron, batch).")
 @click.option(
     "--concurrency",
-    default=8,
+    default=WorkerSettings.concurrency,
     show_default=True,
     type=click.IntRange(1, 512),
     help="Images in flight at once.",
@@ -649,17 +649,17 @@ def dashboard(
     database_url: str | None, host: str, port: int, allowed_hosts: tuple[str, ...]
 ) -> None:
     """Serve a read-only web page of jobs and images that refreshes itself every 2 s."""
-    from worker.cli.dashboard import running_dashboard
+    from worker.cli.dashboard import serving_dashboard
 
     async def go() -> None:
         stop = _stop_on_signals()
-        async with running_dashboard(
+        async with serving_dashboard(
             _database_url(database_url, reading=True),
             host=host,
             port=port,
             extra_hosts=allowed_hosts,
-        ) as url:
-            click.echo(f"dashboard: {url}")
+        ) as served:
+            click.echo(f"dashboard: {served.url}")
             await stop.wait()
 
     _run(go())

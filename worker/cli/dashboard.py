@@ -111,25 +111,6 @@ class ServedDashboard:
 
 
 @asynccontextmanager
-async def running_dashboard(
-    database_url: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    extra_hosts: Collection[str] = (),
-) -> AsyncIterator[str]:
-    """Serve the dashboard while the block runs; yields its base URL (port 0 picks a free one).
-
-    It answers requests whose Host header is a loopback name, the bind address, or one of
-    `extra_hosts`.
-    """
-    async with serving_dashboard(
-        database_url, host=host, port=port, extra_hosts=extra_hosts
-    ) as served:
-        yield served.url
-
-
-@asynccontextmanager
 async def serving_dashboard(
     database_url: str,
     *,
@@ -139,9 +120,12 @@ async def serving_dashboard(
     clock: Callable[[], float] = time.monotonic,
     sample_every_s: float | None = SAMPLE_EVERY_S,
 ) -> AsyncIterator[ServedDashboard]:
-    """running_dashboard, yielding the job rates too: each job's bytes moved are sampled at
-    the start and then every `sample_every_s` on `clock` (with None, only when the caller
-    calls `sample()`)."""
+    """Serve the dashboard while the block runs (port 0 picks a free port).
+
+    It answers requests whose Host header is a loopback name, the bind address, or one of
+    `extra_hosts`. Each job's bytes moved are sampled at the start and then every
+    `sample_every_s` on `clock` (with None, only when the caller calls `sample()`).
+    """
     async with open_store(database_url, max_size=1):
         pass  # brings the schema, and so the views, up to date before serving
     # The dashboard only reads; the server refuses any write it might attempt.

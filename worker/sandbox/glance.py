@@ -73,28 +73,26 @@ _SINGLE_STORE = "Multi backend is not supported at this site."
 
 
 async def info_stores(request: web.Request) -> web.Response:
-    if not state_of(request).config.stores:
-        return glance_error(request, 404, _SINGLE_STORE)
-    stores = []
-    for store in state_of(request).config.stores:
-        entry = {key: value for key, value in store.items() if key != "default"}
-        if store.get("default"):
-            entry["default"] = "true"  # upstream Glance sends the string
-        stores.append(entry)
-    return web.json_response({"stores": stores})
+    return _stores(request, default="true")  # upstream Glance sends the string
 
 
 async def stores_available(request: web.Request) -> web.Response:
     """The vendor's path: same list, `default` as a JSON boolean."""
-    if not state_of(request).config.stores:
+    return _stores(request, default=True)
+
+
+def _stores(request: web.Request, *, default: str | bool) -> web.Response:
+    """The configured stores, the default one marked with `default`."""
+    stores = state_of(request).config.stores
+    if not stores:
         return glance_error(request, 404, _SINGLE_STORE)
-    stores = []
-    for store in state_of(request).config.stores:
+    listed = []
+    for store in stores:
         entry = {key: value for key, value in store.items() if key != "default"}
         if store.get("default"):
-            entry["default"] = True
-        stores.append(entry)
-    return web.json_response({"stores": stores})
+            entry["default"] = default
+        listed.append(entry)
+    return web.json_response({"stores": listed})
 
 
 async def info_usage(request: web.Request) -> web.Response:

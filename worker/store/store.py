@@ -16,19 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from worker.core.changes import (
-    Change,
-    DataStaged,
-    Failing,
-    Finished,
-    GlanceRecord,
-    ImageCreated,
-    ImageReplaced,
-    ImportRequested,
-    ImportRequesting,
-    Noted,
-    SourceHashed,
-)
+from worker.core import changes
 from worker.core.events import Event
 from worker.core.model import (
     DiskSpec,
@@ -439,29 +427,29 @@ class Store:
             )
         return claims
 
-    async def apply(self, result_id: int, change: Change, step: StepEvent) -> ResultRow:
+    async def apply(self, result_id: int, change: changes.Change, step: StepEvent) -> ResultRow:
         """Write one step: `change` by the statement of its kind, with the step's event.
 
         See `note` for what every step's write shares.
         """
         match change:
-            case Noted():
+            case changes.Noted():
                 return await self.note(result_id, step)
-            case ImageCreated():
+            case changes.ImageCreated():
                 return await self.mark_created(result_id, change, step)
-            case DataStaged():
+            case changes.DataStaged():
                 return await self.mark_staged(result_id, change, step)
-            case SourceHashed():
+            case changes.SourceHashed():
                 return await self.mark_hashed(result_id, change, step)
-            case ImportRequesting():
+            case changes.ImportRequesting():
                 return await self.mark_import_requesting(result_id, change, step)
-            case ImportRequested():
+            case changes.ImportRequested():
                 return await self.mark_import_requested(result_id, change, step)
-            case ImageReplaced():
+            case changes.ImageReplaced():
                 return await self.mark_replaced(result_id, change, step)
-            case Failing():
+            case changes.Failing():
                 return await self.mark_failing(result_id, change, step)
-            case Finished():
+            case changes.Finished():
                 return await self.finish(result_id, change, step)
             case _:
                 assert_never(change)
@@ -482,12 +470,14 @@ class Store:
         return await self._step("note", result_id, step)
 
     async def mark_created(
-        self, result_id: int, change: ImageCreated, step: StepEvent
+        self, result_id: int, change: changes.ImageCreated, step: StepEvent
     ) -> ResultRow:
         """Glance made the image (see `note` for what every step's write shares)."""
         return await self._step("mark_created", result_id, step, _moment(change.at))
 
-    async def mark_staged(self, result_id: int, change: DataStaged, step: StepEvent) -> ResultRow:
+    async def mark_staged(
+        self, result_id: int, change: changes.DataStaged, step: StepEvent
+    ) -> ResultRow:
         """The source is staged, hashed on the way (see `note`)."""
         hashes = change.hashes
         return await self._step(
@@ -501,7 +491,9 @@ class Store:
             hashes.md5,
         )
 
-    async def mark_hashed(self, result_id: int, change: SourceHashed, step: StepEvent) -> ResultRow:
+    async def mark_hashed(
+        self, result_id: int, change: changes.SourceHashed, step: StepEvent
+    ) -> ResultRow:
         """The source was hashed again (see `note`)."""
         hashes = change.hashes
         return await self._step(
@@ -509,13 +501,13 @@ class Store:
         )
 
     async def mark_import_requesting(
-        self, result_id: int, change: ImportRequesting, step: StepEvent
+        self, result_id: int, change: changes.ImportRequesting, step: StepEvent
     ) -> ResultRow:
         """The import is about to be asked for under our request id (see `note`)."""
         return await self._step("mark_import_requesting", result_id, step, change.request_id)
 
     async def mark_import_requested(
-        self, result_id: int, change: ImportRequested, step: StepEvent
+        self, result_id: int, change: changes.ImportRequested, step: StepEvent
     ) -> ResultRow:
         """Glance accepted the import (see `note`)."""
         return await self._step(
@@ -523,13 +515,15 @@ class Store:
         )
 
     async def mark_replaced(
-        self, result_id: int, change: ImageReplaced, step: StepEvent
+        self, result_id: int, change: changes.ImageReplaced, step: StepEvent
     ) -> ResultRow:
         """The image is made again under a new id; the old one's progress is cleared (see
         `note`)."""
         return await self._step("mark_replaced", result_id, step, change.image_id)
 
-    async def mark_failing(self, result_id: int, change: Failing, step: StepEvent) -> ResultRow:
+    async def mark_failing(
+        self, result_id: int, change: changes.Failing, step: StepEvent
+    ) -> ResultRow:
         """The image failed for good; its error is kept while it is cleaned up (see `note`)."""
         return await self._step(
             "mark_failing",
@@ -541,7 +535,7 @@ class Store:
             *_glance_values(change.glance),
         )
 
-    async def finish(self, result_id: int, change: Finished, step: StepEvent) -> ResultRow:
+    async def finish(self, result_id: int, change: changes.Finished, step: StepEvent) -> ResultRow:
         """The row reaches done or failed: its lease ends, finished_at is set (see `note`)."""
         return await self._step(
             "finish",
@@ -808,7 +802,7 @@ def _text(value: enum.Enum | None) -> str | None:
     return None if value is None else str(value.value)
 
 
-def _glance_values(glance: GlanceRecord | None) -> tuple[object, ...]:
+def _glance_values(glance: changes.GlanceRecord | None) -> tuple[object, ...]:
     """The glance_* columns' values, in their statements' order (all None: keep them)."""
     if glance is None:
         return (None,) * 8
