@@ -20,8 +20,10 @@ from worker.errors import InvalidManifest
 from worker.intake.manifest import load_manifest
 from worker.intake.remote import MAX_REOPENS
 from worker.intake.sampledisks import write_stream_optimized
+from worker.run.consumer import RunSummary
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.sandbox.files import FileServer, Served
+from worker.store.store import ResultRow
 
 MIB = 1 << 20
 PASSWORD = "datastore-pass-7f3c"
@@ -270,6 +272,22 @@ def web_download_manifest(server: FileServer, path: Path, **disk: object) -> dic
     }
 
 
+async def web_download(
+    database_url: str,
+    sandbox: Sandbox,
+    datastore: FileServer,
+    tmp_path: Path,
+    path: Path,
+    **disk: object,
+) -> tuple[RunSummary, ResultRow]:
+    """Submit `path` from the datastore by web-download and run it: the run's summary and
+    the disk's row."""
+    manifest = web_download_manifest(datastore, path, **disk)
+    job_id = await submit_manifest(database_url, tmp_path, manifest)
+    summary = await migrate(database_url, sandbox)
+    return summary, (await rows_of(database_url, job_id))["vm0"]
+
+
 def worker_reads(server: FileServer, name: str) -> list[Served]:
     """The worker's whole reads of `name` (Glance's download asks for no Range)."""
     return [served for served in server.gets(name) if served.range == "bytes=0-"]
@@ -280,14 +298,13 @@ async def test_web_download_is_verified_against_the_manifest_digest(
     database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path, algorithm: str
 ) -> None:
     (path,) = write_disks(datastore.root, 1, fill_bytes=512 << 10)
-    digest = hashlib.new(algorithm, path.read_bytes()).hexdigest()
-    manifest = web_download_manifest(datastore, path, source_digest=f"{algorithm}:{digest}")
-    job_id = await submit_manifest(database_url, tmp_path, manifest)
+    digest = f"{algorithm}:{hashlib.new(algorithm, path.read_bytes()).hexdigest()}"
 
-    summary = await migrate(database_url, sandbox)
+    summary, row = await web_download(
+        database_url, sandbox, datastore, tmp_path, path, source_digest=digest
+    )
 
     assert summary.by_phase == {"done": 1}
-    row = (await rows_of(database_url, job_id))["vm0"]
     assert row.verification == "verified"
     assert row.glance_os_hash_value == hashlib.sha512(path.read_bytes()).hexdigest()
     assert stage_uploads(sandbox) == 0
@@ -300,12 +317,10 @@ async def test_web_download_without_a_digest_checks_the_size_only(
     database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
 ) -> None:
     (path,) = write_disks(datastore.root, 1, fill_bytes=256 << 10)
-    job_id = await submit_manifest(database_url, tmp_path, web_download_manifest(datastore, path))
 
-    summary = await migrate(database_url, sandbox)
+    summary, row = await web_download(database_url, sandbox, datastore, tmp_path, path)
 
     assert summary.by_phase == {"done": 1}
-    row = (await rows_of(database_url, job_id))["vm0"]
     assert row.verification == "not_checked"
     assert row.glance_size == path.stat().st_size
     assert worker_reads(datastore, path.name) == []
@@ -315,13 +330,12 @@ async def test_web_download_of_bytes_other_than_the_digest_fails_and_leaves_noth
     database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
 ) -> None:
     (path,) = write_disks(datastore.root, 1, fill_bytes=256 << 10)
-    manifest = web_download_manifest(datastore, path, source_digest="sha256:" + "0" * 64)
-    job_id = await submit_manifest(database_url, tmp_path, manifest)
 
-    summary = await migrate(database_url, sandbox)
+    summary, row = await web_download(
+        database_url, sandbox, datastore, tmp_path, path, source_digest="sha256:" + "0" * 64
+    )
 
     assert summary.by_phase == {"failed": 1}
-    row = (await rows_of(database_url, job_id))["vm0"]
     assert row.error_code == "source_digest_mismatch"
     assert sandbox.images() == []
 
@@ -335,12 +349,10 @@ async def test_a_uri_glance_refuses_to_download_fails_with_its_reason(
     database_url: str, sandbox: Sandbox, datastore: FileServer, tmp_path: Path
 ) -> None:
     (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
-    job_id = await submit_manifest(database_url, tmp_path, web_download_manifest(datastore, path))
 
-    summary = await migrate(database_url, sandbox)
+    summary, row = await web_download(database_url, sandbox, datastore, tmp_path, path)
 
     assert summary.by_phase == {"failed": 1}
-    row = (await rows_of(database_url, job_id))["vm0"]
     assert "does not pass filtering" in (row.error_message or "")
     assert sandbox.images() == []
 

@@ -43,6 +43,7 @@ pytestmark = [
     pytest.mark.timeout(480),
 ]
 
+
 MIB = 1 << 20
 OUTAGE_S = 90.0
 DISKS = 6
@@ -56,6 +57,12 @@ POLICIES = Policies(
 )
 PROBING = OutagePolicy(probe_first_s=1.0, probe_max_s=5.0, warn_every_s=30.0)
 RUN_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(autouse=True)
+def _on_mariadb() -> None:
+    """Every scenario here runs several imports at once (see above)."""
+    mariadb_only()
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +228,6 @@ async def test_a_90_s_outage_costs_no_image(
     disk_files: list[Path],
     outage: str,
 ) -> None:
-    mariadb_only()
     begin, end = OUTAGES[outage]
     job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
     # The uploads are held to a trickle until the outage is in place: on loopback the batch
@@ -249,13 +255,8 @@ async def test_a_90_s_outage_costs_no_image(
 
 
 async def test_credentials_rotated_mid_run_and_fixed_in_clouds_yaml_60_s_later(
-    target: Target,
-    real_stack: RealStack,
-    database_url: str,
-    tmp_path: Path,
-    disk_files: list[Path],
+    target: Target, real_stack: RealStack, database_url: str, tmp_path: Path, disk_files: list[Path]
 ) -> None:
-    mariadb_only()
     user = f"conformance-rotated-{uuid.uuid4().hex[:8]}"
     real_stack.add_user(user, "first-secret", role="admin")
     clouds_yaml = tmp_path / "clouds.yaml"
@@ -297,13 +298,8 @@ async def test_credentials_rotated_mid_run_and_fixed_in_clouds_yaml_60_s_later(
 
 
 async def test_a_postgresql_restart_costs_no_image(
-    target: Target,
-    real_stack: RealStack,
-    database_url: str,
-    tmp_path: Path,
-    disk_files: list[Path],
+    target: Target, real_stack: RealStack, database_url: str, tmp_path: Path, disk_files: list[Path]
 ) -> None:
-    mariadb_only()
     job_id, prefix, disks = await submit_batch(database_url, tmp_path, disk_files)
     link = DatabaseLink(database_url)
     await link.up()

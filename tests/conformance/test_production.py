@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import pytest
@@ -146,21 +146,28 @@ async def cleanup(target: Target, real_stack: RealStack) -> AsyncIterator[list[s
 # ---- many at once ---------------------------------------------------------------------------
 
 
+class Batch(NamedTuple):
+    job_id: uuid.UUID
+    disks: dict[str, Path]
+
+
+@pytest.fixture
+async def batch(
+    database_url: str, tmp_path: Path, batch_files: list[Path], cleanup: list[str]
+) -> Batch:
+    """The 16-disk batch submitted as one job under names of its own (MariaDB only)."""
+    mariadb_only()
+    disks = batch_names(f"b{uuid.uuid4().hex[:4]}", batch_files)
+    cleanup.append(prefix_of(disks))
+    return Batch(await submit(database_url, tmp_path, disks), disks)
+
+
 @REAL
 @pytest.mark.timeout(BATCH_TIMEOUT_S)
 async def test_sixteen_disks_at_concurrency_8_all_end_active_and_verified(
-    target: Target,
-    real_stack: RealStack,
-    database_url: str,
-    tmp_path: Path,
-    batch_files: list[Path],
-    cleanup: list[str],
+    target: Target, real_stack: RealStack, database_url: str, batch: Batch
 ) -> None:
-    mariadb_only()
-    disks = batch_names(f"c8{uuid.uuid4().hex[:4]}", batch_files)
-    cleanup.append(prefix_of(disks))
-    job_id = await submit(database_url, tmp_path, disks)
-
+    job_id, disks = batch
     async with asyncio.timeout(BATCH_TIMEOUT_S - 30):
         summary = await run_worker(
             database_url=database_url,
@@ -184,17 +191,9 @@ async def test_sixteen_disks_at_concurrency_8_all_end_active_and_verified(
 @REAL
 @pytest.mark.timeout(BATCH_TIMEOUT_S)
 async def test_the_same_batch_by_3_worker_processes_sharing_the_database(
-    target: Target,
-    real_stack: RealStack,
-    database_url: str,
-    tmp_path: Path,
-    batch_files: list[Path],
-    cleanup: list[str],
+    target: Target, real_stack: RealStack, database_url: str, tmp_path: Path, batch: Batch
 ) -> None:
-    mariadb_only()
-    disks = batch_names(f"w3{uuid.uuid4().hex[:4]}", batch_files)
-    cleanup.append(prefix_of(disks))
-    job_id = await submit(database_url, tmp_path, disks)
+    job_id, disks = batch
     env = os_environment(target, database_url)
     logs = [tmp_path / f"worker-{number}.log" for number in range(BATCH_WORKERS)]
     concurrency = ["--concurrency", str(BATCH_CONCURRENCY)]
