@@ -28,6 +28,7 @@ from worker.store.store import ResultRow
 MIB = 1 << 20
 PASSWORD = "datastore-pass-7f3c"
 TOKEN = "bearer-token-91ab"
+SIGNATURE = "5d3a9c0e7b1f"
 
 
 def write_disks(directory: Path, count: int, *, fill_bytes: int = 2 * MIB) -> list[Path]:
@@ -178,6 +179,54 @@ async def test_credentials_reach_the_source_and_nothing_else(
         texts = await fetch_rows(database_url, f"SELECT t::text AS row FROM {table} AS t")
         assert texts
         assert not any(secret in record["row"] for record in texts)
+
+
+async def test_a_presigned_url_reads_its_disk_and_its_signature_shows_nowhere(
+    database_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    server = FileServer(tmp_path / "bucket", signature=SIGNATURE)
+    async with server.serve():
+        (path,) = write_disks(server.root, 1, fill_bytes=256 << 10)
+        disk = {"source": server.presigned_url(path.name)}
+        manifest = {"job": "presigned", "defaults": {"es_virtio_enabled": "no"}, "disks": [disk]}
+        with capture_logs() as logs:
+            job_id = await submit_manifest(database_url, tmp_path, manifest)
+            # The run reads the disk from its row, as a worker that restarted would.
+            summary = await migrate(database_url, sandbox)
+
+    assert summary.by_phase == {"done": 1}
+    row = (await rows_of(database_url, job_id))["vm0"]
+    assert row.verification == "verified"
+    assert all(served.status != 403 for served in server.served)
+    masked = "X-Amz-Algorithm=***&X-Amz-Expires=***&X-Amz-Signature=***"
+    assert row.source_path == f"{server.base_url}/folder/vm0.vmdk?{masked}"
+    assert SIGNATURE not in repr(logs)
+    shown = await fetch_rows(
+        database_url, "SELECT t::text AS row FROM dashboard.image_progress AS t"
+    )
+    assert shown
+    assert not any(SIGNATURE in record["row"] for record in shown)
+
+
+async def test_a_url_with_credentials_in_it_is_refused_without_repeating_them(
+    datastore: FileServer, tmp_path: Path
+) -> None:
+    (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
+    manifest = tmp_path / "job.json"
+    document = manifest_of(datastore, [path])
+    document["disks"] = [
+        {"source": datastore.url(path.name).replace("://", f"://root:{PASSWORD}@")}
+    ]
+    manifest.write_text(json.dumps(document))
+
+    with pytest.raises(InvalidManifest) as caught:
+        await asyncio.to_thread(load_manifest, manifest)
+
+    (problem,) = caught.value.problems
+    assert problem.location == "disks[0].source"
+    assert "source_auth" in problem.message
+    assert PASSWORD not in problem.message
+    assert datastore.served == []  # refused before any request
 
 
 async def test_a_source_auth_that_names_no_credentials_is_refused_at_its_field(

@@ -15,6 +15,7 @@ from worker.core import changes
 from worker.core.events import Event
 from worker.core.model import DiskSpec, JobSpec, Phase, Verification, image_id_for
 from worker.store import LeaseLost, StepEvent, Store
+from worker.store.sql import load_migrations
 from worker.store.store import job_state
 
 
@@ -721,3 +722,48 @@ async def test_submitting_one_manifest_twice_at_once_makes_one_job(store: Store)
         False,
     )
     assert len(await store.job_summaries()) == 1
+
+
+# A URL source: stored for reading with its credentials masked -----------------------------------
+
+PRESIGNED = "https://s3.example/b/d.vmdk?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12"
+
+
+async def test_a_url_source_is_stored_masked_and_read_back_as_given(store: Store) -> None:
+    disk = DiskSpec(disk_index=0, name="d", source=PRESIGNED, size_bytes=100)
+    await submit(store, JobSpec(name="url", disks=(disk,), on_failure="keep"))
+
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+
+    assert (
+        claim.row.source_path
+        == "https://s3.example/b/d.vmdk?X-Amz-Credential=***&X-Amz-Signature=***"
+    )
+    assert claim.row.disk_spec().source == PRESIGNED
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        (PRESIGNED, "https://s3.example/b/d.vmdk?X-Amz-Credential=***&X-Amz-Signature=***"),
+        (
+            "https://root:pw@esxi01/folder/d.vmdk?dcPath=ha-datacenter&dsName=ds1",
+            "https://esxi01/folder/d.vmdk?dcPath=ha-datacenter&dsName=ds1",
+        ),
+        ("https://web.example/d.vmdk", "https://web.example/d.vmdk"),
+        ("/srv/vmdk/d.vmdk", "/srv/vmdk/d.vmdk"),
+    ],
+    ids=["presigned", "userinfo", "plain-url", "file"],
+)
+async def test_rows_stored_before_masking_are_masked_by_its_migration(
+    store: Store, conn: asyncpg.Connection, given: str, shown: str
+) -> None:
+    await submit(store, make_job(1))
+    # As a row stored before the migration held it: the source as given, no source_url.
+    await conn.execute("UPDATE results SET source_path = $1, spec = spec - 'source_url'", given)
+
+    await conn.execute(next(m for m in load_migrations() if m.name == "shown_sources").sql)
+
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    assert claim.row.source_path == shown
+    assert claim.row.disk_spec().source == given

@@ -6,6 +6,7 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 # The hash the worker computes of each source and compares with Glance's os_hash_value:
 # Glance's default os_hash_algo. Spelled as Glance spells it (hashlib's name too).
@@ -38,6 +39,26 @@ class Verification(enum.StrEnum):
     TRANSFORMED = "transformed"  # different, but the cloud was asked to rewrite the data
     MISMATCH = "mismatch"  # different and nothing explains it: the image failed
     NOT_CHECKED = "not_checked"  # Glance reported no hash in our algorithm
+
+
+# The query parameters of a datastore URL (ESXi, vCenter), which name a place and hold no
+# secret. Every other query value is masked where a URL source is shown: a presigned URL's
+# signature (X-Amz-Signature, sig, temp_url_sig, ...) is its credential.
+_PLAIN_QUERY = frozenset({"dcpath", "dsname"})
+
+
+def shown_source(source: str) -> str:
+    """`source` as it may be shown: a file's path as it is; a URL without user information,
+    and with every query value but a datastore's (dcPath, dsName) written `***`."""
+    parts = urlsplit(source)
+    if parts.scheme.lower() not in ("http", "https"):
+        return source
+    query = "&".join(
+        f"{quote(key, safe='')}={quote(value, safe='/') if key.lower() in _PLAIN_QUERY else '***'}"
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,11 @@ class DiskSpec:
     stores: tuple[str, ...] = ()
     all_stores: bool = False
     all_stores_must_succeed: bool = True
+
+    @property
+    def shown_source(self) -> str:
+        """The source as it may be shown and stored for reading (results.source_path)."""
+        return shown_source(self.source)
 
     @property
     def asks_for_rewrite(self) -> bool:

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import jsonschema
 import yaml
 
-from worker.core.model import GLANCE_DIRECT, WEB_DOWNLOAD, DiskSpec, JobSpec
+from worker.core.model import GLANCE_DIRECT, WEB_DOWNLOAD, DiskSpec, JobSpec, shown_source
 from worker.errors import (
     ConfigError,
     InvalidManifest,
@@ -754,10 +754,17 @@ def _source_problems(index: int, disk: Mapping[str, object], checked: _Checked) 
     if not isinstance(source, str) or not source:
         return  # the schema reports it
     if is_url(source):
+        shown = shown_source(source)
         if checked.source_root is not None:
-            yield _source_problem(index, f"a URL is outside the allowed source root: {source}")
+            yield _source_problem(index, f"a URL is outside the allowed source root: {shown}")
         elif not urlsplit(source).hostname:
-            yield _source_problem(index, f"the URL names no host: {source}")
+            yield _source_problem(index, f"the URL names no host: {shown}")
+        elif "@" in urlsplit(source).netloc:
+            message = (
+                f"the URL carries credentials ({shown} with user information): put them in "
+                "sources.yaml and name the entry with source_auth"
+            )
+            yield _source_problem(index, message)
         else:
             checked.remote[index] = NO_AUTH
         return

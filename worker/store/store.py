@@ -151,7 +151,7 @@ class ResultRow:
         return DiskSpec(
             disk_index=self.disk_index,
             name=self.image_name,
-            source=self.source_path,
+            source=self.spec.get("source_url", self.source_path),
             size_bytes=self.source_size_bytes,
             source_identity=self.spec.get("source_identity"),
             appliance=self.spec.get("appliance"),
@@ -783,10 +783,12 @@ def _disk_row(job_id: UUID, disk: DiskSpec) -> dict[str, object]:
     for name in ("appliance", "expected_digest"):  # disks of OVAs and OVFs only
         if getattr(disk, name) is not None:
             spec[name] = dict(getattr(disk, name))
+    if disk.shown_source != disk.source:  # kept for reading, out of the column shown
+        spec["source_url"] = disk.source
     return {
         "disk_index": disk.disk_index,
         "image_name": disk.name,
-        "source_path": disk.source,
+        "source_path": disk.shown_source,
         "source_size_bytes": disk.size_bytes,
         "spec": spec,
         "glance_image_id": str(image_id_for(job_id, disk.disk_index)),
