@@ -19,6 +19,7 @@ from tests.fixtures.batch import FAST, cloud_for, migrate, rows_of, submit
 from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
 from tests.fixtures.cli import submit as submit_cli
+from tests.fixtures.db import wait_for
 from tests.fixtures.dblink import DatabaseLink
 from worker.core.model import next_image_id
 from worker.run.app import run_worker
@@ -309,11 +310,11 @@ async def test_cancel_stops_images_in_flight_cleans_them_up_and_starts_nothing_n
     async with running_worker(database_url, sandbox, concurrency=2) as worker:
         conn = await _connect(database_url)
         try:
-            await _wait_for(conn, "SELECT count(*) = 2 FROM results WHERE phase = 'staging'")
+            await wait_for(conn, "SELECT count(*) = 2 FROM results WHERE phase = 'staging'")
             async with open_store(database_url) as store:
                 (job,) = await store.find_job_ids(job_id)
                 result = await store.cancel_job(job, by="operator")
-            await _wait_for(
+            await wait_for(
                 conn, "SELECT count(*) = 0 FROM results WHERE phase NOT IN ('done', 'failed')"
             )
         finally:
@@ -388,15 +389,6 @@ async def running_worker(
         await asyncio.wait_for(task, timeout=30)
 
 
-async def _wait_for(conn: asyncpg.Connection, query: str, timeout_s: float = 20.0) -> None:
-    """Poll the database until `query` answers true (the workers change it, not this loop)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if await conn.fetchval(query):
-                return
-            await asyncio.sleep(0.02)
-
-
 # --- the database goes away ----------------------------------------------------------------------
 
 
@@ -414,7 +406,7 @@ async def test_database_outage_mid_run_is_waited_out_and_no_outcome_is_lost(
     try:
         with capture_logs() as logs:
             run = asyncio.create_task(migrate(link.dsn, sandbox, concurrency=3))
-            await _wait_for(conn, "SELECT count(*) >= 2 FROM results WHERE phase = 'staging'")
+            await wait_for(conn, "SELECT count(*) >= 2 FROM results WHERE phase = 'staging'")
             await link.down()  # as if PostgreSQL restarted: every connection reset
             await asyncio.sleep(2.0)  # while the uploads go on and finish
             await link.up()

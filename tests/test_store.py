@@ -11,11 +11,12 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
+from tests.fixtures.db import wait_for
 from worker.core import changes
 from worker.core.events import Event
 from worker.core.model import DiskSpec, JobSpec, Phase, Verification, image_id_for
 from worker.store import LeaseLost, StepEvent, Store
-from worker.store.sql import load_migrations
+from worker.store.sql import QUERIES, load_migrations
 from worker.store.store import job_state
 
 
@@ -580,6 +581,37 @@ async def test_heartbeat_extends_only_the_leases_still_held(store: Store) -> Non
         assert claim.row.lease_expires_at is not None
         assert lease - claim.row.lease_expires_at > timedelta(seconds=500)
     assert rows[theirs.row.id].lease_expires_at == theirs.row.lease_expires_at
+
+
+# A session of this database runs the statement $1 and waits for a lock.
+WAITING_FOR_A_LOCK = """SELECT count(*) > 0 FROM pg_stat_activity
+    WHERE datname = current_database() AND wait_event_type = 'Lock' AND query = $1"""
+
+
+async def test_a_row_whose_finish_commits_during_a_heartbeat_is_still_held(
+    store: Store, conn: asyncpg.Connection, database_url: str
+) -> None:
+    await submit(store, make_job(1))
+    (claim,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    # The finish holds the row's lock while the heartbeat starts, and commits while it waits.
+    finisher = await asyncpg.connect(database_url)
+    try:
+        transaction = finisher.transaction()
+        await transaction.start()
+        await finisher.execute(
+            "UPDATE results SET phase = 'done', lease_expires_at = NULL WHERE id = $1",
+            claim.row.id,
+        )
+        beat = asyncio.create_task(
+            store.heartbeat(worker_id="w1", result_ids=[claim.row.id], lease_s=30)
+        )
+        await wait_for(conn, WAITING_FOR_A_LOCK, QUERIES["heartbeat"])
+        await transaction.commit()
+        held = await beat
+    finally:
+        await finisher.close()
+
+    assert held == {claim.row.id}
 
 
 async def test_release_gives_rows_back_at_once_and_logs_it(store: Store) -> None:

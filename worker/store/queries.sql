@@ -245,19 +245,16 @@ WHERE id = $1 AND worker_id = $2 AND lease_expires_at IS NOT NULL;
 -- name: heartbeat
 -- $1 worker_id, $2 result ids, $3 lease in seconds. Returns the ids still held: the leases it
 -- extended, and rows this worker finished (no lease to extend, but nobody took them away).
-WITH extended AS (
-    UPDATE results
-    SET lease_expires_at = now() + make_interval(secs => $3)
-    WHERE id = ANY($2::bigint[])
-      AND worker_id = $1
-      AND lease_expires_at IS NOT NULL
-      AND phase NOT IN ('done', 'failed')
-    RETURNING id
-)
-SELECT id FROM extended
-UNION ALL
-SELECT id FROM results
-WHERE id = ANY($2::bigint[]) AND worker_id = $1 AND phase IN ('done', 'failed');
+-- One UPDATE, so that a row whose finish commits while the heartbeat runs is judged by its
+-- finished version (a separate SELECT would see the row as it was when the statement began,
+-- and report it lost).
+UPDATE results
+SET lease_expires_at = CASE WHEN phase IN ('done', 'failed') THEN lease_expires_at
+                            ELSE now() + make_interval(secs => $3) END
+WHERE id = ANY($2::bigint[])
+  AND worker_id = $1
+  AND (lease_expires_at IS NOT NULL OR phase IN ('done', 'failed'))
+RETURNING id;
 
 -- name: release
 -- $1 worker_id, $2 result ids, $3 true when the claim is not to count as an attempt (an
