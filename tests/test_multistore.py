@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.fixtures.batch import make_disks, migrate, rows_of, sha512_of, submit_manifest
+from tests.fixtures.cli import cloud_env, run_cli
 from worker.clients.glance import GlanceClient, open_glance
 from worker.config import CloudSettings, load_cloud_settings
 from worker.core.events import Event
@@ -285,6 +286,23 @@ async def test_each_row_records_the_stores_that_took_its_image_and_those_that_fa
         events = await store.events(result_id=rows["allowed"].id)
     finished = [e for e in events if e["event"] == Event.IMAGE_FINISHED]
     assert [event["detail"] for event in finished] == [{"failed_stores": ["slow"]}]
+    # `status` shows where each image went, since some were imported to stores by name.
+    code, out, _ = await run_cli("status", str(job_id), env=cloud_env(sandbox, database_url))
+    assert code == 0
+    lines = [line.split() for line in out.splitlines()]
+    header = next(cells for cells in lines if cells[:2] == ["#", "image"])
+    shown = {
+        cells[1]: dict(zip(header, cells, strict=True)) for cells in lines if cells[0].isdigit()
+    }
+    assert {name: (row["stores"], row["failed_stores"]) for name, row in shown.items()} == {
+        "two": ("fast,cold", "-"),
+        "allowed": ("fast", "slow"),
+        "required": ("-", "slow"),
+        "every": ("fast,cold", "slow"),
+        "none-took-it": ("-", "slow"),
+        "default": ("fast", "-"),
+    }
+
     # What each import asked for, as the import tasks record it.
     inputs = {
         name: sandbox.tasks(str(rows[name].glance_image_id))[-1]["input"]

@@ -49,6 +49,17 @@ _STATUS_COLUMNS = (
     ("cleanup", "cleanup"),
     ("image_id", "glance_image_id"),
 )
+# Shown before `verification` when some image of the table was imported to stores by name
+# (a multi-store cloud): where its data went, and the stores the import failed for.
+_STORE_COLUMNS = (("stores", "glance_stores"), ("failed_stores", "glance_failed_stores"))
+
+
+def _status_columns(rows: Sequence[ResultRow]) -> tuple[tuple[str, str], ...]:
+    """The per-image columns of `status` for these rows."""
+    if all(row.glance_stores is None and not row.glance_failed_stores for row in rows):
+        return _STATUS_COLUMNS
+    at = [attr for _, attr in _STATUS_COLUMNS].index("verification")
+    return (*_STATUS_COLUMNS[:at], *_STORE_COLUMNS, *_STATUS_COLUMNS[at:])
 
 
 def pause_lines(pauses: Sequence[Pause]) -> list[str]:
@@ -99,12 +110,13 @@ def print_job_status(
         )
     if not rows:
         return
-    table = [[_cell(getattr(row, attr)) for _, attr in _STATUS_COLUMNS] for row in rows]
-    headers = [header for header, _ in _STATUS_COLUMNS]
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
-    click.echo("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    for row, cells in zip(rows, table, strict=True):
-        click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+    columns = _status_columns(rows)
+    table = [[_cell(getattr(row, attr)) for _, attr in columns] for row in rows]
+    headers = [header for header, _ in columns]
+    lines = _table_lines(headers, table)
+    click.echo("  " + lines[0])
+    for row, line in zip(rows, lines[1:], strict=True):
+        click.echo("  " + line)
         if row.error_message:
             click.echo(f"      {row.error_code}: {printable(row.error_message)}")
     if matched > len(rows):
@@ -185,8 +197,9 @@ def write_status(
 def write_rows(rows: Sequence[ResultRow], *, fmt: str, stream: IO[str]) -> None:
     """A table of the main columns, or every column as a JSON array or CSV with a header."""
     if fmt == "table":
-        cells = [[_cell(getattr(row, attr)) for _, attr in _STATUS_COLUMNS] for row in rows]
-        _write_table([header for header, _ in _STATUS_COLUMNS], cells, stream)
+        columns = _status_columns(rows)
+        cells = [[_cell(getattr(row, attr)) for _, attr in columns] for row in rows]
+        _write_table([header for header, _ in columns], cells, stream)
         return
     names = [*(f.name for f in dataclasses.fields(ResultRow)), "vm_name"]
     _write_records([row_record(row) for row in rows], fmt=fmt, stream=stream, fields=names)
@@ -219,15 +232,24 @@ def _write_records(
 
 
 def _write_table(headers: Sequence[str], table: Sequence[Sequence[str]], stream: IO[str]) -> None:
+    for line in _table_lines(headers, table):
+        stream.write(line + "\n")
+
+
+def _table_lines(headers: Sequence[str], table: Sequence[Sequence[str]]) -> list[str]:
+    """The header line, then one line a row, each column as wide as its widest cell."""
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
-    for cells in [headers, *table]:
-        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
-        stream.write(line.rstrip() + "\n")
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+        for cells in [headers, *table]
+    ]
 
 
 def _cell(value: object) -> str:
-    if value is None:
+    if value is None or value == ():
         return "-"
+    if isinstance(value, tuple):  # the stores columns
+        value = ",".join(str(item) for item in value)
     text = printable(str(value))  # names are data: an ESC or a newline must not reach the TTY
     return text[:12] + "…" if len(text) > 40 else text  # long hashes: a prefix identifies them
 
