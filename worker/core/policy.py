@@ -25,8 +25,8 @@ class PollPolicy:
     """How often to look at an importing image, and how long to wait for it.
 
     With an expected duration (learned from this cloud's recent imports), looks halve the time
-    left until the expected end, come every `dense_s` around it, and once it is overrun, space
-    out in proportion to the overrun. Without one, they follow a geometric curve.
+    left until the expected end, one lands just after it, then they come every `dense_s`, and
+    space out in proportion to the overrun. Without one, they follow a geometric curve.
     """
 
     first_delay_s: float = 0.5
@@ -114,8 +114,12 @@ def poll_delay_s(
     left_s = expected_s - waited_s
     if left_s > 2 * policy.dense_s:
         delay_s = left_s / 2  # halve the time left: few looks early, more near the end
+    elif left_s > 0:
+        # Close to the end: the next look lands just after it, which is when the image
+        # should be active.
+        return left_s + policy.dense_s * (0.1 + 0.2 * jitter)
     else:
-        delay_s = policy.dense_s + max(0.0, -left_s) * policy.overrun_share
+        delay_s = policy.dense_s + -left_s * policy.overrun_share
     return min(policy.max_delay_s, delay_s) * (0.9 + 0.2 * jitter)
 
 
