@@ -110,12 +110,13 @@ async def test_a_batch_of_qemu_img_disks_ends_done_with_sizes_and_hashes_verifie
         assert image["virtual_size"] == VIRTUAL_SIZE_BYTES
 
 
-async def test_web_download_reads_the_url_in_glance_and_is_verified_against_a_sha256(
+async def test_web_download_reads_a_presigned_url_in_glance_and_is_verified_against_a_sha256(
     target: Target, database_url: str, tmp_path: Path, made: list[str]
 ) -> None:
     name = unique("web-download")
     made.append(name)
-    async with FileServer(tmp_path / "web").serve() as web:
+    signature = uuid.uuid4().hex
+    async with FileServer(tmp_path / "web", signature=signature).serve() as web:
         web.root.mkdir()
         disk = qemu_vmdk(
             web.root / f"{name}.vmdk",
@@ -127,7 +128,9 @@ async def test_web_download_reads_the_url_in_glance_and_is_verified_against_a_sh
         manifest = {
             "job": unique("web-download"),
             "defaults": {"es_virtio_enabled": "no", "import_method": "web-download"},
-            "disks": [{"source": web.url(disk.name), "source_digest": f"sha256:{sha256}"}],
+            "disks": [
+                {"source": web.presigned_url(disk.name), "source_digest": f"sha256:{sha256}"}
+            ],
         }
         job_id = await submit_document(database_url, tmp_path, manifest)
 
@@ -139,6 +142,8 @@ async def test_web_download_reads_the_url_in_glance_and_is_verified_against_a_sh
     assert row.glance_size == disk.stat().st_size
     assert row.glance_os_hash_value == sha512_of(disk)
     assert row.bytes_staged == 0  # nothing passed through the worker to Glance
+    assert row.source_path.endswith("X-Amz-Signature=***")  # Glance had it; the row does not
+    assert all(served.status < 400 for served in web.served)
     # Glance's own download (no Range), and the worker's read to hash the source in sha512.
     reads = [served.range for served in web.gets(disk.name)]
     assert None in reads
