@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from tests.fixtures.batch import migrate, rows_of, submit_manifest
 from tests.fixtures.db import fetch_rows
-from worker.errors import InvalidManifest
+from worker.errors import InvalidManifest, Problem
 from worker.intake.manifest import load_manifest
 from worker.intake.remote import MAX_REOPENS
 from worker.intake.sampledisks import write_stream_optimized
@@ -55,6 +55,15 @@ def manifest_of(server: FileServer, paths: list[Path], **defaults: object) -> di
         "defaults": {"es_virtio_enabled": "no", **defaults},
         "disks": [{"source": server.url(path.name)} for path in paths],
     }
+
+
+async def problems_of(tmp_path: Path, document: dict[str, object]) -> list[Problem]:
+    """What validation finds wrong with the manifest `document` (it must find something)."""
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(document))
+    with pytest.raises(InvalidManifest) as caught:
+        await asyncio.to_thread(load_manifest, manifest)
+    return list(caught.value.problems)
 
 
 def stage_uploads(sandbox: Sandbox) -> int:
@@ -131,13 +140,9 @@ async def test_a_server_the_worker_could_not_resume_from_is_refused_at_validatio
 ) -> None:
     (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
     setattr(datastore, setting, False)
-    manifest = tmp_path / "job.json"
-    manifest.write_text(json.dumps(manifest_of(datastore, [path])))
 
-    with pytest.raises(InvalidManifest) as caught:
-        await asyncio.to_thread(load_manifest, manifest)
+    (problem,) = await problems_of(tmp_path, manifest_of(datastore, [path]))
 
-    (problem,) = caught.value.problems
     assert problem.location == "disks[0].source"
     assert said in problem.message
 
@@ -212,17 +217,13 @@ async def test_a_url_with_credentials_in_it_is_refused_without_repeating_them(
     datastore: FileServer, tmp_path: Path
 ) -> None:
     (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
-    manifest = tmp_path / "job.json"
     document = manifest_of(datastore, [path])
     document["disks"] = [
         {"source": datastore.url(path.name).replace("://", f"://root:{PASSWORD}@")}
     ]
-    manifest.write_text(json.dumps(document))
 
-    with pytest.raises(InvalidManifest) as caught:
-        await asyncio.to_thread(load_manifest, manifest)
+    (problem,) = await problems_of(tmp_path, document)
 
-    (problem,) = caught.value.problems
     assert problem.location == "disks[0].source"
     assert "source_auth" in problem.message
     assert PASSWORD not in problem.message
@@ -234,15 +235,11 @@ async def test_a_source_auth_that_names_no_credentials_is_refused_at_its_field(
 ) -> None:
     (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
     monkeypatch.setenv("VMDK_MIGRATE_SOURCES_FILE", str(tmp_path / "absent.yaml"))
-    manifest = tmp_path / "job.json"
     document = manifest_of(datastore, [path])
     document["disks"] = [{"source": datastore.url(path.name), "source_auth": "nowhere"}]
-    manifest.write_text(json.dumps(document))
 
-    with pytest.raises(InvalidManifest) as caught:
-        await asyncio.to_thread(load_manifest, manifest)
+    (problem,) = await problems_of(tmp_path, document)
 
-    (problem,) = caught.value.problems
     assert problem.location == "disks[0].source_auth"
     assert "no source credentials named 'nowhere'" in problem.message
 
@@ -259,14 +256,9 @@ async def test_credentials_are_not_sent_along_a_redirect_to_another_host(
         (path,) = write_disks(elsewhere.root, 1, fill_bytes=64 << 10)
         first.root.mkdir()
         first.redirects[path.name] = elsewhere.url(path.name).replace("127.0.0.1", "localhost")
-        manifest = tmp_path / "job.json"
         document = manifest_of(first, [path], source_auth="esxi01")
-        manifest.write_text(json.dumps(document))
+        (problem,) = await problems_of(tmp_path, document)
 
-        with pytest.raises(InvalidManifest) as caught:
-            await asyncio.to_thread(load_manifest, manifest)
-
-    (problem,) = caught.value.problems
     assert "refused to follow a redirect to another origin" in problem.message
     assert elsewhere.served == []
 
@@ -423,13 +415,9 @@ async def test_web_download_needs_a_url_glance_can_read_alone(
     (path,) = write_disks(datastore.root, 1, fill_bytes=64 << 10)
     write_disks(tmp_path, 1, fill_bytes=64 << 10)[0].rename(tmp_path / "disk.vmdk")
     monkeypatch.setenv("VMDK_MIGRATE_SOURCE_ESXI01_TOKEN", TOKEN)
-    manifest = tmp_path / "job.json"
-    manifest.write_text(json.dumps(web_download_manifest(datastore, path, **disk)))
 
-    with pytest.raises(InvalidManifest) as caught:
-        await asyncio.to_thread(load_manifest, manifest)
+    (problem,) = await problems_of(tmp_path, web_download_manifest(datastore, path, **disk))
 
-    (problem,) = caught.value.problems
     assert problem.location == "defaults.import_method"
     assert said in problem.message
 
