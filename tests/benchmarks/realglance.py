@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 
 from tests.benchmarks.scale import fresh_database
-from tests.benchmarks.throughput import BENCH_DIR, install_glanceclient
+from tests.benchmarks.throughput import BENCH_DIR, glanceclient_env, install_glanceclient
 from tests.conformance.realstack import RealStack, new_run_dir
 
 MIB = 1 << 20
@@ -377,7 +377,7 @@ class Bench:
         self.glance_bin = str(install_glanceclient())
         self.log = workdir / "contenders.log"
         self.env = {
-            **os.environ,
+            **glanceclient_env("real-glance"),
             **os_env(stack),
             "IMAGE_URL": stack.image_url,
             "AUTH_BODY": _auth_body(stack),
