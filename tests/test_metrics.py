@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ async def test_token_renewals_are_counted(
 
 async def test_readiness_fails_without_the_database_and_after_a_cloud_refusal() -> None:
     async def unreachable() -> None:
-        raise ConnectionRefusedError("no database here")
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
     async def reachable() -> int:
         return 0
@@ -167,7 +168,7 @@ async def test_readiness_fails_without_the_database_and_after_a_cloud_refusal() 
     ):
         async with http.get(f"{no_db}/readyz") as response:
             assert response.status == 503
-            assert (await response.json())["database"] == "unreachable: ConnectionRefusedError"
+            assert (await response.json())["database"] == "unreachable: connection refused"
         async with http.get(f"{no_cloud}/readyz") as response:
             assert response.status == 503
             assert (await response.json())["cloud"] == "refused"

@@ -16,6 +16,7 @@ from worker.core.events import LEFT_THIS_WORKER, Event, EventRecord
 from worker.core.model import Phase
 from worker.observe.bus import publisher
 from worker.run.outage import Outages, Service
+from worker.store.problems import database_reason
 
 events = publisher(__name__)
 
@@ -280,7 +281,7 @@ async def _database_ok(probe: DatabaseProbe) -> str:
     try:
         await asyncio.wait_for(probe(), timeout=_PROBE_TIMEOUT_S)
     except Exception as exc:
-        return f"unreachable: {type(exc).__name__}"
+        return f"unreachable: {database_reason(exc)}"
     return "ok"
 
 

@@ -23,6 +23,7 @@ from worker.core.events import Event
 from worker.core.model import Phase
 from worker.observe.bus import bound, publisher
 from worker.run.outage import Outages, Service
+from worker.store.problems import database_reason
 from worker.store.store import CONNECTION_ERRORS, Claim, LeaseLost, ResultRow, StepEvent, Store
 
 events = publisher(__name__)
@@ -309,7 +310,9 @@ class Consumer:
                 cancelled = await self._store.cancelled_results(list(held))
         except Exception as exc:  # the database is away: the fence decides what to stop
             self._beat_failed = True
-            events.warning(Event.WORKER_HEARTBEAT_FAILED, images=len(ids), error=repr(exc))
+            events.warning(
+                Event.WORKER_HEARTBEAT_FAILED, images=len(ids), error=database_reason(exc)
+            )
             return
         self._beat_failed = False
         for result_id in held:

@@ -36,10 +36,14 @@ def describe_database_error(exc: BaseException, dsn: str) -> str:
     where = f"DATABASE_URL={redacted_dsn(dsn)}"
     if isinstance(exc, asyncpg.PostgresError):
         return f"cannot use the database at {where}: PostgreSQL said: {exc}"
-    return f"cannot connect to the database at {where}: {_reason(exc)}"
+    return f"cannot connect to the database at {where}: {database_reason(exc)}"
 
 
-def _reason(exc: BaseException) -> str:
+def database_reason(exc: BaseException) -> str:
+    """Why the database could not be used, in an operator's words: 'connection refused',
+    'no answer in time', 'PostgreSQL said: ...'; never a class name."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"PostgreSQL said: {exc}"
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     if isinstance(exc, OSError):

@@ -29,7 +29,7 @@ from worker.core.model import (
 from worker.errors import ConfigError
 from worker.intake.vms import VmCounts, group_vms
 from worker.observe.bus import publisher
-from worker.store.problems import DATABASE_ERRORS, describe_database_error
+from worker.store.problems import DATABASE_ERRORS, database_reason, describe_database_error
 from worker.store.sql import QUERIES, load_migrations
 
 events = publisher(__name__)
@@ -284,7 +284,7 @@ class Store:
                     operation=operation,
                     attempt=failures,
                     waited_s=round(waited_s, 2),
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=database_reason(exc),
                 )
                 await asyncio.sleep(delay_s)
             else:
