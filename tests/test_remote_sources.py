@@ -8,6 +8,8 @@ import json
 import os
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from tests.fixtures.batch import migrate, rows_of, submit_manifest
 from tests.fixtures.db import fetch_rows
 from worker.errors import InvalidManifest, Problem
 from worker.intake.manifest import load_manifest
-from worker.intake.remote import MAX_REOPENS
+from worker.intake.remote import MAX_REOPENS, SUBMIT_SLOTS, HostSlots
 from worker.intake.sampledisks import write_stream_optimized
 from worker.run.consumer import RunSummary
 from worker.sandbox import Sandbox, SandboxConfig
@@ -184,6 +186,31 @@ async def test_credentials_reach_the_source_and_nothing_else(
         texts = await fetch_rows(database_url, f"SELECT t::text AS row FROM {table} AS t")
         assert texts
         assert not any(secret in record["row"] for record in texts)
+
+
+async def test_the_probes_at_submit_read_at_most_four_disks_of_one_host_at_once(
+    datastore: FileServer, tmp_path: Path
+) -> None:
+    paths = write_disks(datastore.root, 8, fill_bytes=64 << 10)
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(manifest_of(datastore, paths)))
+    datastore.hold()
+
+    loading = asyncio.create_task(asyncio.to_thread(load_manifest, manifest))
+    try:
+        # Eight probing threads: four hold the host's slots (their requests held at the
+        # server), four wait for one. Without the slots all eight would be in flight.
+        async with asyncio.timeout(30):
+            while (datastore.in_flight, SUBMIT_SLOTS.waiting) != (4, 4):
+                assert datastore.in_flight <= 4
+                await asyncio.sleep(0.01)
+    finally:
+        datastore.release()
+    loaded = await loading
+
+    assert len(loaded.job.disks) == 8
+    assert datastore.peak_in_flight == 4
+    assert SUBMIT_SLOTS.waiting == 0
 
 
 async def test_a_presigned_url_reads_its_disk_and_its_signature_shows_nowhere(
@@ -489,3 +516,29 @@ async def test_an_https_source_is_trusted_through_its_ca_bundle_only(
     assert "certificate verify failed" in caught.value.problems[0].message
     assert summary.by_phase == {"done": 1}
     assert (await rows_of(database_url, job_id))["vm0"].verification == "verified"
+
+
+def test_host_slots_admit_per_host_threads_at_once_and_other_hosts_beside_them() -> None:
+    slots = HostSlots(per_host=2)
+    inside: list[str] = []
+    leave = threading.Event()
+
+    def probe(url: str) -> None:
+        with slots.slot(url):
+            inside.append(url)
+            leave.wait(30)
+
+    urls = [f"https://esxi01/folder/d{n}.vmdk" for n in range(4)] + ["https://esxi02/folder/x"]
+    threads = [threading.Thread(target=probe, args=(url,)) for url in urls]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while (len(inside), slots.waiting) != (3, 2):  # two of esxi01, and esxi02's one
+        assert time.monotonic() < deadline, (inside, slots.waiting)
+        time.sleep(0.01)
+    leave.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert sorted(inside) == sorted(urls)
+    assert slots.waiting == 0

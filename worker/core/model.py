@@ -11,6 +11,9 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 # The hash the worker computes of each source and compares with Glance's os_hash_value:
 # Glance's default os_hash_algo. Spelled as Glance spells it (hashlib's name too).
 DEFAULT_HASH_ALGO = "sha512"
+# URL sources read at once from one host, at submit and by default at run time
+# (`run --source-concurrency`): an ESXi host limits its concurrent file transfers.
+SOURCE_CONCURRENCY = 4
 # Glance's import methods the worker drives: it stages the bytes itself, or Glance reads a URL.
 GLANCE_DIRECT = "glance-direct"
 WEB_DOWNLOAD = "web-download"

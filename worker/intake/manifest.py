@@ -36,7 +36,14 @@ from worker.errors import (
 )
 from worker.intake.expand import Expansion, capacity_problem, expand
 from worker.intake.identity import identity_of
-from worker.intake.remote import RemoteFile, file_name_of, inspect_remote, is_url, probe_remote
+from worker.intake.remote import (
+    SUBMIT_SLOTS,
+    RemoteFile,
+    file_name_of,
+    inspect_remote,
+    is_url,
+    probe_remote,
+)
 from worker.intake.source import OFFSET_KEY, inspect_source
 from worker.intake.source_auth import NO_AUTH, SourceAuth, find_source_auth
 from worker.intake.vmdk import Inspection, min_disk_warning
@@ -847,10 +854,11 @@ def _remote_problems(
         url = str(disks[index]["source"])
         auth = checked.remote[index]
         try:
-            if _setting(disks[index], defaults, "disk_format") == "vmdk":
-                flat_as_raw = _setting(disks[index], defaults, "flat_as_raw") is True
-                return inspect_remote(url, auth, flat_as_raw=flat_as_raw)
-            return None, probe_remote(url, auth)
+            with SUBMIT_SLOTS.slot(url):
+                if _setting(disks[index], defaults, "disk_format") == "vmdk":
+                    flat_as_raw = _setting(disks[index], defaults, "flat_as_raw") is True
+                    return inspect_remote(url, auth, flat_as_raw=flat_as_raw)
+                return None, probe_remote(url, auth)
         except (UnsupportedDisk, SourceError, RedirectRefused) as exc:
             return exc.message
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -35,6 +36,7 @@ import aiohttp
 from yarl import URL
 
 from worker.clients.http import SAFE_REDIRECTS, USER_AGENT, redirect_refusal, shown_url
+from worker.core.model import SOURCE_CONCURRENCY
 from worker.errors import RedirectRefused, SourceChanged, SourceError, UnsupportedDisk
 from worker.intake.source_auth import NO_AUTH, SourceAuth, find_source_auth
 from worker.intake.vmdk import Inspection, inspect_open_vmdk
@@ -202,6 +204,38 @@ class _RangedReader:
         return data
 
 
+class HostSlots:
+    """At most `per_host` threads at once inside `slot(url)` for each host: the submit-time
+    probes of many disks on one datastore stay within what its host serves at once."""
+
+    def __init__(self, per_host: int = SOURCE_CONCURRENCY) -> None:
+        self.per_host = max(1, per_host)
+        self._lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self.waiting = 0  # threads waiting for a slot now, of any host
+
+    @contextmanager
+    def slot(self, url: str) -> Iterator[None]:
+        host = urlsplit(url).netloc.lower()
+        with self._lock:
+            slots = self._slots.setdefault(host, threading.BoundedSemaphore(self.per_host))
+            self.waiting += 1
+        try:
+            slots.acquire()
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        try:
+            yield
+        finally:
+            slots.release()
+
+
+# Every submit-time probe of this process: one submit of many disks on one datastore, or
+# several at once, read no more of a host's files at once than a run would.
+SUBMIT_SLOTS = HostSlots()
+
+
 def probe_remote(url: str, auth: SourceAuth = NO_AUTH) -> RemoteFile:
     """The size and validators of the file at `url`, from a one-byte Range request."""
     ranges = _Ranges(url, auth)
@@ -256,7 +290,7 @@ class RemoteSources:
     def __init__(
         self,
         *,
-        per_host: int = 4,
+        per_host: int = SOURCE_CONCURRENCY,
         max_reopens: int = MAX_REOPENS,
         env: Mapping[str, str] | None = None,
         read_timeout_s: float = READ_TIMEOUT_S,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from worker.config import default_worker_id
 from worker.core.machine import Policies
-from worker.core.model import DEFAULT_HASH_ALGO
+from worker.core.model import DEFAULT_HASH_ALGO, SOURCE_CONCURRENCY
 from worker.core.policy import OutagePolicy
 
 if TYPE_CHECKING:  # the sender, and aiohttp with it, is imported only by a run with a webhook
@@ -28,7 +28,7 @@ class WorkerSettings:
     worker_id: str = field(default_factory=default_worker_id)
     concurrency: int = 8  # images in flight (creating, staging or importing)
     stage_concurrency: int = 4  # of those, how many may be sending bytes at once (at most)
-    source_concurrency: int = 4  # URL sources read at once from one host (ESXi limits them)
+    source_concurrency: int = SOURCE_CONCURRENCY  # URL sources read at once from one host
     # Start uploads at fewer and add one while the upload rate grows with it (worker/run/gate.py).
     adaptive_stages: bool = True
     chunk_bytes: int = 1 << 20

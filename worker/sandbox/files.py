@@ -10,6 +10,7 @@ without a size. It counts what it served, and how many responses were streaming 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import ssl
@@ -53,9 +54,20 @@ class FileServer:
     redirects: dict[str, str] = field(default_factory=dict)
     served: list[Served] = field(default_factory=list)
     peak_streaming: int = 0
+    in_flight: int = 0  # requests being answered now
+    peak_in_flight: int = 0
     _drops: list[int] = field(default_factory=list)
+    _held: asyncio.Event | None = None
     _streaming: int = 0
     base_url: str = ""
+
+    def hold(self) -> None:
+        """Requests wait, once received, until `release()`."""
+        self._held = asyncio.Event()
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.set()
 
     def drop_after(self, nbytes: int, *, times: int = 1) -> None:
         """The next `times` GETs of file data close their connection after `nbytes` bytes."""
@@ -109,7 +121,14 @@ class FileServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         asked = request.headers.get("Range")
-        response = await self._answer(request, name, asked)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if self._held is not None:
+                await self._held.wait()
+            response = await self._answer(request, name, asked)
+        finally:
+            self.in_flight -= 1
         self.served.append(
             Served(
                 request.method, name, asked, response.status, request.headers.get("Authorization")
