@@ -55,7 +55,6 @@ class FileServer:
     served: list[Served] = field(default_factory=list)
     peak_streaming: int = 0
     in_flight: int = 0  # requests being answered now
-    peak_in_flight: int = 0
     _drops: list[int] = field(default_factory=list)
     _held: asyncio.Event | None = None
     _streaming: int = 0
@@ -122,7 +121,6 @@ class FileServer:
         name = request.match_info["name"]
         asked = request.headers.get("Range")
         self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             if self._held is not None:
                 await self._held.wait()
