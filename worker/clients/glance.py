@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +41,6 @@ JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 # reads smaller chunks, so memory stays flat as concurrency grows (one upload: full chunks).
 BUFFER_BUDGET_BYTES = 4 << 20
 MIN_CHUNK_BYTES = 256 << 10
-_IMAGE_FIELDS = (
-    "id",
-    "name",
-    "status",
-    "size",
-    "virtual_size",
-    "checksum",
-    "os_hash_algo",
-    "os_hash_value",
-    "disk_format",
-    "container_format",
-)
 
 
 @dataclass(frozen=True)
@@ -74,22 +62,14 @@ class Image:
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any], request_id: str | None) -> Image:
-        known = {name: document.get(name) for name in _IMAGE_FIELDS}
+        known: dict[str, Any] = {name: document.get(name) for name in _IMAGE_FIELDS}
         others = {key: value for key, value in document.items() if key not in _IMAGE_FIELDS}
-        return cls(
-            id=str(known["id"]),
-            name=known["name"],
-            status=str(known["status"]),
-            size=known["size"],
-            virtual_size=known["virtual_size"],
-            checksum=known["checksum"],
-            os_hash_algo=known["os_hash_algo"],
-            os_hash_value=known["os_hash_value"],
-            disk_format=known["disk_format"],
-            container_format=known["container_format"],
-            properties=others,
-            request_id=request_id,
-        )
+        known.update(id=str(known["id"]), status=str(known["status"]))
+        return cls(**known, properties=others, request_id=request_id)
+
+
+# The keys of an image's document that Image names; the others are its properties.
+_IMAGE_FIELDS = tuple(f.name for f in fields(Image) if f.name not in ("properties", "request_id"))
 
 
 @dataclass(frozen=True)

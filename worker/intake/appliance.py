@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -23,6 +24,7 @@ from worker.intake.ovf import (
     Envelope,
     FileRef,
     VirtualMachine,
+    VmDisk,
     looks_like_envelope,
     parse_envelope,
 )
@@ -140,28 +142,18 @@ def _ova(path: str) -> Appliance:
     digests = _digests(mf_text, manifest.name if manifest else None, first.name, data, warnings)
     if _find(members, ".cert") is not None:
         warnings.append(_CERT_WARNING)
-    disks = []
-    for vm in envelope.vms:
-        for position, disk in enumerate(vm.disks):
-            ref = disk.file
-            member = by_name.get(_plain(_checked_href(ref)))
-            if member is None:
-                raise UnsupportedDisk(
-                    f"the OVF names file {ref.href!r} for disk {disk.disk_id!r} of VM "
-                    f"{vm.name!r}, which the OVA does not hold"
-                )
-            warnings += _size_warnings(ref, member.size_bytes)
-            disks.append(
-                ApplianceDisk(
-                    vm=vm,
-                    position=position,
-                    path=path,
-                    offset=member.offset,
-                    size_bytes=member.size_bytes,
-                    digest=digests.get(_plain(ref.href)),
-                )
+
+    def member_of(vm: VirtualMachine, disk: VmDisk) -> tuple[str, int | None, int]:
+        member = by_name.get(_plain(_checked_href(disk.file)))
+        if member is None:
+            raise UnsupportedDisk(
+                f"the OVF names file {disk.file.href!r} for disk {disk.disk_id!r} of VM "
+                f"{vm.name!r}, which the OVA does not hold"
             )
-    return Appliance(OVA, path, envelope, tuple(disks), tuple(warnings))
+        return path, member.offset, member.size_bytes
+
+    disks = _disks(envelope, member_of, digests, warnings)
+    return Appliance(OVA, path, envelope, disks, tuple(warnings))
 
 
 def _ovf(path: str) -> Appliance:
@@ -180,24 +172,41 @@ def _ovf(path: str) -> Appliance:
     digests = _digests(mf_text, mf_name if mf_text is not None else None, name, data, warnings)
     if os.path.isfile(os.path.join(directory, f"{os.path.splitext(name)[0]}.cert")):
         warnings.append(_CERT_WARNING)
+
+    def file_of(vm: VirtualMachine, disk: VmDisk) -> tuple[str, int | None, int]:
+        disk_path = os.path.realpath(os.path.join(directory, _checked_href(disk.file)))
+        return disk_path, None, _disk_status(disk_path, disk.file, vm, disk.disk_id).st_size
+
+    disks = _disks(envelope, file_of, digests, warnings)
+    return Appliance(OVF, path, envelope, disks, tuple(warnings))
+
+
+def _disks(
+    envelope: Envelope,
+    locate: Callable[[VirtualMachine, VmDisk], tuple[str, int | None, int]],
+    digests: Mapping[str, Digest],
+    warnings: list[str],
+) -> tuple[ApplianceDisk, ...]:
+    """Every VM's disks in order, each where `locate` finds its bytes: (path, offset, size).
+
+    A size that disagrees with the OVF's is added to `warnings`.
+    """
     disks = []
     for vm in envelope.vms:
         for position, disk in enumerate(vm.disks):
-            ref = disk.file
-            disk_path = os.path.realpath(os.path.join(directory, _checked_href(ref)))
-            status = _disk_status(disk_path, ref, vm, disk.disk_id)
-            warnings += _size_warnings(ref, status.st_size)
+            disk_path, offset, size_bytes = locate(vm, disk)
+            warnings += _size_warnings(disk.file, size_bytes)
             disks.append(
                 ApplianceDisk(
                     vm=vm,
                     position=position,
                     path=disk_path,
-                    offset=None,
-                    size_bytes=status.st_size,
-                    digest=digests.get(_plain(ref.href)),
+                    offset=offset,
+                    size_bytes=size_bytes,
+                    digest=digests.get(_plain(disk.file.href)),
                 )
             )
-    return Appliance(OVF, path, envelope, tuple(disks), tuple(warnings))
+    return tuple(disks)
 
 
 _CERT_WARNING = "the export is signed (.cert): the signature is not verified; the .mf digests are"

@@ -61,6 +61,8 @@ BUILTIN_DEFAULTS: Mapping[str, object] = {
 }
 # Named fields that travel to Glance as string properties rather than DiskSpec attributes.
 _PROPERTY_FIELDS = ("es_virtio_enabled", "os_distro", "os_version", "os_type")
+# The other defaults, each a DiskSpec attribute of the same name.
+_SPEC_SETTINGS = tuple(key for key in BUILTIN_DEFAULTS if key not in _PROPERTY_FIELDS)
 _HW_KEY = re.compile(r"^hw_[a-z0-9_]+$")
 # Glance's own image attributes: setting one as a free property is refused (403 or 400).
 # `stores` is also the manifest's field naming the stores an import copies to (beside
@@ -1056,17 +1058,11 @@ def _disk_spec(
         name=disk["name"],
         source=disk["source"],
         size_bytes=size_bytes,
-        disk_format=disk["disk_format"],
-        container_format=disk["container_format"],
-        visibility=disk["visibility"],
-        min_disk=disk["min_disk"],
-        min_ram=disk["min_ram"],
-        protected=disk["protected"],
+        **{attribute: disk[attribute] for attribute in _SPEC_SETTINGS},
         tags=tuple(disk.get("tags", ())),
         properties={**disk["properties"], **named},
         source_identity=identity,
         source_auth=disk.get("source_auth") if is_url(disk["source"]) else None,
-        import_method=disk["import_method"],
         expected_digest=_manifest_digest(disk.get("source_digest")),
         stores=tuple(disk.get("stores", ())),
         all_stores=disk.get("all_stores", False),

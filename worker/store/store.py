@@ -830,25 +830,16 @@ def _job_ref_params(job_ref: str | None) -> tuple[str | None, UUID | None]:
 
 
 def _summary(record: Mapping[str, Any]) -> JobSummary:
+    """A job_summaries row as JobSummary: each column read by its field's name."""
     counts = {phase.value: int(record["counts"].get(phase.value, 0)) for phase in Phase}
-    return JobSummary(
-        job_id=record["job_id"],
-        name=record["name"],
-        submitted_at=record["submitted_at"],
-        disk_count=record["disk_count"],
-        total_bytes=record["total_bytes"],
-        bytes_staged=record["bytes_staged"],
-        counts=counts,
+    state = job_state(
+        counts,
         cancelled=record["cancelled"],
-        bytes_done=record["bytes_done"],
-        state=job_state(
-            counts,
-            cancelled=record["cancelled"],
-            started=record["started"],
-            may_start=record["may_start"],
-        ),
-        cleanups_owed=record["cleanups_owed"],
+        started=record["started"],
+        may_start=record["may_start"],
     )
+    read = {f.name for f in fields(JobSummary)} - {"counts", "state"}
+    return JobSummary(**{name: record[name] for name in read}, counts=counts, state=state)
 
 
 def job_state(counts: Mapping[str, int], *, cancelled: bool, started: bool, may_start: bool) -> str:
