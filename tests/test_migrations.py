@@ -252,3 +252,19 @@ def test_a_step_block_is_its_columns_put_into_the_step_template() -> None:
         parse_queries(
             "-- name: mark_a\nSELECT 1;\n-- template: step\n{columns}\n-- step: mark_a\na = 1\n"
         )
+
+
+def test_a_step_block_takes_in_shared_columns_renumbered_from_the_place_it_names() -> None:
+    text = (
+        "-- template: step\nUPDATE results SET {columns} WHERE id = $1;\n"
+        "-- template: pair\n-- doc: $1 a, $2 b\na = $1,\nb = coalesce($2, r.b)\n"
+        "-- step: mark_a\nc = $8,\n{pair $9}\n"
+        "-- step: mark_b\n{pair $12}\n"
+    )
+    assert parse_queries(text) == {
+        "mark_a": "UPDATE results SET c = $8,\n        a = $9,\n        b = coalesce($10, r.b)"
+        " WHERE id = $1;",
+        "mark_b": "UPDATE results SET a = $12,\n        b = coalesce($13, r.b) WHERE id = $1;",
+    }
+    with pytest.raises(ValueError, match="'mark_a' takes in 'pairs', which is no template"):
+        parse_queries("-- template: step\nSET {columns}\n-- step: mark_a\n{pairs $8}\n")

@@ -194,31 +194,36 @@ staged_at = NULL,
 import_requested_at = NULL,
 import_request_id = NULL
 
+-- template: glance_columns
+-- What Glance reported of the image at the end (worker/core/changes.py: GlanceRecord), taken
+-- in by mark_failing and finish. $1 glance_status, $2 glance_size, $3 glance_virtual_size,
+-- $4 glance_checksum, $5 glance_os_hash_algo, $6 glance_os_hash_value, $7 glance_stores,
+-- $8 glance_failed_stores (NULL keeps each).
+glance_status = coalesce($1::text, r.glance_status),
+glance_size = coalesce($2::bigint, r.glance_size),
+glance_virtual_size = coalesce($3::bigint, r.glance_virtual_size),
+glance_checksum = coalesce($4::text, r.glance_checksum),
+glance_os_hash_algo = coalesce($5::text, r.glance_os_hash_algo),
+glance_os_hash_value = coalesce($6::text, r.glance_os_hash_value),
+glance_stores = coalesce($7::text[], r.glance_stores),
+glance_failed_stores = coalesce($8::text[], r.glance_failed_stores)
+
 -- step: mark_failing
 -- The image failed for good: the error (and what the verification found, when it
 -- ran) is kept while its half-made image is deleted.
--- $8 error_code, $9 error_message, $10 verification, $11-$18 glance_status, glance_size,
--- glance_virtual_size, glance_checksum, glance_os_hash_algo, glance_os_hash_value,
--- glance_stores, glance_failed_stores (NULL keeps each).
+-- $8 error_code, $9 error_message, $10 verification, $11-$18 the glance_columns.
 -- event error: $8, $9
 phase = coalesce($4::text, r.phase),
 error_code = $8::text,
 error_message = $9::text,
 verification = coalesce($10::text, r.verification),
-glance_status = coalesce($11::text, r.glance_status),
-glance_size = coalesce($12::bigint, r.glance_size),
-glance_virtual_size = coalesce($13::bigint, r.glance_virtual_size),
-glance_checksum = coalesce($14::text, r.glance_checksum),
-glance_os_hash_algo = coalesce($15::text, r.glance_os_hash_algo),
-glance_os_hash_value = coalesce($16::text, r.glance_os_hash_value),
-glance_stores = coalesce($17::text[], r.glance_stores),
-glance_failed_stores = coalesce($18::text[], r.glance_failed_stores)
+{glance_columns $11}
 
 -- step: finish
 -- The row reaches done or failed ($4): the lease ends and finished_at is set.
 -- $8 finished_at (NULL: now, or as it was for a row finished before), $9 error_code,
--- $10 error_message, $11 cleanup, $12 verification, $13-$20 the glance_* columns as for
--- mark_failing (NULL keeps each of $9-$20).
+-- $10 error_message, $11 cleanup, $12 verification, $13-$20 the glance_columns (NULL keeps
+-- each of $9-$20).
 -- event error: $9, $10
 phase = $4::text,
 finished_at = coalesce($8::timestamptz, r.finished_at, now()),
@@ -227,14 +232,7 @@ error_code = coalesce($9::text, r.error_code),
 error_message = coalesce($10::text, r.error_message),
 cleanup = coalesce($11::text, r.cleanup),
 verification = coalesce($12::text, r.verification),
-glance_status = coalesce($13::text, r.glance_status),
-glance_size = coalesce($14::bigint, r.glance_size),
-glance_virtual_size = coalesce($15::bigint, r.glance_virtual_size),
-glance_checksum = coalesce($16::text, r.glance_checksum),
-glance_os_hash_algo = coalesce($17::text, r.glance_os_hash_algo),
-glance_os_hash_value = coalesce($18::text, r.glance_os_hash_value),
-glance_stores = coalesce($19::text[], r.glance_stores),
-glance_failed_stores = coalesce($20::text[], r.glance_failed_stores)
+{glance_columns $13}
 
 -- name: set_progress
 -- $1 result id, $2 worker_id, $3 bytes_staged

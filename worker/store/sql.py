@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 
 _PACKAGE = "worker.store"
@@ -17,6 +18,9 @@ _PACKAGE = "worker.store"
 # statements) or `-- step: x` (a statement made from the `step` template: see queries.sql).
 _BLOCK_LINE = re.compile(r"^-- (?P<kind>name|template|step): (?P<name>\S+)[ \t]*$", re.MULTILINE)
 _EVENT_ERROR_LINE = re.compile(r"^-- event error: (?P<values>.+)$", re.MULTILINE)
+# In a step block, `{glance_columns $11}`: the columns of that template, its $1 read as $11.
+_INCLUDE = re.compile(r"\{(?P<name>[a-z_][a-z0-9_]*) \$(?P<first>\d+)\}")
+_PARAMETER = re.compile(r"\$(?P<number>\d+)")
 _VALID_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _MIGRATION_FILE = re.compile(r"(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql")
 
@@ -35,7 +39,9 @@ def parse_queries(text: str) -> dict[str, str]:
 
     A `-- step: x` block holds only the columns its statement sets (and, on a
     `-- event error: a, b` line, the error code and message of its event): it becomes the
-    `step` template with `{columns}` and `{event_error}` filled in.
+    `step` template with `{columns}` and `{event_error}` filled in. Columns that several
+    steps set alike are a template of their own, numbered from $1, which a step block takes
+    in with `{template $N}`: its parameters then start at $N.
     """
     parts = _BLOCK_LINE.split(text)
     queries: dict[str, str] = {}
@@ -57,12 +63,23 @@ def parse_queries(text: str) -> dict[str, str]:
         if "step" not in templates:
             raise ValueError(f"step {name!r} needs a `-- template: step` block")
         error = _EVENT_ERROR_LINE.search(sql)
+        columns = _INCLUDE.sub(partial(_included, templates, name), _code_of(sql))
         queries[name] = (
             templates["step"]
-            .replace("{columns}", _code_of(sql).replace("\n", "\n        "))
+            .replace("{columns}", columns.replace("\n", "\n        "))
             .replace("{event_error}", error["values"].strip() if error else "NULL, NULL")
         )
     return queries
+
+
+def _included(templates: Mapping[str, str], step: str, include: re.Match[str]) -> str:
+    """The template `include` names, its parameters $1, $2, ... renumbered from its $N."""
+    if include["name"] not in templates:
+        raise ValueError(f"step {step!r} takes in {include['name']!r}, which is no template")
+    shift = int(include["first"]) - 1
+    return _PARAMETER.sub(
+        lambda m: f"${int(m['number']) + shift}", _code_of(templates[include["name"]])
+    )
 
 
 def _code_of(sql: str) -> str:
