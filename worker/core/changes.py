@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from worker.core.model import Phase, Verification
+from worker.core.model import ImageReport, Phase, Verification
 
 
 @dataclass(frozen=True)
@@ -77,18 +77,12 @@ class ImageReplaced:
 
 
 @dataclass(frozen=True)
-class GlanceRecord:
+class GlanceRecord(ImageReport):
     """What Glance reported of the image at the end: the results.glance_* columns.
 
     A value left None keeps what the row holds.
     """
 
-    status: str
-    size: int | None = None
-    virtual_size: int | None = None
-    checksum: str | None = None
-    os_hash_algo: str | None = None
-    os_hash_value: str | None = None
     stores: tuple[str, ...] | None = None  # the stores holding the image's data
     failed_stores: tuple[str, ...] | None = None  # os_glance_failed_import
 

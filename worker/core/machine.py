@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TypeAlias, assert_never
 
 from worker.core.changes import (
@@ -37,7 +37,13 @@ from worker.core.changes import (
     SourceHashes,
 )
 from worker.core.events import Event
-from worker.core.model import DEFAULT_HASH_ALGO, Phase, Verification, next_image_id
+from worker.core.model import (
+    DEFAULT_HASH_ALGO,
+    ImageReport,
+    Phase,
+    Verification,
+    next_image_id,
+)
 from worker.core.policy import (
     PollPolicy,
     RetryPolicy,
@@ -65,15 +71,9 @@ from worker.errors import (
 
 
 @dataclass(frozen=True)
-class ImageFacts:
+class ImageFacts(ImageReport):
     """What Glance said about an image, reduced to what decisions need."""
 
-    status: str
-    size: int | None = None
-    virtual_size: int | None = None
-    checksum: str | None = None
-    os_hash_algo: str | None = None
-    os_hash_value: str | None = None
     disk_format: str | None = None
     es_failed_reason: str | None = None  # vendor: os_glance_es_failed_reason
     failed_import: str | None = None  # upstream: os_glance_failed_import
@@ -705,14 +705,9 @@ def _compare(state: ImageState, facts: ImageFacts) -> tuple[Verification, str | 
 
 
 def _glance_record(facts: ImageFacts) -> GlanceRecord:
-    return replace(
-        _failure_record(facts),
-        size=facts.size,
-        virtual_size=facts.virtual_size,
-        checksum=facts.checksum,
-        os_hash_algo=facts.os_hash_algo,
-        os_hash_value=facts.os_hash_value,
-    )
+    """All that Glance reports of the image worth recording: its data, and where it went."""
+    reported = {f.name: getattr(facts, f.name) for f in fields(ImageReport)}
+    return replace(_failure_record(facts), **reported)
 
 
 def _failure_record(facts: ImageFacts) -> GlanceRecord:

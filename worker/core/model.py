@@ -44,6 +44,18 @@ class Verification(enum.StrEnum):
     NOT_CHECKED = "not_checked"  # Glance reported no hash in our algorithm
 
 
+@dataclass(frozen=True)
+class ImageReport:
+    """What Glance reports of an image: its status, and what it holds of the image's data."""
+
+    status: str
+    size: int | None = None
+    virtual_size: int | None = None
+    checksum: str | None = None  # md5
+    os_hash_algo: str | None = None
+    os_hash_value: str | None = None
+
+
 # The query parameters of a datastore URL (ESXi, vCenter), which name a place and hold no
 # secret. Every other query value is masked where a URL source is shown: a presigned URL's
 # signature (X-Amz-Signature, sig, temp_url_sig, ...) is its credential.
