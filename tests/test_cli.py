@@ -30,10 +30,7 @@ from worker.sandbox import Sandbox, SandboxConfig
 from worker.store.store import RESULT_COLUMNS
 
 
-async def test_submit_run_status_report_round_trip(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
-) -> None:
-    env = cloud_env(sandbox, database_url)
+async def test_submit_run_status_report_round_trip(env: dict[str, str], tmp_path: Path) -> None:
     manifest = write_job(tmp_path, 3)
 
     job_id = await submit(manifest, env=env)
@@ -66,10 +63,7 @@ async def test_submit_run_status_report_round_trip(
     [SandboxConfig(virtio_fail_names=("cli-job-1",), rewrite_virtio=False)],
     indirect=True,
 )
-async def test_run_exits_1_when_an_image_failed(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
-) -> None:
-    env = cloud_env(sandbox, database_url)
+async def test_run_exits_1_when_an_image_failed(env: dict[str, str], tmp_path: Path) -> None:
     manifest = write_job(tmp_path, 2, es_virtio_enabled="yes")
     code, _, err = await run_cli("submit", str(manifest), env=env)
     assert code == 0, err
@@ -81,9 +75,8 @@ async def test_run_exits_1_when_an_image_failed(
 
 
 async def test_invalid_manifest_is_refused_whole_with_exit_2(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     manifest = write_job(tmp_path, 3)
     document = json.loads(manifest.read_text())
     document["disks"][1]["source"] = str(tmp_path / "missing.vmdk")
@@ -114,9 +107,8 @@ async def test_bad_cloud_settings_exit_3_without_touching_rows(
 
 
 async def test_a_manifest_of_ten_thousand_disks_is_queued_in_one_go(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     source = tmp_path / "one.vmdk"
     write_monolithic_sparse(source, virtual_size_bytes=1 << 20, data=None)
     disks = [{"source": str(source), "name": f"disk-{n:05d}"} for n in range(10_000)]
@@ -135,9 +127,8 @@ async def test_a_manifest_of_ten_thousand_disks_is_queued_in_one_go(
     "sandbox_config", [SandboxConfig(stage_rate_bytes_per_s=256 << 10)], indirect=True
 )
 async def test_sigterm_lets_images_in_flight_finish_and_releases_nothing_half_done(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, sandbox: Sandbox, env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     # 6 disks of ~0.5 s of upload each at the sandbox's slow link; 2 run at a time.
     await run_cli("submit", str(write_job(tmp_path, 6, fill_bytes=128 << 10)), env=env)
     process = await asyncio.create_subprocess_exec(
@@ -214,9 +205,8 @@ JOB_FIELDS = [
 
 
 async def test_jobs_lists_one_line_per_job_in_every_format(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     first = await submit(write_job(tmp_path / "a", 2, name="first"), env=env)
     assert (await run_cli("run", "--once", "--metrics-port", "0", env=env)).code == 0
     second = await submit(write_job(tmp_path / "b", 3, name="second"), env=env)
@@ -261,9 +251,8 @@ async def test_jobs_lists_one_line_per_job_in_every_format(
 
 
 async def test_status_filters_by_phase_limits_rows_and_says_how_many_more(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     job_id = await submit(write_job(tmp_path, 5), env=env)
     conn = await asyncpg.connect(database_url)
     try:
@@ -307,10 +296,7 @@ async def test_status_filters_by_phase_limits_rows_and_says_how_many_more(
     assert "'finished' is not one of" in wrong.err
 
 
-async def test_report_takes_every_format(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
-) -> None:
-    env = cloud_env(sandbox, database_url)
+async def test_report_takes_every_format(env: dict[str, str], tmp_path: Path) -> None:
     job_id = await submit(write_job(tmp_path, 2), env=env)
     table = await run_cli("report", job_id, "-f", "table", env=env)
     assert table.code == 0
@@ -323,9 +309,8 @@ async def test_report_takes_every_format(
 
 
 async def test_the_same_manifest_submitted_again_returns_the_same_job(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     manifest = write_job(tmp_path, 2)
     job_id = await submit(manifest, env=env)
 
@@ -358,9 +343,8 @@ async def test_the_same_manifest_submitted_again_returns_the_same_job(
 
 
 async def test_retry_of_a_cancelled_job_says_it_lifts_the_cancel(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     manifest = write_job(tmp_path, 2)
     job_id = await submit(manifest, env=env)
     assert (await run_cli("cancel", job_id, env=env)).code == 0

@@ -17,9 +17,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fixtures.batch import FAST, cloud_for, migrate, rows_of, submit
-from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
 from tests.fixtures.cli import submit as submit_cli
+from tests.fixtures.cli import write_job
 from tests.fixtures.db import wait_for
 from tests.fixtures.dblink import DatabaseLink
 from worker.core.model import next_image_id
@@ -457,9 +457,8 @@ async def test_a_step_written_again_under_its_key_is_recorded_once(
 
 
 async def test_cancel_and_retry_commands_from_the_command_line(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, sandbox: Sandbox, env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     job_id = await submit_cli(write_job(tmp_path, 3), env=env)
 
     assert (await vmdk_migrate("cancel", "no-such-job", env=env))[0] == 2

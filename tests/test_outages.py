@@ -216,12 +216,11 @@ async def test_an_outage_longer_than_the_retry_budget_costs_no_image(
 
 @pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)
 async def test_a_breaker_shows_in_readyz_the_gauge_the_logs_and_status(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, sandbox: Sandbox, env: dict[str, str], tmp_path: Path
 ) -> None:
     job_id, _ = await submit(database_url, tmp_path, DISKS)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = cloud_env(sandbox, database_url)
     with capture_logs() as logs:
         worker = start_worker(database_url, sandbox, metrics_port=port)
         await some_images_in_flight(database_url, job_id)
@@ -454,9 +453,8 @@ async def test_an_outage_past_max_outage_exits_and_leaves_rows_to_the_next_run(
 
 
 async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, sandbox: Sandbox, env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     job_id = await submit_cli(write_job(tmp_path, 4), env=env)
     env["OS_PASSWORD"] = "not-the-password"
 
@@ -475,9 +473,8 @@ async def test_wrong_credentials_at_start_exit_3_at_once_and_touch_no_row(
 
 
 async def test_an_unreachable_keystone_past_max_outage_exits_3_naming_it_and_touches_no_row(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, sandbox: Sandbox, env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     job_id = await submit_cli(write_job(tmp_path, 3), env=env)
     auth_url = f"http://127.0.0.1:{free_port()}/v3"  # nothing listens there
     env["OS_AUTH_URL"] = auth_url

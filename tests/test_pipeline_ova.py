@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 from tests.fixtures.batch import migrate, rows_of, submit_manifest
-from tests.fixtures.cli import cloud_env, run_cli
+from tests.fixtures.cli import run_cli
 from worker.intake.sampledisks import SampleDisk, SampleVm, pack_ova, write_ova, write_ovf_directory
 from worker.sandbox import Sandbox
 
@@ -174,7 +174,7 @@ async def test_a_multi_vm_ovf_names_each_vms_images_after_it(
 
 
 async def test_status_groups_a_vms_disks_and_report_names_the_vm(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, sandbox: Sandbox, env: dict[str, str], tmp_path: Path
 ) -> None:
     ovf = db01_with_disk2_tampered(tmp_path)
     web = write_ova(tmp_path / "web01.ova", [SampleVm("web01", seed=4)])
@@ -195,7 +195,6 @@ async def test_status_groups_a_vms_disks_and_report_names_the_vm(
         },
     )
     await migrate(database_url, sandbox)
-    env = cloud_env(sandbox, database_url)
 
     table = await run_cli("status", job_id, env=env)
     assert table.code == 0, table.err

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from tests.fixtures.batch import FAST, cloud_for, make_disks, rows_of
-from tests.fixtures.cli import cloud_env, write_job
 from tests.fixtures.cli import run_cli as vmdk_migrate
+from tests.fixtures.cli import write_job
 from worker.errors import InvalidManifest
 from worker.intake.manifest import load_manifest, parse_manifest
 from worker.run.app import run_worker
@@ -221,9 +221,8 @@ async def test_a_job_whose_window_opens_later_starts_no_image_before_it(
 
 
 async def test_submit_at_sets_not_before_and_run_waits_for_it(
-    database_url: str, sandbox: Sandbox, tmp_path: Path
+    database_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = cloud_env(sandbox, database_url)
     manifest = write_job(tmp_path, 1)
 
     code, out, err = await vmdk_migrate(
