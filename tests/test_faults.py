@@ -27,6 +27,7 @@ from worker.run.app import run_worker
 from worker.run.consumer import RunSummary
 from worker.run.settings import WorkerSettings
 from worker.sandbox import Fault, Sandbox, SandboxConfig
+from worker.store.problems import database_reason
 from worker.store.sql import QUERIES
 from worker.store.store import ResultRow, open_store
 
@@ -430,6 +431,33 @@ async def test_database_outage_mid_run_is_waited_out_and_no_outcome_is_lost(
     # Each step was written once, even those whose answer was lost with the connection.
     for name in ("image.staged", "image.finished"):
         assert len(await events_of(database_url, job_id, name)) == 6
+
+
+async def test_a_statement_cut_off_by_an_outage_is_told_as_a_lost_connection(
+    database_url: str,
+) -> None:
+    link = DatabaseLink(database_url)
+    await link.up()
+    watcher = await _connect(database_url)
+    cut = await asyncpg.connect(link.dsn)
+    try:
+        sleeping = asyncio.create_task(cut.fetchval("SELECT pg_sleep(30)"))
+        await wait_for(
+            watcher,
+            "SELECT count(*) > 0 FROM pg_stat_activity"
+            " WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+        )
+        await link.down()
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError) as caught:
+            await sleeping
+    finally:
+        cut.terminate()
+        await watcher.close()
+
+    # Not "PostgreSQL said": the client noticed, the server said nothing.
+    assert database_reason(caught.value) == (
+        "connection lost (connection was closed in the middle of operation)"
+    )
 
 
 async def test_a_step_written_again_under_its_key_is_recorded_once(

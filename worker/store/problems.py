@@ -41,7 +41,10 @@ def describe_database_error(exc: BaseException, dsn: str) -> str:
 
 def database_reason(exc: BaseException) -> str:
     """Why the database could not be used, in an operator's words: 'connection refused',
-    'no answer in time', 'PostgreSQL said: ...'; never a class name."""
+    'no answer in time', 'connection lost (...)', 'PostgreSQL said: ...'; never a class name."""
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+        # Raised by the client, not sent by the server: the connection went away under it.
+        return f"connection lost ({exc})"
     if isinstance(exc, asyncpg.PostgresError):
         return f"PostgreSQL said: {exc}"
     if isinstance(exc, TimeoutError):
