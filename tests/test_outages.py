@@ -423,6 +423,17 @@ async def test_a_database_outage_longer_than_the_lease_costs_no_attempt(
     )
 
     assert not [e for e in logs if e["event"] == "image.orphan_left"]
+    # Each stopped row was handed back with its attempt taken back, then claimed again.
+    stopped = {e["result_id"] for e in logs if e["event"] == "image.lease_expired"}
+    refunds = await fetch_rows(
+        database_url,
+        "SELECT result_id, detail->>'handed_back' AS handed_back FROM events"
+        " WHERE job_id = $1 AND event = 'image.attempt_refunded'",
+        uuid.UUID(job_id),
+    )
+    assert stopped
+    assert stopped <= {r["result_id"] for r in refunds}
+    assert {r["handed_back"] for r in refunds} == {"true"}  # no other worker took one
 
 
 @pytest.mark.parametrize("sandbox_config", [SLOW_STAGES], indirect=True)

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from unittest.mock import ANY
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -246,9 +247,55 @@ async def test_a_takeover_of_a_row_stopped_in_a_database_outage_is_refunded(
     (taken,) = await store.claim(worker_id="w2", limit=1, lease_s=30)
     assert taken.row.attempts == 2
 
-    await store.refund_taken_over(worker_id="w1", result_ids=[held.row.id])
+    await store.refund_stopped(worker_id="w1", result_ids=[held.row.id])
 
-    assert await conn.fetchval("SELECT attempts FROM results WHERE id = $1", held.row.id) == 1
+    row = await conn.fetchrow("SELECT * FROM results WHERE id = $1", held.row.id)
+    assert (row["attempts"], row["worker_id"]) == (1, "w2")
+    assert row["lease_expires_at"] is not None  # still w2's
+    events = await store.events(result_id=held.row.id)
+    (refunded,) = [e for e in events if e["event"] == "image.attempt_refunded"]
+    assert (refunded["worker_id"], refunded["detail"]) == ("w1", {"handed_back": False})
+
+
+async def test_a_row_refunded_before_another_worker_takes_it_over_costs_that_worker_none(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await submit(store, make_job(1))
+    (held,) = await store.claim(worker_id="w1", limit=1, lease_s=30)
+    # w1 stopped the image in an outage; its lease has not run out yet when it settles.
+
+    await store.refund_stopped(worker_id="w1", result_ids=[held.row.id])
+    (taken,) = await store.claim(worker_id="w2", limit=1, lease_s=30)
+
+    assert taken.row.id == held.row.id
+    assert taken.row.attempts == 1  # the attempt of the first claim, not a second one
+    events = await store.events(result_id=held.row.id)
+    assert [(e["event"], e["worker_id"], e["detail"]) for e in events][1:] == [
+        ("image.attempt_refunded", "w1", {"handed_back": True}),
+        ("image.claimed", "w2", {"attempts": 1, "lease_expires_at": ANY}),
+    ]
+
+
+async def test_a_refund_sent_again_after_a_lost_answer_is_made_once(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await submit(store, make_job(2))
+    held = await store.claim(worker_id="w1", limit=2, lease_s=30)
+    ids = [claim.row.id for claim in held]
+    await conn.execute("UPDATE results SET lease_expires_at = now() - interval '1 s'")
+    (taken,) = await store.claim(worker_id="w2", limit=1, lease_s=30)
+    key = uuid4()
+
+    # The second run is what Store.refund_stopped sends when the first one's answer was lost.
+    for _ in range(2):
+        await conn.execute(QUERIES["refund_stopped"], "w1", ids, key)
+
+    attempts = dict(await conn.fetch("SELECT id, attempts FROM results"))
+    assert attempts == {taken.row.id: 1, next(i for i in ids if i != taken.row.id): 0}
+    assert (
+        await conn.fetchval("SELECT count(*) FROM events WHERE event = 'image.attempt_refunded'")
+        == 2
+    )
 
 
 async def test_claim_skips_cancelled_jobs_future_jobs_and_backed_off_rows(

@@ -51,6 +51,7 @@ class Event(enum.StrEnum):
     IMAGE_CANCELLING = "image.cancelling"
     IMAGE_CANCELLED = "image.cancelled"  # a pending row of a cancelled job (events table)
     IMAGE_RELEASED = "image.released"  # given back unfinished at shutdown (events table)
+    IMAGE_ATTEMPT_REFUNDED = "image.attempt_refunded"  # a database outage costs no attempt
     IMAGE_REQUEUED = "image.requeued"  # put back to pending by `retry` (events table)
     IMAGE_LEASE_LOST = "image.lease_lost"  # another worker holds the row now: stopped here
     IMAGE_LEASE_EXPIRED = "image.lease_expired"  # the lease may have run out unrenewed

@@ -186,13 +186,15 @@ class Consumer:
 
     async def _settle_fenced(self) -> None:
         """Once the database answers again: no attempt counted for the rows stopped while it
-        was away, and the orphan check they missed."""
-        if not self._fenced_in_outage:
+        was away (those still ours are handed back), and the orphan check they missed."""
+        # A stopped image whose task has not wound down yet is settled at the next claim.
+        ids = sorted(i for i in self._fenced_in_outage if i not in self._in_flight)
+        if not ids:
             return
-        ids = sorted(self._fenced_in_outage)
-        await self._store.refund_taken_over(worker_id=self._settings.worker_id, result_ids=ids)
+        await self._store.refund_stopped(worker_id=self._settings.worker_id, result_ids=ids)
         self._fenced_in_outage.difference_update(ids)
         for result_id in ids:
+            self._abandoned.pop(result_id, None)  # handed back: claimable as any row
             self._check_lost(result_id)  # was the row deleted meanwhile?
 
     def _still_abandoned(self) -> list[int]:

@@ -271,14 +271,37 @@ INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id)
 SELECT job_id, id, 'image.released', phase, phase, $1
 FROM released;
 
--- name: refund_taken_over
+-- name: refund_stopped
 -- $1 worker_id, $2 result ids this worker stopped because their leases ran out while the
--- database was away. That outage was no image's fault: a row another worker has taken over
--- meanwhile has the attempt that takeover counted taken back. (This worker's own claim of
--- such a row counts none: see claim.)
-UPDATE results
-SET attempts = greatest(attempts - 1, 0), updated_at = now()
-WHERE id = ANY($2::bigint[]) AND worker_id <> $1;
+-- database was away, $3 this call's key (sent again with it after a lost answer).
+-- That outage was no image's fault, so it costs no attempt, whoever takes the row up next:
+-- a row another worker took over meanwhile has the attempt that takeover counted taken back;
+-- a row still leased to this worker is handed back, claimable at once, with its attempt
+-- taken back for the next claim to count again. Each row is refunded once: its
+-- image.attempt_refunded event carries a key made of $3 and the row's id.
+WITH stopped AS (
+    SELECT r.id, r.worker_id = $1 AS handed_back, md5($3::uuid::text || r.id::text)::uuid AS key
+    FROM results AS r
+    WHERE r.id = ANY($2::bigint[])
+      AND (r.worker_id <> $1
+           OR (r.lease_expires_at IS NOT NULL AND r.phase NOT IN ('done', 'failed')))
+      AND NOT EXISTS (
+          SELECT 1 FROM events AS e WHERE e.step_key = md5($3::uuid::text || r.id::text)::uuid
+      )
+    FOR UPDATE OF r
+), refunded AS (
+    UPDATE results AS r
+    SET attempts = greatest(r.attempts - 1, 0),
+        lease_expires_at = CASE WHEN stopped.handed_back THEN NULL ELSE r.lease_expires_at END,
+        updated_at = now()
+    FROM stopped
+    WHERE r.id = stopped.id
+    RETURNING r.id, r.job_id, r.phase, stopped.handed_back, stopped.key
+)
+INSERT INTO events (job_id, result_id, event, phase_from, phase_to, worker_id, detail, step_key)
+SELECT job_id, id, 'image.attempt_refunded', phase, phase, $1,
+       jsonb_build_object('handed_back', handed_back), key
+FROM refunded;
 
 -- name: job_summaries
 -- $1 job name or NULL for every job, $2 job id (when the reference parses as one) or NULL.

@@ -617,14 +617,17 @@ class Store:
                 ),
             )
 
-    async def refund_taken_over(self, *, worker_id: str, result_ids: Sequence[int]) -> None:
-        """Rows stopped because their leases ran out while the database was away: where
-        another worker took one over, that takeover counts no attempt."""
+    async def refund_stopped(self, *, worker_id: str, result_ids: Sequence[int]) -> None:
+        """Rows stopped because their leases ran out while the database was away cost no
+        attempt: one another worker took over has that takeover's attempt taken back; one
+        still leased to this worker is handed back with its attempt taken back (see
+        queries.sql). Sent again after a lost answer, it refunds nothing twice."""
         if result_ids:
+            key = uuid.uuid4()
             await self._patiently(
-                "refund_taken_over",
+                "refund_stopped",
                 lambda: self._pool.execute(
-                    QUERIES["refund_taken_over"], worker_id, list(result_ids)
+                    QUERIES["refund_stopped"], worker_id, list(result_ids), key
                 ),
             )
 
