@@ -81,8 +81,8 @@ WITH picked AS (
         lease_expires_at = now() + make_interval(secs => $3),
         claimed_at = coalesce(r.claimed_at, now()),
         -- A row still leased to this very worker, which it does not run, is the same attempt:
-        -- the answer to its claim was lost, or the worker stopped the image when the lease
-        -- ran out in a database outage. (Rows handed back or finished have no lease.)
+        -- the answer to its claim was lost. (Rows handed back or finished have no lease; so
+        -- have the rows a worker stopped in a database outage, once refund_stopped ran.)
         attempts = CASE WHEN r.worker_id = $1 AND r.lease_expires_at IS NOT NULL
                         THEN r.attempts ELSE r.attempts + 1 END,
         updated_at = now()
